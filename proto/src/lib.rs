@@ -1,0 +1,17 @@
+//! Vessel's wire formats.
+//!
+//! - [`admin`]: the admin API (gRPC), served by every node and used by the `vessel` CLI.
+//! - [`raft`]: Raft RPCs between voters, carried on the same gRPC stack as the admin API.
+//! - [`size`]: the byte sizes users type (`10G`, `512M`), shared by the CLI and the daemon's config.
+
+pub mod size;
+
+/// The admin API, generated from `admin.proto`.
+pub mod admin {
+    tonic::include_proto!("vessel.admin.v1");
+}
+
+/// Raft RPCs, generated from `raft.proto`.
+pub mod raft {
+    tonic::include_proto!("vessel.raft.v1");
+}
