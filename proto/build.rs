@@ -13,6 +13,9 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         println!("cargo:rerun-if-changed={}", file.display());
     }
     let descriptors = protox::compile(&files, [&dir])?;
-    tonic_prost_build::configure().compile_fds(descriptors)?;
+    // Admin replies are also the CLI's `--output json`: give them a serde representation.
+    tonic_prost_build::configure()
+        .type_attribute(".vessel.admin.v1", "#[derive(serde::Serialize)]")
+        .compile_fds(descriptors)?;
     Ok(())
 }

@@ -50,7 +50,7 @@ pub fn parse_size(text: &str) -> Result<u64, SizeError> {
             .ok_or_else(|| SizeError::Malformed(text.to_owned()))?;
         let numerator: u128 = fraction.parse().map_err(|_| SizeError::Malformed(text.to_owned()))?;
         let scaled = numerator << shift;
-        if scaled % denominator != 0 {
+        if !scaled.is_multiple_of(denominator) {
             return Err(SizeError::Fractional(text.to_owned()));
         }
         let extra = u64::try_from(scaled / denominator).map_err(|_| SizeError::Overflow(text.to_owned()))?;
@@ -88,7 +88,7 @@ impl fmt::Display for HumanSize {
             return write!(f, "{bytes} B");
         }
         let unit = 1u64 << (10 * index);
-        if bytes % unit == 0 {
+        if bytes.is_multiple_of(unit) {
             write!(f, "{} {}", bytes / unit, NAMES[index])
         } else {
             // Display only: the precision loss of the float is irrelevant at one decimal.

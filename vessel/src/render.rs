@@ -1,0 +1,301 @@
+//! How replies are printed: aligned tables for people, JSON (the API messages as they are) for scripts.
+
+use std::time::{Duration, UNIX_EPOCH};
+
+use clap::ValueEnum;
+use serde::Serialize;
+use vessel_proto::admin;
+use vessel_proto::size::HumanSize;
+
+use crate::exit::CliError;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum Output {
+    Table,
+    Json,
+}
+
+fn json(value: &impl Serialize) {
+    match serde_json::to_string_pretty(value) {
+        Ok(text) => println!("{text}"),
+        Err(error) => eprintln!("error: cannot encode the reply as JSON: {error}"),
+    }
+}
+
+/// With `--output json`, errors are JSON on stdout too (and the one-line message still goes to stderr).
+pub fn json_error(error: &CliError) {
+    #[derive(Serialize)]
+    struct ErrorReply<'a> {
+        error: &'a CliError,
+    }
+    json(&ErrorReply { error });
+}
+
+/// Prints rows under a header, each column as wide as its widest cell.
+fn table(header: &[&str], rows: &[Vec<String>]) {
+    let mut widths: Vec<usize> = header.iter().map(|h| h.len()).collect();
+    for row in rows {
+        for (width, cell) in widths.iter_mut().zip(row) {
+            *width = (*width).max(cell.chars().count());
+        }
+    }
+    let line = |cells: Vec<&str>| {
+        let mut text = String::new();
+        for (i, (cell, width)) in cells.iter().zip(&widths).enumerate() {
+            if i + 1 == cells.len() {
+                text.push_str(cell);
+            } else {
+                text.push_str(&format!("{cell:<width$}  "));
+            }
+        }
+        println!("{}", text.trim_end());
+    };
+    line(header.to_vec());
+    for row in rows {
+        line(row.iter().map(String::as_str).collect());
+    }
+}
+
+fn field(name: &str, value: impl std::fmt::Display) {
+    println!("  {:<14}{value}", format!("{name}:"));
+}
+
+fn timestamp(unix: i64) -> String {
+    let Ok(seconds) = u64::try_from(unix) else {
+        return unix.to_string();
+    };
+    humantime::format_rfc3339_seconds(UNIX_EPOCH + Duration::from_secs(seconds)).to_string()
+}
+
+pub fn cluster_init(out: Output, reply: &admin::ClusterInitReply) {
+    if out == Output::Json {
+        return json(reply);
+    }
+    let id = reply.status.as_ref().map_or("", |status| status.cluster_id.as_str());
+    if reply.initialized_now {
+        println!("cluster {id} initialised");
+    } else {
+        println!("cluster {id} is already initialised; nothing to do");
+    }
+}
+
+pub fn cluster_status(out: Output, status: &admin::ClusterStatusReply) {
+    if out == Output::Json {
+        return json(status);
+    }
+    println!("Cluster {}", if status.cluster_id.is_empty() { "(not initialised)" } else { &status.cluster_id });
+    field("state", &status.state);
+    field("node", status.node_id);
+    field("leader", status.leader_id.map_or_else(|| "none".to_owned(), |id| id.to_string()));
+    field("term", status.term);
+    field("voters", status.voters.iter().map(u64::to_string).collect::<Vec<_>>().join(", "));
+    field("nodes", status.nodes);
+    field("volumes", status.volumes);
+    field("capacity", HumanSize(status.capacity_bytes));
+    field(
+        "provisioned",
+        format!(
+            "{} of {} allowed (overcommit {:.2})",
+            HumanSize(status.provisioned_bytes),
+            HumanSize(provisionable(status)),
+            status.overcommit_ratio
+        ),
+    );
+    field("allocated", HumanSize(status.allocated_bytes));
+    field("extent size", HumanSize(status.extent_size));
+    field("version", &status.version);
+    for warning in &status.warnings {
+        println!("warning: {warning}");
+    }
+}
+
+fn provisionable(status: &admin::ClusterStatusReply) -> u64 {
+    // Display only: the float covers capacities far beyond any pool.
+    #[allow(clippy::cast_precision_loss, clippy::cast_possible_truncation, clippy::cast_sign_loss)]
+    let limit = (status.capacity_bytes as f64 * status.overcommit_ratio) as u64;
+    limit
+}
+
+pub fn nodes(out: Output, reply: &admin::NodeListReply) {
+    if out == Output::Json {
+        return json(reply);
+    }
+    let rows: Vec<Vec<String>> = reply
+        .nodes
+        .iter()
+        .map(|node| {
+            let mut labels: Vec<String> = node.labels.iter().map(|(k, v)| format!("{k}={v}")).collect();
+            labels.sort();
+            vec![
+                format!("{}{}", node.id, if node.leader { "*" } else { "" }),
+                node.name.clone(),
+                if node.address.is_empty() { "-".to_owned() } else { node.address.clone() },
+                node.state.clone(),
+                node.disks.to_string(),
+                HumanSize(node.used_bytes).to_string(),
+                HumanSize(node.capacity_bytes.saturating_sub(node.used_bytes)).to_string(),
+                if labels.is_empty() { "-".to_owned() } else { labels.join(",") },
+            ]
+        })
+        .collect();
+    table(&["ID", "NAME", "ADDRESS", "STATE", "DISKS", "USED", "FREE", "LABELS"], &rows);
+}
+
+pub fn disk_added(out: Output, disk: &admin::Disk) {
+    if out == Output::Json {
+        return json(disk);
+    }
+    println!("disk {} added: {} ({} capacity)", disk.id, disk.path, HumanSize(disk.capacity_bytes));
+}
+
+pub fn disk_removed(out: Output, disk: &admin::Disk) {
+    if out == Output::Json {
+        return json(disk);
+    }
+    println!("disk {} removed: {}", disk.id, disk.path);
+}
+
+pub fn disks(out: Output, reply: &admin::DiskListReply) {
+    if out == Output::Json {
+        return json(reply);
+    }
+    let rows: Vec<Vec<String>> = reply
+        .disks
+        .iter()
+        .map(|disk| {
+            vec![
+                short_id(&disk.id).to_owned(),
+                disk.node_id.to_string(),
+                disk.path.clone(),
+                if disk.block_device { "block" } else { "file" }.to_owned(),
+                HumanSize(disk.capacity_bytes).to_string(),
+                HumanSize(disk.used_bytes).to_string(),
+                HumanSize(disk.capacity_bytes.saturating_sub(disk.used_bytes)).to_string(),
+            ]
+        })
+        .collect();
+    table(&["ID", "NODE", "PATH", "KIND", "CAPACITY", "USED", "FREE"], &rows);
+}
+
+fn short_id(id: &str) -> &str {
+    id.get(..8).unwrap_or(id)
+}
+
+pub fn volumes(out: Output, reply: &admin::VolumeListReply) {
+    if out == Output::Json {
+        return json(reply);
+    }
+    let rows: Vec<Vec<String>> = reply
+        .volumes
+        .iter()
+        .map(|volume| {
+            vec![
+                volume.name.clone(),
+                HumanSize(volume.size_bytes).to_string(),
+                HumanSize(volume.allocated_bytes).to_string(),
+                volume.block_size.to_string(),
+                volume.replicas.to_string(),
+                volume
+                    .attachment
+                    .as_ref()
+                    .map_or_else(|| "-".to_owned(), |attachment| attachment.vhost_user_socket.clone()),
+                short_id(&volume.id).to_owned(),
+            ]
+        })
+        .collect();
+    table(&["NAME", "SIZE", "ALLOCATED", "BLOCK", "REPLICAS", "ATTACHED", "ID"], &rows);
+}
+
+pub fn volume_changed(out: Output, verb: &str, volume: &admin::Volume) {
+    if out == Output::Json {
+        return json(volume);
+    }
+    match (verb, &volume.attachment) {
+        ("attached", Some(attachment)) => println!(
+            "volume {} attached: vhost-user-blk socket {} ({} queue{}{})",
+            volume.name,
+            attachment.vhost_user_socket,
+            attachment.queues,
+            if attachment.queues == 1 { "" } else { "s" },
+            if attachment.read_only { ", read-only" } else { "" }
+        ),
+        _ => println!("volume {} {verb} ({})", volume.name, HumanSize(volume.size_bytes)),
+    }
+}
+
+pub fn volume_deleted(out: Output, reply: &admin::VolumeDeleteReply) {
+    if out == Output::Json {
+        return json(reply);
+    }
+    println!("volume {} deleted ({} freed)", reply.name, HumanSize(reply.freed_bytes));
+}
+
+pub fn volume(out: Output, volume: &admin::Volume) {
+    if out == Output::Json {
+        return json(volume);
+    }
+    println!("Volume {}", volume.name);
+    field("id", &volume.id);
+    field("size", format!("{} ({} bytes)", HumanSize(volume.size_bytes), volume.size_bytes));
+    field("block size", HumanSize(u64::from(volume.block_size)));
+    field(
+        "extents",
+        format!("{} of {} allocated ({} each)", volume.extents_allocated, volume.extents, HumanSize(volume.extent_size)),
+    );
+    field("allocated", HumanSize(volume.allocated_bytes));
+    field("replicas", volume.replicas);
+    field("created", timestamp(volume.created_unix));
+    match &volume.attachment {
+        None => field("attached", "no"),
+        Some(attachment) => field(
+            "attached",
+            format!(
+                "{} on node {} ({} queue{}, {}, {})",
+                attachment.vhost_user_socket,
+                attachment.node_id,
+                attachment.queues,
+                if attachment.queues == 1 { "" } else { "s" },
+                if attachment.read_only { "read-only" } else { "read-write" },
+                if attachment.connected { "frontend connected" } else { "waiting for a frontend" }
+            ),
+        ),
+    }
+    if let Some(stats) = &volume.stats {
+        println!("I/O");
+        field("reads", format!("{} ({})", stats.reads, HumanSize(stats.read_bytes)));
+        field("writes", format!("{} ({})", stats.writes, HumanSize(stats.write_bytes)));
+        field("flushes", stats.flushes);
+        field("discards", stats.discards);
+        field("write zeroes", stats.write_zeroes);
+        field("errors", format!("{} ({} for lack of space)", stats.errors, stats.no_space_errors));
+        field("latency", latency_summary(stats));
+    }
+}
+
+/// Percentiles from the histogram: each is the upper bound of the bucket it falls in.
+fn latency_summary(stats: &admin::VolumeStats) -> String {
+    let total: u64 = stats.bucket_counts.iter().sum();
+    if total == 0 {
+        return "no requests yet".to_owned();
+    }
+    let percentile = |fraction_per_mille: u64| {
+        let rank = (total * fraction_per_mille).div_ceil(1000);
+        let mut seen = 0;
+        for (index, count) in stats.bucket_counts.iter().enumerate() {
+            seen += count;
+            if seen >= rank {
+                return stats
+                    .bucket_bounds_us
+                    .get(index)
+                    .map_or_else(|| "> max".to_owned(), |bound| format!("≤ {bound} µs"));
+            }
+        }
+        "> max".to_owned()
+    };
+    format!(
+        "mean {} µs, p50 {}, p99 {}",
+        stats.latency_sum_us / total,
+        percentile(500),
+        percentile(990)
+    )
+}
