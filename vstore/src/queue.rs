@@ -1,0 +1,794 @@
+//! Volume I/O over io_uring: one [`IoQueue`] per worker thread.
+//!
+//! A request is split at extent boundaries into sub-I/Os, each aimed at one slot on one disk
+//! (or satisfied at once: a read of an unallocated extent fills the segments with zeroes).
+//! Reads and writes go straight from and to the caller's segments with readv/writev when
+//! every segment is aligned for the disk's O_DIRECT; otherwise through an aligned bounce
+//! buffer. Discards and write-zeroes free the extents they cover whole (see
+//! [`crate::volume`]) and punch or zero the rest with fallocate. A flush is an fdatasync on
+//! every disk the volume has data on.
+//!
+//! The queue hands on completions: `reap` reports each request once, after all its sub-I/Os
+//! finished, with the first error any of them met.
+//!
+//! Invariants: every sub-I/O holds its slot's lease, and every request holds its volume,
+//! until the request is reaped (see the slot-reuse invariant in [`crate::volume`]); and no
+//! buffer or iovec array the kernel may still touch is freed or moved — the queue waits for
+//! its SQEs on drop, and the heap blocks behind iovec arrays never move once submitted.
+
+use std::collections::VecDeque;
+use std::io;
+use std::os::fd::{AsRawFd, RawFd};
+use std::sync::Arc;
+
+use io_uring::{IoUring, opcode, squeue, types};
+use vmm_sys_util::eventfd::EventFd;
+
+use crate::aligned::AlignedBuf;
+use crate::disk::{Disk, PUNCH_MODE, ZERO_MODE};
+use crate::error::IoError;
+use crate::volume::{ExtentLease, LocalVolume, extent_count};
+
+/// Most iovecs one readv/writev takes (Linux UIO_MAXIOV); a piece with more segments goes
+/// through a bounce buffer.
+const IOV_MAX: usize = 1024;
+/// Bounce buffers kept for reuse, and the largest size kept, so a burst of huge unaligned
+/// requests does not pin memory for the life of the queue.
+const BOUNCE_POOL_BUFFERS: usize = 16;
+const BOUNCE_POOL_MAX_LEN: usize = 1 << 20;
+
+/// One guest memory segment. The caller guarantees validity until the request is reaped.
+#[derive(Clone, Copy, Debug)]
+pub struct Segment {
+    pub addr: *mut u8,
+    pub len: usize,
+}
+
+/// A request on a volume. Offsets and lengths are bytes and must be multiples of the volume's
+/// block size.
+#[derive(Debug)]
+pub enum IoRequest<'a> {
+    Read {
+        offset: u64,
+        segments: &'a [Segment],
+    },
+    /// `write_through`: durable before completion (RWF_DSYNC).
+    Write {
+        offset: u64,
+        segments: &'a [Segment],
+        write_through: bool,
+    },
+    /// Makes every write completed before it durable: fdatasync on each disk the volume has
+    /// data on.
+    Flush,
+    /// The range reads back as zeroes afterwards; its space is given back.
+    Discard { offset: u64, len: u64 },
+    /// The range reads back as zeroes afterwards; with `may_unmap` its space may be given back,
+    /// without it the space stays allocated so later writes cannot fail for lack of space.
+    WriteZeroes {
+        offset: u64,
+        len: u64,
+        may_unmap: bool,
+    },
+}
+
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+enum SubKind {
+    #[default]
+    Read,
+    Write,
+    Fallocate,
+    Sync,
+}
+
+/// One SQE's worth of a request (re-queued on a short transfer).
+#[derive(Debug, Default)]
+struct SubOp {
+    kind: SubKind,
+    /// The slot a read, write or fallocate goes to; pinned until the request is reaped.
+    lease: Option<Arc<ExtentLease>>,
+    /// The disk a sync goes to.
+    disk: Option<Arc<Disk>>,
+    /// Device offset of the next byte.
+    offset: u64,
+    /// Bytes still to transfer, or the fallocate length.
+    remaining: u64,
+    /// The iovecs handed to the kernel: the caller's segments, or the bounce buffer.
+    iov: Vec<libc::iovec>,
+    /// First iovec not yet transferred (after a short transfer).
+    iov_start: usize,
+    /// The caller's segments when a bounce buffer stands in for them.
+    guest: Vec<libc::iovec>,
+    bounce: Option<AlignedBuf>,
+    rw_flags: i32,
+    fallocate_mode: i32,
+}
+
+impl SubOp {
+    fn target_disk(&self) -> Option<&Arc<Disk>> {
+        self.lease
+            .as_ref()
+            .map(|lease| &lease.disk)
+            .or(self.disk.as_ref())
+    }
+
+    fn entry(&self, user_data: u64) -> Option<squeue::Entry> {
+        let fd = types::Fd(self.target_disk()?.fd());
+        let iov = || {
+            (
+                self.iov[self.iov_start..].as_ptr(),
+                (self.iov.len() - self.iov_start) as u32,
+            )
+        };
+        let entry = match self.kind {
+            SubKind::Read => {
+                let (iov, count) = iov();
+                opcode::Readv::new(fd, iov, count)
+                    .offset(self.offset)
+                    .build()
+            }
+            SubKind::Write => {
+                let (iov, count) = iov();
+                opcode::Writev::new(fd, iov, count)
+                    .offset(self.offset)
+                    .rw_flags(self.rw_flags)
+                    .build()
+            }
+            SubKind::Fallocate => opcode::Fallocate::new(fd, self.remaining)
+                .offset(self.offset)
+                .mode(self.fallocate_mode)
+                .build(),
+            SubKind::Sync => opcode::Fsync::new(fd)
+                .flags(types::FsyncFlags::DATASYNC)
+                .build(),
+        };
+        Some(entry.user_data(user_data))
+    }
+
+    /// Moves past `n` transferred bytes.
+    fn advance(&mut self, n: u64) {
+        self.remaining -= n;
+        self.offset += n;
+        let mut n = n as usize;
+        while n > 0 && self.iov_start < self.iov.len() {
+            let iov = &mut self.iov[self.iov_start];
+            if n >= iov.iov_len {
+                n -= iov.iov_len;
+                self.iov_start += 1;
+            } else {
+                iov.iov_base = iov.iov_base.cast::<u8>().wrapping_add(n).cast();
+                iov.iov_len -= n;
+                n = 0;
+            }
+        }
+    }
+}
+
+#[derive(Debug, Default)]
+struct Request {
+    tag: u64,
+    volume: Option<Arc<LocalVolume>>,
+    /// SQEs queued and not yet completed.
+    pending: u32,
+    error: Option<IoError>,
+    /// `ops[..used]` belong to this request; the rest keep their capacity for reuse.
+    ops: Vec<SubOp>,
+    used: usize,
+}
+
+impl Request {
+    /// Takes the next sub-op, reset but keeping its vectors' capacity.
+    fn next_op(&mut self, kind: SubKind) -> usize {
+        if self.used == self.ops.len() {
+            self.ops.push(SubOp::default());
+        }
+        let op = &mut self.ops[self.used];
+        op.kind = kind;
+        op.offset = 0;
+        op.remaining = 0;
+        op.iov_start = 0;
+        op.rw_flags = 0;
+        op.fallocate_mode = 0;
+        self.used += 1;
+        self.used - 1
+    }
+
+    fn fail(&mut self, error: IoError) {
+        self.error.get_or_insert(error);
+    }
+}
+
+/// Walks the caller's segments, handing out consecutive byte ranges as iovecs.
+struct SegmentCursor<'a> {
+    segments: &'a [Segment],
+    index: usize,
+    offset: usize,
+}
+
+impl SegmentCursor<'_> {
+    fn take(&mut self, mut len: u64, out: &mut Vec<libc::iovec>) {
+        while len > 0 {
+            let Some(segment) = self.segments.get(self.index) else {
+                return;
+            };
+            let available = segment.len - self.offset;
+            if available == 0 {
+                self.index += 1;
+                self.offset = 0;
+                continue;
+            }
+            let n = available.min(usize::try_from(len).unwrap_or(usize::MAX));
+            out.push(libc::iovec {
+                iov_base: segment.addr.wrapping_add(self.offset).cast(),
+                iov_len: n,
+            });
+            self.offset += n;
+            len -= n as u64;
+        }
+    }
+}
+
+/// Packs (request index, sub-op index) into an SQE's user data.
+fn user_data(request: usize, op: usize) -> u64 {
+    ((request as u64) << 32) | op as u64
+}
+
+/// Per-worker I/O queue: an io_uring with an eventfd registered on it. `Send`, not `Sync`.
+pub struct IoQueue {
+    ring: IoUring,
+    eventfd: EventFd,
+    requests: Vec<Request>,
+    free_requests: Vec<usize>,
+    finished: VecDeque<(u64, Result<(), IoError>)>,
+    /// Requests submitted and not yet reaped.
+    in_flight: usize,
+    /// SQEs queued or in the kernel: what must complete before buffers may be freed.
+    sqes_outstanding: usize,
+    bounce_pool: Vec<AlignedBuf>,
+    cqe_batch: Vec<(u64, i32)>,
+}
+
+impl std::fmt::Debug for IoQueue {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("IoQueue")
+            .field("ring_fd", &self.ring.as_raw_fd())
+            .field("eventfd", &self.eventfd.as_raw_fd())
+            .field("in_flight", &self.in_flight)
+            .field("sqes_outstanding", &self.sqes_outstanding)
+            .finish_non_exhaustive()
+    }
+}
+
+// SAFETY: the raw pointers an IoQueue holds (iovecs into caller segments and its own bounce
+// buffers) are plain addresses whose validity the submit contract guarantees independently of
+// the thread; the ring and eventfd are fds. IoQueue is deliberately not Sync: it is one
+// worker's.
+unsafe impl Send for IoQueue {}
+
+impl IoQueue {
+    /// A queue for up to about `depth` requests in flight (more are accepted; the kernel then
+    /// queues them).
+    pub fn new(depth: u32) -> io::Result<Self> {
+        let entries = depth.clamp(1, 4096).next_power_of_two();
+        let ring = IoUring::builder()
+            .setup_cqsize(entries * 4)
+            .build(entries)?;
+        let mut probe = io_uring::Probe::new();
+        ring.submitter().register_probe(&mut probe)?;
+        for (code, name) in [
+            (opcode::Readv::CODE, "READV"),
+            (opcode::Writev::CODE, "WRITEV"),
+            (opcode::Fsync::CODE, "FSYNC"),
+            (opcode::Fallocate::CODE, "FALLOCATE"),
+        ] {
+            if !probe.is_supported(code) {
+                return Err(io::Error::new(
+                    io::ErrorKind::Unsupported,
+                    format!(
+                        "the kernel's io_uring lacks IORING_OP_{name}; Linux 5.6 or newer is needed"
+                    ),
+                ));
+            }
+        }
+        let eventfd = EventFd::new(libc::EFD_NONBLOCK | libc::EFD_CLOEXEC)?;
+        ring.submitter().register_eventfd(eventfd.as_raw_fd())?;
+        Ok(Self {
+            ring,
+            eventfd,
+            requests: Vec::new(),
+            free_requests: Vec::new(),
+            finished: VecDeque::new(),
+            in_flight: 0,
+            sqes_outstanding: 0,
+            bounce_pool: Vec::new(),
+            cqe_batch: Vec::with_capacity(entries as usize),
+        })
+    }
+
+    /// Readable when completions wait; [`IoQueue::reap`] clears it.
+    pub fn completion_fd(&self) -> RawFd {
+        self.eventfd.as_raw_fd()
+    }
+
+    /// Requests submitted and not yet reported by `reap`.
+    pub fn in_flight(&self) -> usize {
+        self.in_flight
+    }
+
+    /// Queues a request. Never blocks on I/O except the rare synchronous slot-table updates (the
+    /// first write to an extent, freeing whole extents). A request that completes without I/O
+    /// (a read of unallocated extents, an immediate error) is reported by the next `reap`, and
+    /// the eventfd is signalled so the worker wakes.
+    ///
+    /// # Safety
+    /// Every segment must stay valid (readable for writes, writable for reads) and untouched by
+    /// the caller until `tag` has been reaped.
+    pub unsafe fn submit(&mut self, volume: &Arc<LocalVolume>, request: IoRequest<'_>, tag: u64) {
+        self.in_flight += 1;
+        let index = self.free_requests.pop().unwrap_or_else(|| {
+            self.requests.push(Request::default());
+            self.requests.len() - 1
+        });
+        let req = &mut self.requests[index];
+        req.tag = tag;
+        req.volume = Some(volume.clone());
+        let planned = match request {
+            IoRequest::Read { offset, segments } => {
+                self.plan_rw(index, volume, offset, segments, None)
+            }
+            IoRequest::Write {
+                offset,
+                segments,
+                write_through,
+            } => self.plan_rw(
+                index,
+                volume,
+                offset,
+                segments,
+                Some(if write_through { libc::RWF_DSYNC } else { 0 }),
+            ),
+            IoRequest::Flush => self.plan_flush(index, volume),
+            IoRequest::Discard { offset, len } => self.plan_zero(index, volume, offset, len, true),
+            IoRequest::WriteZeroes {
+                offset,
+                len,
+                may_unmap,
+            } => self.plan_zero(index, volume, offset, len, may_unmap),
+        };
+        if let Err(error) = planned {
+            self.requests[index].fail(error);
+        }
+        if self.requests[index].pending == 0 {
+            self.finish_request(index);
+            // The worker learns of completions through the eventfd only; this one had no CQE.
+            let _ = self.eventfd.write(1);
+        }
+    }
+
+    /// Pushes the queued SQEs to the kernel in one syscall.
+    pub fn commit(&mut self) -> io::Result<()> {
+        let mut retried = false;
+        while !self.ring.submission().is_empty() {
+            match self.ring.submit() {
+                Ok(_) => {}
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                // The CQ overflowed; the kernel takes no more SQEs until we consume some CQEs.
+                Err(e) if e.raw_os_error() == Some(libc::EBUSY) && !retried => {
+                    retried = true;
+                    self.process_completions();
+                }
+                Err(e) => return Err(e),
+            }
+        }
+        Ok(())
+    }
+
+    /// Non-blocking: calls `done(tag, result)` once for every finished request (all its
+    /// sub-I/Os done; the first error wins).
+    pub fn reap(&mut self, mut done: impl FnMut(u64, Result<(), IoError>)) {
+        // Cleared before looking at the CQ: a completion that lands after the look signals again.
+        let _ = self.eventfd.read();
+        self.process_completions();
+        if !self.ring.submission().is_empty() {
+            // Re-queued short transfers; a failure here shows up as errors on later completions.
+            let _ = self.commit();
+        }
+        while let Some((tag, result)) = self.finished.pop_front() {
+            self.in_flight -= 1;
+            done(tag, result);
+        }
+    }
+
+    /// Blocks until at least one request has finished (returns at once when none is in flight).
+    pub fn wait(&mut self) -> io::Result<()> {
+        loop {
+            self.process_completions();
+            if !self.finished.is_empty() || self.in_flight == 0 || self.sqes_outstanding == 0 {
+                return Ok(());
+            }
+            match self.ring.submit_and_wait(1) {
+                Ok(_) => {}
+                Err(e)
+                    if e.kind() == io::ErrorKind::Interrupted
+                        || e.raw_os_error() == Some(libc::EBUSY) => {}
+                Err(e) => return Err(e),
+            }
+        }
+    }
+
+    fn push(&mut self, entry: &squeue::Entry) -> io::Result<()> {
+        for _ in 0..3 {
+            // SAFETY: the entry points at iovecs and buffers owned by a request's sub-op, which
+            // stay alive and in place until its CQE is processed (requests are only recycled
+            // after all their SQEs completed, and Drop waits for outstanding SQEs).
+            if unsafe { self.ring.submission().push(entry) }.is_ok() {
+                self.sqes_outstanding += 1;
+                return Ok(());
+            }
+            // SQ full: hand the batch so far to the kernel to make room.
+            match self.ring.submit() {
+                Ok(_) => {}
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(e) => return Err(e),
+            }
+        }
+        Err(io::Error::from_raw_os_error(libc::EAGAIN))
+    }
+
+    fn push_op(&mut self, index: usize, op: usize) -> Result<(), IoError> {
+        let entry = self.requests[index].ops[op]
+            .entry(user_data(index, op))
+            .ok_or_else(|| io::Error::from_raw_os_error(libc::EBADF))?;
+        self.push(&entry)?;
+        self.requests[index].pending += 1;
+        Ok(())
+    }
+
+    fn plan_rw(
+        &mut self,
+        index: usize,
+        volume: &LocalVolume,
+        offset: u64,
+        segments: &[Segment],
+        write: Option<i32>,
+    ) -> Result<(), IoError> {
+        let len = segments
+            .iter()
+            .try_fold(0u64, |total, s| total.checked_add(s.len as u64));
+        let len = len.ok_or(IoError::OutOfRange {
+            volume: volume.id(),
+            offset,
+            len: u64::MAX,
+            size: volume.size(),
+        })?;
+        check_range(volume, offset, len)?;
+        let extent_size = volume.extent_size();
+        // Phase 1: one sub-op per extent, with its lease; a write allocates here, so a full
+        // pool fails the request before any I/O of it is queued.
+        let end = offset + len;
+        let mut pos = offset;
+        while pos < end {
+            let extent = pos / extent_size;
+            let within = pos % extent_size;
+            let piece = (extent_size - within).min(end - pos);
+            let lease = match write {
+                Some(_) => Some(volume.lookup_or_allocate(extent)?),
+                None => volume.lookup(extent),
+            };
+            let req = &mut self.requests[index];
+            let op = req.next_op(if write.is_some() {
+                SubKind::Write
+            } else {
+                SubKind::Read
+            });
+            let op = &mut req.ops[op];
+            op.rw_flags = write.unwrap_or(0);
+            op.offset = lease.as_ref().map_or(0, |lease| lease.disk_offset(within));
+            op.remaining = piece;
+            op.lease = lease;
+            pos += piece;
+        }
+        // Phase 2: give each sub-op its slice of the segments and queue it.
+        let mut cursor = SegmentCursor {
+            segments,
+            index: 0,
+            offset: 0,
+        };
+        for op_index in 0..self.requests[index].used {
+            let Self {
+                requests,
+                bounce_pool,
+                ..
+            } = self;
+            let op = &mut requests[index].ops[op_index];
+            cursor.take(op.remaining, &mut op.iov);
+            let Some(dio) = op.lease.as_ref().map(|lease| lease.disk.dio) else {
+                // Unallocated: zeroes, no I/O.
+                for iov in op.iov.drain(..) {
+                    // SAFETY: the caller guarantees the segments are writable for a read.
+                    unsafe { std::ptr::write_bytes(iov.iov_base.cast::<u8>(), 0, iov.iov_len) };
+                }
+                continue;
+            };
+            let direct = op.iov.len() <= IOV_MAX
+                && op.iov.iter().all(|v| {
+                    (v.iov_base as usize).is_multiple_of(dio.memory as usize)
+                        && v.iov_len.is_multiple_of(dio.offset as usize)
+                });
+            if !direct {
+                use_bounce(op, bounce_pool)?;
+            }
+            self.push_op(index, op_index)?;
+        }
+        Ok(())
+    }
+
+    fn plan_flush(&mut self, index: usize, volume: &LocalVolume) -> Result<(), IoError> {
+        for disk in volume.data_disks() {
+            let req = &mut self.requests[index];
+            let op = req.next_op(SubKind::Sync);
+            req.ops[op].disk = Some(disk);
+            self.push_op(index, op)?;
+        }
+        Ok(())
+    }
+
+    fn plan_zero(
+        &mut self,
+        index: usize,
+        volume: &LocalVolume,
+        offset: u64,
+        len: u64,
+        unmap: bool,
+    ) -> Result<(), IoError> {
+        check_range(volume, offset, len)?;
+        if len == 0 {
+            return Ok(());
+        }
+        let extent_size = volume.extent_size();
+        let size = volume.size();
+        let end = offset + len;
+        // Extents covered whole; the last extent counts as whole when the range reaches the end
+        // of the volume, since its bytes past the end are never addressable.
+        let first_whole = offset.div_ceil(extent_size);
+        let end_whole = if end >= size {
+            extent_count(size, extent_size)
+        } else {
+            end / extent_size
+        };
+        let whole = first_whole..end_whole.max(first_whole);
+        if unmap && !whole.is_empty() {
+            volume.release_extents(whole.clone())?;
+        }
+        let mut pos = offset;
+        while pos < end {
+            let extent = pos / extent_size;
+            let within = pos % extent_size;
+            let piece = (extent_size - within).min(end - pos);
+            pos += piece;
+            if unmap && whole.contains(&extent) {
+                continue;
+            }
+            let Some(lease) = volume.lookup(extent) else {
+                continue;
+            };
+            let req = &mut self.requests[index];
+            let op = req.next_op(SubKind::Fallocate);
+            let sub = &mut req.ops[op];
+            sub.fallocate_mode = if unmap {
+                lease.disk.punch_mode()
+            } else {
+                ZERO_MODE
+            };
+            sub.offset = lease.disk_offset(within);
+            sub.remaining = piece;
+            sub.lease = Some(lease);
+            self.push_op(index, op)?;
+        }
+        Ok(())
+    }
+
+    /// Moves every available CQE into its request; finished requests go to `finished`.
+    fn process_completions(&mut self) {
+        loop {
+            let mut batch = std::mem::take(&mut self.cqe_batch);
+            batch.clear();
+            batch.extend(
+                self.ring
+                    .completion()
+                    .map(|cqe| (cqe.user_data(), cqe.result())),
+            );
+            if batch.is_empty() {
+                self.cqe_batch = batch;
+                return;
+            }
+            for &(data, result) in &batch {
+                self.complete((data >> 32) as usize, (data & 0xffff_ffff) as usize, result);
+            }
+            self.cqe_batch = batch;
+        }
+    }
+
+    fn complete(&mut self, index: usize, op_index: usize, result: i32) {
+        self.sqes_outstanding -= 1;
+        let Some(op) = self
+            .requests
+            .get_mut(index)
+            .and_then(|req| req.ops.get_mut(op_index))
+        else {
+            tracing::error!(
+                user_data = user_data(index, op_index),
+                "completion for an unknown request; ignored"
+            );
+            return;
+        };
+        // Ok(true): the op must go to the kernel again (rest of a short transfer, or a retry).
+        let outcome: Result<bool, io::Error> = if result == -libc::EOPNOTSUPP
+            && op.kind == SubKind::Fallocate
+            && op.fallocate_mode == PUNCH_MODE
+        {
+            if let Some(disk) = op.target_disk() {
+                disk.note_punch_unsupported();
+            }
+            op.fallocate_mode = ZERO_MODE;
+            Ok(true)
+        } else if result < 0 {
+            Err(io::Error::from_raw_os_error(-result))
+        } else {
+            match op.kind {
+                SubKind::Read | SubKind::Write if result == 0 && op.remaining > 0 => Err(
+                    io::Error::new(io::ErrorKind::UnexpectedEof, "transfer stopped short"),
+                ),
+                SubKind::Read | SubKind::Write => {
+                    op.advance((result as u64).min(op.remaining));
+                    if op.remaining == 0 && op.kind == SubKind::Read {
+                        copy_out(op);
+                    }
+                    Ok(op.remaining > 0)
+                }
+                SubKind::Fallocate | SubKind::Sync => Ok(false),
+            }
+        };
+        let outcome = match outcome {
+            Ok(true) => {
+                match self.requests[index].ops[op_index].entry(user_data(index, op_index)) {
+                    // Re-queue the rest; pending stays, as the op is still outstanding.
+                    Some(entry) => match self.push(&entry) {
+                        Ok(()) => return,
+                        Err(e) => Err(e),
+                    },
+                    None => Err(io::Error::from_raw_os_error(libc::EBADF)),
+                }
+            }
+            other => other,
+        };
+        let req = &mut self.requests[index];
+        if let Err(error) = outcome {
+            let op = &req.ops[op_index];
+            let disk = op
+                .target_disk()
+                .map(|d| d.path.display().to_string())
+                .unwrap_or_default();
+            let volume = req.volume.as_ref().map(|v| v.id()).unwrap_or_default();
+            tracing::warn!(volume = %volume, disk = %disk, op = ?op.kind, offset = op.offset, error = %error, "I/O failed");
+            req.fail(IoError::Io(error));
+        }
+        req.pending -= 1;
+        if req.pending == 0 {
+            self.finish_request(index);
+        }
+    }
+
+    fn finish_request(&mut self, index: usize) {
+        let Self {
+            requests,
+            bounce_pool,
+            finished,
+            free_requests,
+            ..
+        } = self;
+        let req = &mut requests[index];
+        for op in &mut req.ops[..req.used] {
+            // Leases go before the volume: the volume's liveness is what delete_volume checks.
+            op.lease = None;
+            op.disk = None;
+            op.iov.clear();
+            op.guest.clear();
+            if let Some(buf) = op.bounce.take()
+                && bounce_pool.len() < BOUNCE_POOL_BUFFERS
+                && buf.len() <= BOUNCE_POOL_MAX_LEN
+            {
+                bounce_pool.push(buf);
+            }
+        }
+        req.used = 0;
+        req.pending = 0;
+        req.volume = None;
+        finished.push_back((req.tag, req.error.take().map_or(Ok(()), Err)));
+        free_requests.push(index);
+    }
+}
+
+impl Drop for IoQueue {
+    fn drop(&mut self) {
+        // The kernel may still read or write buffers of outstanding SQEs: wait for them.
+        while self.sqes_outstanding > 0 {
+            match self.ring.submit_and_wait(1) {
+                Ok(_) => {}
+                Err(e)
+                    if e.kind() == io::ErrorKind::Interrupted
+                        || e.raw_os_error() == Some(libc::EBUSY) => {}
+                Err(e) => {
+                    tracing::error!(error = %e, outstanding = self.sqes_outstanding, "cannot wait for I/O at queue drop; leaking its buffers");
+                    std::mem::forget(std::mem::take(&mut self.requests));
+                    return;
+                }
+            }
+            self.process_completions();
+        }
+    }
+}
+
+fn check_range(volume: &LocalVolume, offset: u64, len: u64) -> Result<(), IoError> {
+    let size = volume.size();
+    let block = u64::from(volume.block_size());
+    if offset.checked_add(len).is_none_or(|end| end > size) {
+        return Err(IoError::OutOfRange {
+            volume: volume.id(),
+            offset,
+            len,
+            size,
+        });
+    }
+    if !offset.is_multiple_of(block) || !len.is_multiple_of(block) {
+        return Err(IoError::Misaligned {
+            volume: volume.id(),
+            offset,
+            len,
+            block_size: volume.block_size(),
+        });
+    }
+    Ok(())
+}
+
+/// Puts an aligned buffer between the kernel and the caller's segments (copied in for a write).
+fn use_bounce(op: &mut SubOp, pool: &mut Vec<AlignedBuf>) -> Result<(), IoError> {
+    let len =
+        usize::try_from(op.remaining).map_err(|_| io::Error::from_raw_os_error(libc::ENOMEM))?;
+    let mut buf = match pool.iter().position(|b| b.len() >= len) {
+        Some(pos) => pool.swap_remove(pos),
+        None => AlignedBuf::zeroed(len)?,
+    };
+    std::mem::swap(&mut op.iov, &mut op.guest);
+    if op.kind == SubKind::Write {
+        let mut at = 0;
+        for iov in &op.guest {
+            // SAFETY: the caller guarantees the segments are readable for a write and left
+            // alone while the request runs; the bounce buffer is our own allocation.
+            let guest =
+                unsafe { std::slice::from_raw_parts(iov.iov_base.cast::<u8>(), iov.iov_len) };
+            buf.as_mut_slice()[at..at + iov.iov_len].copy_from_slice(guest);
+            at += iov.iov_len;
+        }
+    }
+    op.iov.push(libc::iovec {
+        iov_base: buf.as_ptr().cast(),
+        iov_len: len,
+    });
+    op.bounce = Some(buf);
+    Ok(())
+}
+
+/// After a bounced read: copies the data to the caller's segments.
+fn copy_out(op: &SubOp) {
+    let Some(buf) = &op.bounce else { return };
+    let mut at = 0;
+    for iov in &op.guest {
+        // SAFETY: the caller guarantees the segments are writable for a read and left alone
+        // while the request runs; they do not overlap the bounce buffer, our own allocation.
+        let guest =
+            unsafe { std::slice::from_raw_parts_mut(iov.iov_base.cast::<u8>(), iov.iov_len) };
+        guest.copy_from_slice(&buf.as_slice()[at..at + iov.iov_len]);
+        at += iov.iov_len;
+    }
+}
