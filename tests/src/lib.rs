@@ -1,0 +1,4 @@
+//! Vessel's shared test harness: daemons, guests and clients for cross-crate tests and benchmarks.
+
+pub mod daemon;
+pub mod guest;
