@@ -245,6 +245,8 @@ pub struct IoQueue {
     /// SQEs queued or in the kernel: what must complete before buffers may be freed.
     sqes_outstanding: usize,
     bounce_pool: Vec<AlignedBuf>,
+    /// Bytes that went through bounce buffers: stays 0 while callers' buffers are aligned.
+    bounced_bytes: u64,
     cqe_batch: Vec<(u64, i32)>,
 }
 
@@ -301,6 +303,7 @@ impl IoQueue {
             in_flight: 0,
             sqes_outstanding: 0,
             bounce_pool: Vec::new(),
+            bounced_bytes: 0,
             cqe_batch: Vec::with_capacity(entries as usize),
         })
     }
@@ -313,6 +316,13 @@ impl IoQueue {
     /// Requests submitted and not yet reported by `reap`.
     pub fn in_flight(&self) -> usize {
         self.in_flight
+    }
+
+    /// Bytes this queue copied through bounce buffers because the caller's segments were not
+    /// aligned for O_DIRECT (or too many for one readv/writev). 0 means every byte went
+    /// zero-copy.
+    pub fn bounced_bytes(&self) -> u64 {
+        self.bounced_bytes
     }
 
     /// Queues a request. Never blocks on I/O except the rare synchronous slot-table updates (the
@@ -367,20 +377,27 @@ impl IoQueue {
 
     /// Pushes the queued SQEs to the kernel in one syscall.
     pub fn commit(&mut self) -> io::Result<()> {
-        let mut retried = false;
-        while !self.ring.submission().is_empty() {
+        // The kernel consumes every SQE it is handed unless it is short of resources; a few
+        // rounds cover a CQ overflow, and SQEs still left are retried by the next commit or wait.
+        for _ in 0..4 {
+            if self.ring.submission().is_empty() {
+                return Ok(());
+            }
             match self.ring.submit() {
                 Ok(_) => {}
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-                // The CQ overflowed; the kernel takes no more SQEs until we consume some CQEs.
-                Err(e) if e.raw_os_error() == Some(libc::EBUSY) && !retried => {
-                    retried = true;
-                    self.process_completions();
+                // CQ overflow (EBUSY) or no memory (EAGAIN): consuming CQEs makes room.
+                Err(e) if matches!(e.raw_os_error(), Some(libc::EBUSY | libc::EAGAIN)) => {
+                    self.process_completions()
                 }
                 Err(e) => return Err(e),
             }
         }
-        Ok(())
+        if self.ring.submission().is_empty() {
+            Ok(())
+        } else {
+            Err(io::Error::from_raw_os_error(libc::EAGAIN))
+        }
     }
 
     /// Non-blocking: calls `done(tag, result)` once for every finished request (all its
@@ -498,6 +515,7 @@ impl IoQueue {
             let Self {
                 requests,
                 bounce_pool,
+                bounced_bytes,
                 ..
             } = self;
             let op = &mut requests[index].ops[op_index];
@@ -517,6 +535,7 @@ impl IoQueue {
                 });
             if !direct {
                 use_bounce(op, bounce_pool)?;
+                *bounced_bytes += op.remaining;
             }
             self.push_op(index, op_index)?;
         }
@@ -790,5 +809,99 @@ fn copy_out(op: &SubOp) {
             unsafe { std::slice::from_raw_parts_mut(iov.iov_base.cast::<u8>(), iov.iov_len) };
         guest.copy_from_slice(&buf.as_slice()[at..at + iov.iov_len]);
         at += iov.iov_len;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn addr(iov: &libc::iovec) -> usize {
+        iov.iov_base as usize
+    }
+
+    #[test]
+    fn cursor_hands_out_consecutive_ranges_across_segments() {
+        let mut a = [0u8; 100];
+        let mut b = [0u8; 50];
+        let (pa, pb) = (a.as_mut_ptr(), b.as_mut_ptr());
+        let segments = [
+            Segment { addr: pa, len: 100 },
+            Segment { addr: pb, len: 0 },
+            Segment { addr: pb, len: 50 },
+        ];
+        let mut cursor = SegmentCursor {
+            segments: &segments,
+            index: 0,
+            offset: 0,
+        };
+        let mut out = Vec::new();
+        cursor.take(30, &mut out);
+        assert_eq!(
+            out.iter().map(|v| (addr(v), v.iov_len)).collect::<Vec<_>>(),
+            vec![(pa as usize, 30)]
+        );
+        out.clear();
+        cursor.take(100, &mut out);
+        assert_eq!(
+            out.iter().map(|v| (addr(v), v.iov_len)).collect::<Vec<_>>(),
+            vec![(pa as usize + 30, 70), (pb as usize, 30)]
+        );
+        out.clear();
+        // Asking past the end yields what is left, never more.
+        cursor.take(100, &mut out);
+        assert_eq!(
+            out.iter().map(|v| (addr(v), v.iov_len)).collect::<Vec<_>>(),
+            vec![(pb as usize + 30, 20)]
+        );
+    }
+
+    #[test]
+    fn short_transfers_resume_where_they_stopped() {
+        let mut buf = [0u8; 350];
+        let base = buf.as_mut_ptr();
+        let mut op = SubOp {
+            kind: SubKind::Read,
+            offset: 1000,
+            remaining: 350,
+            iov: vec![
+                libc::iovec {
+                    iov_base: base.cast(),
+                    iov_len: 100,
+                },
+                libc::iovec {
+                    iov_base: base.wrapping_add(100).cast(),
+                    iov_len: 200,
+                },
+                libc::iovec {
+                    iov_base: base.wrapping_add(300).cast(),
+                    iov_len: 50,
+                },
+            ],
+            ..SubOp::default()
+        };
+        op.advance(150);
+        assert_eq!((op.offset, op.remaining, op.iov_start), (1150, 200, 1));
+        assert_eq!(
+            (addr(&op.iov[1]), op.iov[1].iov_len),
+            (base as usize + 150, 150)
+        );
+        op.advance(150);
+        assert_eq!((op.offset, op.remaining, op.iov_start), (1300, 50, 2));
+        assert_eq!(
+            (addr(&op.iov[2]), op.iov[2].iov_len),
+            (base as usize + 300, 50)
+        );
+        op.advance(50);
+        assert_eq!((op.remaining, op.iov_start), (0, 3));
+    }
+
+    #[test]
+    fn user_data_packs_request_and_op() {
+        let data = user_data(123_456, 789);
+        assert_eq!(
+            ((data >> 32) as usize, (data & 0xffff_ffff) as usize),
+            (123_456, 789)
+        );
     }
 }

@@ -469,6 +469,20 @@ fn unaligned_and_fragmented_segments_round_trip() {
     let len = 3 * MIB as usize;
     let offset = MIB / 2 + 512; // spans four extents
     let data = pattern(5, len);
+    // Aligned buffers go zero-copy, whatever the segment boundaries.
+    let mut aligned = GuestBuf::from_bytes(&data, 0);
+    let segments = aligned.segments(&[4096, 512, 65536, 1024]);
+    run(
+        &mut queue,
+        &volume,
+        IoRequest::Write {
+            offset,
+            segments: &segments,
+            write_through: false,
+        },
+    )
+    .unwrap();
+    assert_eq!(queue.bounced_bytes(), 0);
 
     // Odd-sized segments at an odd address: the bounce path, split over extents.
     let mut buf = GuestBuf::from_bytes(&data, 3);
@@ -485,10 +499,13 @@ fn unaligned_and_fragmented_segments_round_trip() {
     )
     .unwrap();
 
-    // More segments than one readv takes (IOV_MAX), each aligned: bounced for that reason alone.
+    assert_eq!(queue.bounced_bytes(), len as u64);
+
+    // More segments than one readv takes (IOV_MAX), each aligned: bounced for that reason
+    // alone. Only the first piece (1023 blocks up to the extent boundary) goes direct.
     let mut many = GuestBuf::new(len, 0);
-    let segments = many.segments(&vec![512; 2000]);
-    assert!(segments.len() > 1024);
+    let segments = many.segments(&vec![512; len / 512]);
+    assert_eq!(segments.len(), len / 512);
     run(
         &mut queue,
         &volume,
@@ -500,8 +517,12 @@ fn unaligned_and_fragmented_segments_round_trip() {
     .unwrap();
     assert!(many.as_slice() == data.as_slice());
 
+    let bounced = 2 * len as u64 - (MIB / 2 - 512);
+    assert_eq!(queue.bounced_bytes(), bounced);
+
     // Aligned segments read it back zero-copy.
     assert!(read(&mut queue, &volume, offset, len).unwrap() == data);
+    assert_eq!(queue.bounced_bytes(), bounced);
     // And odd ones again, through the bounce path on the read side.
     let mut odd = GuestBuf::new(len, 1);
     let segments = odd.segments(&[4095, 1, 77777, 3]);
