@@ -1,0 +1,601 @@
+//! The worker of one vhost-user-blk virtqueue: a thread with its own epoll and its own
+//! `vstore::IoQueue` (one io_uring).
+//!
+//! It waits on three eventfds: the ring's kick, the IoQueue's completion fd and the stop fd
+//! the handler signals. On a kick it drains the available ring with notifications disabled,
+//! re-enabling them and draining again until nothing new arrived (EVENT_IDX-safe), submits
+//! everything with one `commit`, and signals the call fd only if the driver asked for it
+//! (`needs_notification`). On completions it writes each status byte, returns the chain to the
+//! used ring and signals likewise.
+//!
+//! Invariant: a head is in `slots` exactly while the block store may still touch its buffers;
+//! its slot holds the guest memory snapshot the buffers were translated in, so the mapping
+//! outlives the I/O. The worker never returns — not on stop, not on error — before the IoQueue
+//! has no request in flight.
+
+use std::io;
+use std::sync::Arc;
+use std::time::Instant;
+
+use tracing::{debug, warn};
+use virtio_bindings::virtio_blk::{
+    VIRTIO_BLK_S_OK, VIRTIO_BLK_T_DISCARD, VIRTIO_BLK_T_FLUSH, VIRTIO_BLK_T_GET_ID,
+    VIRTIO_BLK_T_IN, VIRTIO_BLK_T_OUT, VIRTIO_BLK_T_WRITE_ZEROES,
+};
+use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
+use vmm_sys_util::epoll::{ControlOperation, Epoll, EpollEvent, EventSet};
+use vmm_sys_util::eventfd::EventFd;
+use vstore::{IoError, IoQueue, IoRequest, OpKind, Segment};
+
+use super::BlkBackend;
+use super::request::{Limits, Parsed, Request, STATUS_IOERR, parse};
+use crate::chain::Descriptor;
+use crate::vring::Vring;
+
+const TOKEN_KICK: u64 = 0;
+const TOKEN_IO: u64 = 1;
+const TOKEN_STOP: u64 = 2;
+
+/// How many guest-caused problems a worker logs at `warn` before it goes quiet (debug level):
+/// a hostile guest must not be able to flood the daemon's log.
+const LOUD_LOG_LIMIT: u32 = 16;
+
+/// A worker could not go on.
+#[derive(Debug, thiserror::Error)]
+pub enum WorkerError {
+    /// epoll / eventfd / io_uring setup or wait failed.
+    #[error("queue {queue}: {what}: {source}")]
+    Os {
+        queue: u16,
+        what: &'static str,
+        source: io::Error,
+    },
+}
+
+/// A request handed to the block store and not yet reaped.
+struct Pending {
+    status_addr: GuestAddress,
+    /// Bytes written into the chain on success, status included.
+    used_len: u32,
+    op: OpKind,
+    bytes: u64,
+    started: Instant,
+    /// Host buffers the block store reads or writes; valid while `mem` lives.
+    segments: Vec<Segment>,
+    mem: Arc<GuestMemoryMmap>,
+    /// Sub-requests (DISCARD / WRITE_ZEROES segments) still outstanding.
+    remaining: u32,
+    error: Option<IoError>,
+}
+
+fn tag(head: u16, sub: u32) -> u64 {
+    (u64::from(head) << 32) | u64::from(sub)
+}
+
+fn head_of(tag: u64) -> usize {
+    (tag >> 32) as usize
+}
+
+/// State of one running queue.
+pub(crate) struct QueueWorker<'a> {
+    backend: &'a BlkBackend,
+    queue: u16,
+    io: IoQueue,
+    slots: Vec<Option<Pending>>,
+    descs: Vec<Descriptor>,
+    finished: Vec<usize>,
+    /// Completions added to the used ring since the last `needs_notification`.
+    unsignalled: bool,
+    loud_logs: u32,
+}
+
+impl<'a> QueueWorker<'a> {
+    pub(crate) fn new(backend: &'a BlkBackend, vring: &Vring) -> Result<Self, WorkerError> {
+        let queue = vring.index();
+        let io =
+            IoQueue::new(u32::from(vring.size()).max(32)).map_err(|source| WorkerError::Os {
+                queue,
+                what: "cannot create the io_uring queue",
+                source,
+            })?;
+        Ok(QueueWorker {
+            backend,
+            queue,
+            io,
+            slots: (0..vring.size()).map(|_| None).collect(),
+            descs: Vec::with_capacity(16),
+            finished: Vec::new(),
+            unsignalled: false,
+            loud_logs: 0,
+        })
+    }
+
+    /// Requests submitted and not yet completed.
+    #[cfg(test)]
+    pub(crate) fn in_flight(&self) -> usize {
+        self.slots.iter().filter(|s| s.is_some()).count()
+    }
+
+    /// Serves the ring until `stop` fires; see the module docs.
+    pub(crate) fn run(&mut self, vring: &mut Vring, stop: &EventFd) -> Result<(), WorkerError> {
+        let result = self.serve(vring, stop);
+        // Whatever happened, no buffer may stay with the kernel once we return.
+        let drained = self.drain(vring);
+        result.and(drained)
+    }
+
+    fn os(&self, what: &'static str) -> impl FnOnce(io::Error) -> WorkerError {
+        let queue = self.queue;
+        move |source| WorkerError::Os {
+            queue,
+            what,
+            source,
+        }
+    }
+
+    fn serve(&mut self, vring: &mut Vring, stop: &EventFd) -> Result<(), WorkerError> {
+        let epoll = Epoll::new().map_err(self.os("epoll_create"))?;
+        let add = |fd, token| {
+            epoll.ctl(
+                ControlOperation::Add,
+                fd,
+                EpollEvent::new(EventSet::IN, token),
+            )
+        };
+        add(std::os::fd::AsRawFd::as_raw_fd(vring.kick()), TOKEN_KICK)
+            .map_err(self.os("epoll add kick"))?;
+        add(self.io.completion_fd(), TOKEN_IO).map_err(self.os("epoll add completions"))?;
+        add(std::os::fd::AsRawFd::as_raw_fd(stop), TOKEN_STOP)
+            .map_err(self.os("epoll add stop"))?;
+
+        // Resubmitted heads and anything queued before we started (a kick may predate us).
+        self.process_available(vring)?;
+        let mut events = [EpollEvent::default(); 4];
+        loop {
+            let n = match epoll.wait(-1, &mut events) {
+                Ok(n) => n,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                Err(e) => return Err(self.os("epoll_wait")(e)),
+            };
+            let mut kicked = false;
+            let mut stopping = false;
+            for ev in &events[..n] {
+                match ev.data() {
+                    TOKEN_KICK => {
+                        vring.consume_kick().map_err(self.os("read kick eventfd"))?;
+                        kicked = true;
+                    }
+                    TOKEN_STOP => stopping = true,
+                    _ => {}
+                }
+            }
+            self.reap(vring);
+            if stopping {
+                return Ok(());
+            }
+            if kicked {
+                self.process_available(vring)?;
+            }
+            self.signal(vring);
+        }
+    }
+
+    /// Takes every available chain, submits what needs the block store, completes the rest.
+    pub(crate) fn process_available(&mut self, vring: &mut Vring) -> Result<(), WorkerError> {
+        let mem = vring.memory();
+        let b = self.backend;
+        // What the config space advertises (for the largest ring), not this ring's size: with
+        // indirect descriptors a request's segment count does not depend on the ring.
+        let limits = b.settings.limits(
+            b.volume.layout().size,
+            b.block_size,
+            b.read_only,
+            b.queue_size,
+        );
+        loop {
+            vring.disable_notification(&mem);
+            while let Some(head) = vring.pop(&mem) {
+                self.start_request(vring, &mem, head, &limits);
+            }
+            self.io.commit().map_err(self.os("io_uring submit"))?;
+            if !vring.enable_notification(&mem) {
+                break;
+            }
+        }
+        self.signal(vring);
+        Ok(())
+    }
+
+    fn loud(&mut self) -> bool {
+        self.loud_logs += 1;
+        self.loud_logs <= LOUD_LOG_LIMIT
+    }
+
+    fn start_request(
+        &mut self,
+        vring: &mut Vring,
+        mem: &Arc<GuestMemoryMmap>,
+        head: u16,
+        limits: &Limits,
+    ) {
+        let started = Instant::now();
+        let chain = vring.read_chain(mem, head, &mut self.descs);
+        let parsed = parse(mem, chain.map(|()| &self.descs[..]), limits);
+        let (status_addr, request) = match parsed {
+            Parsed::NoStatus(error) => {
+                if self.loud() {
+                    warn!(
+                        queue = self.queue,
+                        head, "malformed request returned without status: {error}"
+                    );
+                } else {
+                    debug!(
+                        queue = self.queue,
+                        head, "malformed request returned without status: {error}"
+                    );
+                }
+                self.complete(vring, mem, head, 0);
+                return;
+            }
+            Parsed::Reject {
+                status_addr,
+                status,
+                error,
+                req_type,
+            } => {
+                if self.loud() {
+                    warn!(queue = self.queue, head, status, "request refused: {error}");
+                } else {
+                    debug!(queue = self.queue, head, status, "request refused: {error}");
+                }
+                if let Some(op) = req_type.and_then(op_of) {
+                    self.backend
+                        .volume
+                        .stats()
+                        .record(op, 0, started.elapsed(), false);
+                }
+                self.finish(vring, mem, head, status_addr, status, 1);
+                return;
+            }
+            Parsed::Ready {
+                status_addr,
+                request,
+            } => (status_addr, request),
+        };
+        if self
+            .slots
+            .get(usize::from(head))
+            .is_none_or(|s| s.is_some())
+        {
+            // The driver offered a head that is still ours: a driver bug we cannot answer
+            // without corrupting the request already running under that head.
+            if self.loud() {
+                warn!(
+                    queue = self.queue,
+                    head, "driver reused a descriptor head still in flight; ignored"
+                );
+            }
+            return;
+        }
+        let used_len = u32::try_from(request.written_bytes() + 1).unwrap_or(u32::MAX);
+        match request {
+            Request::GetId { dest } => {
+                let serial = &self.backend.serial;
+                let mut done = 0usize;
+                let mut ok = true;
+                for (gpa, len) in dest {
+                    ok &= mem.write_slice(&serial[done..done + len], gpa).is_ok();
+                    done += len;
+                }
+                let status = if ok {
+                    VIRTIO_BLK_S_OK as u8
+                } else {
+                    STATUS_IOERR
+                };
+                self.backend
+                    .volume
+                    .stats()
+                    .record(OpKind::GetId, 0, started.elapsed(), ok);
+                self.finish(
+                    vring,
+                    mem,
+                    head,
+                    status_addr,
+                    status,
+                    if ok { used_len } else { 1 },
+                );
+            }
+            Request::Read {
+                offset,
+                len,
+                segments,
+            } => {
+                self.submit_one(
+                    head,
+                    status_addr,
+                    used_len,
+                    OpKind::Read,
+                    len,
+                    started,
+                    segments,
+                    mem,
+                    |s| IoRequest::Read {
+                        offset,
+                        segments: s,
+                    },
+                );
+            }
+            Request::Write {
+                offset,
+                len,
+                segments,
+            } => {
+                let write_through = self.backend.settings.write_through();
+                self.submit_one(
+                    head,
+                    status_addr,
+                    used_len,
+                    OpKind::Write,
+                    len,
+                    started,
+                    segments,
+                    mem,
+                    |s| IoRequest::Write {
+                        offset,
+                        segments: s,
+                        write_through,
+                    },
+                );
+            }
+            Request::Flush => {
+                self.submit_one(
+                    head,
+                    status_addr,
+                    used_len,
+                    OpKind::Flush,
+                    0,
+                    started,
+                    Vec::new(),
+                    mem,
+                    |_| IoRequest::Flush,
+                );
+            }
+            Request::Discard { ranges } | Request::WriteZeroes { ranges, .. }
+                if ranges.is_empty() =>
+            {
+                // Only zero-length segments: nothing to do.
+                self.finish(
+                    vring,
+                    mem,
+                    head,
+                    status_addr,
+                    VIRTIO_BLK_S_OK as u8,
+                    used_len,
+                );
+            }
+            Request::Discard { ranges } => {
+                let reqs: Vec<IoRequest<'_>> = ranges
+                    .iter()
+                    .map(|r| IoRequest::Discard {
+                        offset: r.offset,
+                        len: r.len,
+                    })
+                    .collect();
+                self.submit_many(
+                    head,
+                    status_addr,
+                    used_len,
+                    OpKind::Discard,
+                    started,
+                    mem,
+                    reqs,
+                );
+            }
+            Request::WriteZeroes { ranges, unmap } => {
+                let reqs: Vec<IoRequest<'_>> = ranges
+                    .iter()
+                    .map(|r| IoRequest::WriteZeroes {
+                        offset: r.offset,
+                        len: r.len,
+                        may_unmap: unmap,
+                    })
+                    .collect();
+                self.submit_many(
+                    head,
+                    status_addr,
+                    used_len,
+                    OpKind::WriteZeroes,
+                    started,
+                    mem,
+                    reqs,
+                );
+            }
+        }
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn submit_one(
+        &mut self,
+        head: u16,
+        status_addr: GuestAddress,
+        used_len: u32,
+        op: OpKind,
+        bytes: u64,
+        started: Instant,
+        segments: Vec<Segment>,
+        mem: &Arc<GuestMemoryMmap>,
+        build: impl for<'s> FnOnce(&'s [Segment]) -> IoRequest<'s>,
+    ) {
+        let pending = Pending {
+            status_addr,
+            used_len,
+            op,
+            bytes,
+            started,
+            segments,
+            mem: Arc::clone(mem),
+            remaining: 1,
+            error: None,
+        };
+        let slot = self.slots[usize::from(head)].insert(pending);
+        let request = build(&slot.segments);
+        // SAFETY: the segments point into guest memory mapped by `slot.mem`, a snapshot that
+        // the slot keeps alive until this tag is reaped (the slot is only cleared in `reap`, and
+        // `run` drains the queue before returning); they were bounds-checked against that
+        // snapshot's regions by `parse`. The worker never reads or writes these buffers itself
+        // while the request is in flight.
+        unsafe { self.io.submit(&self.backend.volume, request, tag(head, 0)) };
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn submit_many(
+        &mut self,
+        head: u16,
+        status_addr: GuestAddress,
+        used_len: u32,
+        op: OpKind,
+        started: Instant,
+        mem: &Arc<GuestMemoryMmap>,
+        requests: Vec<IoRequest<'_>>,
+    ) {
+        self.slots[usize::from(head)] = Some(Pending {
+            status_addr,
+            used_len,
+            op,
+            bytes: 0,
+            started,
+            segments: Vec::new(),
+            mem: Arc::clone(mem),
+            remaining: requests.len() as u32,
+            error: None,
+        });
+        for (sub, request) in requests.into_iter().enumerate() {
+            // SAFETY: DISCARD and WRITE_ZEROES carry no guest buffers.
+            unsafe {
+                self.io
+                    .submit(&self.backend.volume, request, tag(head, sub as u32))
+            };
+        }
+    }
+
+    /// Collects finished requests and returns them to the driver.
+    fn reap(&mut self, vring: &mut Vring) {
+        let Self {
+            io,
+            slots,
+            finished,
+            ..
+        } = self;
+        io.reap(|tag, result| {
+            let Some(Some(p)) = slots.get_mut(head_of(tag)) else {
+                return;
+            };
+            if let Err(e) = result {
+                p.error.get_or_insert(e);
+            }
+            p.remaining = p.remaining.saturating_sub(1);
+            if p.remaining == 0 {
+                finished.push(head_of(tag));
+            }
+        });
+        let done = std::mem::take(&mut self.finished);
+        for &head in &done {
+            let Some(p) = self.slots[head].take() else {
+                continue;
+            };
+            let ok = p.error.is_none();
+            self.backend.volume.stats().record(
+                p.op,
+                if ok { p.bytes } else { 0 },
+                p.started.elapsed(),
+                ok,
+            );
+            let (status, used_len) = match &p.error {
+                None => (VIRTIO_BLK_S_OK as u8, p.used_len),
+                Some(e) => {
+                    if self.loud() {
+                        warn!(queue = self.queue, head, op = ?p.op, "request failed: {e}");
+                    } else {
+                        debug!(queue = self.queue, head, op = ?p.op, "request failed: {e}");
+                    }
+                    (STATUS_IOERR, 1)
+                }
+            };
+            // `head` indexes `slots`, which has one entry per ring descriptor (a u16 ring).
+            self.finish(vring, &p.mem, head as u16, p.status_addr, status, used_len);
+        }
+        self.finished = done;
+        self.finished.clear();
+    }
+
+    /// Writes the status byte and returns the chain with `used_len` bytes written.
+    fn finish(
+        &mut self,
+        vring: &mut Vring,
+        mem: &GuestMemoryMmap,
+        head: u16,
+        at: GuestAddress,
+        status: u8,
+        used_len: u32,
+    ) {
+        if mem.write_obj(status, at).is_err() {
+            // parse() checked the address against this very snapshot; cannot happen.
+            warn!(
+                queue = self.queue,
+                head, "status byte no longer writable; returning the chain empty"
+            );
+            self.complete(vring, mem, head, 0);
+            return;
+        }
+        self.complete(vring, mem, head, used_len);
+    }
+
+    fn complete(&mut self, vring: &mut Vring, mem: &GuestMemoryMmap, head: u16, used_len: u32) {
+        match vring.complete(mem, head, used_len) {
+            Ok(()) => self.unsignalled = true,
+            Err(e) => warn!(
+                queue = self.queue,
+                head, "cannot return the chain to the used ring: {e}"
+            ),
+        }
+    }
+
+    fn signal(&mut self, vring: &mut Vring) {
+        if self.unsignalled {
+            self.unsignalled = false;
+            let mem = vring.memory();
+            vring.notify(&mem);
+        }
+    }
+
+    /// Waits for every request in flight and returns it to the driver.
+    pub(crate) fn drain(&mut self, vring: &mut Vring) -> Result<(), WorkerError> {
+        while self.io.in_flight() > 0 {
+            if let Err(e) = self.io.wait() {
+                if e.kind() == io::ErrorKind::Interrupted {
+                    continue;
+                }
+                // The kernel may still own buffers of the requests left: keep their guest memory
+                // mapped for the life of the process rather than risk it being reused.
+                std::mem::forget(std::mem::take(&mut self.slots));
+                return Err(self.os("waiting for requests in flight")(e));
+            }
+            self.reap(vring);
+        }
+        self.reap(vring);
+        self.signal(vring);
+        Ok(())
+    }
+}
+
+fn op_of(req_type: u32) -> Option<OpKind> {
+    match req_type {
+        VIRTIO_BLK_T_IN => Some(OpKind::Read),
+        VIRTIO_BLK_T_OUT => Some(OpKind::Write),
+        VIRTIO_BLK_T_FLUSH => Some(OpKind::Flush),
+        VIRTIO_BLK_T_GET_ID => Some(OpKind::GetId),
+        VIRTIO_BLK_T_DISCARD => Some(OpKind::Discard),
+        VIRTIO_BLK_T_WRITE_ZEROES => Some(OpKind::WriteZeroes),
+        _ => None,
+    }
+}

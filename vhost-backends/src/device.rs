@@ -1,0 +1,53 @@
+//! The seam between the vhost-user protocol and a device model.
+//!
+//! [`crate::handler::VhostUserHandler`] speaks the protocol (features, memory, rings, inflight,
+//! config messages) and calls a [`VhostUserDevice`] only for what is device specific: which
+//! virtio features and config space it has, and the work loop of one queue. The handler starts
+//! [`VhostUserDevice::run_queue`] on a thread of its own when a ring is ready and stops it by
+//! signalling the stop eventfd; the device must then finish every request it already took from
+//! the ring before returning. That contract is what lets GET_VRING_BASE report an exact
+//! position and lets a later start continue where this one ended.
+
+use vhost::vhost_user::VhostUserProtocolFeatures;
+use vmm_sys_util::eventfd::EventFd;
+
+use crate::vring::Vring;
+
+/// A virtio device served over vhost-user.
+pub trait VhostUserDevice: Send + Sync + 'static {
+    /// What a queue worker returns when it fails.
+    type Error: std::error::Error + Send + 'static;
+
+    /// Span every log line about this device is recorded in (e.g. carrying `volume = %id`).
+    fn span(&self) -> tracing::Span;
+
+    /// Number of virtqueues the device has (GET_QUEUE_NUM).
+    fn num_queues(&self) -> u16;
+
+    /// Largest ring size accepted (a power of two).
+    fn max_queue_size(&self) -> u16;
+
+    /// Virtio feature bits offered; the handler adds VHOST_USER_F_PROTOCOL_FEATURES.
+    fn features(&self) -> u64;
+
+    /// Protocol features the device needs beyond the handler's own set.
+    fn protocol_features(&self) -> VhostUserProtocolFeatures {
+        VhostUserProtocolFeatures::empty()
+    }
+
+    /// The frontend acknowledged `features` (SET_FEATURES).
+    fn set_acked_features(&self, features: u64);
+
+    /// The current config space (virtio device-specific configuration), from offset 0.
+    fn config_space(&self) -> Vec<u8>;
+
+    /// The frontend writes `data` at `offset` of the config space (SET_CONFIG).
+    fn write_config(&self, offset: u32, data: &[u8]) -> Result<(), Self::Error>;
+
+    /// Serves queue `vring` until `stop` becomes readable, then completes every request already
+    /// taken from the ring and returns. Runs on a thread of its own.
+    fn run_queue(&self, vring: &mut Vring, stop: &EventFd) -> Result<(), Self::Error>;
+
+    /// The frontend went away (or reset the device); every queue worker has been stopped.
+    fn disconnected(&self) {}
+}
