@@ -417,11 +417,14 @@ impl IoQueue {
     }
 
     /// Blocks until at least one request has finished (returns at once when none is in flight).
+    /// Queued SQEs are handed to the kernel first, in the same syscall as the wait, so a loop
+    /// of submit/wait/reap needs no separate `commit`.
     pub fn wait(&mut self) -> io::Result<()> {
         loop {
             self.process_completions();
             if !self.finished.is_empty() || self.in_flight == 0 || self.sqes_outstanding == 0 {
-                return Ok(());
+                // Nothing to wait for, but what was queued must still go out.
+                return self.commit();
             }
             match self.ring.submit_and_wait(1) {
                 Ok(_) => {}
