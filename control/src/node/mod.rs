@@ -1,0 +1,150 @@
+//! A node's runtime: the cluster state, the local disk pool and the devices it serves, kept in step.
+//!
+//! [`run_node`] is the daemon's whole life: it locks the data directory, opens the Raft-replicated state, brings
+//! the local pool and attachments in line with it, serves the admin API (Unix socket, and TCP with `--listen`) and
+//! `/metrics`, and on shutdown stops the devices without touching the state, so a restarted daemon serves them again
+//! and guests reconnect.
+//!
+//! Invariant: the cluster state is the truth. A local action that can fail (formatting a disk, starting a device) is
+//! done before its command is committed and undone if the commit is refused; a local action that follows a commit
+//! (freeing a deleted volume's space) is redone at start-up if the daemon died in between.
+
+mod ops;
+mod startup;
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex, OnceLock, PoisonError};
+
+use vstore::{LocalPool, LocalVolume, VolumeId};
+
+pub use ops::{ErrorKind, OpError};
+pub use startup::run_node;
+
+use crate::raft::ControlPlane;
+
+/// What the daemon was told at start-up.
+#[derive(Debug, Clone)]
+pub struct NodeConfig {
+    pub data_dir: PathBuf,
+    pub admin_socket: PathBuf,
+    /// TCP address of the admin API and peer traffic; `None` runs a self-initialising single-node cluster.
+    pub listen: Option<SocketAddr>,
+    pub metrics: Option<SocketAddr>,
+    /// Used when this node initialises the cluster.
+    pub extent_size: u64,
+    /// Used when this node initialises the cluster.
+    pub overcommit_ratio_milli: u32,
+    /// Size of the file disk a self-initialising node creates on first start; 0 for none.
+    pub default_disk_size: u64,
+}
+
+impl NodeConfig {
+    /// A node without --listen forms a cluster of its own.
+    pub fn standalone(&self) -> bool {
+        self.listen.is_none()
+    }
+}
+
+/// How a volume is served, as the attachment records it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AttachSpec {
+    pub socket: String,
+    pub queues: u16,
+    pub read_only: bool,
+    pub socket_mode: u32,
+}
+
+/// The devices a node serves volumes through; the daemon implements it with vhost-user-blk. The control plane
+/// decides *what* is attached; this does the serving.
+pub trait DeviceHost: Send + Sync + std::fmt::Debug + 'static {
+    /// Starts serving `volume`; the error is a user-facing sentence.
+    fn attach(&self, volume: Arc<LocalVolume>, spec: &AttachSpec) -> Result<(), String>;
+    /// Stops serving `volume` (nothing if it is not served).
+    fn detach(&self, volume: VolumeId);
+    /// The volume grew: tell the frontend.
+    fn resize(&self, volume: VolumeId) -> Result<(), String>;
+    /// Whether a frontend is connected to the volume's device.
+    fn connected(&self, volume: VolumeId) -> bool;
+    /// Stops every device (daemon shutdown).
+    fn detach_all(&self);
+}
+
+/// Everything a node's admin API, metrics and start-up share.
+pub struct LocalNode {
+    config: NodeConfig,
+    control: ControlPlane,
+    devices: Arc<dyn DeviceHost>,
+    /// Set once the cluster is initialised (the pool's extent size is a cluster setting).
+    pool: OnceLock<Arc<LocalPool>>,
+    /// Volumes open for I/O on this node: the attached ones.
+    open: Mutex<HashMap<VolumeId, Arc<LocalVolume>>>,
+    /// Problems an operator should see in `cluster status` (e.g. an attachment that could not be restored).
+    warnings: Mutex<Vec<String>>,
+    /// Serialises admin writes that pair a local action with a Raft commit.
+    writes: tokio::sync::Mutex<()>,
+}
+
+impl std::fmt::Debug for LocalNode {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("LocalNode")
+            .field("node_id", &self.control.node_id())
+            .field("config", &self.config)
+            .finish()
+    }
+}
+
+impl LocalNode {
+    fn new(config: NodeConfig, control: ControlPlane, devices: Arc<dyn DeviceHost>) -> Self {
+        LocalNode {
+            config,
+            control,
+            devices,
+            pool: OnceLock::new(),
+            open: Mutex::new(HashMap::new()),
+            warnings: Mutex::new(Vec::new()),
+            writes: tokio::sync::Mutex::new(()),
+        }
+    }
+
+    pub fn control(&self) -> &ControlPlane {
+        &self.control
+    }
+
+    pub fn pool(&self) -> Option<&Arc<LocalPool>> {
+        self.pool.get()
+    }
+
+    fn open_volume_handle(&self, id: VolumeId) -> Option<Arc<LocalVolume>> {
+        self.open
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .get(&id)
+            .cloned()
+    }
+
+    pub(crate) fn open_volumes(&self) -> Vec<Arc<LocalVolume>> {
+        self.open
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .values()
+            .cloned()
+            .collect()
+    }
+
+    fn warn(&self, warning: String) {
+        tracing::warn!("{warning}");
+        self.warnings
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .push(warning);
+    }
+
+    pub fn warnings(&self) -> Vec<String> {
+        self.warnings
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .clone()
+    }
+}

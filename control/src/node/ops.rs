@@ -1,0 +1,681 @@
+//! The admin operations of a node: each resolves names, checks, does its local part and commits its command.
+//!
+//! They take and return the admin API's messages; [`crate::api`] only adapts them to gRPC. Every refusal is an
+//! [`OpError`] whose message names the object and says what to do.
+
+use std::path::Path;
+use std::sync::{Arc, PoisonError};
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use uuid::Uuid;
+use vessel_proto::admin;
+use vstore::{LocalPool, LocalVolume, StoreError, VolumeLayout};
+
+use super::{AttachSpec, LocalNode};
+use crate::raft::ControlError;
+use crate::state::{
+    Attachment, ClusterState, Command, CommandError, CommandOutcome, Disk, MAX_QUEUES, Volume,
+};
+
+/// The class of a refusal; the API maps it to a gRPC code and the CLI to an exit status.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ErrorKind {
+    NotFound,
+    AlreadyExists,
+    InvalidArgument,
+    FailedPrecondition,
+    ResourceExhausted,
+    Unavailable,
+    Internal,
+}
+
+/// A refused or failed admin operation.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{message}")]
+pub struct OpError {
+    pub kind: ErrorKind,
+    pub message: String,
+}
+
+impl OpError {
+    pub(crate) fn new(kind: ErrorKind, message: impl Into<String>) -> Self {
+        OpError {
+            kind,
+            message: message.into(),
+        }
+    }
+}
+
+impl From<CommandError> for OpError {
+    fn from(error: CommandError) -> Self {
+        use CommandError as E;
+        let kind = match &error {
+            E::NodeNotFound { .. } | E::DiskNotFound { .. } | E::VolumeNotFound { .. } => {
+                ErrorKind::NotFound
+            }
+            E::AlreadyInitialized { .. }
+            | E::NodeExists { .. }
+            | E::NodeNameTaken { .. }
+            | E::DiskExists { .. }
+            | E::DiskPathTaken { .. }
+            | E::VolumeExists { .. }
+            | E::VolumeIdTaken { .. }
+            | E::SocketInUse { .. } => ErrorKind::AlreadyExists,
+            E::NilClusterId
+            | E::InvalidSettings { .. }
+            | E::InvalidName { .. }
+            | E::DiskPathNotAbsolute { .. }
+            | E::DiskEmpty { .. }
+            | E::ZeroSize { .. }
+            | E::SizeTooLarge { .. }
+            | E::SizeNotMultiple { .. }
+            | E::InvalidBlockSize { .. }
+            | E::ZeroReplicas { .. }
+            | E::SameSize { .. }
+            | E::Shrink { .. }
+            | E::SocketPathNotAbsolute { .. }
+            | E::InvalidSocketMode { .. }
+            | E::WorldWritableSocket { .. }
+            | E::InvalidQueues { .. } => ErrorKind::InvalidArgument,
+            E::NotInitialized
+            | E::DiskStillNeeded { .. }
+            | E::LastDiskHoldsReplicas { .. }
+            | E::VolumeAttached { .. }
+            | E::AlreadyAttached { .. }
+            | E::NotAttached { .. } => ErrorKind::FailedPrecondition,
+            E::NotEnoughNodes { .. } | E::OverLimit { .. } => ErrorKind::ResourceExhausted,
+        };
+        OpError::new(kind, error.to_string())
+    }
+}
+
+impl From<ControlError> for OpError {
+    fn from(error: ControlError) -> Self {
+        match error {
+            ControlError::Rejected(refusal) => refusal.into(),
+            ControlError::NotInitialized => OpError::new(
+                ErrorKind::FailedPrecondition,
+                "the cluster is not initialised; run `vessel cluster init` first",
+            ),
+            other => OpError::new(
+                ErrorKind::Unavailable,
+                format!("the cluster cannot commit right now: {other}"),
+            ),
+        }
+    }
+}
+
+fn store_error(error: StoreError) -> OpError {
+    let kind = match &error {
+        StoreError::DiskNotFound { .. } => ErrorKind::NotFound,
+        StoreError::DiskAlreadyInPool { .. } => ErrorKind::AlreadyExists,
+        StoreError::DiskBusy { .. }
+        | StoreError::DiskHasExtents { .. }
+        | StoreError::DiskLocked { .. }
+        | StoreError::VolumeBusy { .. }
+        | StoreError::ForeignData { .. } => ErrorKind::FailedPrecondition,
+        StoreError::DiskFileMissing { .. }
+        | StoreError::NotADisk { .. }
+        | StoreError::SizeOnBlockDevice { .. }
+        | StoreError::SizeMismatch { .. }
+        | StoreError::DiskTooSmall { .. }
+        | StoreError::DirectIoUnsupported { .. }
+        | StoreError::DiskAlignmentUnsupported { .. }
+        | StoreError::BlockSizeUnsupported { .. } => ErrorKind::InvalidArgument,
+        _ => ErrorKind::Internal,
+    };
+    OpError::new(kind, error.to_string())
+}
+
+fn now_unix() -> i64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .ok()
+        .and_then(|elapsed| i64::try_from(elapsed.as_secs()).ok())
+        .unwrap_or_default()
+}
+
+fn layout(volume: &Volume) -> VolumeLayout {
+    VolumeLayout {
+        id: volume.id,
+        size: volume.size,
+        block_size: volume.block_size,
+        extent_size: volume.extent_size,
+    }
+}
+
+/// Checks `command` against a copy of the state: the verdict the commit would give, without committing.
+fn dry_run(state: &ClusterState, command: Command) -> Result<(), OpError> {
+    state
+        .clone()
+        .apply(command)
+        .map(drop)
+        .map_err(OpError::from)
+}
+
+impl LocalNode {
+    fn require_pool(&self) -> Result<&Arc<LocalPool>, OpError> {
+        self.pool().ok_or_else(|| {
+            OpError::new(
+                ErrorKind::FailedPrecondition,
+                "the cluster is not initialised; run `vessel cluster init` first",
+            )
+        })
+    }
+
+    async fn commit(&self, command: Command) -> Result<CommandOutcome, OpError> {
+        tracing::debug!(%command, "committing");
+        Ok(self.control.write(command).await?)
+    }
+
+    fn resolve_volume(&self, key: &str) -> Result<Volume, OpError> {
+        self.control
+            .read(|state| state.volume_by_name_or_id(key).cloned())
+            .ok_or_else(|| {
+                OpError::new(
+                    ErrorKind::NotFound,
+                    format!("volume '{key}' not found; `vessel volume list` shows the volumes"),
+                )
+            })
+    }
+
+    // ---- cluster and nodes ----
+
+    pub async fn cluster_init(&self) -> Result<admin::ClusterInitReply, OpError> {
+        let _guard = self.writes.lock().await;
+        let initialized_now = self.initialize_cluster().await?;
+        Ok(admin::ClusterInitReply {
+            initialized_now,
+            status: Some(self.cluster_status()),
+        })
+    }
+
+    pub fn cluster_status(&self) -> admin::ClusterStatusReply {
+        let raft = self.control.raft_status();
+        let allocated = self
+            .pool()
+            .map_or(0, |pool| pool.disks().iter().map(|disk| disk.used).sum());
+        let mut reply = self.control.read(|state| admin::ClusterStatusReply {
+            state: if state.is_initialized() {
+                "running"
+            } else {
+                "waiting"
+            }
+            .to_owned(),
+            cluster_id: if state.is_initialized() {
+                state.cluster_id.to_string()
+            } else {
+                String::new()
+            },
+            node_id: self.control.node_id(),
+            leader_id: raft.leader,
+            term: raft.term,
+            voters: raft.voters.clone(),
+            nodes: u32::try_from(state.nodes.len()).unwrap_or(u32::MAX),
+            volumes: u32::try_from(state.volumes.len()).unwrap_or(u32::MAX),
+            capacity_bytes: state.capacity_bytes(),
+            provisioned_bytes: state.provisioned_bytes(),
+            allocated_bytes: allocated,
+            overcommit_ratio: f64::from(state.settings.overcommit_ratio_milli) / 1000.0,
+            extent_size: state.settings.extent_size,
+            warnings: Vec::new(),
+            version: env!("CARGO_PKG_VERSION").to_owned(),
+            last_applied: raft.last_applied_index.unwrap_or(0),
+        });
+        if reply.state == "waiting" {
+            reply.warnings.push(
+                "this node is not a cluster member yet: run `vessel cluster init` to start a new cluster here"
+                    .to_owned(),
+            );
+        }
+        reply.warnings.extend(self.warnings());
+        reply
+    }
+
+    pub fn node_list(&self) -> admin::NodeListReply {
+        let leader = self.control.raft_status().leader;
+        let local_used: u64 = self
+            .pool()
+            .map_or(0, |pool| pool.disks().iter().map(|disk| disk.used).sum());
+        let me = self.control.node_id();
+        self.control.read(|state| admin::NodeListReply {
+            nodes: state
+                .nodes
+                .values()
+                .map(|node| admin::Node {
+                    id: node.id,
+                    name: node.name.clone(),
+                    address: node.address.clone().unwrap_or_default(),
+                    state: node.state.to_string(),
+                    labels: node.labels.clone().into_iter().collect(),
+                    disks: u32::try_from(state.disks_on(node.id).count()).unwrap_or(u32::MAX),
+                    capacity_bytes: state.node_capacity_bytes(node.id),
+                    // Space is allocated by each node alone; this node knows only its own use.
+                    used_bytes: if node.id == me { local_used } else { 0 },
+                    leader: leader == Some(node.id),
+                })
+                .collect(),
+        })
+    }
+
+    // ---- disks ----
+
+    pub async fn disk_add(&self, request: admin::DiskAddRequest) -> Result<admin::Disk, OpError> {
+        let _guard = self.writes.lock().await;
+        let pool = self.require_pool()?;
+        let path = Path::new(&request.path);
+        if !path.is_absolute() {
+            return Err(CommandError::DiskPathNotAbsolute { path: request.path }.into());
+        }
+        let me = self.control.node_id();
+        if let Some(existing) = self.control.read(|state| {
+            state
+                .disks_on(me)
+                .find(|disk| disk.path == request.path)
+                .cloned()
+        }) {
+            return Err(OpError::new(
+                ErrorKind::AlreadyExists,
+                format!(
+                    "disk {} is already in the pool (id {})",
+                    existing.path, existing.id
+                ),
+            ));
+        }
+        let info = pool
+            .add_disk(path, request.size_bytes)
+            .map_err(store_error)?;
+        let disk = Disk {
+            id: info.id,
+            node: me,
+            path: request.path.clone(),
+            capacity: info.capacity,
+            block_device: info.block_device,
+        };
+        if let Err(error) = self.commit(Command::AddDisk { disk: disk.clone() }).await {
+            if let Err(undo) = pool.remove_disk(info.id) {
+                tracing::error!(disk = %info.id, %undo, "could not take a refused disk out of the local pool");
+            }
+            return Err(error);
+        }
+        tracing::info!(disk = %disk.id, path = %disk.path, capacity = disk.capacity, "disk added");
+        Ok(self.disk_view(&disk))
+    }
+
+    pub fn disk_list(&self) -> admin::DiskListReply {
+        let disks = self
+            .control
+            .read(|state| state.disks.values().cloned().collect::<Vec<_>>());
+        admin::DiskListReply {
+            disks: disks.iter().map(|disk| self.disk_view(disk)).collect(),
+        }
+    }
+
+    pub async fn disk_remove(
+        &self,
+        request: admin::DiskRemoveRequest,
+    ) -> Result<admin::Disk, OpError> {
+        let _guard = self.writes.lock().await;
+        let pool = self.require_pool()?;
+        let key = request.disk.trim();
+        let disk = self.control.read(|state| {
+            if let Some(disk) = state.disk_by_path_or_id(key) {
+                return Ok(disk.clone());
+            }
+            let mut prefixed = state
+                .disks
+                .values()
+                .filter(|disk| !key.is_empty() && disk.id.to_string().starts_with(key));
+            match (prefixed.next(), prefixed.next()) {
+                (Some(disk), None) => Ok(disk.clone()),
+                (Some(_), Some(_)) => Err(OpError::new(
+                    ErrorKind::InvalidArgument,
+                    format!("'{key}' matches several disks; give more of the id"),
+                )),
+                _ => Err(OpError::new(
+                    ErrorKind::NotFound,
+                    format!("disk '{key}' not found; `vessel disk list` shows the disks"),
+                )),
+            }
+        })?;
+        if disk.node != self.control.node_id() {
+            return Err(OpError::new(
+                ErrorKind::FailedPrecondition,
+                format!(
+                    "disk {} belongs to node {}; remove it through that node",
+                    disk.path, disk.node
+                ),
+            ));
+        }
+        self.control
+            .read(|state| dry_run(state, Command::RemoveDisk { id: disk.id }))?;
+        let info = pool.remove_disk(disk.id).map_err(store_error)?;
+        if let Err(error) = self.commit(Command::RemoveDisk { id: disk.id }).await {
+            if let Err(undo) = pool.open_disk(&info.path) {
+                tracing::error!(disk = %disk.id, %undo, "could not put a disk back into the local pool");
+            }
+            return Err(error);
+        }
+        tracing::info!(disk = %disk.id, path = %disk.path, "disk removed");
+        let mut view = self.disk_view(&disk);
+        view.used_bytes = info.used;
+        Ok(view)
+    }
+
+    fn disk_view(&self, disk: &Disk) -> admin::Disk {
+        let local = self
+            .pool()
+            .and_then(|pool| pool.disks().into_iter().find(|info| info.id == disk.id));
+        admin::Disk {
+            id: disk.id.to_string(),
+            node_id: disk.node,
+            path: disk.path.clone(),
+            capacity_bytes: disk.capacity,
+            used_bytes: local.map_or(0, |info| info.used),
+            extent_size: self.pool().map_or(0, |pool| pool.extent_size()),
+            block_device: disk.block_device,
+        }
+    }
+
+    // ---- volumes ----
+
+    pub async fn volume_create(
+        &self,
+        request: admin::VolumeCreateRequest,
+    ) -> Result<admin::Volume, OpError> {
+        let _guard = self.writes.lock().await;
+        let pool = self.require_pool()?;
+        let block_size = (request.block_size != 0).then_some(request.block_size);
+        let effective = block_size
+            .unwrap_or_else(|| self.control.read(|state| state.settings.default_block_size));
+        if effective > 4096 {
+            return Err(OpError::new(
+                ErrorKind::InvalidArgument,
+                format!(
+                    "block size {effective} B is larger than a guest page; use 512, 1024, 2048 or 4096"
+                ),
+            ));
+        }
+        let smallest = pool.min_block_size();
+        if effective < smallest {
+            return Err(OpError::new(
+                ErrorKind::InvalidArgument,
+                format!(
+                    "block size {effective} B is smaller than this node's disks can write directly ({smallest} B); use --block-size {smallest}"
+                ),
+            ));
+        }
+        let replicas = u8::try_from(request.replicas.max(1)).map_err(|_| {
+            OpError::new(
+                ErrorKind::InvalidArgument,
+                format!("{} replicas is too many", request.replicas),
+            )
+        })?;
+        let id = Uuid::new_v4();
+        let command = Command::CreateVolume {
+            id,
+            name: request.name.clone(),
+            size: request.size_bytes,
+            block_size,
+            replicas,
+            created_unix: now_unix(),
+        };
+        self.commit(command).await?;
+        tracing::info!(volume = %request.name, %id, size = request.size_bytes, "volume created");
+        self.volume_view(&self.resolve_volume(&id.to_string())?, false)
+    }
+
+    pub fn volume_list(&self) -> admin::VolumeListReply {
+        let volumes = self
+            .control
+            .read(|state| state.volumes.values().cloned().collect::<Vec<_>>());
+        let allocated = self.allocated_extents();
+        admin::VolumeListReply {
+            volumes: volumes
+                .iter()
+                .map(|volume| self.volume_view_with(volume, &allocated, false))
+                .collect(),
+        }
+    }
+
+    pub fn volume_show(&self, request: &admin::VolumeRef) -> Result<admin::Volume, OpError> {
+        self.volume_view(&self.resolve_volume(&request.volume)?, true)
+    }
+
+    pub async fn volume_grow(
+        &self,
+        request: admin::VolumeGrowRequest,
+    ) -> Result<admin::Volume, OpError> {
+        let _guard = self.writes.lock().await;
+        let volume = self.resolve_volume(&request.volume)?;
+        self.commit(Command::GrowVolume {
+            id: volume.id,
+            new_size: request.size_bytes,
+        })
+        .await?;
+        tracing::info!(volume = %volume.name, id = %volume.id, from = volume.size, to = request.size_bytes, "volume grown");
+        if let Some(open) = self.open_volume_handle(volume.id) {
+            open.grow(request.size_bytes).map_err(store_error)?;
+            self.devices.resize(volume.id).map_err(|error| {
+                OpError::new(
+                    ErrorKind::Internal,
+                    format!(
+                        "volume '{}' grew, but its device was not told: {error}",
+                        volume.name
+                    ),
+                )
+            })?;
+        }
+        self.volume_view(&self.resolve_volume(&volume.id.to_string())?, false)
+    }
+
+    pub async fn volume_delete(
+        &self,
+        request: &admin::VolumeRef,
+    ) -> Result<admin::VolumeDeleteReply, OpError> {
+        let _guard = self.writes.lock().await;
+        let pool = self.require_pool()?;
+        let volume = self.resolve_volume(&request.volume)?;
+        self.commit(Command::DeleteVolume { id: volume.id }).await?;
+        let freed = match pool.delete_volume(volume.id) {
+            Ok(extents) => extents.saturating_mul(volume.extent_size),
+            Err(error) => {
+                // The volume is gone from the cluster; its space is reclaimed at the next start.
+                self.warn(format!(
+                    "volume '{}' was deleted but its space is not freed yet: {error}",
+                    volume.name
+                ));
+                0
+            }
+        };
+        tracing::info!(volume = %volume.name, id = %volume.id, freed, "volume deleted");
+        Ok(admin::VolumeDeleteReply {
+            id: volume.id.to_string(),
+            name: volume.name,
+            freed_bytes: freed,
+        })
+    }
+
+    pub async fn volume_attach(
+        &self,
+        request: admin::VolumeAttachRequest,
+    ) -> Result<admin::Volume, OpError> {
+        let _guard = self.writes.lock().await;
+        let pool = self.require_pool()?;
+        let volume = self.resolve_volume(&request.volume)?;
+        let queues = u16::try_from(request.queues.max(1)).unwrap_or(u16::MAX);
+        let attachment = Attachment {
+            volume: volume.id,
+            node: self.control.node_id(),
+            socket: request.vhost_user_socket.clone(),
+            queues,
+            read_only: request.read_only,
+            socket_mode: if request.socket_mode == 0 {
+                0o600
+            } else {
+                request.socket_mode
+            },
+            attached_unix: now_unix(),
+        };
+        if queues > MAX_QUEUES {
+            return Err(CommandError::InvalidQueues { queues }.into());
+        }
+        self.control.read(|state| {
+            dry_run(
+                state,
+                Command::Attach {
+                    attachment: attachment.clone(),
+                },
+            )
+        })?;
+        self.serve(pool, &volume, &attachment)?;
+        if let Err(error) = self.commit(Command::Attach { attachment }).await {
+            self.unserve(&volume);
+            return Err(error);
+        }
+        tracing::info!(volume = %volume.name, id = %volume.id, socket = %request.vhost_user_socket, queues, "volume attached");
+        self.volume_view(&volume, false)
+    }
+
+    pub async fn volume_detach(
+        &self,
+        request: &admin::VolumeRef,
+    ) -> Result<admin::Volume, OpError> {
+        let _guard = self.writes.lock().await;
+        let volume = self.resolve_volume(&request.volume)?;
+        let holder = self.control.read(|state| {
+            state
+                .attachments
+                .get(&volume.id)
+                .map(|attachment| attachment.node)
+        });
+        if holder.is_some_and(|node| node != self.control.node_id()) {
+            return Err(OpError::new(
+                ErrorKind::FailedPrecondition,
+                format!(
+                    "volume '{}' is attached on another node; detach it there",
+                    volume.name
+                ),
+            ));
+        }
+        self.commit(Command::Detach { volume: volume.id }).await?;
+        self.unserve(&volume);
+        tracing::info!(volume = %volume.name, id = %volume.id, "volume detached");
+        self.volume_view(&volume, false)
+    }
+
+    /// Opens the volume and starts its device.
+    pub(super) fn serve(
+        &self,
+        pool: &Arc<LocalPool>,
+        volume: &Volume,
+        attachment: &Attachment,
+    ) -> Result<(), OpError> {
+        let open: Arc<LocalVolume> = pool.open_volume(layout(volume)).map_err(store_error)?;
+        if let Some(parent) = Path::new(&attachment.socket).parent()
+            && !parent.exists()
+        {
+            std::fs::create_dir_all(parent).map_err(|error| {
+                OpError::new(
+                    ErrorKind::InvalidArgument,
+                    format!(
+                        "cannot create the directory of socket {}: {error}",
+                        attachment.socket
+                    ),
+                )
+            })?;
+        }
+        let spec = AttachSpec {
+            socket: attachment.socket.clone(),
+            queues: attachment.queues,
+            read_only: attachment.read_only,
+            socket_mode: attachment.socket_mode,
+        };
+        self.devices
+            .attach(Arc::clone(&open), &spec)
+            .map_err(|error| {
+                OpError::new(
+                    ErrorKind::FailedPrecondition,
+                    format!("cannot serve volume '{}': {error}", volume.name),
+                )
+            })?;
+        self.open
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .insert(volume.id, open);
+        Ok(())
+    }
+
+    fn unserve(&self, volume: &Volume) {
+        self.devices.detach(volume.id);
+        self.open
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .remove(&volume.id);
+    }
+
+    fn allocated_extents(&self) -> std::collections::HashMap<vstore::VolumeId, u64> {
+        self.pool()
+            .map(|pool| pool.volumes_on_disk().into_iter().collect())
+            .unwrap_or_default()
+    }
+
+    fn volume_view(&self, volume: &Volume, with_stats: bool) -> Result<admin::Volume, OpError> {
+        Ok(self.volume_view_with(volume, &self.allocated_extents(), with_stats))
+    }
+
+    fn volume_view_with(
+        &self,
+        volume: &Volume,
+        allocated: &std::collections::HashMap<vstore::VolumeId, u64>,
+        with_stats: bool,
+    ) -> admin::Volume {
+        let extents_allocated = allocated.get(&volume.id).copied().unwrap_or(0);
+        let attachment = self
+            .control
+            .read(|state| state.attachments.get(&volume.id).cloned());
+        let open = self.open_volume_handle(volume.id);
+        admin::Volume {
+            id: volume.id.to_string(),
+            name: volume.name.clone(),
+            size_bytes: volume.size,
+            block_size: volume.block_size,
+            extent_size: volume.extent_size,
+            replicas: u32::from(volume.replicas),
+            extents: volume.extent_count(),
+            extents_allocated,
+            allocated_bytes: extents_allocated.saturating_mul(volume.extent_size),
+            created_unix: volume.created_unix,
+            attachment: attachment.map(|attachment| admin::Attachment {
+                node_id: attachment.node,
+                vhost_user_socket: attachment.socket,
+                queues: u32::from(attachment.queues),
+                read_only: attachment.read_only,
+                connected: self.devices.connected(volume.id),
+            }),
+            stats: if with_stats {
+                open.as_deref().map(stats_view)
+            } else {
+                None
+            },
+        }
+    }
+}
+
+fn stats_view(volume: &LocalVolume) -> admin::VolumeStats {
+    let stats = volume.stats().snapshot();
+    admin::VolumeStats {
+        reads: stats.reads,
+        writes: stats.writes,
+        flushes: stats.flushes,
+        discards: stats.discards,
+        write_zeroes: stats.write_zeroes,
+        read_bytes: stats.read_bytes,
+        write_bytes: stats.write_bytes,
+        errors: stats.errors,
+        no_space_errors: stats.no_space_errors,
+        bucket_bounds_us: vstore::LATENCY_BUCKETS_US.to_vec(),
+        bucket_counts: stats.latency.counts.clone(),
+        latency_sum_us: stats.latency.sum_us,
+    }
+}

@@ -1,0 +1,326 @@
+//! Bringing a node up and down: the data-directory lock, the cluster state, the local pool, the restored
+//! attachments, the admin and metrics servers, and the shutdown that leaves guests waiting to reconnect.
+
+use std::fs::File;
+use std::future::Future;
+use std::os::fd::AsRawFd;
+use std::os::unix::fs::{DirBuilderExt, PermissionsExt};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use tokio_stream::wrappers::{TcpListenerStream, UnixListenerStream};
+use vstore::LocalPool;
+
+use super::ops::{ErrorKind, OpError};
+use super::{DeviceHost, LocalNode, NodeConfig};
+use crate::raft::{ControlError, ControlPlane};
+use crate::state::{Command, Disk, Node, NodeState, Settings};
+
+/// Why a node could not start or keep running.
+#[derive(Debug, thiserror::Error)]
+pub enum NodeError {
+    #[error("cannot use data directory {path}: {source}")]
+    DataDir {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("data directory {path} is in use by another vesseld; stop it first or give --data-dir")]
+    Locked { path: PathBuf },
+    #[error("cannot open the cluster state: {0}")]
+    Control(#[from] ControlError),
+    #[error("cannot bring the node up: {0}")]
+    Op(#[from] OpError),
+    #[error("cannot listen on {what} {address}: {source}")]
+    Listen {
+        what: &'static str,
+        address: String,
+        source: std::io::Error,
+    },
+    #[error("the admin API server failed: {0}")]
+    Serve(#[from] tonic::transport::Error),
+}
+
+/// Runs the node until `shutdown` resolves.
+pub async fn run_node(
+    config: NodeConfig,
+    devices: Arc<dyn DeviceHost>,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> Result<(), NodeError> {
+    let _lock = lock_data_dir(&config.data_dir)?;
+    let advertise = config.listen.map(|address| address.to_string());
+    let control = ControlPlane::open(&config.data_dir, advertise).await?;
+    let node = Arc::new(LocalNode::new(config, control, devices));
+    tracing::info!(node = node.control.node_id(), data_dir = %node.config.data_dir.display(), "vesseld starting");
+
+    if node.control.is_initialized() {
+        node.activate().await?;
+    } else if node.config.standalone() {
+        node.initialize_cluster().await?;
+    } else {
+        tracing::info!(
+            "waiting to become a cluster member: run `vessel cluster init` against this node"
+        );
+    }
+
+    let (stop_servers, servers_stopped) = tokio::sync::watch::channel(false);
+    let mut servers = tokio::task::JoinSet::new();
+    let admin = crate::api::admin_service(Arc::clone(&node));
+    let unix = bind_admin_socket(&node.config.admin_socket)?;
+    servers.spawn(
+        tonic::transport::Server::builder()
+            .add_service(admin.clone())
+            .add_service(node.control.raft_service())
+            .serve_with_incoming_shutdown(
+                UnixListenerStream::new(unix),
+                stopped(servers_stopped.clone()),
+            ),
+    );
+    if let Some(address) = node.config.listen {
+        let tcp = tokio::net::TcpListener::bind(address)
+            .await
+            .map_err(|source| NodeError::Listen {
+                what: "the admin/peer address",
+                address: address.to_string(),
+                source,
+            })?;
+        tracing::info!(%address, "admin API and peer traffic on TCP");
+        servers.spawn(
+            tonic::transport::Server::builder()
+                .add_service(admin)
+                .add_service(node.control.raft_service())
+                .serve_with_incoming_shutdown(
+                    TcpListenerStream::new(tcp),
+                    stopped(servers_stopped.clone()),
+                ),
+        );
+    }
+    if let Some(address) = node.config.metrics {
+        let render_node = Arc::clone(&node);
+        let bound = crate::metrics::serve(
+            address,
+            Arc::new(move || crate::metrics::render(&render_node)),
+        )
+        .await
+        .map_err(|source| NodeError::Listen {
+            what: "the metrics address",
+            address: address.to_string(),
+            source,
+        })?;
+        tracing::info!(address = %bound, "Prometheus metrics on /metrics");
+        let record = node.config.data_dir.join("metrics.addr");
+        if let Err(error) = std::fs::write(&record, format!("{bound}\n")) {
+            tracing::warn!(path = %record.display(), %error, "cannot record the metrics address");
+        }
+    }
+    tracing::info!(socket = %node.config.admin_socket.display(), "admin API ready");
+
+    let outcome = tokio::select! {
+        () = shutdown => Ok(()),
+        Some(result) = servers.join_next() => match result {
+            Ok(Ok(())) => Ok(()),
+            Ok(Err(error)) => Err(NodeError::Serve(error)),
+            Err(panic) => Err(NodeError::Op(OpError::new(ErrorKind::Internal, format!("admin server task: {panic}")))),
+        },
+    };
+    let _ = stop_servers.send(true);
+    while servers.join_next().await.is_some() {}
+    // Devices stop without a Detach: the attachments stay in the state and come back at the next start.
+    node.devices.detach_all();
+    let _ = std::fs::remove_file(&node.config.admin_socket);
+    if let Err(error) = node.control.shutdown().await {
+        tracing::warn!(%error, "Raft did not shut down cleanly");
+    }
+    tracing::info!("vesseld stopped");
+    outcome
+}
+
+async fn stopped(mut signal: tokio::sync::watch::Receiver<bool>) {
+    while !*signal.borrow_and_update() {
+        if signal.changed().await.is_err() {
+            return;
+        }
+    }
+}
+
+/// One daemon per data directory: a second one would corrupt the state and the disks.
+fn lock_data_dir(dir: &Path) -> Result<File, NodeError> {
+    let data_dir_error = |source| NodeError::DataDir {
+        path: dir.to_path_buf(),
+        source,
+    };
+    std::fs::DirBuilder::new()
+        .recursive(true)
+        .mode(0o700)
+        .create(dir)
+        .map_err(data_dir_error)?;
+    let lock = File::options()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(dir.join("lock"))
+        .map_err(data_dir_error)?;
+    // SAFETY: flock(2) on a descriptor this function owns; no memory is passed.
+    let locked = unsafe { libc::flock(lock.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) };
+    if locked != 0 {
+        return Err(NodeError::Locked {
+            path: dir.to_path_buf(),
+        });
+    }
+    Ok(lock)
+}
+
+/// The admin socket is root's alone (mode 0600); a stale one from a killed daemon is replaced.
+fn bind_admin_socket(path: &Path) -> Result<tokio::net::UnixListener, NodeError> {
+    let listen_error = |source| NodeError::Listen {
+        what: "the admin socket",
+        address: path.display().to_string(),
+        source,
+    };
+    if let Some(parent) = path.parent()
+        && !parent.as_os_str().is_empty()
+    {
+        std::fs::DirBuilder::new()
+            .recursive(true)
+            .mode(0o700)
+            .create(parent)
+            .map_err(listen_error)?;
+    }
+    match std::fs::remove_file(path) {
+        Ok(()) => {}
+        Err(error) if error.kind() == std::io::ErrorKind::NotFound => {}
+        Err(error) => return Err(listen_error(error)),
+    }
+    let listener = tokio::net::UnixListener::bind(path).map_err(listen_error)?;
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600)).map_err(listen_error)?;
+    Ok(listener)
+}
+
+fn host_name() -> String {
+    std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .map(|name| name.trim().to_owned())
+        .ok()
+        .filter(|name| !name.is_empty())
+        .unwrap_or_else(|| "localhost".to_owned())
+}
+
+impl LocalNode {
+    /// Makes this node the first member of a new cluster; `Ok(false)` if it already is a member.
+    pub(super) async fn initialize_cluster(&self) -> Result<bool, OpError> {
+        if self.control.is_initialized() {
+            return Ok(false);
+        }
+        let settings = Settings {
+            extent_size: self.config.extent_size,
+            overcommit_ratio_milli: self.config.overcommit_ratio_milli,
+            ..Settings::default()
+        };
+        let node = Node {
+            id: self.control.node_id(),
+            name: host_name(),
+            address: self.config.listen.map(|address| address.to_string()),
+            labels: std::collections::BTreeMap::new(),
+            state: NodeState::Active,
+        };
+        let initialized = self.control.initialize(settings, node).await?;
+        if initialized {
+            tracing::info!(cluster = %self.control.read(|state| state.cluster_id), "cluster initialised");
+        }
+        self.activate().await?;
+        if initialized && self.config.standalone() && self.config.default_disk_size > 0 {
+            self.add_default_disk().await?;
+        }
+        Ok(initialized)
+    }
+
+    /// Brings the local pool and devices in line with the cluster state.
+    async fn activate(&self) -> Result<(), OpError> {
+        if self.pool.get().is_some() {
+            return Ok(());
+        }
+        let (extent_size, disks, attachments, volumes) = self.control.read(|state| {
+            let me = self.control.node_id();
+            (
+                state.settings.extent_size,
+                state.disks_on(me).cloned().collect::<Vec<_>>(),
+                state.attachments_on(me).cloned().collect::<Vec<_>>(),
+                state.volumes.clone(),
+            )
+        });
+        let pool = Arc::new(LocalPool::new(extent_size));
+        for disk in &disks {
+            if let Err(error) = pool.open_disk(Path::new(&disk.path)) {
+                self.warn(format!(
+                    "disk {} ({}) cannot be opened: {error}",
+                    disk.path, disk.id
+                ));
+            }
+        }
+        // Space of volumes deleted while a daemon died between the commit and the freeing.
+        for (volume, extents) in pool.volumes_on_disk() {
+            if !volumes.contains_key(&volume) {
+                match pool.delete_volume(volume) {
+                    Ok(_) => {
+                        tracing::info!(volume = %volume, extents, "reclaimed the space of a deleted volume")
+                    }
+                    Err(error) => self.warn(format!(
+                        "cannot reclaim the space of deleted volume {volume}: {error}"
+                    )),
+                }
+            }
+        }
+        let _ = self.pool.set(Arc::clone(&pool));
+        for attachment in attachments {
+            let Some(volume) = volumes.get(&attachment.volume) else {
+                continue;
+            };
+            match self.serve(&pool, volume, &attachment) {
+                Ok(()) => {
+                    tracing::info!(volume = %volume.name, id = %volume.id, socket = %attachment.socket, "attachment restored")
+                }
+                Err(error) => self.warn(format!(
+                    "attachment of volume '{}' not restored: {error}",
+                    volume.name
+                )),
+            }
+        }
+        Ok(())
+    }
+
+    /// The file-backed pool a self-initialising node starts with.
+    async fn add_default_disk(&self) -> Result<(), OpError> {
+        let Some(pool) = self.pool.get() else {
+            return Ok(());
+        };
+        let dir = self.config.data_dir.join("disks");
+        std::fs::create_dir_all(&dir).map_err(|error| {
+            OpError::new(
+                ErrorKind::Internal,
+                format!("cannot create {}: {error}", dir.display()),
+            )
+        })?;
+        let path = std::path::absolute(dir.join("disk0.img")).map_err(|error| {
+            OpError::new(
+                ErrorKind::Internal,
+                format!("cannot resolve the default disk path: {error}"),
+            )
+        })?;
+        let info = pool
+            .add_disk(&path, Some(self.config.default_disk_size))
+            .map_err(|error| {
+                OpError::new(
+                    ErrorKind::Internal,
+                    format!("cannot create the default disk: {error}"),
+                )
+            })?;
+        let disk = Disk {
+            id: info.id,
+            node: self.control.node_id(),
+            path: path.display().to_string(),
+            capacity: info.capacity,
+            block_device: false,
+        };
+        self.control.write(Command::AddDisk { disk }).await?;
+        tracing::info!(path = %path.display(), capacity = info.capacity, "default file-backed disk created");
+        Ok(())
+    }
+}
