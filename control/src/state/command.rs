@@ -14,8 +14,8 @@ use uuid::Uuid;
 use vessel_proto::size::HumanSize;
 
 use super::{
-    Attachment, Candidate, ClusterState, Disk, DiskId, Node, NodeId, NodeState, PlacementRequest, Settings, Volume,
-    VolumeId, extent_count, format_ratio, place, valid_block_size,
+    Attachment, Candidate, ClusterState, Disk, DiskId, Node, NodeId, NodeState, PlacementRequest,
+    Settings, Volume, VolumeId, extent_count, format_ratio, place, valid_block_size,
 };
 
 /// Largest volume size accepted (1 EiB), far beyond any pool, so size arithmetic never overflows.
@@ -28,7 +28,11 @@ pub const MAX_QUEUES: u16 = 64;
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub enum Command {
     /// Gives the cluster its id and settings and records its first node.
-    InitCluster { cluster_id: Uuid, settings: Settings, node: Node },
+    InitCluster {
+        cluster_id: Uuid,
+        settings: Settings,
+        node: Node,
+    },
     /// Records a new node.
     AddNode { node: Node },
     /// Changes what is given of a node's address, labels and state; `None` leaves a field as is.
@@ -43,7 +47,14 @@ pub enum Command {
     /// Removes a disk from the pool, if the remaining pool still covers what is provisioned.
     RemoveDisk { id: DiskId },
     /// Creates a volume and places its extents. `block_size: None` takes the cluster default.
-    CreateVolume { id: VolumeId, name: String, size: u64, block_size: Option<u32>, replicas: u8, created_unix: i64 },
+    CreateVolume {
+        id: VolumeId,
+        name: String,
+        size: u64,
+        block_size: Option<u32>,
+        replicas: u8,
+        created_unix: i64,
+    },
     /// Grows a volume and places its new extents.
     GrowVolume { id: VolumeId, new_size: u64 },
     /// Deletes a detached volume.
@@ -57,17 +68,29 @@ pub enum Command {
 impl fmt::Display for Command {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
-            Self::InitCluster { cluster_id, node, .. } => {
-                write!(f, "init cluster {cluster_id} with node '{}' ({})", node.name, node.id)
+            Self::InitCluster {
+                cluster_id, node, ..
+            } => {
+                write!(
+                    f,
+                    "init cluster {cluster_id} with node '{}' ({})",
+                    node.name, node.id
+                )
             }
             Self::AddNode { node } => write!(f, "add node '{}' ({})", node.name, node.id),
             Self::UpdateNode { id, .. } => write!(f, "update node {id}"),
-            Self::AddDisk { disk } => write!(f, "add disk {} at {} on node {}", disk.id, disk.path, disk.node),
+            Self::AddDisk { disk } => write!(
+                f,
+                "add disk {} at {} on node {}",
+                disk.id, disk.path, disk.node
+            ),
             Self::RemoveDisk { id } => write!(f, "remove disk {id}"),
             Self::CreateVolume { id, name, size, .. } => {
                 write!(f, "create volume '{name}' ({id}, {})", HumanSize(*size))
             }
-            Self::GrowVolume { id, new_size } => write!(f, "grow volume {id} to {}", HumanSize(*new_size)),
+            Self::GrowVolume { id, new_size } => {
+                write!(f, "grow volume {id} to {}", HumanSize(*new_size))
+            }
             Self::DeleteVolume { id } => write!(f, "delete volume {id}"),
             Self::Attach { attachment } => write!(
                 f,
@@ -99,7 +122,9 @@ impl Command {
             Self::UpdateNode { id, .. } => vec![Row::Node(*id)],
             Self::AddDisk { disk } => vec![Row::Disk(disk.id)],
             Self::RemoveDisk { id } => vec![Row::Disk(*id)],
-            Self::CreateVolume { id, .. } | Self::GrowVolume { id, .. } | Self::DeleteVolume { id } => {
+            Self::CreateVolume { id, .. }
+            | Self::GrowVolume { id, .. }
+            | Self::DeleteVolume { id } => {
                 vec![Row::Volume(*id)]
             }
             Self::Attach { attachment } => vec![Row::Attachment(attachment.volume)],
@@ -111,16 +136,38 @@ impl Command {
 /// What an applied command did.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub enum CommandOutcome {
-    ClusterInitialized { cluster_id: Uuid },
-    NodeAdded { id: NodeId },
-    NodeUpdated { id: NodeId },
-    DiskAdded { id: DiskId },
-    DiskRemoved { disk: Disk },
-    VolumeCreated { id: VolumeId },
-    VolumeGrown { id: VolumeId, old_size: u64, new_size: u64 },
-    VolumeDeleted { volume: Box<Volume> },
-    Attached { volume: VolumeId },
-    Detached { attachment: Attachment },
+    ClusterInitialized {
+        cluster_id: Uuid,
+    },
+    NodeAdded {
+        id: NodeId,
+    },
+    NodeUpdated {
+        id: NodeId,
+    },
+    DiskAdded {
+        id: DiskId,
+    },
+    DiskRemoved {
+        disk: Disk,
+    },
+    VolumeCreated {
+        id: VolumeId,
+    },
+    VolumeGrown {
+        id: VolumeId,
+        old_size: u64,
+        new_size: u64,
+    },
+    VolumeDeleted {
+        volume: Box<Volume>,
+    },
+    Attached {
+        volume: VolumeId,
+    },
+    Detached {
+        attachment: Attachment,
+    },
 }
 
 /// Why the state machine refused a command. The messages are user-facing and reach the CLI as is.
@@ -135,7 +182,11 @@ pub enum CommandError {
     #[error("invalid cluster settings: {reason}")]
     InvalidSettings { reason: String },
     #[error("'{name}' is not a valid {kind} name: {reason}")]
-    InvalidName { kind: String, name: String, reason: String },
+    InvalidName {
+        kind: String,
+        name: String,
+        reason: String,
+    },
 
     #[error("node '{node}' not found")]
     NodeNotFound { node: String },
@@ -147,7 +198,11 @@ pub enum CommandError {
     #[error("disk '{disk}' not found")]
     DiskNotFound { disk: String },
     #[error("disk {id} already exists at {path} on node '{node}'")]
-    DiskExists { id: DiskId, path: String, node: String },
+    DiskExists {
+        id: DiskId,
+        path: String,
+        node: String,
+    },
     #[error("node '{node}' already has a disk at {path}")]
     DiskPathTaken { path: String, node: String },
     #[error("disk path '{path}' must be an absolute path")]
@@ -162,12 +217,22 @@ pub enum CommandError {
         ratio = format_ratio(*ratio_milli),
         provisioned = HumanSize(*provisioned)
     )]
-    DiskStillNeeded { path: String, provisionable: u64, remaining: u64, ratio_milli: u32, provisioned: u64 },
+    DiskStillNeeded {
+        path: String,
+        provisionable: u64,
+        remaining: u64,
+        ratio_milli: u32,
+        provisioned: u64,
+    },
     #[error(
         "disk {path} is the last disk of node '{node}', which holds replicas of volume(s) {volumes}; delete those \
          volumes or add another disk to the node first"
     )]
-    LastDiskHoldsReplicas { path: String, node: String, volumes: String },
+    LastDiskHoldsReplicas {
+        path: String,
+        node: String,
+        volumes: String,
+    },
 
     #[error("volume '{volume}' not found")]
     VolumeNotFound { volume: String },
@@ -196,7 +261,11 @@ pub enum CommandError {
         "volume '{name}' needs {replicas} replicas but only {available} node(s) with disks can hold them; add disks \
          on more nodes or lower --replicas"
     )]
-    NotEnoughNodes { name: String, replicas: u8, available: usize },
+    NotEnoughNodes {
+        name: String,
+        replicas: u8,
+        available: usize,
+    },
     #[error(
         "{subject} exceeds the pool's overcommit limit: {provisionable} provisionable ({capacity} of disks × \
          {ratio}), {provisioned} already provisioned; add a disk or raise overcommit_ratio",
@@ -205,7 +274,13 @@ pub enum CommandError {
         ratio = format_ratio(*ratio_milli),
         provisioned = HumanSize(*provisioned)
     )]
-    OverLimit { subject: String, provisionable: u64, capacity: u64, ratio_milli: u32, provisioned: u64 },
+    OverLimit {
+        subject: String,
+        provisionable: u64,
+        capacity: u64,
+        ratio_milli: u32,
+        provisioned: u64,
+    },
     #[error(
         "volume '{name}' is already {size}; give a larger size to grow it",
         size = HumanSize(*size)
@@ -216,16 +291,30 @@ pub enum CommandError {
         size = HumanSize(*size),
         new_size = HumanSize(*new_size)
     )]
-    Shrink { name: String, size: u64, new_size: u64 },
+    Shrink {
+        name: String,
+        size: u64,
+        new_size: u64,
+    },
 
     #[error("volume '{name}' is attached at {socket}; detach it first")]
     VolumeAttached { name: String, socket: String },
     #[error("volume '{name}' is already attached at {socket} on node '{node}'; detach it first")]
-    AlreadyAttached { name: String, socket: String, node: String },
+    AlreadyAttached {
+        name: String,
+        socket: String,
+        node: String,
+    },
     #[error("volume '{name}' is not attached")]
     NotAttached { name: String },
-    #[error("vhost-user socket {socket} on node '{node}' is already used by volume '{other}'; choose another path")]
-    SocketInUse { socket: String, node: String, other: String },
+    #[error(
+        "vhost-user socket {socket} on node '{node}' is already used by volume '{other}'; choose another path"
+    )]
+    SocketInUse {
+        socket: String,
+        node: String,
+        other: String,
+    },
     #[error("vhost-user socket path '{socket}' must be an absolute path")]
     SocketPathNotAbsolute { socket: String },
     #[error("socket mode {mode:04o} is not a permission mode; use e.g. 0600 or 0660")]
@@ -241,21 +330,38 @@ impl ClusterState {
     ///
     /// Deterministic; on `Err` the state is unchanged.
     pub fn apply(&mut self, command: Command) -> Result<CommandOutcome, CommandError> {
-        if let Command::InitCluster { cluster_id, settings, node } = command {
+        if let Command::InitCluster {
+            cluster_id,
+            settings,
+            node,
+        } = command
+        {
             return self.init_cluster(cluster_id, settings, node);
         }
         if !self.is_initialized() {
             return Err(CommandError::NotInitialized);
         }
         match command {
-            Command::InitCluster { .. } => Err(CommandError::AlreadyInitialized { cluster_id: self.cluster_id }),
+            Command::InitCluster { .. } => Err(CommandError::AlreadyInitialized {
+                cluster_id: self.cluster_id,
+            }),
             Command::AddNode { node } => self.add_node(node),
-            Command::UpdateNode { id, address, labels, state } => self.update_node(id, address, labels, state),
+            Command::UpdateNode {
+                id,
+                address,
+                labels,
+                state,
+            } => self.update_node(id, address, labels, state),
             Command::AddDisk { disk } => self.add_disk(disk),
             Command::RemoveDisk { id } => self.remove_disk(id),
-            Command::CreateVolume { id, name, size, block_size, replicas, created_unix } => {
-                self.create_volume(id, name, size, block_size, replicas, created_unix)
-            }
+            Command::CreateVolume {
+                id,
+                name,
+                size,
+                block_size,
+                replicas,
+                created_unix,
+            } => self.create_volume(id, name, size, block_size, replicas, created_unix),
             Command::GrowVolume { id, new_size } => self.grow_volume(id, new_size),
             Command::DeleteVolume { id } => self.delete_volume(id),
             Command::Attach { attachment } => self.attach(attachment),
@@ -270,7 +376,9 @@ impl ClusterState {
         node: Node,
     ) -> Result<CommandOutcome, CommandError> {
         if self.is_initialized() {
-            return Err(CommandError::AlreadyInitialized { cluster_id: self.cluster_id });
+            return Err(CommandError::AlreadyInitialized {
+                cluster_id: self.cluster_id,
+            });
         }
         if cluster_id.is_nil() {
             return Err(CommandError::NilClusterId);
@@ -286,10 +394,16 @@ impl ClusterState {
     fn add_node(&mut self, node: Node) -> Result<CommandOutcome, CommandError> {
         validate_name("node", &node.name)?;
         if let Some(existing) = self.nodes.get(&node.id) {
-            return Err(CommandError::NodeExists { id: node.id, name: existing.name.clone() });
+            return Err(CommandError::NodeExists {
+                id: node.id,
+                name: existing.name.clone(),
+            });
         }
         if let Some(existing) = self.nodes.values().find(|n| n.name == node.name) {
-            return Err(CommandError::NodeNameTaken { name: node.name, id: existing.id });
+            return Err(CommandError::NodeNameTaken {
+                name: node.name,
+                id: existing.id,
+            });
         }
         let id = node.id;
         self.nodes.insert(id, node);
@@ -303,7 +417,12 @@ impl ClusterState {
         labels: Option<BTreeMap<String, String>>,
         state: Option<NodeState>,
     ) -> Result<CommandOutcome, CommandError> {
-        let node = self.nodes.get_mut(&id).ok_or_else(|| CommandError::NodeNotFound { node: id.to_string() })?;
+        let node = self
+            .nodes
+            .get_mut(&id)
+            .ok_or_else(|| CommandError::NodeNotFound {
+                node: id.to_string(),
+            })?;
         if let Some(address) = address {
             node.address = Some(address);
         }
@@ -318,7 +437,9 @@ impl ClusterState {
 
     fn add_disk(&mut self, disk: Disk) -> Result<CommandOutcome, CommandError> {
         if !self.nodes.contains_key(&disk.node) {
-            return Err(CommandError::NodeNotFound { node: disk.node.to_string() });
+            return Err(CommandError::NodeNotFound {
+                node: disk.node.to_string(),
+            });
         }
         if let Some(existing) = self.disks.get(&disk.id) {
             return Err(CommandError::DiskExists {
@@ -331,7 +452,10 @@ impl ClusterState {
             return Err(CommandError::DiskPathNotAbsolute { path: disk.path });
         }
         if self.disks_on(disk.node).any(|d| d.path == disk.path) {
-            return Err(CommandError::DiskPathTaken { path: disk.path, node: self.node_label(disk.node) });
+            return Err(CommandError::DiskPathTaken {
+                path: disk.path,
+                node: self.node_label(disk.node),
+            });
         }
         if disk.capacity == 0 {
             return Err(CommandError::DiskEmpty { path: disk.path });
@@ -342,10 +466,18 @@ impl ClusterState {
     }
 
     fn remove_disk(&mut self, id: DiskId) -> Result<CommandOutcome, CommandError> {
-        let disk = self.disks.get(&id).ok_or_else(|| CommandError::DiskNotFound { disk: id.to_string() })?;
+        let disk = self
+            .disks
+            .get(&id)
+            .ok_or_else(|| CommandError::DiskNotFound {
+                disk: id.to_string(),
+            })?;
         let last_of_node = self.disks_on(disk.node).count() == 1;
         if last_of_node {
-            let volumes: Vec<String> = self.volumes_on(disk.node).map(|v| format!("'{}'", v.name)).collect();
+            let volumes: Vec<String> = self
+                .volumes_on(disk.node)
+                .map(|v| format!("'{}'", v.name))
+                .collect();
             if !volumes.is_empty() {
                 return Err(CommandError::LastDiskHoldsReplicas {
                     path: disk.path.clone(),
@@ -366,7 +498,12 @@ impl ClusterState {
                 provisioned: super::saturate(provisioned),
             });
         }
-        let disk = self.disks.remove(&id).ok_or_else(|| CommandError::DiskNotFound { disk: id.to_string() })?;
+        let disk = self
+            .disks
+            .remove(&id)
+            .ok_or_else(|| CommandError::DiskNotFound {
+                disk: id.to_string(),
+            })?;
         Ok(CommandOutcome::DiskRemoved { disk })
     }
 
@@ -384,7 +521,10 @@ impl ClusterState {
             return Err(CommandError::VolumeExists { name });
         }
         if let Some(existing) = self.volumes.get(&id) {
-            return Err(CommandError::VolumeIdTaken { id, name: existing.name.clone() });
+            return Err(CommandError::VolumeIdTaken {
+                id,
+                name: existing.name.clone(),
+            });
         }
         let block_size = block_size.unwrap_or(self.settings.default_block_size);
         if !valid_block_size(block_size) {
@@ -396,7 +536,7 @@ impl ClusterState {
         if size > MAX_VOLUME_SIZE {
             return Err(CommandError::SizeTooLarge { name, size });
         }
-        if size % u64::from(block_size) != 0 {
+        if !size.is_multiple_of(u64::from(block_size)) {
             return Err(CommandError::SizeNotMultiple { size, block_size });
         }
         if replicas == 0 {
@@ -404,13 +544,20 @@ impl ClusterState {
         }
         let candidates = self.placement_candidates();
         if candidates.len() < usize::from(replicas) {
-            return Err(CommandError::NotEnoughNodes { name, replicas, available: candidates.len() });
+            return Err(CommandError::NotEnoughNodes {
+                name,
+                replicas,
+                available: candidates.len(),
+            });
         }
         let added = u128::from(size) * u128::from(replicas);
         let subject = if replicas == 1 {
             format!("volume '{name}' ({})", HumanSize(size))
         } else {
-            format!("volume '{name}' ({} × {replicas} replicas)", HumanSize(size))
+            format!(
+                "volume '{name}' ({} × {replicas} replicas)",
+                HumanSize(size)
+            )
         };
         self.check_overcommit(added, subject)?;
 
@@ -443,20 +590,38 @@ impl ClusterState {
     }
 
     fn grow_volume(&mut self, id: VolumeId, new_size: u64) -> Result<CommandOutcome, CommandError> {
-        let volume = self.volumes.get(&id).ok_or_else(|| CommandError::VolumeNotFound { volume: id.to_string() })?;
+        let volume = self
+            .volumes
+            .get(&id)
+            .ok_or_else(|| CommandError::VolumeNotFound {
+                volume: id.to_string(),
+            })?;
         let name = volume.name.clone();
         let old_size = volume.size;
         if new_size == old_size {
-            return Err(CommandError::SameSize { name, size: old_size });
+            return Err(CommandError::SameSize {
+                name,
+                size: old_size,
+            });
         }
         if new_size < old_size {
-            return Err(CommandError::Shrink { name, size: old_size, new_size });
+            return Err(CommandError::Shrink {
+                name,
+                size: old_size,
+                new_size,
+            });
         }
         if new_size > MAX_VOLUME_SIZE {
-            return Err(CommandError::SizeTooLarge { name, size: new_size });
+            return Err(CommandError::SizeTooLarge {
+                name,
+                size: new_size,
+            });
         }
-        if new_size % u64::from(volume.block_size) != 0 {
-            return Err(CommandError::SizeNotMultiple { size: new_size, block_size: volume.block_size });
+        if !new_size.is_multiple_of(u64::from(volume.block_size)) {
+            return Err(CommandError::SizeNotMultiple {
+                size: new_size,
+                block_size: volume.block_size,
+            });
         }
         let replicas = volume.replicas;
         let extent_size = volume.extent_size;
@@ -464,7 +629,11 @@ impl ClusterState {
         let end = extent_count(new_size, extent_size);
         let candidates = self.placement_candidates();
         if end > first_new && candidates.len() < usize::from(replicas) {
-            return Err(CommandError::NotEnoughNodes { name, replicas, available: candidates.len() });
+            return Err(CommandError::NotEnoughNodes {
+                name,
+                replicas,
+                available: candidates.len(),
+            });
         }
         let added = u128::from(new_size - old_size) * u128::from(replicas);
         let subject = format!(
@@ -472,37 +641,73 @@ impl ClusterState {
             HumanSize(old_size),
             HumanSize(new_size),
             HumanSize(new_size - old_size),
-            if replicas == 1 { String::new() } else { format!(" × {replicas} replicas") }
+            if replicas == 1 {
+                String::new()
+            } else {
+                format!(" × {replicas} replicas")
+            }
         );
         self.check_overcommit(added, subject)?;
 
-        let volume = self.volumes.get_mut(&id).ok_or_else(|| CommandError::VolumeNotFound { volume: name })?;
+        let volume = self
+            .volumes
+            .get_mut(&id)
+            .ok_or(CommandError::VolumeNotFound { volume: name })?;
         place(
             &mut volume.placement,
             &candidates,
-            PlacementRequest { first_extent: first_new, end_extent: end, extent_size, volume_size: new_size, replicas },
+            PlacementRequest {
+                first_extent: first_new,
+                end_extent: end,
+                extent_size,
+                volume_size: new_size,
+                replicas,
+            },
         );
         volume.size = new_size;
-        Ok(CommandOutcome::VolumeGrown { id, old_size, new_size })
+        Ok(CommandOutcome::VolumeGrown {
+            id,
+            old_size,
+            new_size,
+        })
     }
 
     fn delete_volume(&mut self, id: VolumeId) -> Result<CommandOutcome, CommandError> {
-        let volume = self.volumes.get(&id).ok_or_else(|| CommandError::VolumeNotFound { volume: id.to_string() })?;
+        let volume = self
+            .volumes
+            .get(&id)
+            .ok_or_else(|| CommandError::VolumeNotFound {
+                volume: id.to_string(),
+            })?;
         if let Some(attachment) = self.attachments.get(&id) {
-            return Err(CommandError::VolumeAttached { name: volume.name.clone(), socket: attachment.socket.clone() });
+            return Err(CommandError::VolumeAttached {
+                name: volume.name.clone(),
+                socket: attachment.socket.clone(),
+            });
         }
-        let volume = self.volumes.remove(&id).ok_or_else(|| CommandError::VolumeNotFound { volume: id.to_string() })?;
+        let volume = self
+            .volumes
+            .remove(&id)
+            .ok_or_else(|| CommandError::VolumeNotFound {
+                volume: id.to_string(),
+            })?;
         self.volume_names.remove(&volume.name);
-        Ok(CommandOutcome::VolumeDeleted { volume: Box::new(volume) })
+        Ok(CommandOutcome::VolumeDeleted {
+            volume: Box::new(volume),
+        })
     }
 
     fn attach(&mut self, attachment: Attachment) -> Result<CommandOutcome, CommandError> {
-        let volume = self
-            .volumes
-            .get(&attachment.volume)
-            .ok_or_else(|| CommandError::VolumeNotFound { volume: attachment.volume.to_string() })?;
+        let volume =
+            self.volumes
+                .get(&attachment.volume)
+                .ok_or_else(|| CommandError::VolumeNotFound {
+                    volume: attachment.volume.to_string(),
+                })?;
         if !self.nodes.contains_key(&attachment.node) {
-            return Err(CommandError::NodeNotFound { node: attachment.node.to_string() });
+            return Err(CommandError::NodeNotFound {
+                node: attachment.node.to_string(),
+            });
         }
         if let Some(existing) = self.attachments.get(&attachment.volume) {
             return Err(CommandError::AlreadyAttached {
@@ -512,19 +717,33 @@ impl ClusterState {
             });
         }
         if !(1..=MAX_QUEUES).contains(&attachment.queues) {
-            return Err(CommandError::InvalidQueues { queues: attachment.queues });
+            return Err(CommandError::InvalidQueues {
+                queues: attachment.queues,
+            });
         }
         if !attachment.socket.starts_with('/') || attachment.socket.contains('\0') {
-            return Err(CommandError::SocketPathNotAbsolute { socket: attachment.socket });
+            return Err(CommandError::SocketPathNotAbsolute {
+                socket: attachment.socket,
+            });
         }
         if attachment.socket_mode & !0o777 != 0 {
-            return Err(CommandError::InvalidSocketMode { mode: attachment.socket_mode });
+            return Err(CommandError::InvalidSocketMode {
+                mode: attachment.socket_mode,
+            });
         }
         if attachment.socket_mode & 0o002 != 0 {
-            return Err(CommandError::WorldWritableSocket { mode: attachment.socket_mode });
+            return Err(CommandError::WorldWritableSocket {
+                mode: attachment.socket_mode,
+            });
         }
-        if let Some(other) = self.attachments_on(attachment.node).find(|a| a.socket == attachment.socket) {
-            let other = self.volumes.get(&other.volume).map_or_else(|| other.volume.to_string(), |v| v.name.clone());
+        if let Some(other) = self
+            .attachments_on(attachment.node)
+            .find(|a| a.socket == attachment.socket)
+        {
+            let other = self
+                .volumes
+                .get(&other.volume)
+                .map_or_else(|| other.volume.to_string(), |v| v.name.clone());
             return Err(CommandError::SocketInUse {
                 socket: attachment.socket,
                 node: self.node_label(attachment.node),
@@ -541,8 +760,13 @@ impl ClusterState {
             .volumes
             .get(&volume)
             .map(|v| v.name.clone())
-            .ok_or_else(|| CommandError::VolumeNotFound { volume: volume.to_string() })?;
-        let attachment = self.attachments.remove(&volume).ok_or(CommandError::NotAttached { name })?;
+            .ok_or_else(|| CommandError::VolumeNotFound {
+                volume: volume.to_string(),
+            })?;
+        let attachment = self
+            .attachments
+            .remove(&volume)
+            .ok_or(CommandError::NotAttached { name })?;
         Ok(CommandOutcome::Detached { attachment })
     }
 
@@ -553,13 +777,19 @@ impl ClusterState {
             .values()
             .filter(|node| node.state == NodeState::Active)
             .filter_map(|node| {
-                let capacity: u128 = self.disks_on(node.id).map(|disk| u128::from(disk.capacity)).sum();
+                let capacity: u128 = self
+                    .disks_on(node.id)
+                    .map(|disk| u128::from(disk.capacity))
+                    .sum();
                 if capacity == 0 {
                     return None;
                 }
                 let used = share.get(&node.id).copied().unwrap_or(0);
                 let free = i128::try_from(capacity).unwrap_or(i128::MAX) - i128::from(used);
-                Some(Candidate { node: node.id, free })
+                Some(Candidate {
+                    node: node.id,
+                    free,
+                })
             })
             .collect()
     }
@@ -585,14 +815,22 @@ impl ClusterState {
 /// users which size to type.
 fn exact_size(bytes: u64) -> String {
     let human = HumanSize(bytes).to_string();
-    if human.contains('.') { format!("{bytes} B") } else { human }
+    if human.contains('.') {
+        format!("{bytes} B")
+    } else {
+        human
+    }
 }
 
 /// Names of nodes and volumes: 1 to 63 characters of `A-Z a-z 0-9 . _ -`, starting with a letter or
 /// digit, and not a UUID (which would be ambiguous with ids on the command line).
 fn validate_name(kind: &str, name: &str) -> Result<(), CommandError> {
     let refuse = |reason: &str| {
-        Err(CommandError::InvalidName { kind: kind.to_owned(), name: name.to_owned(), reason: reason.to_owned() })
+        Err(CommandError::InvalidName {
+            kind: kind.to_owned(),
+            name: name.to_owned(),
+            reason: reason.to_owned(),
+        })
     };
     if name.is_empty() {
         return refuse("it is empty");
@@ -603,7 +841,10 @@ fn validate_name(kind: &str, name: &str) -> Result<(), CommandError> {
     if !name.starts_with(|c: char| c.is_ascii_alphanumeric()) {
         return refuse("it must start with a letter or digit");
     }
-    if !name.chars().all(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-')) {
+    if !name
+        .chars()
+        .all(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-'))
+    {
         return refuse("use only letters, digits, '.', '_' and '-'");
     }
     if Uuid::parse_str(name).is_ok() {
@@ -622,11 +863,23 @@ mod tests {
     const GIB: u64 = 1 << 30;
 
     fn node(id: NodeId, name: &str) -> Node {
-        Node { id, name: name.to_owned(), address: None, labels: BTreeMap::new(), state: NodeState::Active }
+        Node {
+            id,
+            name: name.to_owned(),
+            address: None,
+            labels: BTreeMap::new(),
+            state: NodeState::Active,
+        }
     }
 
     fn disk(n: u128, node: NodeId, path: &str, capacity: u64) -> Disk {
-        Disk { id: Uuid::from_u128(n), node, path: path.to_owned(), capacity, block_device: false }
+        Disk {
+            id: Uuid::from_u128(n),
+            node,
+            path: path.to_owned(),
+            capacity,
+            block_device: false,
+        }
     }
 
     fn vid(n: u128) -> VolumeId {
@@ -643,7 +896,11 @@ mod tests {
                 node: node(1, "n1"),
             })
             .unwrap();
-        state.apply(Command::AddDisk { disk: disk(1, 1, "/pool/d1", 8 * GIB) }).unwrap();
+        state
+            .apply(Command::AddDisk {
+                disk: disk(1, 1, "/pool/d1", 8 * GIB),
+            })
+            .unwrap();
         state
     }
 
@@ -673,7 +930,10 @@ mod tests {
     fn refused(state: &mut ClusterState, command: Command) -> String {
         let before = state.clone();
         let error = state.apply(command).expect_err("command should be refused");
-        assert_eq!(*state, before, "a refused command must leave the state unchanged");
+        assert_eq!(
+            *state, before,
+            "a refused command must leave the state unchanged"
+        );
         error.to_string()
     }
 
@@ -688,7 +948,11 @@ mod tests {
         assert_eq!(
             refused(
                 &mut state,
-                Command::InitCluster { cluster_id: Uuid::nil(), settings: Settings::default(), node: node(1, "n1") }
+                Command::InitCluster {
+                    cluster_id: Uuid::nil(),
+                    settings: Settings::default(),
+                    node: node(1, "n1")
+                }
             ),
             "cluster id must not be the nil UUID; generate a random one"
         );
@@ -697,7 +961,10 @@ mod tests {
                 &mut state,
                 Command::InitCluster {
                     cluster_id: Uuid::from_u128(1),
-                    settings: Settings { extent_size: 100, ..Settings::default() },
+                    settings: Settings {
+                        extent_size: 100,
+                        ..Settings::default()
+                    },
                     node: node(1, "n1")
                 }
             ),
@@ -710,7 +977,12 @@ mod tests {
                 node: node(1, "n1"),
             })
             .unwrap();
-        assert_eq!(outcome, CommandOutcome::ClusterInitialized { cluster_id: Uuid::from_u128(1) });
+        assert_eq!(
+            outcome,
+            CommandOutcome::ClusterInitialized {
+                cluster_id: Uuid::from_u128(1)
+            }
+        );
         assert!(state.is_initialized());
         assert_eq!(state.nodes[&1].name, "n1");
         assert_eq!(
@@ -729,16 +1001,39 @@ mod tests {
     #[test]
     fn add_and_update_nodes() {
         let mut state = cluster();
-        assert_eq!(state.apply(Command::AddNode { node: node(2, "n2") }).unwrap(), CommandOutcome::NodeAdded {
-            id: 2
-        });
-        assert_eq!(refused(&mut state, Command::AddNode { node: node(2, "other") }), "node 2 already exists as 'n2'");
         assert_eq!(
-            refused(&mut state, Command::AddNode { node: node(3, "n2") }),
+            state
+                .apply(Command::AddNode {
+                    node: node(2, "n2")
+                })
+                .unwrap(),
+            CommandOutcome::NodeAdded { id: 2 }
+        );
+        assert_eq!(
+            refused(
+                &mut state,
+                Command::AddNode {
+                    node: node(2, "other")
+                }
+            ),
+            "node 2 already exists as 'n2'"
+        );
+        assert_eq!(
+            refused(
+                &mut state,
+                Command::AddNode {
+                    node: node(3, "n2")
+                }
+            ),
             "node name 'n2' is already used by node 2; choose another name"
         );
         assert_eq!(
-            refused(&mut state, Command::AddNode { node: node(3, "bad name") }),
+            refused(
+                &mut state,
+                Command::AddNode {
+                    node: node(3, "bad name")
+                }
+            ),
             "'bad name' is not a valid node name: use only letters, digits, '.', '_' and '-'"
         );
         let labels = BTreeMap::from([("rack".to_owned(), "r1".to_owned())]);
@@ -755,10 +1050,25 @@ mod tests {
         assert_eq!(n2.labels, labels);
         assert_eq!(n2.state, NodeState::Draining);
         // Fields given as None stay.
-        state.apply(Command::UpdateNode { id: 2, address: None, labels: None, state: None }).unwrap();
+        state
+            .apply(Command::UpdateNode {
+                id: 2,
+                address: None,
+                labels: None,
+                state: None,
+            })
+            .unwrap();
         assert_eq!(state.nodes[&2].address.as_deref(), Some("10.0.0.2:7000"));
         assert_eq!(
-            refused(&mut state, Command::UpdateNode { id: 9, address: None, labels: None, state: None }),
+            refused(
+                &mut state,
+                Command::UpdateNode {
+                    id: 9,
+                    address: None,
+                    labels: None,
+                    state: None
+                }
+            ),
             "node '9' not found"
         );
     }
@@ -767,26 +1077,66 @@ mod tests {
     fn add_disk_validation() {
         let mut state = cluster();
         assert_eq!(
-            refused(&mut state, Command::AddDisk { disk: disk(1, 1, "/pool/other", GIB) }),
+            refused(
+                &mut state,
+                Command::AddDisk {
+                    disk: disk(1, 1, "/pool/other", GIB)
+                }
+            ),
             "disk 00000000-0000-0000-0000-000000000001 already exists at /pool/d1 on node 'n1'"
         );
         assert_eq!(
-            refused(&mut state, Command::AddDisk { disk: disk(2, 1, "/pool/d1", GIB) }),
+            refused(
+                &mut state,
+                Command::AddDisk {
+                    disk: disk(2, 1, "/pool/d1", GIB)
+                }
+            ),
             "node 'n1' already has a disk at /pool/d1"
         );
-        assert_eq!(refused(&mut state, Command::AddDisk { disk: disk(2, 7, "/pool/d2", GIB) }), "node '7' not found");
         assert_eq!(
-            refused(&mut state, Command::AddDisk { disk: disk(2, 1, "/pool/d2", 0) }),
+            refused(
+                &mut state,
+                Command::AddDisk {
+                    disk: disk(2, 7, "/pool/d2", GIB)
+                }
+            ),
+            "node '7' not found"
+        );
+        assert_eq!(
+            refused(
+                &mut state,
+                Command::AddDisk {
+                    disk: disk(2, 1, "/pool/d2", 0)
+                }
+            ),
             "disk /pool/d2 has no capacity; give it a size"
         );
         assert_eq!(
-            refused(&mut state, Command::AddDisk { disk: disk(2, 1, "pool/d2", GIB) }),
+            refused(
+                &mut state,
+                Command::AddDisk {
+                    disk: disk(2, 1, "pool/d2", GIB)
+                }
+            ),
             "disk path 'pool/d2' must be an absolute path"
         );
-        state.apply(Command::AddDisk { disk: disk(2, 1, "/pool/d2", 4 * GIB) }).unwrap();
+        state
+            .apply(Command::AddDisk {
+                disk: disk(2, 1, "/pool/d2", 4 * GIB),
+            })
+            .unwrap();
         // The same path on another node is a different disk.
-        state.apply(Command::AddNode { node: node(2, "n2") }).unwrap();
-        state.apply(Command::AddDisk { disk: disk(3, 2, "/pool/d1", GIB) }).unwrap();
+        state
+            .apply(Command::AddNode {
+                node: node(2, "n2"),
+            })
+            .unwrap();
+        state
+            .apply(Command::AddDisk {
+                disk: disk(3, 2, "/pool/d1", GIB),
+            })
+            .unwrap();
         assert_eq!(state.capacity_bytes(), 13 * GIB);
         assert_eq!(state.disks_on(1).count(), 2);
         assert_eq!(state.disks_on(2).count(), 1);
@@ -795,30 +1145,57 @@ mod tests {
     #[test]
     fn remove_disk_keeps_what_is_provisioned_covered() {
         let mut state = cluster();
-        state.apply(Command::AddDisk { disk: disk(2, 1, "/pool/d2", 4 * GIB) }).unwrap();
+        state
+            .apply(Command::AddDisk {
+                disk: disk(2, 1, "/pool/d2", 4 * GIB),
+            })
+            .unwrap();
         // 12 GiB × 2.0 = 24 GiB provisionable; provision 20 GiB.
         state.apply(create("big", 1, 20 * GIB)).unwrap();
         assert_eq!(
-            refused(&mut state, Command::RemoveDisk { id: Uuid::from_u128(1) }),
+            refused(
+                &mut state,
+                Command::RemoveDisk {
+                    id: Uuid::from_u128(1)
+                }
+            ),
             "removing disk /pool/d1 would leave 8 GiB provisionable (4 GiB of disks × 2.0), less than the 20 GiB \
              already provisioned; delete volumes or add a disk first"
         );
         assert_eq!(
-            refused(&mut state, Command::RemoveDisk { id: Uuid::from_u128(9) }),
+            refused(
+                &mut state,
+                Command::RemoveDisk {
+                    id: Uuid::from_u128(9)
+                }
+            ),
             "disk '00000000-0000-0000-0000-000000000009' not found"
         );
         state.apply(Command::DeleteVolume { id: vid(1) }).unwrap();
         state.apply(create("small", 2, 4 * GIB)).unwrap();
-        let outcome = state.apply(Command::RemoveDisk { id: Uuid::from_u128(2) }).unwrap();
+        let outcome = state
+            .apply(Command::RemoveDisk {
+                id: Uuid::from_u128(2),
+            })
+            .unwrap();
         assert!(matches!(outcome, CommandOutcome::DiskRemoved { disk } if disk.path == "/pool/d2"));
         // The node's last disk cannot go while it holds replicas.
         assert_eq!(
-            refused(&mut state, Command::RemoveDisk { id: Uuid::from_u128(1) }),
+            refused(
+                &mut state,
+                Command::RemoveDisk {
+                    id: Uuid::from_u128(1)
+                }
+            ),
             "disk /pool/d1 is the last disk of node 'n1', which holds replicas of volume(s) 'small'; delete those \
              volumes or add another disk to the node first"
         );
         state.apply(Command::DeleteVolume { id: vid(2) }).unwrap();
-        state.apply(Command::RemoveDisk { id: Uuid::from_u128(1) }).unwrap();
+        state
+            .apply(Command::RemoveDisk {
+                id: Uuid::from_u128(1),
+            })
+            .unwrap();
         assert_eq!(state.capacity_bytes(), 0);
     }
 
@@ -826,7 +1203,10 @@ mod tests {
     fn create_volume_validation_messages() {
         let mut state = cluster();
         state.apply(create("db1", 1, 4 * GIB)).unwrap();
-        assert_eq!(refused(&mut state, create("db1", 2, GIB)), "volume 'db1' already exists");
+        assert_eq!(
+            refused(&mut state, create("db1", 2, GIB)),
+            "volume 'db1' already exists"
+        );
         assert_eq!(
             refused(&mut state, create("db2", 1, GIB)),
             format!("volume id {} is already used by volume 'db1'", vid(1))
@@ -871,7 +1251,10 @@ mod tests {
             replicas,
             created_unix: 0,
         };
-        assert_eq!(refused(&mut state, with_replicas(0)), "volume 'db2' needs at least 1 replica");
+        assert_eq!(
+            refused(&mut state, with_replicas(0)),
+            "volume 'db2' needs at least 1 replica"
+        );
         assert_eq!(
             refused(&mut state, with_replicas(3)),
             "volume 'db2' needs 3 replicas but only 1 node(s) with disks can hold them; add disks on more nodes or \
@@ -896,7 +1279,10 @@ mod tests {
         );
         assert_eq!(
             refused(&mut state, create(&"x".repeat(64), 2, GIB)),
-            format!("'{}' is not a valid volume name: it is longer than 63 characters", "x".repeat(64))
+            format!(
+                "'{}' is not a valid volume name: it is longer than 63 characters",
+                "x".repeat(64)
+            )
         );
         // A block size given explicitly sets the multiple.
         let command = Command::CreateVolume {
@@ -947,7 +1333,12 @@ mod tests {
         assert_eq!(volume.placement.run_count(), 1);
         assert_eq!(volume.replica_set(160), Some(&ReplicaSet::new(vec![1])));
         assert_eq!(volume.replica_set(161), None);
-        assert_eq!(state.volume_by_name_or_id(&vid(1).to_string()).map(|v| &v.name), Some(&volume.name));
+        assert_eq!(
+            state
+                .volume_by_name_or_id(&vid(1).to_string())
+                .map(|v| &v.name),
+            Some(&volume.name)
+        );
         assert!(state.volume_by_name_or_id("nope").is_none());
         assert_eq!(state.volume_names.get("db1"), Some(&vid(1)));
     }
@@ -955,9 +1346,21 @@ mod tests {
     #[test]
     fn replicated_volumes_span_distinct_nodes_by_free_space() {
         let mut state = cluster();
-        for (id, name, capacity) in [(2, "n2", 100 * GIB), (3, "n3", 50 * GIB), (4, "n4", 20 * GIB)] {
-            state.apply(Command::AddNode { node: node(id, name) }).unwrap();
-            state.apply(Command::AddDisk { disk: disk(u128::from(id), id, "/pool/d1", capacity) }).unwrap();
+        for (id, name, capacity) in [
+            (2, "n2", 100 * GIB),
+            (3, "n3", 50 * GIB),
+            (4, "n4", 20 * GIB),
+        ] {
+            state
+                .apply(Command::AddNode {
+                    node: node(id, name),
+                })
+                .unwrap();
+            state
+                .apply(Command::AddDisk {
+                    disk: disk(u128::from(id), id, "/pool/d1", capacity),
+                })
+                .unwrap();
         }
         let command = Command::CreateVolume {
             id: vid(1),
@@ -976,12 +1379,22 @@ mod tests {
         assert_eq!(volume.placement.run_count(), 1);
         assert_eq!(volume.replica_set(0).unwrap().nodes, vec![2, 3, 4]);
         assert_eq!(state.provisioned_bytes(), 3 * GIB);
-        assert_eq!(state.provisioned_by_node(), BTreeMap::from([(2, GIB), (3, GIB), (4, GIB)]));
+        assert_eq!(
+            state.provisioned_by_node(),
+            BTreeMap::from([(2, GIB), (3, GIB), (4, GIB)])
+        );
         assert_eq!(state.volumes_on(1).count(), 0);
         assert_eq!(state.volumes_on(2).count(), 1);
 
         // A draining node takes no new replicas.
-        state.apply(Command::UpdateNode { id: 2, address: None, labels: None, state: Some(NodeState::Draining) }).unwrap();
+        state
+            .apply(Command::UpdateNode {
+                id: 2,
+                address: None,
+                labels: None,
+                state: Some(NodeState::Draining),
+            })
+            .unwrap();
         let command = Command::CreateVolume {
             id: vid(2),
             name: "r3b".to_owned(),
@@ -991,7 +1404,10 @@ mod tests {
             created_unix: 0,
         };
         state.apply(command).unwrap();
-        assert_eq!(state.volumes[&vid(2)].replica_set(0).unwrap().nodes, vec![1, 3, 4]);
+        assert_eq!(
+            state.volumes[&vid(2)].replica_set(0).unwrap().nodes,
+            vec![1, 3, 4]
+        );
         let message = refused(
             &mut state,
             Command::CreateVolume {
@@ -1031,32 +1447,78 @@ mod tests {
         let mut state = cluster();
         state.apply(create("db1", 1, 2 * GIB)).unwrap();
         assert_eq!(
-            refused(&mut state, Command::GrowVolume { id: vid(1), new_size: 2 * GIB }),
+            refused(
+                &mut state,
+                Command::GrowVolume {
+                    id: vid(1),
+                    new_size: 2 * GIB
+                }
+            ),
             "volume 'db1' is already 2 GiB; give a larger size to grow it"
         );
         assert_eq!(
-            refused(&mut state, Command::GrowVolume { id: vid(1), new_size: GIB }),
+            refused(
+                &mut state,
+                Command::GrowVolume {
+                    id: vid(1),
+                    new_size: GIB
+                }
+            ),
             "volume 'db1' is 2 GiB; shrinking it to 1 GiB is not supported"
         );
         assert_eq!(
-            refused(&mut state, Command::GrowVolume { id: vid(1), new_size: 2 * GIB + 100 }),
+            refused(
+                &mut state,
+                Command::GrowVolume {
+                    id: vid(1),
+                    new_size: 2 * GIB + 100
+                }
+            ),
             "size 2147483748 B is not a multiple of the block size 512 B; round it up to 2147484160 B"
         );
         assert_eq!(
-            refused(&mut state, Command::GrowVolume { id: vid(1), new_size: 17 * GIB }),
+            refused(
+                &mut state,
+                Command::GrowVolume {
+                    id: vid(1),
+                    new_size: 17 * GIB
+                }
+            ),
             "growing volume 'db1' from 2 GiB to 17 GiB (+15 GiB) exceeds the pool's overcommit limit: 16 GiB \
              provisionable (8 GiB of disks × 2.0), 2 GiB already provisioned; add a disk or raise overcommit_ratio"
         );
         assert_eq!(
-            refused(&mut state, Command::GrowVolume { id: vid(9), new_size: 4 * GIB }),
+            refused(
+                &mut state,
+                Command::GrowVolume {
+                    id: vid(9),
+                    new_size: 4 * GIB
+                }
+            ),
             format!("volume '{}' not found", vid(9))
         );
-        let outcome = state.apply(Command::GrowVolume { id: vid(1), new_size: 16 * GIB }).unwrap();
-        assert_eq!(outcome, CommandOutcome::VolumeGrown { id: vid(1), old_size: 2 * GIB, new_size: 16 * GIB });
+        let outcome = state
+            .apply(Command::GrowVolume {
+                id: vid(1),
+                new_size: 16 * GIB,
+            })
+            .unwrap();
+        assert_eq!(
+            outcome,
+            CommandOutcome::VolumeGrown {
+                id: vid(1),
+                old_size: 2 * GIB,
+                new_size: 16 * GIB
+            }
+        );
         let volume = &state.volumes[&vid(1)];
         assert_eq!(volume.size, 16 * GIB);
         assert_eq!(volume.placement.extent_count(), 256);
-        assert_eq!(volume.placement.run_count(), 1, "grown extents on the same node merge into the run");
+        assert_eq!(
+            volume.placement.run_count(),
+            1,
+            "grown extents on the same node merge into the run"
+        );
         assert_eq!(volume.replica_set(255), Some(&ReplicaSet::new(vec![1])));
     }
 
@@ -1065,9 +1527,19 @@ mod tests {
         let mut state = cluster();
         state.apply(create("odd", 1, 100 * MIB)).unwrap();
         assert_eq!(state.volumes[&vid(1)].placement.extent_count(), 2);
-        state.apply(Command::GrowVolume { id: vid(1), new_size: 128 * MIB }).unwrap();
+        state
+            .apply(Command::GrowVolume {
+                id: vid(1),
+                new_size: 128 * MIB,
+            })
+            .unwrap();
         assert_eq!(state.volumes[&vid(1)].placement.extent_count(), 2);
-        state.apply(Command::GrowVolume { id: vid(1), new_size: 129 * MIB }).unwrap();
+        state
+            .apply(Command::GrowVolume {
+                id: vid(1),
+                new_size: 129 * MIB,
+            })
+            .unwrap();
         assert_eq!(state.volumes[&vid(1)].placement.extent_count(), 3);
         assert_eq!(state.volumes[&vid(1)].extent_count(), 3);
     }
@@ -1076,14 +1548,20 @@ mod tests {
     fn delete_volume_refuses_while_attached_and_frees_the_name() {
         let mut state = cluster();
         state.apply(create("db1", 1, GIB)).unwrap();
-        state.apply(Command::Attach { attachment: attachment(vid(1), "/run/x.sock") }).unwrap();
+        state
+            .apply(Command::Attach {
+                attachment: attachment(vid(1), "/run/x.sock"),
+            })
+            .unwrap();
         assert_eq!(
             refused(&mut state, Command::DeleteVolume { id: vid(1) }),
             "volume 'db1' is attached at /run/x.sock; detach it first"
         );
         state.apply(Command::Detach { volume: vid(1) }).unwrap();
         let outcome = state.apply(Command::DeleteVolume { id: vid(1) }).unwrap();
-        assert!(matches!(outcome, CommandOutcome::VolumeDeleted { volume } if volume.name == "db1"));
+        assert!(
+            matches!(outcome, CommandOutcome::VolumeDeleted { volume } if volume.name == "db1")
+        );
         assert!(state.volume_names.is_empty());
         assert_eq!(state.provisioned_bytes(), 0);
         assert_eq!(
@@ -1102,15 +1580,28 @@ mod tests {
         let mut bad = attachment(vid(1), "/run/x.sock");
         bad.queues = 0;
         assert_eq!(
-            refused(&mut state, Command::Attach { attachment: bad.clone() }),
+            refused(
+                &mut state,
+                Command::Attach {
+                    attachment: bad.clone()
+                }
+            ),
             "0 queues is out of range; use 1 to 64"
         );
         bad.queues = 65;
-        assert_eq!(refused(&mut state, Command::Attach { attachment: bad }), "65 queues is out of range; use 1 to 64");
+        assert_eq!(
+            refused(&mut state, Command::Attach { attachment: bad }),
+            "65 queues is out of range; use 1 to 64"
+        );
         let mut bad = attachment(vid(1), "/run/x.sock");
         bad.socket_mode = 0o666;
         assert_eq!(
-            refused(&mut state, Command::Attach { attachment: bad.clone() }),
+            refused(
+                &mut state,
+                Command::Attach {
+                    attachment: bad.clone()
+                }
+            ),
             "socket mode 0666 would make the socket world-writable; use 0660 or stricter"
         );
         bad.socket_mode = 0o4600;
@@ -1119,35 +1610,70 @@ mod tests {
             "socket mode 4600 is not a permission mode; use e.g. 0600 or 0660"
         );
         assert_eq!(
-            refused(&mut state, Command::Attach { attachment: attachment(vid(1), "x.sock") }),
+            refused(
+                &mut state,
+                Command::Attach {
+                    attachment: attachment(vid(1), "x.sock")
+                }
+            ),
             "vhost-user socket path 'x.sock' must be an absolute path"
         );
         let mut bad = attachment(vid(1), "/run/x.sock");
         bad.node = 5;
-        assert_eq!(refused(&mut state, Command::Attach { attachment: bad }), "node '5' not found");
         assert_eq!(
-            refused(&mut state, Command::Attach { attachment: attachment(vid(9), "/run/x.sock") }),
+            refused(&mut state, Command::Attach { attachment: bad }),
+            "node '5' not found"
+        );
+        assert_eq!(
+            refused(
+                &mut state,
+                Command::Attach {
+                    attachment: attachment(vid(9), "/run/x.sock")
+                }
+            ),
             format!("volume '{}' not found", vid(9))
         );
 
         assert_eq!(
-            state.apply(Command::Attach { attachment: attachment(vid(1), "/run/x.sock") }).unwrap(),
+            state
+                .apply(Command::Attach {
+                    attachment: attachment(vid(1), "/run/x.sock")
+                })
+                .unwrap(),
             CommandOutcome::Attached { volume: vid(1) }
         );
         assert_eq!(
-            refused(&mut state, Command::Attach { attachment: attachment(vid(1), "/run/y.sock") }),
+            refused(
+                &mut state,
+                Command::Attach {
+                    attachment: attachment(vid(1), "/run/y.sock")
+                }
+            ),
             "volume 'db1' is already attached at /run/x.sock on node 'n1'; detach it first"
         );
         assert_eq!(
-            refused(&mut state, Command::Attach { attachment: attachment(vid(2), "/run/x.sock") }),
+            refused(
+                &mut state,
+                Command::Attach {
+                    attachment: attachment(vid(2), "/run/x.sock")
+                }
+            ),
             "vhost-user socket /run/x.sock on node 'n1' is already used by volume 'db1'; choose another path"
         );
         assert_eq!(state.attachments_on(1).count(), 1);
         assert_eq!(state.attachments_on(2).count(), 0);
 
         let outcome = state.apply(Command::Detach { volume: vid(1) }).unwrap();
-        assert_eq!(outcome, CommandOutcome::Detached { attachment: attachment(vid(1), "/run/x.sock") });
-        assert_eq!(refused(&mut state, Command::Detach { volume: vid(1) }), "volume 'db1' is not attached");
+        assert_eq!(
+            outcome,
+            CommandOutcome::Detached {
+                attachment: attachment(vid(1), "/run/x.sock")
+            }
+        );
+        assert_eq!(
+            refused(&mut state, Command::Detach { volume: vid(1) }),
+            "volume 'db1' is not attached"
+        );
         assert_eq!(
             refused(&mut state, Command::Detach { volume: vid(9) }),
             format!("volume '{}' not found", vid(9))
@@ -1161,14 +1687,27 @@ mod tests {
         assert_eq!(state.node_by_name_or_id("n1").map(|n| n.id), Some(1));
         assert_eq!(state.node_by_name_or_id("1").map(|n| n.id), Some(1));
         assert!(state.node_by_name_or_id("n9").is_none());
-        assert_eq!(state.disk_by_path_or_id("/pool/d1").map(|d| d.id), Some(Uuid::from_u128(1)));
         assert_eq!(
-            state.disk_by_path_or_id(&Uuid::from_u128(1).to_string()).map(|d| d.path.as_str()),
+            state.disk_by_path_or_id("/pool/d1").map(|d| d.id),
+            Some(Uuid::from_u128(1))
+        );
+        assert_eq!(
+            state
+                .disk_by_path_or_id(&Uuid::from_u128(1).to_string())
+                .map(|d| d.path.as_str()),
             Some("/pool/d1")
         );
         // A path shared by two nodes is ambiguous.
-        state.apply(Command::AddNode { node: node(2, "n2") }).unwrap();
-        state.apply(Command::AddDisk { disk: disk(2, 2, "/pool/d1", GIB) }).unwrap();
+        state
+            .apply(Command::AddNode {
+                node: node(2, "n2"),
+            })
+            .unwrap();
+        state
+            .apply(Command::AddDisk {
+                disk: disk(2, 2, "/pool/d1", GIB),
+            })
+            .unwrap();
         assert!(state.disk_by_path_or_id("/pool/d1").is_none());
     }
 
@@ -1178,22 +1717,46 @@ mod tests {
         // value changed.
         let mut state = ClusterState::default();
         let commands = vec![
-            Command::InitCluster { cluster_id: Uuid::from_u128(1), settings: Settings::default(), node: node(1, "n1") },
-            Command::AddNode { node: node(2, "n2") },
-            Command::UpdateNode { id: 2, address: Some("a:1".to_owned()), labels: None, state: None },
-            Command::AddDisk { disk: disk(1, 1, "/d1", 8 * GIB) },
-            Command::AddDisk { disk: disk(2, 2, "/d1", 8 * GIB) },
+            Command::InitCluster {
+                cluster_id: Uuid::from_u128(1),
+                settings: Settings::default(),
+                node: node(1, "n1"),
+            },
+            Command::AddNode {
+                node: node(2, "n2"),
+            },
+            Command::UpdateNode {
+                id: 2,
+                address: Some("a:1".to_owned()),
+                labels: None,
+                state: None,
+            },
+            Command::AddDisk {
+                disk: disk(1, 1, "/d1", 8 * GIB),
+            },
+            Command::AddDisk {
+                disk: disk(2, 2, "/d1", 8 * GIB),
+            },
             create("db1", 1, GIB),
-            Command::GrowVolume { id: vid(1), new_size: 2 * GIB },
-            Command::Attach { attachment: attachment(vid(1), "/run/a.sock") },
+            Command::GrowVolume {
+                id: vid(1),
+                new_size: 2 * GIB,
+            },
+            Command::Attach {
+                attachment: attachment(vid(1), "/run/a.sock"),
+            },
             Command::Detach { volume: vid(1) },
             Command::DeleteVolume { id: vid(1) },
-            Command::RemoveDisk { id: Uuid::from_u128(2) },
+            Command::RemoveDisk {
+                id: Uuid::from_u128(2),
+            },
         ];
         for command in commands {
             let before = state.clone();
             let rows = command.rows();
-            state.apply(command.clone()).unwrap_or_else(|e| panic!("{command}: {e}"));
+            state
+                .apply(command.clone())
+                .unwrap_or_else(|e| panic!("{command}: {e}"));
             let mut changed = Vec::new();
             if before.cluster_id != state.cluster_id || before.settings != state.settings {
                 changed.push(Row::Cluster);
@@ -1221,7 +1784,10 @@ mod tests {
             changed.sort();
             changed.dedup();
             for row in &changed {
-                assert!(rows.contains(row), "{command} changed {row:?} but names only {rows:?}");
+                assert!(
+                    rows.contains(row),
+                    "{command} changed {row:?} but names only {rows:?}"
+                );
             }
             assert!(!changed.is_empty(), "{command} changed nothing");
         }

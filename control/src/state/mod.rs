@@ -21,16 +21,14 @@ use uuid::Uuid;
 
 pub use command::{Command, CommandError, CommandOutcome, MAX_QUEUES, MAX_VOLUME_SIZE, Row};
 pub use placement::{
-    Candidate, MAX_RUNS_PER_PLACEMENT, MIN_RUN_EXTENTS, Placement, PlacementRequest, PlacementRun, ReplicaSet,
-    place, run_bytes,
+    Candidate, MAX_RUNS_PER_PLACEMENT, MIN_RUN_EXTENTS, Placement, PlacementRequest, PlacementRun,
+    ReplicaSet, place, run_bytes,
 };
 
 /// A node's id: a random u64 generated once per data directory (see [`crate::raft::ControlPlane::node_id`]).
 pub type NodeId = u64;
-/// A disk's id, the same type as the block store's.
-pub type DiskId = Uuid;
-/// A volume's id, the same type as the block store's.
-pub type VolumeId = Uuid;
+/// A disk's id and a volume's id: the block store's own (both UUIDs).
+pub use vstore::{DiskId, VolumeId};
 
 /// Cluster-wide settings, fixed at `cluster init` (later issues may add a command to change them).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -47,7 +45,11 @@ pub struct Settings {
 
 impl Default for Settings {
     fn default() -> Self {
-        Self { extent_size: 64 << 20, overcommit_ratio_milli: 2000, default_block_size: 512 }
+        Self {
+            extent_size: 64 << 20,
+            overcommit_ratio_milli: 2000,
+            default_block_size: 512,
+        }
     }
 }
 
@@ -186,7 +188,11 @@ impl Volume {
 
 /// Number of `extent_size` extents covering `size` bytes.
 pub fn extent_count(size: u64, extent_size: u64) -> u64 {
-    if extent_size == 0 { 0 } else { size.div_ceil(extent_size) }
+    if extent_size == 0 {
+        0
+    } else {
+        size.div_ceil(extent_size)
+    }
 }
 
 /// A volume served as a vhost-user-blk device on one node: the lease (at most one per volume).
@@ -229,7 +235,9 @@ impl ClusterState {
         if let Some(id) = self.volume_names.get(key) {
             return self.volumes.get(id);
         }
-        Uuid::parse_str(key).ok().and_then(|id| self.volumes.get(&id))
+        Uuid::parse_str(key)
+            .ok()
+            .and_then(|id| self.volumes.get(&id))
     }
 
     /// Looks a node up by name, then by id (decimal).
@@ -237,7 +245,11 @@ impl ClusterState {
         self.nodes
             .values()
             .find(|node| node.name == key)
-            .or_else(|| key.parse::<NodeId>().ok().and_then(|id| self.nodes.get(&id)))
+            .or_else(|| {
+                key.parse::<NodeId>()
+                    .ok()
+                    .and_then(|id| self.nodes.get(&id))
+            })
     }
 
     /// Looks a disk up by id (text of a UUID), then by path when the path is unique in the cluster.
@@ -267,7 +279,9 @@ impl ClusterState {
 
     /// Attachments served by `node`.
     pub fn attachments_on(&self, node: NodeId) -> impl Iterator<Item = &Attachment> {
-        self.attachments.values().filter(move |attachment| attachment.node == node)
+        self.attachments
+            .values()
+            .filter(move |attachment| attachment.node == node)
     }
 
     /// Disks of `node`.
@@ -277,14 +291,21 @@ impl ClusterState {
 
     /// Volumes with at least one replica on `node`.
     pub fn volumes_on(&self, node: NodeId) -> impl Iterator<Item = &Volume> {
-        self.volumes
-            .values()
-            .filter(move |volume| volume.placement.runs().any(|(_, run)| run.replicas.contains(node)))
+        self.volumes.values().filter(move |volume| {
+            volume
+                .placement
+                .runs()
+                .any(|(_, run)| run.replicas.contains(node))
+        })
     }
 
     /// Capacity of `node`'s disks.
     pub fn node_capacity_bytes(&self, node: NodeId) -> u64 {
-        saturate(self.disks_on(node).map(|disk| u128::from(disk.capacity)).sum())
+        saturate(
+            self.disks_on(node)
+                .map(|disk| u128::from(disk.capacity))
+                .sum(),
+        )
     }
 
     /// Bytes of volume replicas placed on each node.
@@ -304,7 +325,9 @@ impl ClusterState {
 
     /// A node as users name it: its name, or its id when unknown.
     pub fn node_label(&self, node: NodeId) -> String {
-        self.nodes.get(&node).map_or_else(|| node.to_string(), |n| n.name.clone())
+        self.nodes
+            .get(&node)
+            .map_or_else(|| node.to_string(), |n| n.name.clone())
     }
 
     fn provisioned_raw(&self) -> u128 {
@@ -312,7 +335,10 @@ impl ClusterState {
     }
 
     fn capacity_raw(&self) -> u128 {
-        self.disks.values().map(|disk| u128::from(disk.capacity)).sum()
+        self.disks
+            .values()
+            .map(|disk| u128::from(disk.capacity))
+            .sum()
     }
 
     fn provisionable_raw(&self, capacity: u128) -> u128 {
@@ -340,17 +366,26 @@ mod tests {
     #[test]
     fn default_settings_are_valid_and_bad_ones_say_why() {
         assert_eq!(Settings::default().validate(), Ok(()));
-        let bad = Settings { extent_size: 3 << 20, ..Settings::default() };
+        let bad = Settings {
+            extent_size: 3 << 20,
+            ..Settings::default()
+        };
         assert_eq!(
             bad.validate().unwrap_err().to_string(),
             "invalid cluster settings: extent size 3 MiB is not a power of two between 1 MiB and 4 GiB"
         );
-        let bad = Settings { overcommit_ratio_milli: 500, ..Settings::default() };
+        let bad = Settings {
+            overcommit_ratio_milli: 500,
+            ..Settings::default()
+        };
         assert_eq!(
             bad.validate().unwrap_err().to_string(),
             "invalid cluster settings: overcommit ratio 0.5 is outside 1.0..=100.0"
         );
-        let bad = Settings { default_block_size: 1000, ..Settings::default() };
+        let bad = Settings {
+            default_block_size: 1000,
+            ..Settings::default()
+        };
         assert_eq!(
             bad.validate().unwrap_err().to_string(),
             "invalid cluster settings: default block size 1000 B is not a power of two between 512 B and 64 KiB"

@@ -33,7 +33,10 @@ impl ReplicaSet {
     pub fn new(mut nodes: Vec<NodeId>) -> Self {
         nodes.sort_unstable();
         nodes.dedup();
-        Self { epoch: Self::FIRST_EPOCH, nodes }
+        Self {
+            epoch: Self::FIRST_EPOCH,
+            nodes,
+        }
     }
 
     /// Whether `node` holds a replica.
@@ -65,7 +68,10 @@ impl Placement {
 
     /// Number of extents placed so far.
     pub fn extent_count(&self) -> u64 {
-        self.runs.iter().next_back().map_or(0, |(first, run)| first + run.count)
+        self.runs
+            .iter()
+            .next_back()
+            .map_or(0, |(first, run)| first + run.count)
     }
 
     /// The runs in extent order, as `(first_extent, run)`.
@@ -139,7 +145,8 @@ pub fn place(placement: &mut Placement, candidates: &[Candidate], request: Place
     while first < request.end_extent {
         let count = stripe.min(request.end_extent - first);
         let start_byte = u128::from(first) * u128::from(request.extent_size);
-        let end_byte = (u128::from(first + count) * u128::from(request.extent_size)).min(u128::from(request.volume_size));
+        let end_byte = (u128::from(first + count) * u128::from(request.extent_size))
+            .min(u128::from(request.volume_size));
         let bytes = i128::try_from(end_byte.saturating_sub(start_byte)).unwrap_or(i128::MAX);
         candidates.sort_by(|a, b| b.free.cmp(&a.free).then(a.node.cmp(&b.node)));
         let chosen: Vec<NodeId> = candidates.iter().take(wanted).map(|c| c.node).collect();
@@ -154,7 +161,8 @@ pub fn place(placement: &mut Placement, candidates: &[Candidate], request: Place
 /// Bytes of a volume of `volume_size` covered by extents `[first, first + count)`.
 pub fn run_bytes(first: u64, count: u64, extent_size: u64, volume_size: u64) -> u64 {
     let start = u128::from(first) * u128::from(extent_size);
-    let end = (u128::from(first.saturating_add(count)) * u128::from(extent_size)).min(u128::from(volume_size));
+    let end = (u128::from(first.saturating_add(count)) * u128::from(extent_size))
+        .min(u128::from(volume_size));
     u64::try_from(end.saturating_sub(start)).unwrap_or(u64::MAX)
 }
 
@@ -167,7 +175,13 @@ mod tests {
     const TIB: u64 = 1 << 40;
 
     fn request(first: u64, end: u64, size: u64, replicas: u8) -> PlacementRequest {
-        PlacementRequest { first_extent: first, end_extent: end, extent_size: 64 * MIB, volume_size: size, replicas }
+        PlacementRequest {
+            first_extent: first,
+            end_extent: end,
+            extent_size: 64 * MIB,
+            volume_size: size,
+            replicas,
+        }
     }
 
     #[test]
@@ -175,11 +189,21 @@ mod tests {
         let size = 100 * TIB;
         let extents = size / (64 * MIB);
         let mut placement = Placement::default();
-        place(&mut placement, &[Candidate { node: 7, free: i128::from(GIB) }], request(0, extents, size, 1));
+        place(
+            &mut placement,
+            &[Candidate {
+                node: 7,
+                free: i128::from(GIB),
+            }],
+            request(0, extents, size, 1),
+        );
         assert_eq!(placement.run_count(), 1);
         assert_eq!(placement.extent_count(), extents);
         assert_eq!(placement.replica_set(0), Some(&ReplicaSet::new(vec![7])));
-        assert_eq!(placement.replica_set(extents - 1), Some(&ReplicaSet::new(vec![7])));
+        assert_eq!(
+            placement.replica_set(extents - 1),
+            Some(&ReplicaSet::new(vec![7]))
+        );
         assert_eq!(placement.replica_set(extents), None);
     }
 
@@ -193,10 +217,23 @@ mod tests {
         placement.push(1, ReplicaSet::new(vec![1, 3]));
         assert_eq!(placement.run_count(), 3);
         assert_eq!(placement.extent_count(), 10);
-        let owners: Vec<Vec<NodeId>> = (0..10).map(|e| placement.replica_set(e).unwrap().nodes.clone()).collect();
+        let owners: Vec<Vec<NodeId>> = (0..10)
+            .map(|e| placement.replica_set(e).unwrap().nodes.clone())
+            .collect();
         assert_eq!(
             owners,
-            vec![vec![1], vec![1], vec![1], vec![2], vec![2], vec![2], vec![2], vec![2], vec![2], vec![1, 3]]
+            vec![
+                vec![1],
+                vec![1],
+                vec![1],
+                vec![2],
+                vec![2],
+                vec![2],
+                vec![2],
+                vec![2],
+                vec![2],
+                vec![1, 3]
+            ]
         );
         assert_eq!(placement.replica_set(10), None);
         assert_eq!(placement.replica_set(u64::MAX), None);
@@ -207,10 +244,22 @@ mod tests {
     #[test]
     fn replicas_go_to_distinct_nodes_with_the_most_free_space() {
         let candidates = [
-            Candidate { node: 1, free: i128::from(10 * GIB) },
-            Candidate { node: 2, free: i128::from(500 * GIB) },
-            Candidate { node: 3, free: i128::from(400 * GIB) },
-            Candidate { node: 4, free: i128::from(300 * GIB) },
+            Candidate {
+                node: 1,
+                free: i128::from(10 * GIB),
+            },
+            Candidate {
+                node: 2,
+                free: i128::from(500 * GIB),
+            },
+            Candidate {
+                node: 3,
+                free: i128::from(400 * GIB),
+            },
+            Candidate {
+                node: 4,
+                free: i128::from(300 * GIB),
+            },
         ];
         let mut placement = Placement::default();
         place(&mut placement, &candidates, request(0, 16, GIB, 3));
@@ -220,8 +269,12 @@ mod tests {
 
     #[test]
     fn large_volumes_spread_over_equal_nodes_and_placement_is_deterministic() {
-        let candidates: Vec<Candidate> =
-            (1..=4).map(|node| Candidate { node, free: i128::from(TIB) }).collect();
+        let candidates: Vec<Candidate> = (1..=4)
+            .map(|node| Candidate {
+                node,
+                free: i128::from(TIB),
+            })
+            .collect();
         let size = 64 * GIB;
         let extents = size / (64 * MIB);
         let mut first = Placement::default();
@@ -242,7 +295,10 @@ mod tests {
         }
         assert_eq!(per_node.len(), 4);
         // Two copies of 64 GiB over four equal nodes: 32 GiB each.
-        assert!(per_node.values().all(|&bytes| bytes == 32 * GIB), "{per_node:?}");
+        assert!(
+            per_node.values().all(|&bytes| bytes == 32 * GIB),
+            "{per_node:?}"
+        );
     }
 
     #[test]
