@@ -37,7 +37,6 @@ pub use vessel_proto::raft::raft_server::RaftServer;
 
 use self::network::{ForwardError, ForwardRequest, ForwardResponse, PeerNetwork, propose_locally};
 pub use self::network::{MAX_MESSAGE_BYTES, RaftPeerService, WIRE_VERSION};
-pub use self::store::tables;
 use self::store::{MetaStore, SharedState, StoreError};
 use self::types::{Raft, TypeConfig};
 use crate::state::{ClusterState, Command, CommandError, CommandOutcome, Node, NodeId, Settings};
@@ -316,6 +315,11 @@ impl ControlPlane {
     /// waits until it is committed and applied. The state machine's verdict comes back:
     /// `Err(ControlError::Rejected(..))` carries the user-facing refusal.
     pub async fn write(&self, command: Command) -> Result<CommandOutcome, ControlError> {
+        if let Err(fatal) = &self.inner.raft.metrics().borrow_watched().running_state {
+            return Err(ControlError::Unavailable(format!(
+                "this node's Raft is not running: {fatal}"
+            )));
+        }
         if !matches!(command, Command::InitCluster { .. }) && !self.is_initialized() {
             return Err(ControlError::NotInitialized);
         }
@@ -400,7 +404,8 @@ impl ControlPlane {
     }
 
     /// Runs `f` on the locally applied state. Never blocks on the network; on a follower the state
-    /// may trail the leader by the entries not yet replicated.
+    /// may trail the leader by the entries not yet replicated. `f` runs under the lock applies
+    /// take: keep it short, and do not call back into this handle from it.
     pub fn read<R>(&self, f: impl FnOnce(&ClusterState) -> R) -> R {
         self.inner.shared.read(|applied| f(&applied.state))
     }

@@ -395,3 +395,52 @@ async fn three_voters_replicate_forward_and_survive_the_leaders_loss() {
         member.kill().await;
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn malformed_peer_messages_fail_the_rpc_not_the_node() {
+    use vessel_proto::raft::RaftMessage;
+    use vessel_proto::raft::raft_client::RaftClient;
+
+    let dir = TempDir::new().unwrap();
+    let member = Member::start(dir.path(), "127.0.0.1:0").await;
+    member
+        .cp
+        .initialize(Settings::default(), node("n1", None))
+        .await
+        .unwrap();
+    let mut client = RaftClient::connect(format!("http://{}", member.addr))
+        .await
+        .unwrap();
+    let garbage = || RaftMessage {
+        version: WIRE_VERSION,
+        payload: vec![0xff, 0x00, 0x13],
+    };
+    let statuses = [
+        client.vote(garbage()).await.unwrap_err(),
+        client.pre_vote(garbage()).await.unwrap_err(),
+        client.append_entries(garbage()).await.unwrap_err(),
+        client.install_snapshot(garbage()).await.unwrap_err(),
+        client.forward(garbage()).await.unwrap_err(),
+        client
+            .forward(RaftMessage {
+                version: 99,
+                payload: Vec::new(),
+            })
+            .await
+            .unwrap_err(),
+    ];
+    for status in &statuses {
+        assert_eq!(status.code(), tonic::Code::InvalidArgument, "{status:?}");
+    }
+    assert!(
+        statuses[5]
+            .message()
+            .starts_with("raft message version 99 is not supported"),
+        "{:?}",
+        statuses[5]
+    );
+    // The node is still the leader and still takes writes.
+    assert_eq!(member.cp.raft_status().role, RaftRole::Leader);
+    member.cp.write(disk(1, member.cp.node_id())).await.unwrap();
+    member.kill().await;
+}

@@ -5,7 +5,9 @@
 //! refused command leaves the state untouched. Apply is deterministic: timestamps and generated
 //! ids travel inside the command from the proposer, never from the clock or an RNG here. Every
 //! type is serde-serializable; stored and sent forms are postcard behind a format version byte
-//! (see [`crate::raft`]), so fields are only ever appended at the end of a struct or enum.
+//! (see [`crate::raft`]). Postcard is positional: new enum variants may be appended, but any
+//! other change to these types (a field added, removed or reordered) needs a new format version
+//! and a decoder for the old one.
 //!
 //! This module hands on pure queries (`volume_by_name_or_id`, `provisioned_bytes`, ...) for the
 //! admin API and the daemon; it knows nothing of openraft.
