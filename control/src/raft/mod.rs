@@ -77,7 +77,7 @@ pub enum ControlError {
     Unavailable(String),
     #[error("membership change refused: {0}")]
     Membership(String),
-    #[error("metadata store {}: {reason}; check the data directory's disk and permissions", .path.display())]
+    #[error("metadata store {}: {reason}", .path.display())]
     Storage { path: PathBuf, reason: String },
 }
 

@@ -68,7 +68,7 @@ use tables::{ATTACHMENTS, DISKS, IDENTITY, LOG, NODES, RAFT_META, SM_META, SNAPS
 /// Why the metadata store failed.
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
-    #[error("{0}")]
+    #[error("{0} (check the disk and the data directory's permissions)")]
     Redb(#[from] redb::Error),
     #[error("{what} is unreadable: {source}")]
     Corrupt { what: String, source: DecodeError },
@@ -679,9 +679,12 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
     }
 
     async fn get_snapshot_builder(&mut self) -> Self::SnapshotBuilder {
+        // Captured here, between two apply batches, where memory equals what is on disk: the
+        // builder runs concurrently with later applies, and a snapshot must never be ahead of the
+        // durable state machine.
         SnapshotBuilder {
             db: Arc::clone(&self.db),
-            shared: Arc::clone(&self.shared),
+            applied: self.shared.read(Applied::clone),
         }
     }
 
@@ -759,25 +762,23 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
     }
 }
 
-/// Builds a snapshot of the state machine as of the moment [`RaftSnapshotBuilder::build_snapshot`]
-/// runs, and keeps it as the current snapshot.
+/// Builds a snapshot of the state machine as it was when the builder was made, and keeps it as
+/// the current snapshot.
 #[derive(Debug)]
 pub struct SnapshotBuilder {
     db: Arc<Database>,
-    shared: Arc<SharedState>,
+    applied: Applied,
 }
 
 impl RaftSnapshotBuilder<TypeConfig> for SnapshotBuilder {
     type SnapshotData = Vec<u8>;
 
     async fn build_snapshot(&mut self) -> Result<Snapshot, io::Error> {
-        let (meta, data) = self.shared.read(|applied| -> Result<_, StoreError> {
-            let meta = SnapshotMeta {
-                last_log_id: applied.last_applied,
-                last_membership: applied.membership.clone(),
-            };
-            Ok((meta, encode_state(&applied.state)?))
-        })?;
+        let meta = SnapshotMeta {
+            last_log_id: self.applied.last_applied,
+            last_membership: self.applied.membership.clone(),
+        };
+        let data = encode_state(&self.applied.state)?;
         let meta_bytes = encode_value("snapshot metadata", &meta)?;
         let stored = data.clone();
         write_txn(&self.db, move |txn| {

@@ -444,3 +444,57 @@ async fn malformed_peer_messages_fail_the_rpc_not_the_node() {
     member.cp.write(disk(1, member.cp.node_id())).await.unwrap();
     member.kill().await;
 }
+
+#[test]
+fn control_errors_say_what_to_do() {
+    let not_leader = ControlError::NotLeader {
+        leader: Some(7),
+        address: Some("10.0.0.7:7000".to_owned()),
+    };
+    assert_eq!(
+        not_leader.to_string(),
+        "this node is not the Raft leader; the leader is node 7 at 10.0.0.7:7000, send it there"
+    );
+    let no_address = ControlError::NotLeader {
+        leader: Some(7),
+        address: None,
+    };
+    assert_eq!(
+        no_address.to_string(),
+        "this node is not the Raft leader; the leader is node 7, which has no network address to forward to \
+         (start it with --listen)"
+    );
+    let unknown = ControlError::NotLeader {
+        leader: None,
+        address: None,
+    };
+    assert_eq!(
+        unknown.to_string(),
+        "this node is not the Raft leader; no leader is known yet, retry shortly"
+    );
+    let rejected = ControlError::from(CommandError::VolumeExists {
+        name: "db1".to_owned(),
+    });
+    assert_eq!(
+        rejected.to_string(),
+        "volume 'db1' already exists",
+        "refusals reach the CLI unchanged"
+    );
+    assert_eq!(
+        ControlError::NotInitialized.to_string(),
+        "the cluster is not initialised; run `vessel cluster init` first"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_data_directory_in_use_is_refused_clearly() {
+    let dir = TempDir::new().unwrap();
+    let cp = ControlPlane::open(dir.path(), None).await.unwrap();
+    let error = ControlPlane::open(dir.path(), None).await.unwrap_err();
+    let expected = format!(
+        "metadata store {}: the database is in use by another process",
+        dir.path().join(META_FILE).display()
+    );
+    assert!(error.to_string().starts_with(&expected), "{error}");
+    cp.shutdown().await.unwrap();
+}
