@@ -311,12 +311,18 @@ fn serve<D: VhostUserDevice>(stream: UnixStream, device: &Arc<D>, shared: &Share
             Ok(None) => break "frontend closed the connection".to_string(),
             Err(e) => break format!("connection error: {e}"),
         };
-        match requests.handle_request() {
-            Ok(()) => {
-                if peeked.code == Some(set_backend_req_fd) {
-                    install_channel(shared, &handler, peeked.fd);
-                }
-            }
+        let channel_request = peeked.code == Some(set_backend_req_fd);
+        if channel_request {
+            // Installed before the crate handles the message: its REPLY_ACK tells the frontend
+            // the channel exists, so it must be usable by then. Withdrawn below if refused.
+            install_channel(shared, &handler, peeked.fd);
+        }
+        let result = requests.handle_request();
+        if channel_request && result.is_err() {
+            *lock(&shared.channel) = None;
+        }
+        match result {
+            Ok(()) => {}
             Err(VhostError::ReqHandlerError(e)) => {
                 // Refused (and NACKed when the frontend asked for a reply); the connection
                 // stays usable.

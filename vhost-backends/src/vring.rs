@@ -10,6 +10,7 @@
 
 use std::collections::VecDeque;
 use std::io;
+use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex};
 
 use virtio_queue::{Queue, QueueT};
@@ -68,6 +69,7 @@ pub struct Vring {
     inflight: Option<InflightQueue>,
     resubmit: VecDeque<u16>,
     indirect: bool,
+    overrun_reported: bool,
 }
 
 impl Vring {
@@ -89,6 +91,7 @@ impl Vring {
             inflight: None,
             resubmit: VecDeque::new(),
             indirect,
+            overrun_reported: false,
         }
     }
 
@@ -218,8 +221,28 @@ impl Vring {
     }
 
     /// Re-enables kicks; returns `true` if entries arrived meanwhile (drain again).
+    ///
+    /// An available index more than a ring ahead of what was consumed is a driver bug (or stale
+    /// memory): `pop` cannot take anything then, so this reports nothing new instead of letting
+    /// the worker spin, and the ring waits for the next kick.
     pub fn enable_notification(&mut self, mem: &GuestMemoryMmap) -> bool {
-        self.queue.enable_notification(mem).unwrap_or(false)
+        if !self.queue.enable_notification(mem).unwrap_or(false) {
+            self.overrun_reported = false;
+            return false;
+        }
+        let overrun = match self.queue.avail_idx(mem, Ordering::Acquire) {
+            Ok(idx) => idx.0.wrapping_sub(self.queue.next_avail()) > self.queue.size(),
+            Err(_) => true,
+        };
+        if overrun && !self.overrun_reported {
+            self.overrun_reported = true;
+            tracing::warn!(
+                queue = self.index,
+                next_avail = self.queue.next_avail(),
+                "available ring index runs more than a ring ahead; ignoring the ring until the driver fixes it"
+            );
+        }
+        !overrun
     }
 
     /// Consumes a kick. Call it only when epoll reported the kick fd readable: the frontend

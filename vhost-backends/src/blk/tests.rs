@@ -703,6 +703,27 @@ fn malformed_chains_get_the_right_status_and_never_panic() {
 }
 
 #[test]
+fn bogus_available_index_does_not_hang_the_worker() {
+    let mut rig = Rig::new(false);
+    let mut vring = rig.vring(false);
+    let backend = Arc::clone(&rig.backend);
+    let mut worker = QueueWorker::new(&backend, &vring).unwrap();
+    // The driver claims 1000 new entries in a 16-entry ring.
+    rig.mem
+        .write_obj(1000u16, GuestAddress(rig.avail.0 + 2))
+        .unwrap();
+    rig.serve(&mut worker, &mut vring);
+    assert_eq!(rig.used_idx(), 0);
+    // Once it writes a sane index again, requests flow.
+    rig.mem
+        .write_obj(0u16, GuestAddress(rig.avail.0 + 2))
+        .unwrap();
+    let s = rig.read_req(0, DATA, 512);
+    rig.serve(&mut worker, &mut vring);
+    assert_eq!(rig.status(s), ok());
+}
+
+#[test]
 fn event_idx_suppresses_and_requests_notifications() {
     let mut rig = Rig::new(false);
     let mut features = linux_features() | bit(VIRTIO_RING_F_EVENT_IDX);

@@ -1,0 +1,629 @@
+//! The handler driven by a raw vhost-user frontend (the `vhost` crate's `Frontend`), playing
+//! both QEMU (the protocol messages) and the guest driver (rings in shared memory):
+//! memory slots, ring stop/restart through GET_VRING_BASE, config space access,
+//! config-change notifications on the backend channel, refused requests, a frontend vanishing
+//! mid-request, and a backend process killed with requests in flight whose successor
+//! resubmits them from the inflight region.
+
+mod common;
+
+use std::fs::File;
+use std::os::fd::AsRawFd;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::{Duration, Instant};
+
+use common::*;
+use vhost::vhost_user::message::{
+    VhostUserConfigFlags, VhostUserHeaderFlag, VhostUserInflight, VhostUserProtocolFeatures,
+    VhostUserVirtioFeatures,
+};
+use vhost::vhost_user::{
+    Frontend, FrontendReqHandler, HandlerResult, VhostUserFrontend, VhostUserFrontendReqHandler,
+};
+use vhost::{VhostBackend, VhostUserMemoryRegionInfo, VringConfigData};
+use vhost_backends::{BlkConfig, BlkDevice};
+use virtio_queue::desc::split::Descriptor;
+use vm_memory::{
+    Bytes, FileOffset, GuestAddress, GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion,
+    GuestRegionMmap,
+};
+use vmm_sys_util::eventfd::EventFd;
+use vstore::{LocalPool, VolumeLayout};
+
+const VIRTIO_F_VERSION_1: u64 = 1 << 32;
+const VIRTIO_BLK_F_FLUSH: u64 = 1 << 9;
+const VIRTIO_BLK_F_CONFIG_WCE: u64 = 1 << 11;
+const VIRTIO_RING_F_INDIRECT_DESC: u64 = 1 << 28;
+const T_IN: u32 = 0;
+const T_OUT: u32 = 1;
+const DESC_F_NEXT: u16 = 1;
+const DESC_F_WRITE: u16 = 2;
+
+const GUEST_SIZE: u64 = 32 * MIB;
+const DESC: u64 = 0x0;
+const AVAIL: u64 = 0x4000;
+const USED: u64 = 0x8000;
+const HEADERS: u64 = 0x10000;
+const STATUS: u64 = 0x20000;
+const DATA: u64 = MIB;
+
+/// Guest RAM shared with the backend: a file mapped here and sent as a memory region.
+struct Guest {
+    file: File,
+    mem: GuestMemoryMmap,
+    host_base: u64,
+}
+
+impl Guest {
+    fn new() -> Guest {
+        let file = tempfile::tempfile_in(env!("CARGO_TARGET_TMPDIR")).unwrap();
+        file.set_len(GUEST_SIZE).unwrap();
+        let region = GuestRegionMmap::from_range(
+            GuestAddress(0),
+            GUEST_SIZE as usize,
+            Some(FileOffset::new(file.try_clone().unwrap(), 0)),
+        )
+        .unwrap();
+        let mem = GuestMemoryMmap::from_regions(vec![region]).unwrap();
+        let host_base = mem
+            .find_region(GuestAddress(0))
+            .unwrap()
+            .get_host_address(vm_memory::MemoryRegionAddress(0))
+            .unwrap() as u64;
+        Guest {
+            file,
+            mem,
+            host_base,
+        }
+    }
+
+    fn region(&self) -> VhostUserMemoryRegionInfo {
+        VhostUserMemoryRegionInfo {
+            guest_phys_addr: 0,
+            memory_size: GUEST_SIZE,
+            userspace_addr: self.host_base,
+            mmap_offset: 0,
+            mmap_handle: self.file.as_raw_fd(),
+        }
+    }
+}
+
+/// The driver side of one split ring in guest memory.
+struct Ring {
+    size: u16,
+    next_desc: u16,
+    avail_idx: u16,
+    requests: u64,
+    kick: EventFd,
+    call: EventFd,
+}
+
+impl Ring {
+    fn new(size: u16) -> Ring {
+        Ring {
+            size,
+            next_desc: 0,
+            avail_idx: 0,
+            requests: 0,
+            kick: EventFd::new(libc::EFD_NONBLOCK).unwrap(),
+            call: EventFd::new(libc::EFD_NONBLOCK).unwrap(),
+        }
+    }
+
+    fn config(&self, guest: &Guest) -> VringConfigData {
+        VringConfigData {
+            queue_max_size: self.size,
+            queue_size: self.size,
+            flags: 0,
+            desc_table_addr: guest.host_base + DESC,
+            used_ring_addr: guest.host_base + USED,
+            avail_ring_addr: guest.host_base + AVAIL,
+            log_addr: None,
+        }
+    }
+
+    /// Queues a request of `t` at `sector` with one data buffer; returns (head, status addr).
+    fn request(&mut self, guest: &Guest, t: u32, sector: u64, data: u64, len: u32) -> (u16, u64) {
+        let n = self.requests;
+        self.requests += 1;
+        let hdr = HEADERS + 16 * (n % 1024);
+        let status = STATUS + (n % 4096);
+        let mut h = [0u8; 16];
+        h[0..4].copy_from_slice(&t.to_le_bytes());
+        h[8..16].copy_from_slice(&sector.to_le_bytes());
+        guest.mem.write_slice(&h, GuestAddress(hdr)).unwrap();
+        guest.mem.write_obj(0xeeu8, GuestAddress(status)).unwrap();
+        let data_flags = if t == T_IN { DESC_F_WRITE } else { 0 };
+        let bufs = [
+            (hdr, 16, 0),
+            (data, len, data_flags),
+            (status, 1, DESC_F_WRITE),
+        ];
+        let head = self.next_desc % self.size;
+        for (i, &(addr, len, flags)) in bufs.iter().enumerate() {
+            let index = (self.next_desc + i as u16) % self.size;
+            let (flags, next) = if i + 1 < bufs.len() {
+                (flags | DESC_F_NEXT, (index + 1) % self.size)
+            } else {
+                (flags, 0)
+            };
+            let d = Descriptor::new(addr, len, flags, next);
+            guest
+                .mem
+                .write_obj(d, GuestAddress(DESC + 16 * u64::from(index)))
+                .unwrap();
+        }
+        self.next_desc = self.next_desc.wrapping_add(3);
+        let slot = AVAIL + 4 + 2 * u64::from(self.avail_idx % self.size);
+        guest.mem.write_obj(head, GuestAddress(slot)).unwrap();
+        self.avail_idx = self.avail_idx.wrapping_add(1);
+        guest
+            .mem
+            .write_obj(self.avail_idx, GuestAddress(AVAIL + 2))
+            .unwrap();
+        (head, status)
+    }
+
+    fn kick(&self) {
+        self.kick.write(1).unwrap();
+    }
+
+    fn used_idx(&self, guest: &Guest) -> u16 {
+        guest.mem.read_obj(GuestAddress(USED + 2)).unwrap()
+    }
+
+    fn used(&self, guest: &Guest, i: u16) -> (u32, u32) {
+        let at = USED + 4 + 8 * u64::from(i % self.size);
+        (
+            guest.mem.read_obj(GuestAddress(at)).unwrap(),
+            guest.mem.read_obj(GuestAddress(at + 4)).unwrap(),
+        )
+    }
+
+    fn wait_used(&self, guest: &Guest, n: u16) {
+        assert!(
+            wait_until(Duration::from_secs(30), || self.used_idx(guest) == n),
+            "used idx stuck at {} waiting for {n}",
+            self.used_idx(guest)
+        );
+    }
+}
+
+fn status(guest: &Guest, addr: u64) -> u8 {
+    guest.mem.read_obj(GuestAddress(addr)).unwrap()
+}
+
+/// What the frontend negotiates: what QEMU's vhost-user-blk acks.
+fn features() -> u64 {
+    VIRTIO_F_VERSION_1
+        | VIRTIO_BLK_F_FLUSH
+        | VIRTIO_BLK_F_CONFIG_WCE
+        | VIRTIO_RING_F_INDIRECT_DESC
+        | VhostUserVirtioFeatures::PROTOCOL_FEATURES.bits()
+}
+
+/// Connects and negotiates features, with REPLY_ACK on every request so refusals surface.
+fn connect(socket: &Path) -> Frontend {
+    let mut fe = Frontend::connect(socket, 1).unwrap();
+    fe.set_owner().unwrap();
+    let offered = fe.get_features().unwrap();
+    assert_eq!(
+        offered & features(),
+        features(),
+        "device offers what QEMU needs"
+    );
+    fe.set_features(features()).unwrap();
+    let pf = fe.get_protocol_features().unwrap();
+    let needed = VhostUserProtocolFeatures::MQ
+        | VhostUserProtocolFeatures::REPLY_ACK
+        | VhostUserProtocolFeatures::CONFIG
+        | VhostUserProtocolFeatures::CONFIGURE_MEM_SLOTS
+        | VhostUserProtocolFeatures::INFLIGHT_SHMFD
+        | VhostUserProtocolFeatures::BACKEND_REQ;
+    assert!(pf.contains(needed), "protocol features {pf:?}");
+    fe.set_protocol_features(needed).unwrap();
+    fe.set_hdr_flags(VhostUserHeaderFlag::NEED_REPLY);
+    fe
+}
+
+/// Configures and starts queue 0 the way QEMU does.
+fn start_ring(fe: &mut Frontend, guest: &Guest, ring: &Ring, base: u16) {
+    fe.set_vring_num(0, ring.size).unwrap();
+    fe.set_vring_addr(0, &ring.config(guest)).unwrap();
+    fe.set_vring_base(0, base).unwrap();
+    fe.set_vring_call(0, &ring.call).unwrap();
+    fe.set_vring_kick(0, &ring.kick).unwrap();
+    fe.set_vring_enable(0, true).unwrap();
+}
+
+fn device(vol: &TestVolume) -> BlkDevice {
+    BlkDevice::start(
+        Arc::clone(&vol.volume),
+        BlkConfig::new(vol.socket("fe.sock")),
+    )
+    .unwrap()
+}
+
+#[test]
+fn memory_slots_config_space_and_ring_restart() {
+    let vol = volume(16 * MIB);
+    let dev = device(&vol);
+    let guest = Guest::new();
+    let mut ring = Ring::new(64);
+    let mut fe = connect(&vol.socket("fe.sock"));
+    assert_eq!(fe.get_queue_num().unwrap(), 1);
+    assert!(fe.get_max_mem_slots().unwrap() >= 8);
+    fe.add_mem_region(&guest.region()).unwrap();
+
+    // Config space: capacity in sectors, blk_size, num_queues, the writeback byte.
+    let (_, cfg) = fe
+        .get_config(0, 60, VhostUserConfigFlags::WRITABLE, &[0u8; 60])
+        .unwrap();
+    assert_eq!(
+        u64::from_le_bytes(cfg[0..8].try_into().unwrap()),
+        16 * MIB / 512
+    );
+    assert_eq!(u32::from_le_bytes(cfg[20..24].try_into().unwrap()), 512);
+    assert_eq!(u16::from_le_bytes(cfg[34..36].try_into().unwrap()), 1);
+    assert_eq!(cfg[32], 1, "write-back by default");
+    fe.set_config(32, VhostUserConfigFlags::WRITABLE, &[0])
+        .unwrap();
+    let (_, cfg) = fe
+        .get_config(32, 1, VhostUserConfigFlags::WRITABLE, &[0])
+        .unwrap();
+    assert_eq!(cfg, vec![0], "the guest switched to write-through");
+    assert!(
+        fe.set_config(0, VhostUserConfigFlags::WRITABLE, &[0; 8])
+            .is_err(),
+        "capacity is read-only"
+    );
+
+    start_ring(&mut fe, &guest, &ring, 0);
+    let mut expected = Vec::new();
+    for i in 0..4u64 {
+        let mut buf = vec![0u8; 64 * 1024];
+        pattern(&mut buf, i, 1);
+        guest
+            .mem
+            .write_slice(&buf, GuestAddress(DATA + i * 0x10000))
+            .unwrap();
+        expected.push(buf);
+        ring.request(&guest, T_OUT, i * 128, DATA + i * 0x10000, 64 * 1024);
+    }
+    ring.kick();
+    ring.wait_used(&guest, 4);
+    for i in 0..4u64 {
+        ring.request(
+            &guest,
+            T_IN,
+            i * 128,
+            DATA + 0x100000 + i * 0x10000,
+            64 * 1024,
+        );
+    }
+    ring.kick();
+    ring.wait_used(&guest, 8);
+    for (i, e) in expected.iter().enumerate() {
+        let mut got = vec![0u8; 64 * 1024];
+        guest
+            .mem
+            .read_slice(&mut got, GuestAddress(DATA + 0x100000 + i as u64 * 0x10000))
+            .unwrap();
+        assert!(&got == e, "read {i}");
+    }
+    assert!(ring.call.read().is_ok(), "the driver was interrupted");
+
+    // GET_VRING_BASE stops the ring at the exact position; a restart carries on.
+    assert_eq!(fe.get_vring_base(0).unwrap(), 8);
+    let (_, s) = ring.request(&guest, T_IN, 0, DATA + 0x200000, 4096);
+    ring.kick();
+    std::thread::sleep(Duration::from_millis(100));
+    assert_eq!(ring.used_idx(&guest), 8, "a stopped ring is not processed");
+    fe.set_vring_base(0, 8).unwrap();
+    fe.set_vring_kick(0, &ring.kick).unwrap();
+    ring.wait_used(&guest, 9);
+    assert_eq!(status(&guest, s), 0);
+
+    // A refused request is NACKed and the connection stays usable.
+    assert!(
+        fe.set_vring_num(0, 100).is_err(),
+        "ring size 100 is not a power of two"
+    );
+    assert!(fe.set_vring_num(1, 64).is_err(), "there is no queue 1");
+    let (_, s) = ring.request(&guest, T_IN, 8, DATA + 0x200000, 4096);
+    ring.kick();
+    ring.wait_used(&guest, 10);
+    assert_eq!(status(&guest, s), 0);
+    assert!(dev.connected());
+    drop(fe);
+    assert!(wait_until(Duration::from_secs(5), || !dev.connected()));
+    dev.stop();
+}
+
+/// Counts CONFIG_CHANGE_MSG arriving on the backend request channel.
+#[derive(Default)]
+struct ConfigWatcher(AtomicUsize);
+
+impl VhostUserFrontendReqHandler for ConfigWatcher {
+    fn handle_config_change(&self) -> HandlerResult<u64> {
+        self.0.fetch_add(1, Ordering::SeqCst);
+        Ok(0)
+    }
+}
+
+#[test]
+fn growing_the_volume_notifies_the_frontend() {
+    let vol = volume(16 * MIB);
+    let dev = device(&vol);
+    let guest = Guest::new();
+    let mut fe = connect(&vol.socket("fe.sock"));
+    fe.set_mem_table(&[guest.region()]).unwrap();
+    let watcher = Arc::new(ConfigWatcher::default());
+    let mut channel = FrontendReqHandler::new(Arc::clone(&watcher)).unwrap();
+    channel.set_reply_ack_flag(true);
+    fe.set_backend_request_fd(&channel.get_tx_raw_fd()).unwrap();
+    let listener = std::thread::spawn(move || channel.handle_request().map(|_| ()));
+
+    vol.volume.grow(40 * MIB).unwrap();
+    dev.resize()
+        .expect("config change delivered and acknowledged");
+    listener.join().unwrap().unwrap();
+    assert_eq!(watcher.0.load(Ordering::SeqCst), 1);
+    let (_, cfg) = fe
+        .get_config(0, 8, VhostUserConfigFlags::WRITABLE, &[0u8; 8])
+        .unwrap();
+    assert_eq!(
+        u64::from_le_bytes(cfg[..8].try_into().unwrap()),
+        40 * MIB / 512
+    );
+    drop(fe);
+    dev.stop();
+}
+
+#[test]
+fn frontend_vanishing_mid_request_leaves_the_device_serving() {
+    let vol = volume(64 * MIB);
+    let dev = device(&vol);
+    let guest = Guest::new();
+    let mut ring = Ring::new(128);
+    let mut fe = connect(&vol.socket("fe.sock"));
+    fe.set_mem_table(&[guest.region()]).unwrap();
+    start_ring(&mut fe, &guest, &ring, 0);
+    for i in 0..32u64 {
+        ring.request(&guest, T_OUT, i * 2048, DATA + (i % 16) * MIB, MIB as u32);
+    }
+    ring.kick();
+    drop(fe); // gone, with up to 32 MiB of writes in flight
+    assert!(wait_until(Duration::from_secs(30), || !dev.connected()));
+    // The device drained what it took: every request it accepted is in the used ring.
+    let used = ring.used_idx(&guest);
+    for i in 0..used {
+        let (_, len) = ring.used(&guest, i);
+        assert_eq!(len, 1);
+    }
+
+    // The next frontend is served normally.
+    let mut ring = Ring::new(64);
+    // A fresh driver starts from zeroed rings.
+    guest
+        .mem
+        .write_slice(&[0u8; 0x8000], GuestAddress(AVAIL))
+        .unwrap();
+    guest
+        .mem
+        .write_slice(&[0u8; 0x8000], GuestAddress(USED))
+        .unwrap();
+    let mut fe = connect(&vol.socket("fe.sock"));
+    fe.set_mem_table(&[guest.region()]).unwrap();
+    start_ring(&mut fe, &guest, &ring, 0);
+    let (_, s) = ring.request(&guest, T_IN, 0, DATA, 4096);
+    ring.kick();
+    ring.wait_used(&guest, 1);
+    assert_eq!(status(&guest, s), 0);
+    drop(fe);
+    dev.stop();
+}
+
+// ---- crash with requests in flight ----------------------------------------------------------
+
+const CHILD_ENV: &str = "VESSEL_CRASH_CHILD";
+
+/// Where the child finds its volume: `disk|socket|uuid|size`.
+fn child_spec(disk: &Path, socket: &Path, layout: &VolumeLayout) -> String {
+    format!(
+        "{}|{}|{}|{}",
+        disk.display(),
+        socket.display(),
+        layout.id,
+        layout.size
+    )
+}
+
+fn open_device(spec: &str) -> (Arc<LocalPool>, BlkDevice) {
+    let parts: Vec<&str> = spec.split('|').collect();
+    let pool = Arc::new(LocalPool::new(EXTENT));
+    pool.open_disk(Path::new(parts[0])).unwrap();
+    let layout = VolumeLayout {
+        id: parts[2].parse().unwrap(),
+        size: parts[3].parse().unwrap(),
+        block_size: 512,
+        extent_size: EXTENT,
+    };
+    let volume = pool.open_volume(layout).unwrap();
+    let mut config = BlkConfig::new(PathBuf::from(parts[1]));
+    config.queue_size = 128;
+    (Arc::clone(&pool), BlkDevice::start(volume, config).unwrap())
+}
+
+/// Not a test on its own: the backend process `backend_killed_with_requests_in_flight` starts
+/// and kills. It serves the volume described in `VESSEL_CRASH_CHILD` until it is killed.
+#[test]
+#[ignore = "helper process of backend_killed_with_requests_in_flight"]
+fn crash_child_backend() {
+    let spec = std::env::var(CHILD_ENV).expect("run by backend_killed_with_requests_in_flight");
+    let (_pool, _device) = open_device(&spec);
+    loop {
+        std::thread::sleep(Duration::from_secs(1));
+    }
+}
+
+fn spawn_child(spec: &str) -> Child {
+    Command::new(std::env::current_exe().unwrap())
+        .args([
+            "crash_child_backend",
+            "--exact",
+            "--ignored",
+            "--nocapture",
+            "--test-threads=1",
+        ])
+        .env(CHILD_ENV, spec)
+        .spawn()
+        .unwrap()
+}
+
+/// Inflight flags of the shared region as the frontend sees it (queue 0).
+fn marked_heads(region: &GuestMemoryMmap, queue_size: u16) -> Vec<u16> {
+    (0..queue_size)
+        .filter(|h| {
+            region
+                .read_obj::<u8>(GuestAddress(16 + 16 * u64::from(*h)))
+                .unwrap()
+                != 0
+        })
+        .collect()
+}
+
+#[test]
+fn backend_killed_with_requests_in_flight() {
+    const QS: u16 = 128;
+    // Three descriptors each: all of them fit the 128-entry table at once.
+    const REQUESTS: u16 = 40;
+    const LEN: u64 = 512 * 1024;
+    let dir = test_dir();
+    let disk = dir.path().join("disk0");
+    let socket = dir.path().join("crash.sock");
+    let layout = VolumeLayout {
+        id: uuid::Uuid::new_v4(),
+        size: 64 * MIB,
+        block_size: 512,
+        extent_size: EXTENT,
+    };
+    {
+        let pool = LocalPool::new(EXTENT);
+        pool.add_disk(&disk, Some(256 * MIB)).unwrap();
+    }
+    let spec = child_spec(&disk, &socket, &layout);
+    let mut child = spawn_child(&spec);
+    assert!(
+        wait_until(Duration::from_secs(30), || socket.exists()),
+        "child backend up"
+    );
+
+    let guest = Guest::new();
+    let mut ring = Ring::new(QS);
+    let mut fe = connect(&socket);
+    fe.set_mem_table(&[guest.region()]).unwrap();
+    // QEMU asks the backend for the inflight region before starting the rings.
+    let (inflight, inflight_file) = fe
+        .get_inflight_fd(&VhostUserInflight {
+            mmap_size: 0,
+            mmap_offset: 0,
+            num_queues: 1,
+            queue_size: QS,
+        })
+        .unwrap();
+    fe.set_inflight_fd(&inflight, inflight_file.as_raw_fd())
+        .unwrap();
+    let region = GuestMemoryMmap::from_regions(vec![
+        GuestRegionMmap::from_range(
+            GuestAddress(0),
+            inflight.mmap_size as usize,
+            Some(FileOffset::new(
+                inflight_file.try_clone().unwrap(),
+                inflight.mmap_offset,
+            )),
+        )
+        .unwrap(),
+    ])
+    .unwrap();
+    start_ring(&mut fe, &guest, &ring, 0);
+
+    // Every request writes its own range with its own pattern, so the checker can tell them
+    // apart; the backend is killed as soon as it has taken some of them.
+    let mut expected = Vec::new();
+    for i in 0..u64::from(REQUESTS) {
+        let mut buf = vec![0u8; LEN as usize];
+        pattern(&mut buf, i * LEN, 3);
+        guest
+            .mem
+            .write_slice(&buf, GuestAddress(DATA + i * LEN))
+            .unwrap();
+        let (_, st) = ring.request(&guest, T_OUT, i * LEN / 512, DATA + i * LEN, LEN as u32);
+        expected.push((buf, st));
+    }
+    ring.kick();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    // Kill once the backend holds a good number of requests (it may have finished a few that
+    // it picked up before the kick).
+    while marked_heads(&region, QS).len() < 8 && Instant::now() < deadline {
+        std::hint::spin_loop();
+    }
+    child.kill().unwrap();
+    child.wait().unwrap();
+    let used_at_crash = ring.used_idx(&guest);
+    let marked = marked_heads(&region, QS);
+    assert!(
+        !marked.is_empty(),
+        "the backend died with requests in flight (used idx {used_at_crash})"
+    );
+    assert!(
+        used_at_crash < REQUESTS,
+        "not everything completed before the kill"
+    );
+    drop(fe);
+
+    // A new backend (here, in this process) on the same disk and socket; the frontend
+    // reconnects and hands back the inflight region. SET_VRING_BASE carries the used idx, as
+    // QEMU sends after a backend crash; the backend must go by the inflight region.
+    let (_pool, dev) = open_device(&spec);
+    let mut fe = connect(&socket);
+    fe.set_mem_table(&[guest.region()]).unwrap();
+    fe.set_inflight_fd(&inflight, inflight_file.as_raw_fd())
+        .unwrap();
+    start_ring(&mut fe, &guest, &ring, ring.used_idx(&guest));
+    ring.wait_used(&guest, REQUESTS);
+
+    // Each head came back exactly once, every write succeeded and its data is on the volume.
+    let mut heads: Vec<u32> = (0..REQUESTS).map(|i| ring.used(&guest, i).0).collect();
+    heads.sort_unstable();
+    heads.dedup();
+    assert_eq!(heads.len(), usize::from(REQUESTS), "no head returned twice");
+    for (i, (_, st)) in expected.iter().enumerate() {
+        assert_eq!(status(&guest, *st), 0, "request {i}");
+    }
+    assert!(
+        marked_heads(&region, QS).is_empty(),
+        "nothing left marked inflight"
+    );
+    for (i, (buf, _)) in expected.iter().enumerate() {
+        let i = i as u64;
+        ring.request(&guest, T_IN, i * LEN / 512, 28 * MIB, LEN as u32);
+        ring.kick();
+        ring.wait_used(&guest, REQUESTS + i as u16 + 1);
+        let mut got = vec![0u8; LEN as usize];
+        guest
+            .mem
+            .read_slice(&mut got, GuestAddress(28 * MIB))
+            .unwrap();
+        assert!(&got == buf, "data of request {i} after the crash");
+    }
+    eprintln!(
+        "crash test: {} of {REQUESTS} requests were in flight at the kill, {used_at_crash} completed",
+        marked.len()
+    );
+    drop(fe);
+    dev.stop();
+}
