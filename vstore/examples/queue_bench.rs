@@ -133,6 +133,7 @@ fn run_fio(file: &Path, size: u64, write: bool, depth: usize, seconds: u64) -> F
             "--ioengine=io_uring",
             "--bs=4k",
             "--time_based",
+            "--lat_percentiles=1",
             "--output-format=json",
         ])
         .arg(format!("--filename={}", file.display()))
@@ -154,8 +155,8 @@ fn run_fio(file: &Path, size: u64, write: bool, depth: usize, seconds: u64) -> F
     let job = &json["jobs"][0][if write { "write" } else { "read" }];
     Figures {
         iops: job["iops"].as_f64().unwrap_or(0.0),
-        mean_us: job["clat_ns"]["mean"].as_f64().unwrap_or(0.0) / 1000.0,
-        p99_us: job["clat_ns"]["percentile"]["99.000000"]
+        mean_us: job["lat_ns"]["mean"].as_f64().unwrap_or(0.0) / 1000.0,
+        p99_us: job["lat_ns"]["percentile"]["99.000000"]
             .as_f64()
             .unwrap_or(0.0)
             / 1000.0,

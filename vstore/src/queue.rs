@@ -114,31 +114,35 @@ impl SubOp {
 
     fn entry(&self, user_data: u64) -> Option<squeue::Entry> {
         let fd = types::Fd(self.target_disk()?.fd());
-        let iov = || {
-            (
-                self.iov[self.iov_start..].as_ptr(),
-                (self.iov.len() - self.iov_start) as u32,
-            )
+        let iov = &self.iov[self.iov_start..];
+        // One buffer (the usual 4 KiB guest request): the non-vectored opcodes spare the
+        // kernel importing an iovec array.
+        let single = match iov {
+            [one] => u32::try_from(one.iov_len)
+                .ok()
+                .map(|len| (one.iov_base.cast::<u8>(), len)),
+            _ => None,
         };
-        let entry = match self.kind {
-            SubKind::Read => {
-                let (iov, count) = iov();
-                opcode::Readv::new(fd, iov, count)
-                    .offset(self.offset)
-                    .build()
+        let entry = match (self.kind, single) {
+            (SubKind::Read, Some((buf, len))) => {
+                opcode::Read::new(fd, buf, len).offset(self.offset).build()
             }
-            SubKind::Write => {
-                let (iov, count) = iov();
-                opcode::Writev::new(fd, iov, count)
-                    .offset(self.offset)
-                    .rw_flags(self.rw_flags)
-                    .build()
-            }
-            SubKind::Fallocate => opcode::Fallocate::new(fd, self.remaining)
+            (SubKind::Read, None) => opcode::Readv::new(fd, iov.as_ptr(), iov.len() as u32)
+                .offset(self.offset)
+                .build(),
+            (SubKind::Write, Some((buf, len))) => opcode::Write::new(fd, buf, len)
+                .offset(self.offset)
+                .rw_flags(self.rw_flags)
+                .build(),
+            (SubKind::Write, None) => opcode::Writev::new(fd, iov.as_ptr(), iov.len() as u32)
+                .offset(self.offset)
+                .rw_flags(self.rw_flags)
+                .build(),
+            (SubKind::Fallocate, _) => opcode::Fallocate::new(fd, self.remaining)
                 .offset(self.offset)
                 .mode(self.fallocate_mode)
                 .build(),
-            SubKind::Sync => opcode::Fsync::new(fd)
+            (SubKind::Sync, _) => opcode::Fsync::new(fd)
                 .flags(types::FsyncFlags::DATASYNC)
                 .build(),
         };
@@ -234,6 +238,9 @@ fn user_data(request: usize, op: usize) -> u64 {
 }
 
 /// Per-worker I/O queue: an io_uring with an eventfd registered on it. `Send`, not `Sync`.
+///
+/// A queue belongs to the thread that first commits, waits or reaps on it (the kernel enforces
+/// a single issuer): create it anywhere, then use it from one worker thread only.
 pub struct IoQueue {
     ring: IoUring,
     eventfd: EventFd,
@@ -248,6 +255,43 @@ pub struct IoQueue {
     /// Bytes that went through bounce buffers: stays 0 while callers' buffers are aligned.
     bounced_bytes: u64,
     cqe_batch: Vec<(u64, i32)>,
+    /// The ring defers completion work to this thread's next GETEVENTS (Linux 6.1+), instead of
+    /// interrupting it once per completion; see `build_ring`.
+    deferred: bool,
+    enabled: bool,
+}
+
+/// Builds the ring with SINGLE_ISSUER | DEFER_TASKRUN | TASKRUN_FLAG where the kernel has them:
+/// completions then wait as task work until the worker asks for them in `reap` or `wait`,
+/// batched, rather than each interrupting the worker — worth 10-20% of IOPS at high queue
+/// depth. The registered eventfd still fires when such work is pending, and TASKRUN_FLAG tells
+/// userspace whether a GETEVENTS call is needed at all. Older kernels get a plain ring.
+fn build_ring(entries: u32, allow_deferred: bool) -> io::Result<(IoUring, bool)> {
+    if !allow_deferred {
+        return Ok((
+            IoUring::builder()
+                .setup_cqsize(entries * 4)
+                .build(entries)?,
+            false,
+        ));
+    }
+    let deferred = IoUring::builder()
+        .setup_cqsize(entries * 4)
+        .setup_single_issuer()
+        .setup_defer_taskrun()
+        .setup_taskrun_flag()
+        .setup_r_disabled()
+        .build(entries);
+    match deferred {
+        Ok(ring) => Ok((ring, true)),
+        Err(e) if e.raw_os_error() == Some(libc::EINVAL) => Ok((
+            IoUring::builder()
+                .setup_cqsize(entries * 4)
+                .build(entries)?,
+            false,
+        )),
+        Err(e) => Err(e),
+    }
 }
 
 impl std::fmt::Debug for IoQueue {
@@ -271,13 +315,18 @@ impl IoQueue {
     /// A queue for up to about `depth` requests in flight (more are accepted; the kernel then
     /// queues them).
     pub fn new(depth: u32) -> io::Result<Self> {
+        Self::build(depth, true)
+    }
+
+    /// `allow_deferred: false` builds the ring a pre-6.1 kernel would get.
+    fn build(depth: u32, allow_deferred: bool) -> io::Result<Self> {
         let entries = depth.clamp(1, 4096).next_power_of_two();
-        let ring = IoUring::builder()
-            .setup_cqsize(entries * 4)
-            .build(entries)?;
+        let (ring, deferred) = build_ring(entries, allow_deferred)?;
         let mut probe = io_uring::Probe::new();
         ring.submitter().register_probe(&mut probe)?;
         for (code, name) in [
+            (opcode::Read::CODE, "READ"),
+            (opcode::Write::CODE, "WRITE"),
             (opcode::Readv::CODE, "READV"),
             (opcode::Writev::CODE, "WRITEV"),
             (opcode::Fsync::CODE, "FSYNC"),
@@ -305,7 +354,20 @@ impl IoQueue {
             bounce_pool: Vec::new(),
             bounced_bytes: 0,
             cqe_batch: Vec::with_capacity(entries as usize),
+            deferred,
+            enabled: !deferred,
         })
+    }
+
+    /// A deferred-taskrun ring starts disabled; enabling it from the thread that first uses
+    /// the queue makes that thread its single issuer, so a queue may be created on one thread
+    /// and handed to a worker.
+    fn enable(&mut self) -> io::Result<()> {
+        if !self.enabled {
+            self.ring.submitter().register_enable_rings()?;
+            self.enabled = true;
+        }
+        Ok(())
     }
 
     /// Readable when completions wait; [`IoQueue::reap`] clears it.
@@ -377,6 +439,7 @@ impl IoQueue {
 
     /// Pushes the queued SQEs to the kernel in one syscall.
     pub fn commit(&mut self) -> io::Result<()> {
+        self.enable()?;
         // The kernel consumes every SQE it is handed unless it is short of resources; a few
         // rounds cover a CQ overflow, and SQEs still left are retried by the next commit or wait.
         for _ in 0..4 {
@@ -405,6 +468,18 @@ impl IoQueue {
     pub fn reap(&mut self, mut done: impl FnMut(u64, Result<(), IoError>)) {
         // Cleared before looking at the CQ: a completion that lands after the look signals again.
         let _ = self.eventfd.read();
+        if self.deferred {
+            // Runs the deferred completion work (GETEVENTS is added only when the kernel flags
+            // some) and sends any queued SQEs, in one syscall or none.
+            if let Err(e) = self.enable().and_then(|()| self.ring.submit())
+                && !matches!(
+                    e.raw_os_error(),
+                    Some(libc::EINTR | libc::EBUSY | libc::EAGAIN)
+                )
+            {
+                tracing::error!(error = %e, "cannot collect I/O completions (queue used from a second thread?)");
+            }
+        }
         self.process_completions();
         if !self.ring.submission().is_empty() {
             // Re-queued short transfers; a failure here shows up as errors on later completions.
@@ -420,6 +495,7 @@ impl IoQueue {
     /// Queued SQEs are handed to the kernel first, in the same syscall as the wait, so a loop
     /// of submit/wait/reap needs no separate `commit`.
     pub fn wait(&mut self) -> io::Result<()> {
+        self.enable()?;
         loop {
             self.process_completions();
             if !self.finished.is_empty() || self.in_flight == 0 || self.sqes_outstanding == 0 {
@@ -446,7 +522,7 @@ impl IoQueue {
                 return Ok(());
             }
             // SQ full: hand the batch so far to the kernel to make room.
-            match self.ring.submit() {
+            match self.enable().and_then(|()| self.ring.submit()) {
                 Ok(_) => {}
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
                 Err(e) => return Err(e),
@@ -735,7 +811,7 @@ impl Drop for IoQueue {
     fn drop(&mut self) {
         // The kernel may still read or write buffers of outstanding SQEs: wait for them.
         while self.sqes_outstanding > 0 {
-            match self.ring.submit_and_wait(1) {
+            match self.enable().and_then(|()| self.ring.submit_and_wait(1)) {
                 Ok(_) => {}
                 Err(e)
                     if e.kind() == io::ErrorKind::Interrupted
@@ -897,6 +973,78 @@ mod tests {
         );
         op.advance(50);
         assert_eq!((op.remaining, op.iov_start), (0, 3));
+    }
+
+    /// The plain ring older kernels get (no deferred task work) serves the same requests and
+    /// signals its eventfd by itself.
+    #[test]
+    fn plain_ring_without_deferred_taskrun_works() {
+        let dir = tempfile::tempdir().unwrap();
+        let pool = Arc::new(crate::LocalPool::new(1 << 20));
+        pool.add_disk(&dir.path().join("d0"), Some(8 << 20))
+            .unwrap();
+        let layout = crate::VolumeLayout {
+            id: uuid::Uuid::new_v4(),
+            size: 4 << 20,
+            block_size: 512,
+            extent_size: 1 << 20,
+        };
+        let volume = pool.open_volume(layout).unwrap();
+        let mut queue = IoQueue::build(8, false).unwrap();
+        assert!(!queue.deferred);
+        let mut data = crate::aligned::AlignedBuf::zeroed(8192).unwrap();
+        data.as_mut_slice().fill(0x3c);
+        let back = crate::aligned::AlignedBuf::zeroed(8192 + 512).unwrap();
+        let requests = [
+            (
+                Segment {
+                    addr: data.as_ptr(),
+                    len: 8192,
+                },
+                true,
+            ),
+            // Misaligned by 512 bytes past a page: still fine for 512-byte O_DIRECT alignment
+            // or bounced, either way the bytes must match.
+            (
+                Segment {
+                    addr: back.as_ptr().wrapping_add(512),
+                    len: 8192,
+                },
+                false,
+            ),
+        ];
+        for (tag, (segment, write)) in requests.into_iter().enumerate() {
+            let segments = [segment];
+            let offset = (1 << 20) - 4096; // spans two extents
+            let request = if write {
+                IoRequest::Write {
+                    offset,
+                    segments: &segments,
+                    write_through: true,
+                }
+            } else {
+                IoRequest::Read {
+                    offset,
+                    segments: &segments,
+                }
+            };
+            // SAFETY: both buffers outlive the request, which is reaped in this iteration.
+            unsafe { queue.submit(&volume, request, tag as u64) };
+            queue.commit().unwrap();
+            let mut pfd = libc::pollfd {
+                fd: queue.completion_fd(),
+                events: libc::POLLIN,
+                revents: 0,
+            };
+            // SAFETY: one valid pollfd.
+            assert_eq!(unsafe { libc::poll(&mut pfd, 1, 5000) }, 1);
+            let mut done = Vec::new();
+            while done.is_empty() {
+                queue.reap(|tag, result| done.push((tag, result.is_ok())));
+            }
+            assert_eq!(done, vec![(tag as u64, true)]);
+        }
+        assert!(back.as_slice()[512..].iter().all(|&b| b == 0x3c));
     }
 
     #[test]

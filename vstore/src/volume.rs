@@ -194,8 +194,20 @@ impl LocalVolume {
             return Ok(lease);
         }
         let _change = lock(&self.map_change);
-        if let Some(lease) = self.lookup(index) {
-            return Ok(lease);
+        match self.read_map().get(index as usize) {
+            Some(Some(lease)) => return Ok(lease.clone()),
+            Some(None) => {}
+            // Callers check the size first; refusing here keeps a slot from ever being claimed
+            // durably for an extent the map cannot hold.
+            None => {
+                let size = self.size();
+                return Err(IoError::OutOfRange {
+                    volume: self.id,
+                    offset: index.saturating_mul(self.extent_size),
+                    len: 0,
+                    size,
+                });
+            }
         }
         let Some((disk, slot)) = self.pool.allocate_slot(self.id, index, self.block_size)? else {
             self.stats.record_no_space();
@@ -210,13 +222,8 @@ impl LocalVolume {
         self.full_warned.store(false, Ordering::Relaxed);
         tracing::debug!(volume = %self.id, extent = index, disk = %disk.id, slot, "extent allocated");
         let lease = Arc::new(ExtentLease::new(disk, slot));
-        {
-            let mut extents = self.write_map();
-            // The index was checked against the size, and the map never shrinks.
-            if let Some(entry) = extents.get_mut(index as usize) {
-                *entry = Some(lease.clone());
-            }
-        }
+        // In range: checked above under map_change, and the map never shrinks.
+        self.write_map()[index as usize] = Some(lease.clone());
         self.allocated.fetch_add(1, Ordering::Relaxed);
         add_disk_count(&mut lock(&self.data_disks), &lease.disk);
         Ok(lease)

@@ -853,3 +853,79 @@ fn volumes_never_see_each_others_bytes_under_concurrent_discards() {
     let allocated: u64 = volumes.iter().map(|v| v.allocated_bytes()).sum();
     assert_eq!(pool.disks()[0].slots_used * MIB, allocated);
 }
+
+/// The device's pattern: sleep on the completion fd (as its epoll would), reap, submit more,
+/// commit — never `wait`. Every completion must arrive through the fd, or the worker hangs.
+#[test]
+fn completion_fd_drives_a_worker_loop_without_wait() {
+    let dir = test_dir();
+    let pool = pool();
+    add_file_disk(&pool, dir.path(), "d0", 16 * MIB);
+    let volume = pool.open_volume(layout(8 * MIB)).unwrap();
+    // Created here, used only by the worker thread: the queue is handed over before first use.
+    let mut queue = IoQueue::new(16).unwrap();
+    std::thread::scope(|scope| {
+        scope
+            .spawn(move || {
+                let depth = 16usize;
+                let total = 2000u64;
+                let mut bufs: Vec<GuestBuf> = (0..depth).map(|_| GuestBuf::new(4096, 0)).collect();
+                let segments: Vec<_> = bufs.iter_mut().map(|b| b.segments(&[])).collect();
+                let (mut submitted, mut completed) = (0u64, 0u64);
+                let submit = |queue: &mut IoQueue, slot: usize, n: u64| {
+                    let offset = n * 7 % 2048 * 4096;
+                    let request = if n.is_multiple_of(3) {
+                        IoRequest::Read {
+                            offset,
+                            segments: &segments[slot],
+                        }
+                    } else {
+                        IoRequest::Write {
+                            offset,
+                            segments: &segments[slot],
+                            write_through: false,
+                        }
+                    };
+                    // SAFETY: slot buffers outlive the queue's use here; a slot is reused only
+                    // after its request was reaped.
+                    unsafe { queue.submit(&volume, request, slot as u64) };
+                };
+                for slot in 0..depth {
+                    submit(&mut queue, slot, submitted);
+                    submitted += 1;
+                }
+                queue.commit().unwrap();
+                while completed < total {
+                    let mut pfd = libc::pollfd {
+                        fd: queue.completion_fd(),
+                        events: libc::POLLIN,
+                        revents: 0,
+                    };
+                    // SAFETY: one valid pollfd.
+                    let ready = unsafe { libc::poll(&mut pfd, 1, 5000) };
+                    assert_eq!(
+                        ready,
+                        1,
+                        "no completion signalled with {} requests in flight",
+                        queue.in_flight()
+                    );
+                    let mut done = Vec::new();
+                    queue.reap(|tag, result| {
+                        result.unwrap();
+                        done.push(tag as usize);
+                    });
+                    completed += done.len() as u64;
+                    for slot in done {
+                        if submitted < total {
+                            submit(&mut queue, slot, submitted);
+                            submitted += 1;
+                        }
+                    }
+                    queue.commit().unwrap();
+                }
+                assert_eq!(queue.in_flight(), 0);
+            })
+            .join()
+            .unwrap();
+    });
+}
