@@ -21,7 +21,14 @@ pub enum SizeError {
     Fractional(String),
 }
 
-const UNITS: [(&str, u32); 6] = [("", 0), ("K", 10), ("M", 20), ("G", 30), ("T", 40), ("P", 50)];
+const UNITS: [(&str, u32); 6] = [
+    ("", 0),
+    ("K", 10),
+    ("M", 20),
+    ("G", 30),
+    ("T", 40),
+    ("P", 50),
+];
 
 /// Parses a size such as `10G`, `512M`, `1.5T`, `4096` or `64KiB` into bytes.
 pub fn parse_size(text: &str) -> Result<u64, SizeError> {
@@ -38,22 +45,28 @@ pub fn parse_size(text: &str) -> Result<u64, SizeError> {
     }
     let shift = unit_shift(unit.trim()).ok_or_else(|| SizeError::UnknownUnit(text.to_owned()))?;
     let (whole, fraction) = number.split_once('.').unwrap_or((number, ""));
-    let whole: u64 = whole.parse().map_err(|_| SizeError::Overflow(text.to_owned()))?;
+    let whole: u64 = whole
+        .parse()
+        .map_err(|_| SizeError::Overflow(text.to_owned()))?;
     let mut bytes = whole
         .checked_mul(1u64 << shift)
         .ok_or_else(|| SizeError::Overflow(text.to_owned()))?;
     if !fraction.is_empty() {
         // fraction / 10^digits * 2^shift must be whole: compute it exactly in u128.
-        let digits = u32::try_from(fraction.len()).map_err(|_| SizeError::Malformed(text.to_owned()))?;
+        let digits =
+            u32::try_from(fraction.len()).map_err(|_| SizeError::Malformed(text.to_owned()))?;
         let denominator = 10u128
             .checked_pow(digits)
             .ok_or_else(|| SizeError::Malformed(text.to_owned()))?;
-        let numerator: u128 = fraction.parse().map_err(|_| SizeError::Malformed(text.to_owned()))?;
+        let numerator: u128 = fraction
+            .parse()
+            .map_err(|_| SizeError::Malformed(text.to_owned()))?;
         let scaled = numerator << shift;
         if !scaled.is_multiple_of(denominator) {
             return Err(SizeError::Fractional(text.to_owned()));
         }
-        let extra = u64::try_from(scaled / denominator).map_err(|_| SizeError::Overflow(text.to_owned()))?;
+        let extra = u64::try_from(scaled / denominator)
+            .map_err(|_| SizeError::Overflow(text.to_owned()))?;
         bytes = bytes
             .checked_add(extra)
             .ok_or_else(|| SizeError::Overflow(text.to_owned()))?;
@@ -70,7 +83,10 @@ fn unit_shift(unit: &str) -> Option<u32> {
         .strip_suffix("IB")
         .or_else(|| upper.strip_suffix('B').filter(|rest| !rest.is_empty()))
         .unwrap_or(&upper);
-    UNITS.iter().find(|(name, _)| *name == base).map(|(_, shift)| *shift)
+    UNITS
+        .iter()
+        .find(|(name, _)| *name == base)
+        .map(|(_, shift)| *shift)
 }
 
 /// A byte count shown the way users read it: `10 GiB`, `1.5 MiB`, `512 B`.
@@ -125,9 +141,18 @@ mod tests {
         assert!(matches!(parse_size("1.2.3G"), Err(SizeError::Malformed(_))));
         assert!(matches!(parse_size("10X"), Err(SizeError::UnknownUnit(_))));
         assert!(matches!(parse_size("-1G"), Err(SizeError::Malformed(_))));
-        assert!(matches!(parse_size("99999999999999999999"), Err(SizeError::Overflow(_))));
-        assert!(matches!(parse_size("20000000P"), Err(SizeError::Overflow(_))));
-        assert!(matches!(parse_size("1.0001K"), Err(SizeError::Fractional(_))));
+        assert!(matches!(
+            parse_size("99999999999999999999"),
+            Err(SizeError::Overflow(_))
+        ));
+        assert!(matches!(
+            parse_size("20000000P"),
+            Err(SizeError::Overflow(_))
+        ));
+        assert!(matches!(
+            parse_size("1.0001K"),
+            Err(SizeError::Fractional(_))
+        ));
         assert!(matches!(parse_size("1Q"), Err(SizeError::UnknownUnit(_))));
     }
 

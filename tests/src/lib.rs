@@ -1,4 +1,5 @@
 //! Vessel's shared test harness: daemons, guests and clients for cross-crate tests and benchmarks.
 
+pub mod blk_client;
 pub mod daemon;
 pub mod guest;

@@ -67,7 +67,10 @@ impl AdminClient {
                     "is vesseld running with --listen on that address? Check --endpoint (VESSEL_ENDPOINT)"
                 }
             };
-            CliError::unreachable(format!("cannot reach the Vessel daemon at {}: {error}; {hint}", target.describe()))
+            CliError::unreachable(format!(
+                "cannot reach the Vessel daemon at {}: {error}; {hint}",
+                target.describe()
+            ))
         };
         let channel = match target {
             Target::Socket(path) => {
@@ -79,18 +82,27 @@ impl AdminClient {
                 Endpoint::from_static("http://admin.sock")
                     .connect_with_connector(tower::service_fn(move |_: Uri| {
                         let path = path.clone();
-                        async move { tokio::net::UnixStream::connect(path).await.map(TokioIo::new) }
+                        async move {
+                            tokio::net::UnixStream::connect(path)
+                                .await
+                                .map(TokioIo::new)
+                        }
                     }))
                     .await
                     .map_err(|error| unreachable(&source_chain(&error)))?
             }
             Target::Tcp(address) => Endpoint::from_shared(format!("http://{address}"))
-                .map_err(|error| CliError::usage(format!("'{address}' is not a HOST:PORT endpoint: {error}")))?
+                .map_err(|error| {
+                    CliError::usage(format!("'{address}' is not a HOST:PORT endpoint: {error}"))
+                })?
                 .connect()
                 .await
                 .map_err(|error| unreachable(&source_chain(&error)))?,
         };
-        Ok(AdminClient { inner: admin_client::AdminClient::new(channel), target: target.clone() })
+        Ok(AdminClient {
+            inner: admin_client::AdminClient::new(channel),
+            target: target.clone(),
+        })
     }
 
     calls! {

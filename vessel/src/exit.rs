@@ -42,15 +42,24 @@ pub struct CliError {
 
 impl CliError {
     pub fn other(message: String) -> Self {
-        CliError { kind: ErrorKind::Other, message }
+        CliError {
+            kind: ErrorKind::Other,
+            message,
+        }
     }
 
     pub fn usage(message: String) -> Self {
-        CliError { kind: ErrorKind::Usage, message }
+        CliError {
+            kind: ErrorKind::Usage,
+            message,
+        }
     }
 
     pub fn unreachable(message: String) -> Self {
-        CliError { kind: ErrorKind::Unreachable, message }
+        CliError {
+            kind: ErrorKind::Unreachable,
+            message,
+        }
     }
 
     /// The daemon's status message is already the user-facing sentence; only transport failures need ours.
@@ -65,9 +74,15 @@ impl CliError {
             _ => ErrorKind::Other,
         };
         let message = if status.message().is_empty() {
-            format!("the daemon at {target} failed the request ({:?})", status.code())
+            format!(
+                "the daemon at {target} failed the request ({:?})",
+                status.code()
+            )
         } else if kind == ErrorKind::Unreachable && status.message().contains("transport") {
-            format!("lost the connection to the daemon at {target}: {}", status.message())
+            format!(
+                "lost the connection to the daemon at {target}: {}",
+                status.message()
+            )
         } else {
             status.message().to_owned()
         };

@@ -30,7 +30,12 @@ Exit status: 0 success, 1 other error, 2 bad arguments, 3 not found, 4 already e
 #[command(name = "vessel", version, after_help = AFTER_HELP)]
 struct Cli {
     /// The daemon's admin socket.
-    #[arg(long, global = true, env = "VESSEL_ADMIN_SOCKET", conflicts_with = "endpoint")]
+    #[arg(
+        long,
+        global = true,
+        env = "VESSEL_ADMIN_SOCKET",
+        conflicts_with = "endpoint"
+    )]
     admin_socket: Option<PathBuf>,
     /// A daemon's TCP admin address (HOST:PORT), as given to `vesseld --listen`.
     #[arg(long, global = true, env = "VESSEL_ENDPOINT")]
@@ -157,9 +162,14 @@ fn octal_mode(text: &str) -> Result<u32, String> {
 fn main() {
     let cli = Cli::parse();
     let output = cli.output;
-    let runtime = match tokio::runtime::Builder::new_current_thread().enable_all().build() {
+    let runtime = match tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+    {
         Ok(runtime) => runtime,
-        Err(error) => exit::fail(&CliError::other(format!("cannot start the async runtime: {error}"))),
+        Err(error) => exit::fail(&CliError::other(format!(
+            "cannot start the async runtime: {error}"
+        ))),
     };
     if let Err(error) = runtime.block_on(run(cli)) {
         if output == Output::Json {
@@ -178,16 +188,33 @@ async fn run(cli: Cli) -> Result<(), CliError> {
             let reply = client.cluster_init(admin::ClusterInitRequest {}).await?;
             render::cluster_init(out, &reply);
         }
-        Noun::Cluster(ClusterCmd::Status) => render::cluster_status(out, &client.cluster_status(admin::ClusterStatusRequest {}).await?),
-        Noun::Node(NodeCmd::List) => render::nodes(out, &client.node_list(admin::NodeListRequest {}).await?),
+        Noun::Cluster(ClusterCmd::Status) => render::cluster_status(
+            out,
+            &client
+                .cluster_status(admin::ClusterStatusRequest {})
+                .await?,
+        ),
+        Noun::Node(NodeCmd::List) => {
+            render::nodes(out, &client.node_list(admin::NodeListRequest {}).await?)
+        }
         Noun::Disk(DiskCmd::Add { path, size }) => {
             let path = absolute(&path)?;
-            let request = admin::DiskAddRequest { path, size_bytes: size };
+            let request = admin::DiskAddRequest {
+                path,
+                size_bytes: size,
+            };
             render::disk_added(out, &client.disk_add(request).await?);
         }
-        Noun::Disk(DiskCmd::List) => render::disks(out, &client.disk_list(admin::DiskListRequest {}).await?),
+        Noun::Disk(DiskCmd::List) => {
+            render::disks(out, &client.disk_list(admin::DiskListRequest {}).await?)
+        }
         Noun::Disk(DiskCmd::Remove { disk }) => {
-            render::disk_removed(out, &client.disk_remove(admin::DiskRemoveRequest { disk }).await?);
+            render::disk_removed(
+                out,
+                &client
+                    .disk_remove(admin::DiskRemoveRequest { disk })
+                    .await?,
+            );
         }
         Noun::Volume(command) => volume(&mut client, out, command).await?,
     }
@@ -196,16 +223,29 @@ async fn run(cli: Cli) -> Result<(), CliError> {
 
 async fn volume(client: &mut AdminClient, out: Output, command: VolumeCmd) -> Result<(), CliError> {
     match command {
-        VolumeCmd::Create { name, size, block_size, replicas } => {
+        VolumeCmd::Create {
+            name,
+            size,
+            block_size,
+            replicas,
+        } => {
             let block_size = match block_size {
                 None => 0,
-                Some(bytes) => u32::try_from(bytes)
-                    .map_err(|_| CliError::usage(format!("block size {bytes} is too large (at most 64K)")))?,
+                Some(bytes) => u32::try_from(bytes).map_err(|_| {
+                    CliError::usage(format!("block size {bytes} is too large (at most 64K)"))
+                })?,
             };
-            let request = admin::VolumeCreateRequest { name, size_bytes: size, block_size, replicas: replicas.unwrap_or(0) };
+            let request = admin::VolumeCreateRequest {
+                name,
+                size_bytes: size,
+                block_size,
+                replicas: replicas.unwrap_or(0),
+            };
             render::volume_changed(out, "created", &client.volume_create(request).await?);
         }
-        VolumeCmd::List => render::volumes(out, &client.volume_list(admin::VolumeListRequest {}).await?),
+        VolumeCmd::List => {
+            render::volumes(out, &client.volume_list(admin::VolumeListRequest {}).await?)
+        }
         VolumeCmd::Show { volume, watch } => {
             let reference = admin::VolumeRef { volume };
             if !watch {
@@ -223,11 +263,17 @@ async fn volume(client: &mut AdminClient, out: Output, command: VolumeCmd) -> Re
             }
         }
         VolumeCmd::Grow { volume, size } => {
-            let request = admin::VolumeGrowRequest { volume, size_bytes: size };
+            let request = admin::VolumeGrowRequest {
+                volume,
+                size_bytes: size,
+            };
             render::volume_changed(out, "grown", &client.volume_grow(request).await?);
         }
         VolumeCmd::Delete { volume } => {
-            render::volume_deleted(out, &client.volume_delete(admin::VolumeRef { volume }).await?);
+            render::volume_deleted(
+                out,
+                &client.volume_delete(admin::VolumeRef { volume }).await?,
+            );
         }
         VolumeCmd::Attach(args) => {
             let request = admin::VolumeAttachRequest {
@@ -240,7 +286,11 @@ async fn volume(client: &mut AdminClient, out: Output, command: VolumeCmd) -> Re
             render::volume_changed(out, "attached", &client.volume_attach(request).await?);
         }
         VolumeCmd::Detach { volume } => {
-            render::volume_changed(out, "detached", &client.volume_detach(admin::VolumeRef { volume }).await?);
+            render::volume_changed(
+                out,
+                "detached",
+                &client.volume_detach(admin::VolumeRef { volume }).await?,
+            );
         }
     }
     Ok(())
@@ -248,10 +298,13 @@ async fn volume(client: &mut AdminClient, out: Output, command: VolumeCmd) -> Re
 
 /// Paths are resolved here: the daemon's working directory is not the user's.
 fn absolute(path: &std::path::Path) -> Result<String, CliError> {
-    let absolute = std::path::absolute(path)
-        .map_err(|error| CliError::usage(format!("cannot resolve path '{}': {error}", path.display())))?;
-    absolute
-        .into_os_string()
-        .into_string()
-        .map_err(|path| CliError::usage(format!("path '{}' is not valid UTF-8", path.to_string_lossy())))
+    let absolute = std::path::absolute(path).map_err(|error| {
+        CliError::usage(format!("cannot resolve path '{}': {error}", path.display()))
+    })?;
+    absolute.into_os_string().into_string().map_err(|path| {
+        CliError::usage(format!(
+            "path '{}' is not valid UTF-8",
+            path.to_string_lossy()
+        ))
+    })
 }

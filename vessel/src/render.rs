@@ -71,7 +71,10 @@ pub fn cluster_init(out: Output, reply: &admin::ClusterInitReply) {
     if out == Output::Json {
         return json(reply);
     }
-    let id = reply.status.as_ref().map_or("", |status| status.cluster_id.as_str());
+    let id = reply
+        .status
+        .as_ref()
+        .map_or("", |status| status.cluster_id.as_str());
     if reply.initialized_now {
         println!("cluster {id} initialised");
     } else {
@@ -83,12 +86,32 @@ pub fn cluster_status(out: Output, status: &admin::ClusterStatusReply) {
     if out == Output::Json {
         return json(status);
     }
-    println!("Cluster {}", if status.cluster_id.is_empty() { "(not initialised)" } else { &status.cluster_id });
+    println!(
+        "Cluster {}",
+        if status.cluster_id.is_empty() {
+            "(not initialised)"
+        } else {
+            &status.cluster_id
+        }
+    );
     field("state", &status.state);
     field("node", status.node_id);
-    field("leader", status.leader_id.map_or_else(|| "none".to_owned(), |id| id.to_string()));
+    field(
+        "leader",
+        status
+            .leader_id
+            .map_or_else(|| "none".to_owned(), |id| id.to_string()),
+    );
     field("term", status.term);
-    field("voters", status.voters.iter().map(u64::to_string).collect::<Vec<_>>().join(", "));
+    field(
+        "voters",
+        status
+            .voters
+            .iter()
+            .map(u64::to_string)
+            .collect::<Vec<_>>()
+            .join(", "),
+    );
     field("nodes", status.nodes);
     field("volumes", status.volumes);
     field("capacity", HumanSize(status.capacity_bytes));
@@ -111,7 +134,11 @@ pub fn cluster_status(out: Output, status: &admin::ClusterStatusReply) {
 
 fn provisionable(status: &admin::ClusterStatusReply) -> u64 {
     // Display only: the float covers capacities far beyond any pool.
-    #[allow(clippy::cast_precision_loss, clippy::cast_possible_truncation, clippy::cast_sign_loss)]
+    #[allow(
+        clippy::cast_precision_loss,
+        clippy::cast_possible_truncation,
+        clippy::cast_sign_loss
+    )]
     let limit = (status.capacity_bytes as f64 * status.overcommit_ratio) as u64;
     limit
 }
@@ -124,28 +151,50 @@ pub fn nodes(out: Output, reply: &admin::NodeListReply) {
         .nodes
         .iter()
         .map(|node| {
-            let mut labels: Vec<String> = node.labels.iter().map(|(k, v)| format!("{k}={v}")).collect();
+            let mut labels: Vec<String> = node
+                .labels
+                .iter()
+                .map(|(k, v)| format!("{k}={v}"))
+                .collect();
             labels.sort();
             vec![
                 format!("{}{}", node.id, if node.leader { "*" } else { "" }),
                 node.name.clone(),
-                if node.address.is_empty() { "-".to_owned() } else { node.address.clone() },
+                if node.address.is_empty() {
+                    "-".to_owned()
+                } else {
+                    node.address.clone()
+                },
                 node.state.clone(),
                 node.disks.to_string(),
                 HumanSize(node.used_bytes).to_string(),
                 HumanSize(node.capacity_bytes.saturating_sub(node.used_bytes)).to_string(),
-                if labels.is_empty() { "-".to_owned() } else { labels.join(",") },
+                if labels.is_empty() {
+                    "-".to_owned()
+                } else {
+                    labels.join(",")
+                },
             ]
         })
         .collect();
-    table(&["ID", "NAME", "ADDRESS", "STATE", "DISKS", "USED", "FREE", "LABELS"], &rows);
+    table(
+        &[
+            "ID", "NAME", "ADDRESS", "STATE", "DISKS", "USED", "FREE", "LABELS",
+        ],
+        &rows,
+    );
 }
 
 pub fn disk_added(out: Output, disk: &admin::Disk) {
     if out == Output::Json {
         return json(disk);
     }
-    println!("disk {} added: {} ({} capacity)", disk.id, disk.path, HumanSize(disk.capacity_bytes));
+    println!(
+        "disk {} added: {} ({} capacity)",
+        disk.id,
+        disk.path,
+        HumanSize(disk.capacity_bytes)
+    );
 }
 
 pub fn disk_removed(out: Output, disk: &admin::Disk) {
@@ -174,7 +223,10 @@ pub fn disks(out: Output, reply: &admin::DiskListReply) {
             ]
         })
         .collect();
-    table(&["ID", "NODE", "PATH", "KIND", "CAPACITY", "USED", "FREE"], &rows);
+    table(
+        &["ID", "NODE", "PATH", "KIND", "CAPACITY", "USED", "FREE"],
+        &rows,
+    );
 }
 
 fn short_id(id: &str) -> &str {
@@ -195,15 +247,26 @@ pub fn volumes(out: Output, reply: &admin::VolumeListReply) {
                 HumanSize(volume.allocated_bytes).to_string(),
                 volume.block_size.to_string(),
                 volume.replicas.to_string(),
-                volume
-                    .attachment
-                    .as_ref()
-                    .map_or_else(|| "-".to_owned(), |attachment| attachment.vhost_user_socket.clone()),
+                volume.attachment.as_ref().map_or_else(
+                    || "-".to_owned(),
+                    |attachment| attachment.vhost_user_socket.clone(),
+                ),
                 short_id(&volume.id).to_owned(),
             ]
         })
         .collect();
-    table(&["NAME", "SIZE", "ALLOCATED", "BLOCK", "REPLICAS", "ATTACHED", "ID"], &rows);
+    table(
+        &[
+            "NAME",
+            "SIZE",
+            "ALLOCATED",
+            "BLOCK",
+            "REPLICAS",
+            "ATTACHED",
+            "ID",
+        ],
+        &rows,
+    );
 }
 
 pub fn volume_changed(out: Output, verb: &str, volume: &admin::Volume) {
@@ -217,9 +280,17 @@ pub fn volume_changed(out: Output, verb: &str, volume: &admin::Volume) {
             attachment.vhost_user_socket,
             attachment.queues,
             if attachment.queues == 1 { "" } else { "s" },
-            if attachment.read_only { ", read-only" } else { "" }
+            if attachment.read_only {
+                ", read-only"
+            } else {
+                ""
+            }
         ),
-        _ => println!("volume {} {verb} ({})", volume.name, HumanSize(volume.size_bytes)),
+        _ => println!(
+            "volume {} {verb} ({})",
+            volume.name,
+            HumanSize(volume.size_bytes)
+        ),
     }
 }
 
@@ -227,7 +298,11 @@ pub fn volume_deleted(out: Output, reply: &admin::VolumeDeleteReply) {
     if out == Output::Json {
         return json(reply);
     }
-    println!("volume {} deleted ({} freed)", reply.name, HumanSize(reply.freed_bytes));
+    println!(
+        "volume {} deleted ({} freed)",
+        reply.name,
+        HumanSize(reply.freed_bytes)
+    );
 }
 
 pub fn volume(out: Output, volume: &admin::Volume) {
@@ -236,11 +311,23 @@ pub fn volume(out: Output, volume: &admin::Volume) {
     }
     println!("Volume {}", volume.name);
     field("id", &volume.id);
-    field("size", format!("{} ({} bytes)", HumanSize(volume.size_bytes), volume.size_bytes));
+    field(
+        "size",
+        format!(
+            "{} ({} bytes)",
+            HumanSize(volume.size_bytes),
+            volume.size_bytes
+        ),
+    );
     field("block size", HumanSize(u64::from(volume.block_size)));
     field(
         "extents",
-        format!("{} of {} allocated ({} each)", volume.extents_allocated, volume.extents, HumanSize(volume.extent_size)),
+        format!(
+            "{} of {} allocated ({} each)",
+            volume.extents_allocated,
+            volume.extents,
+            HumanSize(volume.extent_size)
+        ),
     );
     field("allocated", HumanSize(volume.allocated_bytes));
     field("replicas", volume.replicas);
@@ -255,19 +342,39 @@ pub fn volume(out: Output, volume: &admin::Volume) {
                 attachment.node_id,
                 attachment.queues,
                 if attachment.queues == 1 { "" } else { "s" },
-                if attachment.read_only { "read-only" } else { "read-write" },
-                if attachment.connected { "frontend connected" } else { "waiting for a frontend" }
+                if attachment.read_only {
+                    "read-only"
+                } else {
+                    "read-write"
+                },
+                if attachment.connected {
+                    "frontend connected"
+                } else {
+                    "waiting for a frontend"
+                }
             ),
         ),
     }
     if let Some(stats) = &volume.stats {
         println!("I/O");
-        field("reads", format!("{} ({})", stats.reads, HumanSize(stats.read_bytes)));
-        field("writes", format!("{} ({})", stats.writes, HumanSize(stats.write_bytes)));
+        field(
+            "reads",
+            format!("{} ({})", stats.reads, HumanSize(stats.read_bytes)),
+        );
+        field(
+            "writes",
+            format!("{} ({})", stats.writes, HumanSize(stats.write_bytes)),
+        );
         field("flushes", stats.flushes);
         field("discards", stats.discards);
         field("write zeroes", stats.write_zeroes);
-        field("errors", format!("{} ({} for lack of space)", stats.errors, stats.no_space_errors));
+        field(
+            "errors",
+            format!(
+                "{} ({} for lack of space)",
+                stats.errors, stats.no_space_errors
+            ),
+        );
         field("latency", latency_summary(stats));
     }
 }

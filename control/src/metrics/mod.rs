@@ -151,6 +151,13 @@ pub fn render(node: &LocalNode) -> String {
     out
 }
 
+/// A per-volume counter family: name, help text, and how to read it from a snapshot.
+type Counter = (
+    &'static str,
+    &'static str,
+    fn(&vstore::StatsSnapshot) -> u64,
+);
+
 /// Counters of the volumes this node serves (their counters start when the daemon does).
 fn render_io(family: &mut Family<'_>, node: &LocalNode, volumes: &[crate::state::Volume]) {
     let served: Vec<(String, vstore::StatsSnapshot)> = node
@@ -168,7 +175,7 @@ fn render_io(family: &mut Family<'_>, node: &LocalNode, volumes: &[crate::state:
             )
         })
         .collect();
-    let counters: [(&str, &str, fn(&vstore::StatsSnapshot) -> u64); 10] = [
+    let counters: [Counter; 10] = [
         (
             "vessel_volume_reads_total",
             "Read requests completed.",

@@ -456,15 +456,10 @@ impl LocalNode {
         tracing::info!(volume = %volume.name, id = %volume.id, from = volume.size, to = request.size_bytes, "volume grown");
         if let Some(open) = self.open_volume_handle(volume.id) {
             open.grow(request.size_bytes).map_err(store_error)?;
-            self.devices.resize(volume.id).map_err(|error| {
-                OpError::new(
-                    ErrorKind::Internal,
-                    format!(
-                        "volume '{}' grew, but its device was not told: {error}",
-                        volume.name
-                    ),
-                )
-            })?;
+            // The new size is served either way; a frontend that cannot be told sees it when it re-reads the config.
+            if let Err(error) = self.devices.resize(volume.id) {
+                tracing::warn!(volume = %volume.name, id = %volume.id, %error, "the frontend was not told of the new size");
+            }
         }
         self.volume_view(&self.resolve_volume(&volume.id.to_string())?, false)
     }
