@@ -127,6 +127,7 @@ fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
 #[derive(Debug)]
 pub struct VhostUserServer {
     path: PathBuf,
+    span: tracing::Span,
     shared: Arc<Shared>,
     stop: EventFd,
     thread: Option<JoinHandle<()>>,
@@ -138,7 +139,8 @@ impl VhostUserServer {
         device: Arc<D>,
         options: &SocketOptions,
     ) -> Result<Self, ServerError> {
-        let listener = bind_socket(options)?;
+        let span = device.span();
+        let listener = span.in_scope(|| bind_socket(options))?;
         let path = options.path.clone();
         let start_err = |source| ServerError::Start {
             path: path.clone(),
@@ -148,16 +150,19 @@ impl VhostUserServer {
         let thread_stop = stop.try_clone().map_err(start_err)?;
         let shared = Arc::new(Shared::default());
         let thread_shared = Arc::clone(&shared);
-        let span = device.span();
+        let thread_span = span.clone();
         let thread = std::thread::Builder::new()
             .name("vhost-listener".into())
-            .spawn(move || span.in_scope(|| listen(listener, device, thread_shared, thread_stop)))
+            .spawn(move || {
+                thread_span.in_scope(|| listen(listener, device, thread_shared, thread_stop))
+            })
             .map_err(|e| {
                 let _ = fs::remove_file(&options.path);
                 start_err(e)
             })?;
         Ok(VhostUserServer {
             path,
+            span,
             shared,
             stop,
             thread: Some(thread),
@@ -218,7 +223,9 @@ impl VhostUserServer {
         match fs::remove_file(&self.path) {
             Ok(()) => {}
             Err(e) if e.kind() == io::ErrorKind::NotFound => {}
-            Err(e) => warn!(path = %self.path.display(), "cannot remove socket: {e}"),
+            Err(e) => {
+                warn!(parent: &self.span, path = %self.path.display(), "cannot remove socket: {e}")
+            }
         }
     }
 }
