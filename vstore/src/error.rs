@@ -13,7 +13,7 @@ use crate::{DiskId, VolumeId};
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
     #[error(
-        "extent size {extent_size} is invalid: use a non-zero multiple of 1 MiB (default 64 MiB)"
+        "extent size {extent_size} is invalid: use a multiple of 1 MiB from 1 MiB to 1 GiB (default 64 MiB)"
     )]
     InvalidExtentSize { extent_size: u64 },
 

@@ -223,9 +223,12 @@ impl DiskHeader {
     }
 }
 
+/// Largest extent size: keeps every size computation far from overflow.
+pub(crate) const MAX_EXTENT_SIZE: u64 = 1 << 30;
+
 /// Extent sizes are whole MiB so every extent starts on the data area's alignment.
 pub(crate) fn valid_extent_size(extent_size: u64) -> bool {
-    extent_size > 0 && extent_size.is_multiple_of(DATA_ALIGN)
+    extent_size > 0 && extent_size <= MAX_EXTENT_SIZE && extent_size.is_multiple_of(DATA_ALIGN)
 }
 
 /// What a decoded slot entry says.

@@ -38,7 +38,7 @@ impl LocalPool {
     /// A pool with no disks yet, carving them into `extent_size`-byte extents.
     ///
     /// # Panics
-    /// When `extent_size` is not a non-zero multiple of 1 MiB; use [`LocalPool::try_new`] for a
+    /// When `extent_size` is not a multiple of 1 MiB from 1 MiB to 1 GiB; use [`LocalPool::try_new`] for a
     /// size that comes from configuration.
     pub fn new(extent_size: u64) -> Self {
         match Self::try_new(extent_size) {
@@ -330,7 +330,7 @@ impl LocalPool {
                     return Err(StoreError::VolumeTooLarge {
                         volume,
                         size: extent.saturating_mul(self.extent_size),
-                        max: MAX_EXTENTS * self.extent_size,
+                        max: MAX_EXTENTS.saturating_mul(self.extent_size),
                     });
                 }
                 if disk.dio.offset > block_size {

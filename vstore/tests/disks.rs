@@ -88,6 +88,8 @@ fn add_disk_errors_say_what_to_do() {
     assert!(matches!(err, StoreError::NotADisk { .. }), "{err:?}");
     assert!(LocalPool::try_new(MIB + 1).is_err());
     assert!(LocalPool::try_new(0).is_err());
+    assert!(LocalPool::try_new(2 << 30).is_err());
+    assert!(LocalPool::try_new(1 << 30).is_ok());
 }
 
 #[test]
