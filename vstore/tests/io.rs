@@ -66,10 +66,11 @@ fn restart_keeps_every_allocation_and_byte() {
 
 #[test]
 fn unallocated_extents_read_zero_and_cost_nothing() {
-    let dir = test_dir();
-    let pool = pool();
-    add_file_disk(&pool, dir.path(), "d0", 16 * MIB);
-    let volume = pool.open_volume(layout(64 * MIB)).unwrap();
+    let OneDisk {
+        dir: _dir,
+        pool,
+        volume,
+    } = one_disk_volume(16 * MIB, 64 * MIB);
     let mut queue = IoQueue::new(8).unwrap();
     assert!(
         read(&mut queue, &volume, 0, 3 * MIB as usize)
@@ -90,10 +91,11 @@ fn unallocated_extents_read_zero_and_cost_nothing() {
 
 #[test]
 fn ranges_and_alignment_are_checked() {
-    let dir = test_dir();
-    let pool = pool();
-    add_file_disk(&pool, dir.path(), "d0", 16 * MIB);
-    let volume = pool.open_volume(layout(4 * MIB)).unwrap();
+    let OneDisk {
+        dir: _dir,
+        pool: _pool,
+        volume,
+    } = one_disk_volume(16 * MIB, 4 * MIB);
     let mut queue = IoQueue::new(8).unwrap();
     let err = write(&mut queue, &volume, 4 * MIB - 512, &[1; 1024]).unwrap_err();
     assert!(
@@ -208,11 +210,8 @@ fn full_pool_fails_writes_with_no_space_and_delete_reuses_space_without_leaking(
 
 #[test]
 fn discard_frees_whole_extents_and_zeroes_the_rest() {
-    let dir = test_dir();
-    let pool = pool();
-    add_file_disk(&pool, dir.path(), "d0", 16 * MIB);
     // 3.5 MiB: the last extent is half in the volume.
-    let volume = pool.open_volume(layout(3 * MIB + MIB / 2)).unwrap();
+    let OneDisk { dir, pool, volume } = one_disk_volume(16 * MIB, 3 * MIB + MIB / 2);
     let mut queue = IoQueue::new(8).unwrap();
     let mut model = pattern(9, (3 * MIB + MIB / 2) as usize);
     write(&mut queue, &volume, 0, &model).unwrap();
@@ -405,10 +404,11 @@ fn concurrent_first_writes_to_one_extent_allocate_it_once() {
 
 #[test]
 fn grow_while_io_runs() {
-    let dir = test_dir();
-    let pool = pool();
-    add_file_disk(&pool, dir.path(), "d0", 64 * MIB);
-    let volume = pool.open_volume(layout(2 * MIB)).unwrap();
+    let OneDisk {
+        dir: _dir,
+        pool: _pool,
+        volume,
+    } = one_disk_volume(64 * MIB, 2 * MIB);
     let stop = AtomicBool::new(false);
     std::thread::scope(|scope| {
         let worker = scope.spawn(|| {
@@ -461,10 +461,11 @@ fn grow_while_io_runs() {
 
 #[test]
 fn unaligned_and_fragmented_segments_round_trip() {
-    let dir = test_dir();
-    let pool = pool();
-    add_file_disk(&pool, dir.path(), "d0", 16 * MIB);
-    let volume = pool.open_volume(layout(8 * MIB)).unwrap();
+    let OneDisk {
+        dir: _dir,
+        pool: _pool,
+        volume,
+    } = one_disk_volume(16 * MIB, 8 * MIB);
     let mut queue = IoQueue::new(8).unwrap();
     let len = 3 * MIB as usize;
     let offset = MIB / 2 + 512; // spans four extents
@@ -540,10 +541,11 @@ fn unaligned_and_fragmented_segments_round_trip() {
 
 #[test]
 fn batched_requests_complete_with_their_tags() {
-    let dir = test_dir();
-    let pool = pool();
-    add_file_disk(&pool, dir.path(), "d0", 16 * MIB);
-    let volume = pool.open_volume(layout(8 * MIB)).unwrap();
+    let OneDisk {
+        dir: _dir,
+        pool,
+        volume,
+    } = one_disk_volume(16 * MIB, 8 * MIB);
     let mut queue = IoQueue::new(32).unwrap();
     let count = 100u64; // more than the ring's depth
     let mut bufs: Vec<GuestBuf> = (0..count)
@@ -591,10 +593,11 @@ fn batched_requests_complete_with_their_tags() {
 
 #[test]
 fn immediate_completion_signals_the_eventfd() {
-    let dir = test_dir();
-    let pool = pool();
-    add_file_disk(&pool, dir.path(), "d0", 16 * MIB);
-    let volume = pool.open_volume(layout(8 * MIB)).unwrap();
+    let OneDisk {
+        dir: _dir,
+        pool: _pool,
+        volume,
+    } = one_disk_volume(16 * MIB, 8 * MIB);
     let mut queue = IoQueue::new(8).unwrap();
     let readable = |fd| {
         let mut pfd = libc::pollfd {
@@ -655,10 +658,11 @@ fn immediate_completion_signals_the_eventfd() {
 
 #[test]
 fn dropping_a_queue_waits_for_its_io() {
-    let dir = test_dir();
-    let pool = pool();
-    add_file_disk(&pool, dir.path(), "d0", 16 * MIB);
-    let volume = pool.open_volume(layout(8 * MIB)).unwrap();
+    let OneDisk {
+        dir: _dir,
+        pool,
+        volume,
+    } = one_disk_volume(16 * MIB, 8 * MIB);
     let data = GuestBuf::from_bytes(&pattern(8, 4 * MIB as usize), 0);
     {
         let mut queue = IoQueue::new(8).unwrap();
@@ -858,10 +862,11 @@ fn volumes_never_see_each_others_bytes_under_concurrent_discards() {
 /// commit — never `wait`. Every completion must arrive through the fd, or the worker hangs.
 #[test]
 fn completion_fd_drives_a_worker_loop_without_wait() {
-    let dir = test_dir();
-    let pool = pool();
-    add_file_disk(&pool, dir.path(), "d0", 16 * MIB);
-    let volume = pool.open_volume(layout(8 * MIB)).unwrap();
+    let OneDisk {
+        dir: _dir,
+        pool: _pool,
+        volume,
+    } = one_disk_volume(16 * MIB, 8 * MIB);
     // Created here, used only by the worker thread: the queue is handed over before first use.
     let mut queue = IoQueue::new(16).unwrap();
     std::thread::scope(|scope| {

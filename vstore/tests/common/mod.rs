@@ -31,6 +31,22 @@ pub fn add_file_disk(pool: &LocalPool, dir: &Path, name: &str, size: u64) -> Pat
     path
 }
 
+/// A pool with one sparse file disk `d0` in a fresh directory, and a volume on it. Keep `dir`
+/// alive as long as the pool.
+pub struct OneDisk {
+    pub dir: tempfile::TempDir,
+    pub pool: Arc<LocalPool>,
+    pub volume: Arc<LocalVolume>,
+}
+
+pub fn one_disk_volume(disk_size: u64, volume_size: u64) -> OneDisk {
+    let dir = test_dir();
+    let pool = pool();
+    add_file_disk(&pool, dir.path(), "d0", disk_size);
+    let volume = pool.open_volume(layout(volume_size)).expect("open volume");
+    OneDisk { dir, pool, volume }
+}
+
 pub fn layout(size: u64) -> VolumeLayout {
     VolumeLayout {
         id: uuid::Uuid::new_v4(),
