@@ -246,7 +246,10 @@ impl LocalNode {
                 state.volumes.clone(),
             )
         });
-        let pool = Arc::new(LocalPool::new(extent_size));
+        let pool = Arc::new(
+            LocalPool::try_new(extent_size)
+                .map_err(|error| OpError::new(ErrorKind::Internal, error.to_string()))?,
+        );
         for disk in &disks {
             if let Err(error) = pool.open_disk(Path::new(&disk.path)) {
                 self.warn(format!(
