@@ -40,12 +40,26 @@ fn blkio_error(what: &str) -> impl Fn(blkio::Error) -> anyhow::Error + '_ {
 impl BlkClient {
     /// Connects to a vhost-user-blk socket with `queues` queues.
     pub fn connect(socket: &Path, queues: usize) -> anyhow::Result<BlkClient> {
+        Self::connect_with(socket, queues, false)
+    }
+
+    /// Connects, asking for a read-only device when `read_only` (libblkio refuses a read-only device otherwise).
+    pub fn connect_with(
+        socket: &Path,
+        queues: usize,
+        read_only: bool,
+    ) -> anyhow::Result<BlkClient> {
         let mut blkio = Blkio::new("virtio-blk-vhost-user")
             .map_err(blkio_error("creating the libblkio instance"))?;
         let path = socket.to_str().context("socket path is not UTF-8")?;
         blkio
             .set_str("path", path)
             .map_err(blkio_error("setting path"))?;
+        if read_only {
+            blkio
+                .set_bool("read-only", true)
+                .map_err(blkio_error("setting read-only"))?;
+        }
         blkio.connect().map_err(blkio_error("connecting"))?;
         blkio
             .set_i32("num-queues", i32::try_from(queues)?)
@@ -70,6 +84,13 @@ impl BlkClient {
         self.blkio
             .get_u64("capacity")
             .map_err(blkio_error("reading capacity"))
+    }
+
+    /// Whether the device is read-only (it offered VIRTIO_BLK_F_RO).
+    pub fn read_only(&self) -> anyhow::Result<bool> {
+        self.blkio
+            .get_bool("read-only")
+            .map_err(blkio_error("reading read-only"))
     }
 
     pub fn queue_count(&self) -> usize {

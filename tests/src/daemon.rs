@@ -163,9 +163,11 @@ impl Daemon {
                 );
             }
             if self.admin_socket().exists() && self.data_dir().join("metrics.addr").exists() {
-                let status = self.vessel(&["cluster", "status", "--output", "json"])?;
-                if status.status.success()
-                    && String::from_utf8_lossy(&status.stdout).contains("\"running\"")
+                // A self-initialising node answers only once it runs; a --listen node answers while it waits.
+                if self
+                    .vessel(&["cluster", "status", "--output", "json"])?
+                    .status
+                    .success()
                 {
                     return Ok(());
                 }

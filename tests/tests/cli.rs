@@ -283,3 +283,67 @@ fn a_second_daemon_on_the_same_data_dir_is_refused() {
     let stderr = String::from_utf8_lossy(&output.stderr);
     assert!(stderr.contains("in use by another vesseld"), "{stderr}");
 }
+
+#[test]
+fn a_listening_node_waits_for_cluster_init_and_serves_the_api_over_tcp() {
+    let dir = test_dir("cli_listen");
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let endpoint = format!("127.0.0.1:{port}");
+    let options = DaemonOptions {
+        args: vec!["--listen".to_owned(), endpoint.clone()],
+        ..DaemonOptions::default()
+    };
+    let _daemon = Daemon::start(&dir, options).unwrap();
+    let vessel = |args: &[&str]| {
+        std::process::Command::new(binary("vessel").unwrap())
+            .args(["--endpoint", &endpoint])
+            .args(args)
+            .output()
+            .unwrap()
+    };
+    let json = |args: &[&str]| -> serde_json::Value {
+        let output = vessel(&[args, &["--output", "json"]].concat());
+        assert!(
+            output.status.success(),
+            "{}",
+            String::from_utf8_lossy(&output.stderr)
+        );
+        serde_json::from_slice(&output.stdout).unwrap()
+    };
+
+    let status = json(&["cluster", "status"]);
+    assert_eq!(status["state"], "waiting", "{status}");
+    assert_fails(
+        &vessel(&["volume", "create", "v", "--size", "1G"]),
+        5,
+        "run `vessel cluster init`",
+    );
+
+    let init = vessel(&["cluster", "init"]);
+    assert!(
+        String::from_utf8_lossy(&init.stdout).contains("initialised"),
+        "{init:?}"
+    );
+    let status = json(&["cluster", "status"]);
+    assert_eq!(status["state"], "running", "{status}");
+    assert_eq!(
+        json(&["node", "list"])["nodes"][0]["address"],
+        endpoint.as_str()
+    );
+
+    // A --listen node brings no default disk: the operator adds them.
+    assert_fails(
+        &vessel(&["volume", "create", "v", "--size", "1G"]),
+        6,
+        "the cluster has no disks yet; add one with `vessel disk add",
+    );
+    let disk = dir.join("d0.img");
+    let added = vessel(&["disk", "add", disk.to_str().unwrap(), "--size", "1G"]);
+    assert!(added.status.success(), "{added:?}");
+    let created = vessel(&["volume", "create", "v", "--size", "1G"]);
+    assert!(created.status.success(), "{created:?}");
+}

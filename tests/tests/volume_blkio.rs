@@ -18,9 +18,13 @@ fn test_dir(name: &str) -> PathBuf {
 
 /// libblkio connects once the daemon listens; after a restart the socket may take a moment to come back.
 fn connect(socket: &Path, queues: usize) -> BlkClient {
+    connect_with(socket, queues, false)
+}
+
+fn connect_with(socket: &Path, queues: usize, read_only: bool) -> BlkClient {
     let deadline = Instant::now() + Duration::from_secs(20);
     loop {
-        match BlkClient::connect(socket, queues) {
+        match BlkClient::connect_with(socket, queues, read_only) {
             Ok(client) => return client,
             Err(error) if Instant::now() < deadline => {
                 eprintln!("retrying connect: {error:#}");
@@ -199,4 +203,51 @@ fn a_full_pool_fails_writes_with_ioerr_and_counts_them() {
     let disks = daemon.vessel_json(&["disk", "list"]).unwrap();
     let disk = &disks["disks"][0];
     assert_eq!(disk["used_bytes"], disk["capacity_bytes"], "{disks}");
+}
+
+#[test]
+fn a_read_only_attachment_serves_the_data_and_says_it_is_read_only() {
+    let dir = test_dir("read_only");
+    let daemon = Daemon::start(&dir, DaemonOptions::default()).unwrap();
+    let socket = dir.join("ro.sock");
+    let socket_arg = socket.to_str().unwrap();
+    daemon
+        .vessel_ok(&["volume", "create", "ro", "--size", "64M"])
+        .unwrap();
+    daemon
+        .vessel_ok(&["volume", "attach", "ro", "--vhost-user", socket_arg])
+        .unwrap();
+    let mut client = connect(&socket, 1);
+    let mut buffer = client.buffer(4096).unwrap();
+    buffer.slice_mut(0, 4096).fill(0x3c);
+    client
+        .queue(0)
+        .write(8192, buffer.as_mut_ptr(), 4096, 0, blkio::ReqFlags::empty());
+    vessel_tests::blk_client::complete(client.queue(0), 1).unwrap();
+    drop(client);
+    daemon.vessel_ok(&["volume", "detach", "ro"]).unwrap();
+
+    daemon
+        .vessel_ok(&[
+            "volume",
+            "attach",
+            "ro",
+            "--vhost-user",
+            socket_arg,
+            "--read-only",
+        ])
+        .unwrap();
+    // A read-write client is refused: libblkio sees VIRTIO_BLK_F_RO.
+    let refused = BlkClient::connect(&socket, 1).unwrap_err().to_string();
+    assert!(refused.contains("read-only"), "{refused}");
+    let mut client = connect_with(&socket, 1, true);
+    assert!(client.read_only().unwrap());
+    let mut buffer = client.buffer(4096).unwrap();
+    client
+        .queue(0)
+        .read(8192, buffer.as_mut_ptr(), 4096, 0, blkio::ReqFlags::empty());
+    vessel_tests::blk_client::complete(client.queue(0), 1).unwrap();
+    assert!(buffer.slice_mut(0, 4096).iter().all(|b| *b == 0x3c));
+    let shown = daemon.vessel_json(&["volume", "show", "ro"]).unwrap();
+    assert_eq!(shown["attachment"]["read_only"], true, "{shown}");
 }

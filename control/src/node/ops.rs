@@ -426,9 +426,15 @@ impl LocalNode {
     }
 
     pub fn volume_list(&self) -> admin::VolumeListReply {
-        let volumes = self
-            .control
-            .read(|state| state.volumes.values().cloned().collect::<Vec<_>>());
+        // In name order, as people scan a list.
+        let volumes = self.control.read(|state| {
+            state
+                .volume_names
+                .values()
+                .filter_map(|id| state.volumes.get(id))
+                .cloned()
+                .collect::<Vec<_>>()
+        });
         let allocated = self.allocated_extents();
         admin::VolumeListReply {
             volumes: volumes

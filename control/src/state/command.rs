@@ -257,10 +257,7 @@ pub enum CommandError {
     InvalidBlockSize { block_size: u32 },
     #[error("volume '{name}' needs at least 1 replica")]
     ZeroReplicas { name: String },
-    #[error(
-        "volume '{name}' needs {replicas} replicas but only {available} node(s) with disks can hold them; add disks \
-         on more nodes or lower --replicas"
-    )]
+    #[error("{}", not_enough_nodes(name, *replicas, *available))]
     NotEnoughNodes {
         name: String,
         replicas: u8,
@@ -323,6 +320,18 @@ pub enum CommandError {
     WorldWritableSocket { mode: u32 },
     #[error("{queues} queues is out of range; use 1 to {MAX_QUEUES}")]
     InvalidQueues { queues: u16 },
+}
+
+fn not_enough_nodes(name: &str, replicas: u8, available: usize) -> String {
+    if available == 0 {
+        return format!(
+            "volume '{name}' has nowhere to go: the cluster has no disks yet; add one with `vessel disk add PATH [--size SIZE]`"
+        );
+    }
+    format!(
+        "volume '{name}' needs {replicas} replicas but only {available} node(s) with disks can hold them; add disks on \
+         more nodes or lower --replicas"
+    )
 }
 
 impl ClusterState {
