@@ -295,10 +295,11 @@ fn grown_volume_shows_its_new_capacity() {
     let client = Client::connect(&socket, 1, MIB as usize).unwrap();
     assert_eq!(client.capacity(), 8 * MIB);
     vol.volume.grow(24 * MIB).unwrap();
-    // libblkio sets up no backend request channel, so the change cannot be pushed to it; the
-    // error says so, and the next connection reads the new size.
-    let err = device.resize().unwrap_err();
-    assert!(err.to_string().contains("backend request channel"), "{err}");
+    // libblkio sets up no backend request channel, so the change cannot be pushed to it; that
+    // is not an error, and the next connection reads the new size.
+    device
+        .resize()
+        .expect("nothing to deliver is not a failure");
     drop(client);
     assert!(wait_until(Duration::from_secs(5), || !device.connected()));
     device.resize().expect("no frontend: nothing to notify");

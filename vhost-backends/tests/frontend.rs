@@ -343,14 +343,17 @@ fn memory_slots_config_space_and_ring_restart() {
     dev.stop();
 }
 
-/// Counts CONFIG_CHANGE_MSG arriving on the backend request channel.
+/// Counts CONFIG_CHANGE_MSG arriving on the backend request channel; answers the second one
+/// with a failure.
 #[derive(Default)]
 struct ConfigWatcher(AtomicUsize);
 
 impl VhostUserFrontendReqHandler for ConfigWatcher {
     fn handle_config_change(&self) -> HandlerResult<u64> {
-        self.0.fetch_add(1, Ordering::SeqCst);
-        Ok(0)
+        match self.0.fetch_add(1, Ordering::SeqCst) {
+            0 => Ok(0),
+            _ => Err(std::io::Error::other("frontend refuses")),
+        }
     }
 }
 
@@ -365,13 +368,23 @@ fn growing_the_volume_notifies_the_frontend() {
     let mut channel = FrontendReqHandler::new(Arc::clone(&watcher)).unwrap();
     channel.set_reply_ack_flag(true);
     fe.set_backend_request_fd(&channel.get_tx_raw_fd()).unwrap();
-    let listener = std::thread::spawn(move || channel.handle_request().map(|_| ()));
+    let listener = std::thread::spawn(move || {
+        let first = channel.handle_request().map(|_| ());
+        let second = channel.handle_request().map(|_| ());
+        (first, second)
+    });
 
     vol.volume.grow(40 * MIB).unwrap();
     dev.resize()
         .expect("config change delivered and acknowledged");
-    listener.join().unwrap().unwrap();
     assert_eq!(watcher.0.load(Ordering::SeqCst), 1);
+    // A frontend that answers the notification with a failure is reported.
+    let err = dev.resize().unwrap_err();
+    assert!(err.to_string().contains("failure"), "{err}");
+    let (first, second) = listener.join().unwrap();
+    first.unwrap();
+    assert!(second.is_err());
+    assert_eq!(watcher.0.load(Ordering::SeqCst), 2);
     let (_, cfg) = fe
         .get_config(0, 8, VhostUserConfigFlags::WRITABLE, &[0u8; 8])
         .unwrap();

@@ -250,19 +250,29 @@ impl BlkDevice {
         Ok(BlkDevice { backend, server })
     }
 
-    /// The volume grew: the next GET_CONFIG shows the new capacity; a connected frontend is
-    /// told with a config-change message. Without a connected frontend there is nothing to do.
+    /// The volume grew: the next GET_CONFIG shows the new capacity, and a connected frontend is
+    /// told with a config-change message on its backend request channel. A frontend without that
+    /// channel (libblkio sets none up) cannot be told; it reads the new size when it re-reads the
+    /// config, so that is logged, not an error. Errors mean a channel existed but the message
+    /// could not be delivered or the frontend rejected it.
     pub fn resize(&self) -> Result<(), DeviceError> {
         let size = self.backend.volume.layout().size;
-        let notified =
-            self.server
-                .notify_config_change()
-                .map_err(|source| DeviceError::Socket {
-                    volume: self.backend.id,
-                    source,
-                })?;
-        tracing::info!(volume = %self.backend.id, size, notified, "capacity change published");
-        Ok(())
+        let id = self.backend.id;
+        match self.server.notify_config_change() {
+            Ok(notified) => {
+                tracing::info!(volume = %id, size, notified, "capacity change published");
+                Ok(())
+            }
+            Err(ServerError::NoConfigChannel(_)) => {
+                tracing::warn!(
+                    volume = %id,
+                    size,
+                    "the frontend has no backend request channel; it sees the new capacity when it re-reads the config"
+                );
+                Ok(())
+            }
+            Err(source) => Err(DeviceError::Socket { volume: id, source }),
+        }
     }
 
     /// Whether a frontend is connected.
