@@ -158,30 +158,34 @@ impl Buffer {
     }
 }
 
+/// Waits for at least one completion (at most `max`) and returns their user data; fails on any request error.
+pub fn complete_any(queue: &mut Blkioq, max: usize) -> anyhow::Result<Vec<usize>> {
+    let mut completions: Vec<MaybeUninit<Completion>> =
+        (0..max).map(|_| MaybeUninit::uninit()).collect();
+    let got = queue
+        .do_io(&mut completions, 1, None, None)
+        .map_err(|error| anyhow::anyhow!("do_io: {} (errno {})", error.message(), error.errno()))?;
+    let mut done = Vec::with_capacity(got);
+    for completion in &completions[..got] {
+        // SAFETY: do_io initialised the first `got` entries.
+        let completion = unsafe { completion.assume_init_ref() };
+        if completion.ret != 0 {
+            bail!(
+                "request {} failed with {}",
+                completion.user_data,
+                completion.ret
+            );
+        }
+        done.push(completion.user_data);
+    }
+    Ok(done)
+}
+
 /// Waits for exactly `count` completions on `queue`; fails on any request error.
 pub fn complete(queue: &mut Blkioq, count: usize) -> anyhow::Result<Vec<usize>> {
     let mut done = Vec::with_capacity(count);
-    let mut completions: Vec<MaybeUninit<Completion>> =
-        (0..count).map(|_| MaybeUninit::uninit()).collect();
     while done.len() < count {
-        let want = count - done.len();
-        let got = queue
-            .do_io(&mut completions[..want], 1, None, None)
-            .map_err(|error| {
-                anyhow::anyhow!("do_io: {} (errno {})", error.message(), error.errno())
-            })?;
-        for completion in &completions[..got] {
-            // SAFETY: do_io initialised the first `got` entries.
-            let completion = unsafe { completion.assume_init_ref() };
-            if completion.ret != 0 {
-                bail!(
-                    "request {} failed with {}",
-                    completion.user_data,
-                    completion.ret
-                );
-            }
-            done.push(completion.user_data);
-        }
+        done.extend(complete_any(queue, count - done.len())?);
     }
     Ok(done)
 }
@@ -275,6 +279,22 @@ fn check_sector(buf: &[u8], seed: u64, sector: u64, expected: Sector) -> anyhow:
             sector * SECTOR,
             if zero { "zeroes" } else { "other data" }
         );
+    }
+    Ok(())
+}
+
+/// Checks every sector of `len` bytes read at `offset` into `buffer[at..]` against the model.
+fn check_range(
+    buffer: &Buffer,
+    at: usize,
+    offset: u64,
+    len: u64,
+    model: &Model,
+) -> anyhow::Result<()> {
+    for i in 0..len / SECTOR {
+        let sector = offset / SECTOR + i;
+        let data = buffer.slice(at + (i * SECTOR) as usize, SECTOR as usize);
+        check_sector(data, model.seed, sector, model.expected(sector))?;
     }
     Ok(())
 }
@@ -404,14 +424,9 @@ pub fn run_queue(
         for (op, buf_at) in ops {
             match op {
                 Op::Read { offset, len } => {
-                    for i in 0..len / SECTOR {
-                        let sector = offset / SECTOR + i;
-                        let data = buffer.slice(buf_at + (i * SECTOR) as usize, SECTOR as usize);
-                        check_sector(data, model.seed, sector, model.expected(sector))
-                            .with_context(|| {
-                                format!("queue {queue_index}, read of {len} bytes at {offset}")
-                            })?;
-                    }
+                    check_range(buffer, buf_at, offset, len, model).with_context(|| {
+                        format!("queue {queue_index}, read of {len} bytes at {offset}")
+                    })?;
                     report.reads += 1;
                     report.verified_bytes += len;
                 }
@@ -471,13 +486,8 @@ pub fn verify_all(
             ReqFlags::empty(),
         );
         complete(queue, 1)?;
-        for i in 0..workload.chunk / SECTOR {
-            let sector = offset / SECTOR + i;
-            let data = buffer.slice(buffer_offset + (i * SECTOR) as usize, SECTOR as usize);
-            check_sector(data, model.seed, sector, model.expected(sector)).with_context(|| {
-                format!("final read-back of chunk {chunk} (queue {queue_index})")
-            })?;
-        }
+        check_range(buffer, buffer_offset, offset, workload.chunk, model)
+            .with_context(|| format!("final read-back of chunk {chunk} (queue {queue_index})"))?;
         verified += workload.chunk;
     }
     Ok(verified)

@@ -23,6 +23,19 @@ fn profile_dir() -> anyhow::Result<PathBuf> {
     Ok(dir.to_path_buf())
 }
 
+/// A fresh, empty directory for one test under the target directory (a real filesystem: O_DIRECT works there).
+pub fn test_dir(name: &str) -> anyhow::Result<PathBuf> {
+    let profile = profile_dir()?;
+    let dir = profile
+        .parent()
+        .context("target directory")?
+        .join("tmp")
+        .join(name);
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
+    Ok(dir)
+}
+
 /// Path of a workspace binary, building the daemon and CLI once per test process if they are missing or stale.
 pub fn binary(name: &str) -> anyhow::Result<PathBuf> {
     static BUILT: OnceLock<Result<(), String>> = OnceLock::new();

@@ -2,17 +2,10 @@
 //! errors that say what to do, `--output json`, and metadata that survives a restart.
 
 use std::os::unix::fs::PermissionsExt;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::Output;
 
-use vessel_tests::daemon::{Daemon, DaemonOptions, binary};
-
-fn test_dir(name: &str) -> PathBuf {
-    let dir = Path::new(env!("CARGO_TARGET_TMPDIR")).join(name);
-    let _ = std::fs::remove_dir_all(&dir);
-    std::fs::create_dir_all(&dir).unwrap();
-    dir
-}
+use vessel_tests::daemon::{Daemon, DaemonOptions, binary, test_dir};
 
 /// Asserts the exit code and that stderr is one line containing `message`.
 fn assert_fails(output: &Output, code: i32, message: &str) {
@@ -28,7 +21,7 @@ fn assert_fails(output: &Output, code: i32, message: &str) {
 
 #[test]
 fn volume_lifecycle_errors_and_exit_codes() {
-    let dir = test_dir("cli_lifecycle");
+    let dir = test_dir("cli_lifecycle").unwrap();
     let daemon = Daemon::start(&dir, DaemonOptions::default()).unwrap();
     let socket = dir.join("db1.sock");
     let socket = socket.to_str().unwrap();
@@ -197,7 +190,7 @@ fn volume_lifecycle_errors_and_exit_codes() {
 
 #[test]
 fn cluster_and_disks() {
-    let dir = test_dir("cli_cluster");
+    let dir = test_dir("cli_cluster").unwrap();
     let daemon = Daemon::start(&dir, DaemonOptions::default()).unwrap();
     let mode = std::fs::metadata(daemon.admin_socket())
         .unwrap()
@@ -251,7 +244,7 @@ fn cluster_and_disks() {
 
 #[test]
 fn unreachable_daemon_and_bad_arguments() {
-    let dir = test_dir("cli_unreachable");
+    let dir = test_dir("cli_unreachable").unwrap();
     let output = std::process::Command::new(binary("vessel").unwrap())
         .args([
             "--admin-socket",
@@ -271,7 +264,7 @@ fn unreachable_daemon_and_bad_arguments() {
 
 #[test]
 fn a_second_daemon_on_the_same_data_dir_is_refused() {
-    let dir = test_dir("cli_lock");
+    let dir = test_dir("cli_lock").unwrap();
     let daemon = Daemon::start(&dir, DaemonOptions::default()).unwrap();
     let output = std::process::Command::new(binary("vesseld").unwrap())
         .arg("--data-dir")
@@ -286,7 +279,7 @@ fn a_second_daemon_on_the_same_data_dir_is_refused() {
 
 #[test]
 fn a_listening_node_waits_for_cluster_init_and_serves_the_api_over_tcp() {
-    let dir = test_dir("cli_listen");
+    let dir = test_dir("cli_listen").unwrap();
     let port = std::net::TcpListener::bind("127.0.0.1:0")
         .unwrap()
         .local_addr()

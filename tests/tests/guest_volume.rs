@@ -2,20 +2,12 @@
 //! verifies data with fio, sees discards read back as zeroes and the disk grow while attached, keeps its data across a
 //! reboot, and keeps writing without an I/O error while the daemon is killed with SIGKILL and restarted.
 
-use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
-use vessel_tests::daemon::{Daemon, DaemonOptions};
+use vessel_tests::daemon::{Daemon, DaemonOptions, test_dir};
 use vessel_tests::guest::{Guest, GuestConfig, GuestImage, VhostUserBlkDisk, running_as_root};
 
 const MINUTE: Duration = Duration::from_secs(60);
-
-fn test_dir(name: &str) -> PathBuf {
-    let dir = Path::new(env!("CARGO_TARGET_TMPDIR")).join(name);
-    let _ = std::fs::remove_dir_all(&dir);
-    std::fs::create_dir_all(&dir).unwrap();
-    dir
-}
 
 /// A daemon with one attached volume, and a guest booted on it.
 fn boot_on_volume(name: &str, size: &str, queues: u16) -> Option<(Daemon, Guest, String)> {
@@ -23,7 +15,7 @@ fn boot_on_volume(name: &str, size: &str, queues: u16) -> Option<(Daemon, Guest,
         eprintln!("SKIPPED: guest tests need root (QEMU with shared memory, /dev/kvm-free TCG)");
         return None;
     }
-    let dir = test_dir(name);
+    let dir = test_dir(name).unwrap();
     let daemon = Daemon::start(&dir, DaemonOptions::default()).unwrap();
     let socket = dir.join("vm.sock");
     let created = daemon

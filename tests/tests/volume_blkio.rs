@@ -3,18 +3,11 @@
 //! crash (SIGKILL) and restart with the data intact; counters in `volume show` and on /metrics; a full pool.
 
 use std::io::{Read, Write};
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::time::{Duration, Instant};
 
 use vessel_tests::blk_client::{BlkClient, Workload, run_workload, verify_models};
-use vessel_tests::daemon::{Daemon, DaemonOptions};
-
-fn test_dir(name: &str) -> PathBuf {
-    let dir = Path::new(env!("CARGO_TARGET_TMPDIR")).join(name);
-    let _ = std::fs::remove_dir_all(&dir);
-    std::fs::create_dir_all(&dir).unwrap();
-    dir
-}
+use vessel_tests::daemon::{Daemon, DaemonOptions, test_dir};
 
 /// libblkio connects once the daemon listens; after a restart the socket may take a moment to come back.
 fn connect(socket: &Path, queues: usize) -> BlkClient {
@@ -58,7 +51,7 @@ fn metric(text: &str, name: &str, volume: &str) -> u64 {
 
 #[test]
 fn verifying_workload_over_two_queues_survives_reconnect_growth_and_a_crash() {
-    let dir = test_dir("verifying_workload");
+    let dir = test_dir("verifying_workload").unwrap();
     let mut daemon = Daemon::start(&dir, DaemonOptions::default()).unwrap();
     let socket = dir.join("db1.sock");
     daemon
@@ -155,7 +148,7 @@ fn verifying_workload_over_two_queues_survives_reconnect_growth_and_a_crash() {
 
 #[test]
 fn a_full_pool_fails_writes_with_ioerr_and_counts_them() {
-    let dir = test_dir("full_pool");
+    let dir = test_dir("full_pool").unwrap();
     // 16 extents of 4 MiB, and volumes may provision twice that.
     let options = DaemonOptions {
         config: Some("default_disk_size = \"66M\"\nextent_size = \"4M\"\n".to_owned()),
@@ -207,7 +200,7 @@ fn a_full_pool_fails_writes_with_ioerr_and_counts_them() {
 
 #[test]
 fn a_read_only_attachment_serves_the_data_and_says_it_is_read_only() {
-    let dir = test_dir("read_only");
+    let dir = test_dir("read_only").unwrap();
     let daemon = Daemon::start(&dir, DaemonOptions::default()).unwrap();
     let socket = dir.join("ro.sock");
     let socket_arg = socket.to_str().unwrap();

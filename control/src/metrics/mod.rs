@@ -93,32 +93,35 @@ pub fn render(node: &LocalNode) -> String {
     family.sample("vessel_cluster_provisioned_bytes", "", provisioned);
 
     if let Some(pool) = node.pool() {
-        let disks = pool.disks();
+        let disks: Vec<(String, vstore::DiskInfo)> = pool
+            .disks()
+            .into_iter()
+            .map(|disk| {
+                (
+                    format!(
+                        "disk=\"{}\",path=\"{}\"",
+                        disk.id,
+                        label(&disk.path.display().to_string())
+                    ),
+                    disk,
+                )
+            })
+            .collect();
         family.header(
             "vessel_disk_capacity_bytes",
             "gauge",
             "Capacity of a local disk.",
         );
-        for disk in &disks {
-            let labels = format!(
-                "disk=\"{}\",path=\"{}\"",
-                disk.id,
-                label(&disk.path.display().to_string())
-            );
-            family.sample("vessel_disk_capacity_bytes", &labels, disk.capacity);
+        for (labels, disk) in &disks {
+            family.sample("vessel_disk_capacity_bytes", labels, disk.capacity);
         }
         family.header(
             "vessel_disk_used_bytes",
             "gauge",
             "Bytes of a local disk allocated to extents.",
         );
-        for disk in &disks {
-            let labels = format!(
-                "disk=\"{}\",path=\"{}\"",
-                disk.id,
-                label(&disk.path.display().to_string())
-            );
-            family.sample("vessel_disk_used_bytes", &labels, disk.used);
+        for (labels, disk) in &disks {
+            family.sample("vessel_disk_used_bytes", labels, disk.used);
         }
         let allocated: std::collections::HashMap<_, _> =
             pool.volumes_on_disk().into_iter().collect();

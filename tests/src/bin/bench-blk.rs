@@ -17,7 +17,7 @@ use anyhow::{Context, bail};
 use blkio::ReqFlags;
 use clap::Parser;
 use rand::{Rng, SeedableRng};
-use vessel_tests::blk_client::{BlkClient, complete};
+use vessel_tests::blk_client::{BlkClient, complete, complete_any};
 use vessel_tests::daemon::{Daemon, DaemonOptions};
 
 #[derive(Debug, Parser)]
@@ -110,7 +110,7 @@ fn run_job(socket: &Path, job: Job, size: u64, duration: Duration) -> anyhow::Re
                     let mut in_flight = job.depth;
                     // After `end`, requests still in flight drain without being counted or replaced.
                     while in_flight > 0 {
-                        let finished = complete_any(queue)?;
+                        let finished = complete_any(queue, 64)?;
                         let now = Instant::now();
                         for slot in finished {
                             in_flight -= 1;
@@ -154,25 +154,6 @@ fn run_job(socket: &Path, job: Job, size: u64, duration: Duration) -> anyhow::Re
         mean_us: mean,
         p99_us: f64::from(p99),
     })
-}
-
-/// Waits for at least one completion and returns the slots that finished.
-fn complete_any(queue: &mut blkio::Blkioq) -> anyhow::Result<Vec<usize>> {
-    let mut completions: Vec<std::mem::MaybeUninit<blkio::Completion>> =
-        (0..64).map(|_| std::mem::MaybeUninit::uninit()).collect();
-    let got = queue
-        .do_io(&mut completions, 1, None, None)
-        .map_err(|error| anyhow::anyhow!("do_io: {} (errno {})", error.message(), error.errno()))?;
-    let mut slots = Vec::with_capacity(got);
-    for completion in &completions[..got] {
-        // SAFETY: do_io initialised the first `got` entries.
-        let completion = unsafe { completion.assume_init_ref() };
-        if completion.ret != 0 {
-            bail!("request failed with {}", completion.ret);
-        }
-        slots.push(completion.user_data);
-    }
-    Ok(slots)
 }
 
 /// Writes every byte of the device once (1 MiB requests, 8 in flight), so reads hit allocated blocks.
