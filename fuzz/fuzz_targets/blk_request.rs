@@ -8,7 +8,8 @@ use libfuzzer_sys::fuzz_target;
 use vhost_backends::blk::request::{Limits, Parsed, Request, parse};
 use vhost_backends::chain::read_chain;
 use vm_memory::{
-    Address, Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion, MemoryRegionAddress,
+    Address, Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion,
+    MemoryRegionAddress,
 };
 
 /// Two adjacent regions (a buffer may straddle them) and one past a hole.
@@ -20,7 +21,8 @@ fuzz_target!(|data: &[u8]| {
         return;
     }
     let (control, contents) = data.split_at(CONTROL);
-    let ranges: Vec<(GuestAddress, usize)> = REGIONS.iter().map(|&(a, l)| (GuestAddress(a), l)).collect();
+    let ranges: Vec<(GuestAddress, usize)> =
+        REGIONS.iter().map(|&(a, l)| (GuestAddress(a), l)).collect();
     let mem = GuestMemoryMmap::from_ranges(&ranges).expect("anonymous guest memory");
     // Lay the input over guest memory, region after region.
     let mut rest = contents;
@@ -37,7 +39,11 @@ fuzz_target!(|data: &[u8]| {
     if flags & 0x80 != 0 {
         // Compact mode: rewrite the table from 6-byte records (address in 8-byte units, length,
         // flags, next) so that most chains point into guest memory and reach the parser.
-        for (i, rec) in contents.chunks_exact(6).take(usize::from(queue_size)).enumerate() {
+        for (i, rec) in contents
+            .chunks_exact(6)
+            .take(usize::from(queue_size))
+            .enumerate()
+        {
             let addr = u64::from(u16::from_le_bytes([rec[0], rec[1]])) * 8;
             let len = u32::from(u16::from_le_bytes([rec[2], rec[3]]));
             let desc_flags = u16::from(rec[4] & 7);
@@ -51,7 +57,9 @@ fuzz_target!(|data: &[u8]| {
         }
     }
     let limits = Limits {
-        capacity: u64::from(u32::from_le_bytes([control[6], control[7], control[8], control[9]])) * 512,
+        capacity: u64::from(u32::from_le_bytes([
+            control[6], control[7], control[8], control[9],
+        ])) * 512,
         block_size: if flags & 2 != 0 { 4096 } else { 512 },
         read_only: flags & 4 != 0,
         seg_max: u32::from(control[10]) + 1,
@@ -71,21 +79,46 @@ fuzz_target!(|data: &[u8]| {
     // Host ranges of the regions, to check every segment against.
     let hosts: Vec<(usize, usize)> = mem
         .iter()
-        .map(|r| (r.get_host_address(MemoryRegionAddress(0)).unwrap() as usize, r.len() as usize))
+        .map(|r| {
+            (
+                r.get_host_address(MemoryRegionAddress(0)).unwrap() as usize,
+                r.len() as usize,
+            )
+        })
         .collect();
     let inside = |addr: *mut u8, len: usize| {
         let a = addr as usize;
-        hosts.iter().any(|&(base, size)| a >= base && a.checked_add(len).is_some_and(|end| end <= base + size))
+        hosts.iter().any(|&(base, size)| {
+            a >= base && a.checked_add(len).is_some_and(|end| end <= base + size)
+        })
     };
     match parsed {
         Parsed::NoStatus(_) => {}
         Parsed::Reject { status_addr, .. } => {
-            assert!(mem.write_obj(1u8, status_addr).is_ok(), "status byte outside guest memory");
+            assert!(
+                mem.write_obj(1u8, status_addr).is_ok(),
+                "status byte outside guest memory"
+            );
         }
-        Parsed::Ready { status_addr, request } => {
-            assert!(mem.write_obj(0u8, status_addr).is_ok(), "status byte outside guest memory");
+        Parsed::Ready {
+            status_addr,
+            request,
+        } => {
+            assert!(
+                mem.write_obj(0u8, status_addr).is_ok(),
+                "status byte outside guest memory"
+            );
             match request {
-                Request::Read { offset, len, segments } | Request::Write { offset, len, segments } => {
+                Request::Read {
+                    offset,
+                    len,
+                    segments,
+                }
+                | Request::Write {
+                    offset,
+                    len,
+                    segments,
+                } => {
                     assert!(offset + len <= limits.capacity);
                     assert_eq!(segments.iter().map(|s| s.len as u64).sum::<u64>(), len);
                     for s in &segments {
