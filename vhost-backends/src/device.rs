@@ -2,10 +2,11 @@
 //!
 //! [`crate::handler::VhostUserHandler`] speaks the protocol (features, memory, rings, inflight,
 //! config messages) and calls a [`VhostUserDevice`] only for what is device specific: which
-//! virtio features and config space it has, and the work loop of one queue. The handler starts
-//! [`VhostUserDevice::run_queue`] on a thread of its own when a ring is ready and stops it by
-//! signalling the stop eventfd; the device must then finish every request it already took from
-//! the ring before returning. That contract is what lets GET_VRING_BASE report an exact
+//! virtio features and config space it has, and the work loop of its queues. Rings are served
+//! in groups of [`VhostUserDevice::rings_per_worker`] (one for blk; a receive/transmit pair
+//! for net). The handler starts [`VhostUserDevice::run_worker`] on a thread of its own when
+//! every ring of a group is ready and stops it by signalling the stop eventfd; the device must
+//! then finish every request it already took from its rings before returning. That contract is what lets GET_VRING_BASE report an exact
 //! position and lets a later start continue where this one ended.
 
 use vhost::vhost_user::VhostUserProtocolFeatures;
@@ -44,9 +45,15 @@ pub trait VhostUserDevice: Send + Sync + 'static {
     /// The frontend writes `data` at `offset` of the config space (SET_CONFIG).
     fn write_config(&self, offset: u32, data: &[u8]) -> Result<(), Self::Error>;
 
-    /// Serves queue `vring` until `stop` becomes readable, then completes every request already
-    /// taken from the ring and returns. Runs on a thread of its own.
-    fn run_queue(&self, vring: &mut Vring, stop: &EventFd) -> Result<(), Self::Error>;
+    /// Rings one worker thread serves together, consecutive from a multiple of this number
+    /// (1: a worker per ring; 2: per queue pair).
+    fn rings_per_worker(&self) -> u16 {
+        1
+    }
+
+    /// Serves `vrings` (one group, in ring order) until `stop` becomes readable, then completes
+    /// every request already taken from them and returns. Runs on a thread of its own.
+    fn run_worker(&self, vrings: &mut [Vring], stop: &EventFd) -> Result<(), Self::Error>;
 
     /// The frontend went away (or reset the device); every queue worker has been stopped.
     fn disconnected(&self) {}

@@ -12,9 +12,11 @@
 //! - the inflight region ([`crate::inflight`]);
 //! - config space access, delegated to the device.
 //!
-//! Lifecycle invariant: a ring has a worker thread exactly while it is started, enabled, has
-//! addresses and guest memory exists. Any message that changes what a running worker depends on
-//! (kick fd, size, addresses, disable, GET_VRING_BASE, reset, disconnect) first stops the worker,
+//! Lifecycle invariant: rings are served in groups of [`VhostUserDevice::rings_per_worker`]
+//! (one ring for blk, a queue pair for net); a group has a worker thread exactly while each of
+//! its rings is started, enabled and has addresses, and guest memory exists. Any message that
+//! changes what a running worker depends on (kick fd, size, addresses, disable,
+//! GET_VRING_BASE, reset, disconnect) first stops the worker,
 //! which completes every request it already took, so the position the ring resumes from (or
 //! that GET_VRING_BASE reports) is exact. Call fds may change under a running worker; they live
 //! in an [`EventSlot`] the worker reads on every signal.
@@ -125,7 +127,7 @@ struct RingAddrs {
 #[derive(Debug)]
 struct Worker {
     stop: EventFd,
-    thread: JoinHandle<Vring>,
+    thread: JoinHandle<Vec<Vring>>,
 }
 
 #[derive(Debug)]
@@ -138,7 +140,6 @@ struct RingState {
     err: Arc<EventSlot>,
     enabled: bool,
     started: bool,
-    worker: Option<Worker>,
 }
 
 impl RingState {
@@ -152,7 +153,6 @@ impl RingState {
             err: Arc::new(EventSlot::new()),
             enabled: false,
             started: false,
-            worker: None,
         }
     }
 }
@@ -165,6 +165,9 @@ pub struct VhostUserHandler<D: VhostUserDevice> {
     acked_protocol: VhostUserProtocolFeatures,
     memory: MemoryTable,
     rings: Vec<RingState>,
+    /// One slot per group of `rings_per_worker` rings.
+    workers: Vec<Option<Worker>>,
+    rings_per_worker: usize,
     inflight: Option<InflightRegion>,
 }
 
@@ -186,8 +189,12 @@ impl<D: VhostUserDevice> VhostUserHandler<D> {
     /// A fresh handler for a new connection to `device`.
     pub fn new(device: Arc<D>) -> Self {
         let span = device.span();
-        let rings = (0..device.num_queues())
+        let rings: Vec<RingState> = (0..device.num_queues())
             .map(|_| RingState::new(device.max_queue_size()))
+            .collect();
+        let rings_per_worker = usize::from(device.rings_per_worker().max(1));
+        let workers = (0..rings.len().div_ceil(rings_per_worker))
+            .map(|_| None)
             .collect();
         VhostUserHandler {
             device,
@@ -196,6 +203,8 @@ impl<D: VhostUserDevice> VhostUserHandler<D> {
             acked_protocol: VhostUserProtocolFeatures::empty(),
             memory: MemoryTable::new(),
             rings,
+            workers,
+            rings_per_worker,
             inflight: None,
         }
     }
@@ -212,7 +221,15 @@ impl<D: VhostUserDevice> VhostUserHandler<D> {
 
     /// Number of rings with a running worker.
     pub fn running_rings(&self) -> usize {
-        self.rings.iter().filter(|r| r.worker.is_some()).count()
+        (0..self.workers.len())
+            .filter(|&g| self.workers[g].is_some())
+            .map(|g| self.group_rings(g).len())
+            .sum()
+    }
+
+    fn group_rings(&self, group: usize) -> std::ops::Range<usize> {
+        let start = group * self.rings_per_worker;
+        start..(start + self.rings_per_worker).min(self.rings.len())
     }
 
     /// Stops every worker (each completes what it took) and forgets the connection state:
@@ -249,9 +266,11 @@ impl<D: VhostUserDevice> VhostUserHandler<D> {
         }
     }
 
-    /// Stops ring `index`'s worker if it runs; the ring then resumes from where it stopped.
+    /// Stops the worker serving ring `index` (and the rest of its group) if it runs; the rings
+    /// then resume from where they stopped.
     fn stop_ring(&mut self, index: usize) {
-        let Some(worker) = self.rings[index].worker.take() else {
+        let group = index / self.rings_per_worker;
+        let Some(worker) = self.workers[group].take() else {
             return;
         };
         if let Err(e) = worker.stop.write(1) {
@@ -259,9 +278,12 @@ impl<D: VhostUserDevice> VhostUserHandler<D> {
             error!(parent: &self.span, queue = index, "cannot signal the queue worker to stop: {e}");
         }
         match worker.thread.join() {
-            Ok(vring) => {
-                self.rings[index].base = vring.next_avail();
-                debug!(parent: &self.span, queue = index, next_avail = vring.next_avail(), "queue worker stopped");
+            Ok(vrings) => {
+                for vring in vrings {
+                    let i = usize::from(vring.index());
+                    self.rings[i].base = vring.next_avail();
+                    debug!(parent: &self.span, queue = i, next_avail = vring.next_avail(), "queue worker stopped");
+                }
             }
             Err(_) => {
                 error!(parent: &self.span, queue = index, "queue worker panicked; the ring position is lost");
@@ -269,14 +291,71 @@ impl<D: VhostUserDevice> VhostUserHandler<D> {
         }
     }
 
-    /// Starts ring `index`'s worker if the ring is ready and none runs.
+    fn ring_ready(&self, index: usize) -> bool {
+        let r = &self.rings[index];
+        r.started && r.enabled && r.addrs.is_some() && r.kick.is_some()
+    }
+
+    /// Starts the worker of ring `index`'s group if every ring of the group is ready and none
+    /// runs.
     fn try_start(&mut self, index: usize) -> Result<(), HandlerError> {
-        let ring = &self.rings[index];
-        if ring.worker.is_some() || !ring.started || !ring.enabled || self.memory.is_empty() {
+        let group = index / self.rings_per_worker;
+        let rings = self.group_rings(group);
+        if self.workers[group].is_some()
+            || self.memory.is_empty()
+            || !rings.clone().all(|i| self.ring_ready(i))
+        {
             return Ok(());
         }
+        let mut vrings = Vec::with_capacity(rings.len());
+        for i in rings.clone() {
+            vrings.push(self.build_vring(i)?);
+        }
+        let errs: Vec<Arc<EventSlot>> = rings
+            .clone()
+            .map(|i| Arc::clone(&self.rings[i].err))
+            .collect();
+        let stop = EventFd::new(libc::EFD_NONBLOCK).map_err(|source| HandlerError::Os {
+            what: "stop eventfd",
+            source,
+        })?;
+        let worker_stop = stop.try_clone().map_err(|source| HandlerError::Os {
+            what: "dup stop eventfd",
+            source,
+        })?;
+        let device = Arc::clone(&self.device);
+        let span = self.span.clone();
+        let first = rings.start;
+        let thread = std::thread::Builder::new()
+            .name(format!("vhost-q{first}"))
+            .spawn(move || {
+                span.in_scope(|| {
+                    if let Err(e) = device.run_worker(&mut vrings, &worker_stop) {
+                        error!(queue = first, "queue worker failed: {e}");
+                        for err in &errs {
+                            err.signal();
+                        }
+                    }
+                });
+                vrings
+            })
+            .map_err(|source| HandlerError::Os {
+                what: "spawn queue worker",
+                source,
+            })?;
+        self.workers[group] = Some(Worker { stop, thread });
+        Ok(())
+    }
+
+    /// The device-side state of ring `index`, positioned where it must resume: after the
+    /// inflight region's recovery when there is one, else at the base the frontend set.
+    fn build_vring(&self, index: usize) -> Result<Vring, HandlerError> {
+        let ring = &self.rings[index];
         let (Some(addrs), Some(kick)) = (ring.addrs, ring.kick.as_ref()) else {
-            return Ok(());
+            return Err(HandlerError::BadRing {
+                index: index as u16,
+                reason: "ring has no addresses or kick fd".into(),
+            });
         };
         let qindex = index as u16;
         let size = u64::from(ring.size);
@@ -358,35 +437,8 @@ impl<D: VhostUserDevice> VhostUserHandler<D> {
         if let Some((inflight, resubmit)) = vring_inflight {
             vring = vring.with_inflight(inflight, resubmit);
         }
-        let stop = EventFd::new(libc::EFD_NONBLOCK).map_err(|source| HandlerError::Os {
-            what: "stop eventfd",
-            source,
-        })?;
-        let worker_stop = stop.try_clone().map_err(|source| HandlerError::Os {
-            what: "dup stop eventfd",
-            source,
-        })?;
-        let device = Arc::clone(&self.device);
-        let span = self.span.clone();
-        let err = Arc::clone(&ring.err);
-        let thread = std::thread::Builder::new()
-            .name(format!("vhost-q{index}"))
-            .spawn(move || {
-                span.in_scope(|| {
-                    if let Err(e) = device.run_queue(&mut vring, &worker_stop) {
-                        error!(queue = index, "queue worker failed: {e}");
-                        err.signal();
-                    }
-                });
-                vring
-            })
-            .map_err(|source| HandlerError::Os {
-                what: "spawn queue worker",
-                source,
-            })?;
-        debug!(parent: &self.span, queue = index, size, next_avail, "queue worker started");
-        self.rings[index].worker = Some(Worker { stop, thread });
-        Ok(())
+        debug!(parent: &self.span, queue = index, size, next_avail, "ring starts");
+        Ok(vring)
     }
 
     fn start_or_log(&mut self, index: usize) -> Result<(), HandlerError> {

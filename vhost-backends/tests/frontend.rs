@@ -24,12 +24,14 @@ use vhost::vhost_user::{
     Frontend, FrontendReqHandler, HandlerResult, VhostUserFrontend, VhostUserFrontendReqHandler,
 };
 use vhost::{VhostBackend, VhostUserMemoryRegionInfo, VringConfigData};
-use vhost_backends::{BlkConfig, BlkDevice};
+use vhost_backends::vring::Vring;
+use vhost_backends::{BlkConfig, BlkDevice, SocketOptions, VhostUserDevice, VhostUserServer};
 use virtio_queue::desc::split::Descriptor;
 use vm_memory::{
     Bytes, FileOffset, GuestAddress, GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion,
     GuestRegionMmap,
 };
+use vmm_sys_util::epoll::{ControlOperation, Epoll, EpollEvent, EventSet};
 use vmm_sys_util::eventfd::EventFd;
 use vstore::{LocalPool, VolumeLayout};
 
@@ -93,6 +95,8 @@ impl Guest {
 
 /// The driver side of one split ring in guest memory.
 struct Ring {
+    /// Offset of this ring's tables in guest memory (a second ring sits elsewhere).
+    base: u64,
     size: u16,
     next_desc: u16,
     avail_idx: u16,
@@ -104,6 +108,7 @@ struct Ring {
 impl Ring {
     fn new(size: u16) -> Ring {
         Ring {
+            base: 0,
             size,
             next_desc: 0,
             avail_idx: 0,
@@ -118,9 +123,9 @@ impl Ring {
             queue_max_size: self.size,
             queue_size: self.size,
             flags: 0,
-            desc_table_addr: guest.host_base + DESC,
-            used_ring_addr: guest.host_base + USED,
-            avail_ring_addr: guest.host_base + AVAIL,
+            desc_table_addr: guest.host_base + self.base + DESC,
+            used_ring_addr: guest.host_base + self.base + USED,
+            avail_ring_addr: guest.host_base + self.base + AVAIL,
             log_addr: None,
         }
     }
@@ -153,16 +158,16 @@ impl Ring {
             let d = Descriptor::new(addr, len, flags, next);
             guest
                 .mem
-                .write_obj(d, GuestAddress(DESC + 16 * u64::from(index)))
+                .write_obj(d, GuestAddress(self.base + DESC + 16 * u64::from(index)))
                 .unwrap();
         }
         self.next_desc = self.next_desc.wrapping_add(3);
-        let slot = AVAIL + 4 + 2 * u64::from(self.avail_idx % self.size);
+        let slot = self.base + AVAIL + 4 + 2 * u64::from(self.avail_idx % self.size);
         guest.mem.write_obj(head, GuestAddress(slot)).unwrap();
         self.avail_idx = self.avail_idx.wrapping_add(1);
         guest
             .mem
-            .write_obj(self.avail_idx, GuestAddress(AVAIL + 2))
+            .write_obj(self.avail_idx, GuestAddress(self.base + AVAIL + 2))
             .unwrap();
         (head, status)
     }
@@ -172,11 +177,14 @@ impl Ring {
     }
 
     fn used_idx(&self, guest: &Guest) -> u16 {
-        guest.mem.read_obj(GuestAddress(USED + 2)).unwrap()
+        guest
+            .mem
+            .read_obj(GuestAddress(self.base + USED + 2))
+            .unwrap()
     }
 
     fn used(&self, guest: &Guest, i: u16) -> (u32, u32) {
-        let at = USED + 4 + 8 * u64::from(i % self.size);
+        let at = self.base + USED + 4 + 8 * u64::from(i % self.size);
         (
             guest.mem.read_obj(GuestAddress(at)).unwrap(),
             guest.mem.read_obj(GuestAddress(at + 4)).unwrap(),
@@ -438,6 +446,160 @@ fn frontend_vanishing_mid_request_leaves_the_device_serving() {
     assert_eq!(status(&guest, s), 0);
     drop(fe);
     dev.stop();
+}
+
+// ---- ring groups (a queue pair per worker, as vhost-user-net will use) -----------------------
+
+/// A device whose worker serves two rings together and returns every chain empty.
+struct PairEcho {
+    groups_seen: std::sync::Mutex<Vec<Vec<u16>>>,
+}
+
+#[derive(Debug, thiserror::Error)]
+#[error("echo worker: {0}")]
+struct EchoError(std::io::Error);
+
+impl VhostUserDevice for PairEcho {
+    type Error = EchoError;
+
+    fn span(&self) -> tracing::Span {
+        tracing::info_span!("pair-echo")
+    }
+    fn num_queues(&self) -> u16 {
+        2
+    }
+    fn max_queue_size(&self) -> u16 {
+        64
+    }
+    fn features(&self) -> u64 {
+        VIRTIO_F_VERSION_1
+    }
+    fn rings_per_worker(&self) -> u16 {
+        2
+    }
+    fn set_acked_features(&self, _features: u64) {}
+    fn config_space(&self) -> Vec<u8> {
+        Vec::new()
+    }
+    fn write_config(&self, _offset: u32, _data: &[u8]) -> Result<(), EchoError> {
+        Err(EchoError(std::io::Error::other("no config space")))
+    }
+    fn run_worker(&self, vrings: &mut [Vring], stop: &EventFd) -> Result<(), EchoError> {
+        self.groups_seen
+            .lock()
+            .unwrap()
+            .push(vrings.iter().map(Vring::index).collect());
+        let epoll = Epoll::new().map_err(EchoError)?;
+        for (i, v) in vrings.iter().enumerate() {
+            epoll
+                .ctl(
+                    ControlOperation::Add,
+                    v.kick().as_raw_fd(),
+                    EpollEvent::new(EventSet::IN, i as u64),
+                )
+                .map_err(EchoError)?;
+        }
+        epoll
+            .ctl(
+                ControlOperation::Add,
+                stop.as_raw_fd(),
+                EpollEvent::new(EventSet::IN, 99),
+            )
+            .map_err(EchoError)?;
+        let mut events = [EpollEvent::default(); 4];
+        loop {
+            for v in vrings.iter_mut() {
+                let mem = v.memory();
+                while let Some(head) = v.pop(&mem) {
+                    v.complete(&mem, head, 0).unwrap();
+                }
+                v.notify(&mem);
+            }
+            let n = epoll.wait(-1, &mut events).map_err(EchoError)?;
+            for ev in &events[..n] {
+                match ev.data() {
+                    99 => return Ok(()),
+                    i => {
+                        vrings[i as usize].consume_kick().map_err(EchoError)?;
+                    }
+                }
+            }
+        }
+    }
+}
+
+#[test]
+fn a_worker_serves_its_whole_ring_group() {
+    let dir = test_dir();
+    let socket = dir.path().join("pair.sock");
+    let device = Arc::new(PairEcho {
+        groups_seen: std::sync::Mutex::new(Vec::new()),
+    });
+    let options = SocketOptions {
+        path: socket.clone(),
+        mode: 0o600,
+        owner: None,
+    };
+    let server = VhostUserServer::start(Arc::clone(&device), &options).unwrap();
+    let guest = Guest::new();
+    let mut rx = Ring::new(64);
+    let mut tx = Ring::new(64);
+    tx.base = 0x40000;
+    let mut fe = Frontend::connect(&socket, 2).unwrap();
+    fe.set_owner().unwrap();
+    fe.get_features().unwrap();
+    fe.set_features(VIRTIO_F_VERSION_1 | VhostUserVirtioFeatures::PROTOCOL_FEATURES.bits())
+        .unwrap();
+    fe.get_protocol_features().unwrap();
+    fe.set_protocol_features(VhostUserProtocolFeatures::REPLY_ACK | VhostUserProtocolFeatures::MQ)
+        .unwrap();
+    fe.set_hdr_flags(VhostUserHeaderFlag::NEED_REPLY);
+    fe.set_mem_table(&[guest.region()]).unwrap();
+    let start = |fe: &mut Frontend, q: usize, ring: &Ring, base: u16| {
+        fe.set_vring_num(q, ring.size).unwrap();
+        fe.set_vring_addr(q, &ring.config(&guest)).unwrap();
+        fe.set_vring_base(q, base).unwrap();
+        fe.set_vring_call(q, &ring.call).unwrap();
+        fe.set_vring_kick(q, &ring.kick).unwrap();
+        fe.set_vring_enable(q, true).unwrap();
+    };
+    let settle = || std::thread::sleep(Duration::from_millis(150));
+
+    // One ring of the pair ready is not enough.
+    start(&mut fe, 0, &rx, 0);
+    rx.request(&guest, T_IN, 0, DATA, 512);
+    rx.kick();
+    settle();
+    assert_eq!(
+        rx.used_idx(&guest),
+        0,
+        "no worker before the whole pair is ready"
+    );
+    // Both ready: one worker for both rings.
+    start(&mut fe, 1, &tx, 0);
+    rx.wait_used(&guest, 1);
+    tx.request(&guest, T_IN, 0, DATA, 512);
+    tx.kick();
+    tx.wait_used(&guest, 1);
+    assert_eq!(*device.groups_seen.lock().unwrap(), vec![vec![0, 1]]);
+
+    // Stopping one ring stops its partner's worker too; each keeps its own position.
+    assert_eq!(fe.get_vring_base(0).unwrap(), 1);
+    tx.request(&guest, T_IN, 0, DATA, 512);
+    tx.kick();
+    settle();
+    assert_eq!(tx.used_idx(&guest), 1, "the pair's worker is stopped");
+    assert_eq!(
+        fe.get_vring_base(1).unwrap(),
+        1,
+        "the unserved request was not consumed"
+    );
+    start(&mut fe, 0, &rx, 1);
+    start(&mut fe, 1, &tx, 1);
+    tx.wait_used(&guest, 2);
+    assert_eq!(device.groups_seen.lock().unwrap().len(), 2);
+    drop(fe);
+    server.stop();
 }
 
 // ---- crash with requests in flight ----------------------------------------------------------

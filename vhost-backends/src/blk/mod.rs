@@ -92,6 +92,9 @@ pub enum BlkError {
     /// A queue worker failed.
     #[error(transparent)]
     Worker(#[from] WorkerError),
+    /// The handler grouped rings differently from what the device asked for.
+    #[error("a blk queue worker serves one ring, not {0}")]
+    WorkerRings(usize),
 }
 
 /// The device model behind the socket.
@@ -200,7 +203,11 @@ impl VhostUserDevice for BlkBackend {
         }
     }
 
-    fn run_queue(&self, vring: &mut Vring, stop: &EventFd) -> Result<(), BlkError> {
+    fn run_worker(&self, vrings: &mut [Vring], stop: &EventFd) -> Result<(), BlkError> {
+        // rings_per_worker is 1: the handler hands exactly one ring.
+        let [vring] = vrings else {
+            return Err(BlkError::WorkerRings(vrings.len()));
+        };
         let mut worker = QueueWorker::new(self, vring)?;
         worker.run(vring, stop)?;
         Ok(())
