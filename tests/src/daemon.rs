@@ -157,7 +157,10 @@ impl Daemon {
             .stdin(Stdio::null())
             .stdout(log.try_clone()?)
             .stderr(log)
-            .env("VESSEL_LOG", "info,vstore=debug");
+            .env(
+                "VESSEL_LOG",
+                std::env::var("VESSEL_LOG").unwrap_or_else(|_| "info".to_owned()),
+            );
         // A restart must not find the previous run's address.
         let _ = std::fs::remove_file(self.data_dir().join("metrics.addr"));
         self.child = Some(command.spawn().context("starting vesseld")?);

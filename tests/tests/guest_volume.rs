@@ -167,31 +167,55 @@ fn guest_keeps_writing_across_a_daemon_crash_and_restart() {
     let Some((mut daemon, mut guest, _)) = boot_on_volume("guest_crash", "1G", 1) else {
         return;
     };
-    // fio writes and then verifies everything it wrote; the daemon dies in the middle of the writes.
+    // Write-through makes every write durable before it completes (RWF_DSYNC).
+    guest
+        .run_ok(
+            "echo 'write through' > /sys/block/vda/queue/write_cache",
+            MINUTE,
+        )
+        .unwrap();
+    // fio writes and then verifies everything it wrote, while a second writer keeps large requests in flight
+    // (small ones complete in microseconds, and a kill must catch some in the daemon).
     let start = format!(
         "({} > /tmp/fio.log 2>&1; echo $? > /tmp/fio.rc) & echo $! > /tmp/fio.pid",
-        fio("--iodepth=16")
+        fio("--iodepth=16 --size=96M")
     );
     guest.run_ok(&start, MINUTE).unwrap();
-    // Let fio get going, then kill the daemon while requests are in flight.
-    let deadline = Instant::now() + MINUTE;
-    loop {
-        let shown = daemon.vessel_json(&["volume", "show", "vm"]).unwrap();
-        if shown["stats"]["writes"].as_u64().unwrap() > 500 {
-            break;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "fio did not start writing: {shown}"
-        );
-        std::thread::sleep(Duration::from_millis(100));
-    }
     guest
-        .run_ok("test ! -e /tmp/fio.rc", MINUTE)
-        .expect("fio was still running when the daemon was killed");
-    daemon.kill().unwrap();
-    std::thread::sleep(Duration::from_secs(1));
-    daemon.restart().unwrap();
+        .run_ok(
+            "fio --name=stream --filename=/dev/vda --ioengine=libaio --direct=1 --bs=1M --iodepth=8 --rw=write \
+             --offset=512M --size=256M --time_based --runtime=600 > /tmp/stream.log 2>&1 & echo $! > /tmp/stream.pid",
+            MINUTE,
+        )
+        .unwrap();
+    let recovered = |daemon: &Daemon| daemon.log().matches("recovered requests in flight").count();
+    let mut kills = 0;
+    while recovered(&daemon) == 0 && kills < 8 {
+        // Let the guest make progress on the (restarted) daemon, then kill it while requests are in flight.
+        let deadline = Instant::now() + 2 * MINUTE;
+        loop {
+            let shown = daemon.vessel_json(&["volume", "show", "vm"]).unwrap();
+            if shown["stats"]["writes"].as_u64().unwrap() > 300 {
+                break;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "the guest is not writing: {shown}"
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        guest
+            .run_ok("test ! -e /tmp/fio.rc", MINUTE)
+            .expect("fio was still running when the daemon was killed");
+        daemon.kill().unwrap();
+        kills += 1;
+        std::thread::sleep(Duration::from_millis(500));
+        daemon.restart().unwrap();
+    }
+    assert!(
+        recovered(&daemon) > 0,
+        "{kills} kills never caught a request in flight (no inflight recovery logged)"
+    );
 
     wait_for(
         &mut guest,
@@ -199,6 +223,7 @@ fn guest_keeps_writing_across_a_daemon_crash_and_restart() {
         "0",
         10 * MINUTE,
     );
+    guest.run_ok("kill $(cat /tmp/stream.pid)", MINUTE).unwrap();
     let log = guest.run_ok("cat /tmp/fio.log", MINUTE).unwrap();
     assert!(!log.contains("error"), "fio reported an error: {log}");
     let kernel = guest.run_ok("dmesg", MINUTE).unwrap();
