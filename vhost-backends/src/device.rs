@@ -20,6 +20,8 @@ pub trait VhostUserDevice: Send + Sync + 'static {
     type Error: std::error::Error + Send + 'static;
 
     /// Span every log line about this device is recorded in (e.g. carrying `volume = %id`).
+    /// Make it a root span (`parent: None`): the handler creates it on threads that may already
+    /// be inside the device's span, and nesting would repeat the fields on every line.
     fn span(&self) -> tracing::Span;
 
     /// Number of virtqueues the device has (GET_QUEUE_NUM).

@@ -155,7 +155,7 @@ impl VhostUserDevice for BlkBackend {
     type Error = BlkError;
 
     fn span(&self) -> tracing::Span {
-        tracing::info_span!("vhost-user-blk", volume = %self.id)
+        tracing::info_span!(parent: None, "vhost-user-blk", volume = %self.id)
     }
 
     fn num_queues(&self) -> u16 {

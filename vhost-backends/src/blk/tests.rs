@@ -370,6 +370,21 @@ fn unwritten_space_reads_as_zeroes_and_indirect_chains_work() {
 }
 
 #[test]
+fn empty_transfers_succeed_without_touching_the_volume() {
+    let mut rig = Rig::new(false);
+    let mut vring = rig.vring(false);
+    let backend = Arc::clone(&rig.backend);
+    let mut worker = QueueWorker::new(&backend, &vring).unwrap();
+    let (h, sr) = rig.header(VIRTIO_BLK_T_IN, 0);
+    rig.chain(&[(h, 16, false), (sr, 1, true)]);
+    let (h, sw) = rig.header(VIRTIO_BLK_T_OUT, 8);
+    rig.chain(&[(h, 16, false), (sw, 1, true)]);
+    rig.serve(&mut worker, &mut vring);
+    assert_eq!((rig.status(sr), rig.status(sw)), (ok(), ok()));
+    assert_eq!(rig.backend.volume().allocated_bytes(), 0);
+}
+
+#[test]
 fn flush_and_get_id() {
     let mut rig = Rig::new(false);
     let mut vring = rig.vring(false);

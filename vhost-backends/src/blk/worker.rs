@@ -305,6 +305,17 @@ impl<'a> QueueWorker<'a> {
                     if ok { used_len } else { 1 },
                 );
             }
+            Request::Read { len: 0, .. } | Request::Write { len: 0, .. } => {
+                // Nothing to move; the block store is not bothered with empty transfers.
+                self.finish(
+                    vring,
+                    mem,
+                    head,
+                    status_addr,
+                    VIRTIO_BLK_S_OK as u8,
+                    used_len,
+                );
+            }
             Request::Read {
                 offset,
                 len,
