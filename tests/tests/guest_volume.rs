@@ -120,13 +120,15 @@ fn guest_writes_verifies_grows_and_reads_back_after_a_reboot() {
         .unwrap();
     assert_eq!(zeroes.trim(), "0", "discarded range reads back as zeroes");
 
-    // Write-through mode, chosen by the guest, still serves I/O.
+    // Write-through mode, chosen by the guest, reaches the device and still serves I/O.
+    let cache = |daemon: &Daemon| {
+        daemon.vessel_json(&["volume", "show", "vm"]).unwrap()["attachment"]["write_back"].clone()
+    };
+    assert_eq!(cache(&daemon), true);
     guest
-        .run_ok(
-            "echo 'write through' > /sys/block/vda/queue/write_cache",
-            MINUTE,
-        )
+        .run_ok("echo 'write through' > /sys/block/vda/cache_type", MINUTE)
         .unwrap();
+    assert_eq!(cache(&daemon), false);
     guest
         .run_ok(
             "dd if=/dev/urandom of=/dev/vda bs=4k count=16 seek=200000 oflag=direct 2>/dev/null",
@@ -134,11 +136,9 @@ fn guest_writes_verifies_grows_and_reads_back_after_a_reboot() {
         )
         .unwrap();
     guest
-        .run_ok(
-            "echo 'write back' > /sys/block/vda/queue/write_cache",
-            MINUTE,
-        )
+        .run_ok("echo 'write back' > /sys/block/vda/cache_type", MINUTE)
         .unwrap();
+    assert_eq!(cache(&daemon), true);
 
     // Growing the attached volume: the guest sees the new size.
     daemon
@@ -169,10 +169,7 @@ fn guest_keeps_writing_across_a_daemon_crash_and_restart() {
     };
     // Write-through makes every write durable before it completes (RWF_DSYNC).
     guest
-        .run_ok(
-            "echo 'write through' > /sys/block/vda/queue/write_cache",
-            MINUTE,
-        )
+        .run_ok("echo 'write through' > /sys/block/vda/cache_type", MINUTE)
         .unwrap();
     // fio writes and then verifies everything it wrote, while a second writer keeps large requests in flight
     // (small ones complete in microseconds, and a kill must catch some in the daemon).
@@ -212,6 +209,16 @@ fn guest_keeps_writing_across_a_daemon_crash_and_restart() {
         std::thread::sleep(Duration::from_millis(500));
         daemon.restart().unwrap();
     }
+    // The restarted daemon kept the cache mode the guest chose (the guest will not say it again).
+    let deadline = Instant::now() + MINUTE;
+    let shown = loop {
+        let shown = daemon.vessel_json(&["volume", "show", "vm"]).unwrap();
+        if shown["attachment"]["connected"] == true || Instant::now() > deadline {
+            break shown;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    assert_eq!(shown["attachment"]["write_back"], false, "{shown}");
     assert!(
         recovered(&daemon) > 0,
         "{kills} kills never caught a request in flight (no inflight recovery logged)"

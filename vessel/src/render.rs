@@ -347,10 +347,11 @@ pub fn volume(out: Output, volume: &admin::Volume) {
                 } else {
                     "read-write"
                 },
-                if attachment.connected {
-                    "frontend connected"
-                } else {
-                    "waiting for a frontend"
+                match (attachment.connected, attachment.write_back) {
+                    (false, _) => "waiting for a frontend",
+                    (true, Some(true)) => "frontend connected, write-back cache",
+                    (true, Some(false)) => "frontend connected, write-through",
+                    (true, None) => "frontend connected",
                 }
             ),
         ),

@@ -55,6 +55,11 @@ impl DeviceHost for BlkDevices {
         running.get(&volume).is_some_and(BlkDevice::connected)
     }
 
+    fn write_back(&self, volume: VolumeId) -> Option<bool> {
+        let running = self.running.lock().unwrap_or_else(PoisonError::into_inner);
+        running.get(&volume).map(BlkDevice::write_back)
+    }
+
     fn detach_all(&self) {
         let devices: Vec<BlkDevice> = self
             .running

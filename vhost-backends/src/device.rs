@@ -47,6 +47,17 @@ pub trait VhostUserDevice: Send + Sync + 'static {
     /// The frontend writes `data` at `offset` of the config space (SET_CONFIG).
     fn write_config(&self, offset: u32, data: &[u8]) -> Result<(), Self::Error>;
 
+    /// State to keep across a crash of this process but not across a device reset (e.g. the cache mode the
+    /// guest chose); the handler saves it in the frontend-held inflight region after every config write. At most
+    /// [`crate::inflight::MAX_DEVICE_STATE`] bytes.
+    fn saved_state(&self) -> Vec<u8> {
+        Vec::new()
+    }
+
+    /// Takes back what [`VhostUserDevice::saved_state`] returned, after a restart of this process; an empty
+    /// `state` means the frontend starts the device afresh (first start, or after a reset): back to defaults.
+    fn restore_state(&self, _state: &[u8]) {}
+
     /// Rings one worker thread serves together, consecutive from a multiple of this number
     /// (1: a worker per ring; 2: per queue pair).
     fn rings_per_worker(&self) -> u16 {

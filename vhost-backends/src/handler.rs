@@ -652,14 +652,18 @@ impl<D: VhostUserDevice> VhostUserBackendReqHandlerMut for VhostUserHandler<D> {
         buf: &[u8],
         _flags: VhostUserConfigFlags,
     ) -> VhostResult<()> {
-        self.device.write_config(offset, buf).map_err(|e| {
-            HandlerError::Config {
+        self.device
+            .write_config(offset, buf)
+            .map_err(|e| HandlerError::Config {
                 offset,
                 len: buf.len(),
                 reason: e.to_string(),
-            }
-            .into()
-        })
+            })?;
+        // What the guest configured must outlive a crash of this process (the guest will not say it again).
+        if let Some(region) = self.inflight.as_ref() {
+            region.save_device_state(&self.device.saved_state());
+        }
+        Ok(())
     }
 
     fn set_backend_req_fd(&mut self, _backend: Backend) {
@@ -691,6 +695,8 @@ impl<D: VhostUserDevice> VhostUserBackendReqHandlerMut for VhostUserHandler<D> {
         })?;
         let reply = VhostUserInflight::new(region.mmap_size(), 0, num_queues, queue_size);
         debug!(parent: &self.span, num_queues, queue_size, bytes = region.mmap_size(), "inflight region allocated");
+        // A fresh region means a fresh device (first start or after a reset): its state starts from defaults.
+        self.device.restore_state(&[]);
         self.inflight = Some(region);
         Ok((reply, file))
     }
@@ -705,6 +711,10 @@ impl<D: VhostUserDevice> VhostUserBackendReqHandlerMut for VhostUserHandler<D> {
         )
         .map_err(HandlerError::from)?;
         debug!(parent: &self.span, num_queues = region.num_queues(), queue_size = region.queue_size(), "inflight region set");
+        if let Some(state) = region.device_state() {
+            debug!(parent: &self.span, bytes = state.len(), "device state restored from the inflight region");
+            self.device.restore_state(&state);
+        }
         self.inflight = Some(region);
         Ok(())
     }

@@ -13,6 +13,11 @@
 //! desc[desc_num]: u8 inflight | u8 padding[5] | u16 next | u64 counter          (16 bytes each)
 //! ```
 //!
+//! After the queue regions comes a Vessel-private trailer of [`DEVICE_STATE_SIZE`] bytes (the frontend treats the
+//! whole region as opaque memory of the size we asked for): state the device must keep across a crash of this
+//! process but not across a device reset, such as the cache mode the guest chose. A reset makes the frontend
+//! free the region and ask for a fresh one, which starts with an empty trailer.
+//!
 //! This module owns the mapping and the bookkeeping protocol; the [`crate::vring::Vring`] of a
 //! running queue worker calls it in the order the spec demands:
 //!
@@ -50,6 +55,15 @@ const OFF_USED_IDX: usize = 14;
 const OFF_INFLIGHT: usize = 0;
 const OFF_NEXT: usize = 6;
 const OFF_COUNTER: usize = 8;
+
+/// Bytes of the device-state trailer after the queue regions.
+pub const DEVICE_STATE_SIZE: usize = 64;
+/// Most bytes of device state the trailer holds.
+pub const MAX_DEVICE_STATE: usize = DEVICE_STATE_SIZE - TRAILER_HEADER;
+/// Trailer layout: u32 magic | u8 version | u8 length | state bytes.
+const TRAILER_HEADER: usize = 6;
+const TRAILER_MAGIC: u32 = u32::from_le_bytes(*b"VSDS");
+const TRAILER_VERSION: u8 = 1;
 
 /// Largest split ring the virtio spec allows.
 const MAX_QUEUE_SIZE: u16 = 32768;
@@ -181,6 +195,8 @@ pub struct InflightRegion {
     mapping: Arc<SharedMapping>,
     num_queues: u16,
     queue_size: u16,
+    /// Offset of the device-state trailer, when the mapping has one (a region of our own making).
+    trailer: Option<usize>,
 }
 
 impl InflightRegion {
@@ -188,7 +204,8 @@ impl InflightRegion {
     /// (`GET_INFLIGHT_FD`). Its size is sealed so the frontend cannot shrink it under us.
     pub fn create(num_queues: u16, queue_size: u16) -> Result<Self, InflightError> {
         check_shape(num_queues, queue_size)?;
-        let bytes = usize::from(num_queues) * queue_region_size(queue_size);
+        let queues_bytes = usize::from(num_queues) * queue_region_size(queue_size);
+        let bytes = queues_bytes + DEVICE_STATE_SIZE;
         let create_err = |source| InflightError::Create { bytes, source };
         // SAFETY: the name is a NUL-terminated static string; the returned fd is checked.
         let fd = unsafe {
@@ -220,6 +237,7 @@ impl InflightRegion {
             mapping,
             num_queues,
             queue_size,
+            trailer: Some(queues_bytes),
         };
         for q in 0..num_queues {
             region
@@ -264,12 +282,20 @@ impl InflightRegion {
             Some(end) if end <= file_size => {}
             _ => return Err(too_small()),
         }
-        let mapping = Arc::new(SharedMapping::map(&file, mmap_offset, needed)?);
+        // The trailer is there when the region is one we made (it is as large as we asked for).
+        let with_trailer = needed + DEVICE_STATE_SIZE;
+        let has_trailer = mmap_size >= with_trailer as u64
+            && mmap_offset
+                .checked_add(with_trailer as u64)
+                .is_some_and(|end| end <= file_size);
+        let len = if has_trailer { with_trailer } else { needed };
+        let mapping = Arc::new(SharedMapping::map(&file, mmap_offset, len)?);
         Ok(InflightRegion {
             file,
             mapping,
             num_queues,
             queue_size,
+            trailer: has_trailer.then_some(needed),
         })
     }
 
@@ -280,7 +306,67 @@ impl InflightRegion {
 
     /// Bytes of the mapping the frontend must keep.
     pub fn mmap_size(&self) -> u64 {
-        (usize::from(self.num_queues) * queue_region_size(self.queue_size)) as u64
+        let queues = usize::from(self.num_queues) * queue_region_size(self.queue_size);
+        (queues + self.trailer.map_or(0, |_| DEVICE_STATE_SIZE)) as u64
+    }
+
+    /// The device state last saved with [`InflightRegion::save_device_state`], if any.
+    pub fn device_state(&self) -> Option<Vec<u8>> {
+        let base = self.trailer?;
+        let magic = self
+            .mapping
+            .atomic::<std::sync::atomic::AtomicU32>(base)
+            .load(Ordering::Acquire);
+        let version = self
+            .mapping
+            .atomic::<AtomicU8>(base + 4)
+            .load(Ordering::Acquire);
+        let len = usize::from(
+            self.mapping
+                .atomic::<AtomicU8>(base + 5)
+                .load(Ordering::Acquire),
+        );
+        if magic != TRAILER_MAGIC || version != TRAILER_VERSION || len > MAX_DEVICE_STATE {
+            return None;
+        }
+        Some(
+            (0..len)
+                .map(|i| {
+                    self.mapping
+                        .atomic::<AtomicU8>(base + TRAILER_HEADER + i)
+                        .load(Ordering::Acquire)
+                })
+                .collect(),
+        )
+    }
+
+    /// Saves `state` (at most [`MAX_DEVICE_STATE`] bytes) in the trailer; false if the region has no trailer or
+    /// the state is too large. The magic is written last, so a crash mid-way leaves no state rather than a torn one.
+    pub fn save_device_state(&self, state: &[u8]) -> bool {
+        let Some(base) = self.trailer else {
+            return false;
+        };
+        let Ok(len) = u8::try_from(state.len()) else {
+            return false;
+        };
+        if state.len() > MAX_DEVICE_STATE {
+            return false;
+        }
+        let magic = self.mapping.atomic::<std::sync::atomic::AtomicU32>(base);
+        magic.store(0, Ordering::Release);
+        self.mapping
+            .atomic::<AtomicU8>(base + 4)
+            .store(TRAILER_VERSION, Ordering::Relaxed);
+        self.mapping
+            .atomic::<AtomicU8>(base + 5)
+            .store(len, Ordering::Relaxed);
+        for (i, byte) in state.iter().enumerate() {
+            self.mapping
+                .atomic::<AtomicU8>(base + TRAILER_HEADER + i)
+                .store(*byte, Ordering::Relaxed);
+        }
+        magic.store(TRAILER_MAGIC, Ordering::Release);
+        true
     }
 
     /// Number of queue regions.
@@ -533,7 +619,10 @@ mod tests {
             assert!(size >= 16 + 16 * usize::from(qs));
         }
         let region = InflightRegion::create(4, 256).unwrap();
-        assert_eq!(region.mmap_size(), 4 * queue_region_size(256) as u64);
+        assert_eq!(
+            region.mmap_size(),
+            (4 * queue_region_size(256) + DEVICE_STATE_SIZE) as u64
+        );
         assert_eq!(region.file().metadata().unwrap().len(), region.mmap_size());
     }
 
@@ -753,5 +842,24 @@ mod tests {
             Err(InflightError::MisalignedOffset(100))
         ));
         assert!(InflightRegion::open(f(), 0, size, 2, 64).is_ok());
+    }
+
+    #[test]
+    fn device_state_survives_a_reopen_and_a_fresh_region_has_none() {
+        let region = InflightRegion::create(2, 8).unwrap();
+        assert_eq!(region.device_state(), None);
+        assert!(region.save_device_state(&[1, 0]));
+        assert!(!region.save_device_state(&[0; MAX_DEVICE_STATE + 1]));
+        let file = region.file().try_clone().unwrap();
+        let size = region.mmap_size();
+        drop(region);
+        let reopened = InflightRegion::open(file, 0, size, 2, 8).unwrap();
+        assert_eq!(reopened.device_state(), Some(vec![1, 0]));
+        // A frontend that maps only the queue regions gets no trailer, and nothing breaks.
+        let file = reopened.file().try_clone().unwrap();
+        let short = InflightRegion::open(file, 0, size - DEVICE_STATE_SIZE as u64, 2, 8).unwrap();
+        assert_eq!(short.device_state(), None);
+        assert!(!short.save_device_state(&[1]));
+        assert_eq!(InflightRegion::create(2, 8).unwrap().device_state(), None);
     }
 }

@@ -67,6 +67,8 @@ pub trait DeviceHost: Send + Sync + std::fmt::Debug + 'static {
     fn resize(&self, volume: VolumeId) -> Result<(), String>;
     /// Whether a frontend is connected to the volume's device.
     fn connected(&self, volume: VolumeId) -> bool;
+    /// The cache mode of a served volume: write-back (true) or write-through.
+    fn write_back(&self, volume: VolumeId) -> Option<bool>;
     /// Stops every device (daemon shutdown).
     fn detach_all(&self);
 }

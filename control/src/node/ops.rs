@@ -653,6 +653,11 @@ impl LocalNode {
                 queues: u32::from(attachment.queues),
                 read_only: attachment.read_only,
                 connected: self.devices.connected(volume.id),
+                write_back: if self.devices.connected(volume.id) {
+                    self.devices.write_back(volume.id)
+                } else {
+                    None
+                },
             }),
             stats: if with_stats {
                 open.as_deref().map(stats_view)

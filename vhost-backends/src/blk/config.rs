@@ -125,6 +125,21 @@ impl BlkSettings {
         }
     }
 
+    /// The guest's cache choice, as kept across a restart of this process: `[version 1, wce]`.
+    pub fn saved_state(&self) -> Vec<u8> {
+        vec![1, u8::from(self.wce.load(Ordering::Acquire))]
+    }
+
+    /// Takes back [`BlkSettings::saved_state`]; anything else (an empty state: a fresh device) restores the
+    /// default, write-back.
+    pub fn restore_state(&self, state: &[u8]) {
+        let wce = match state {
+            [1, wce] => *wce == 1,
+            _ => true,
+        };
+        self.wce.store(wce, Ordering::Release);
+    }
+
     /// Parser limits for the current negotiation.
     pub fn limits(
         &self,
@@ -248,6 +263,26 @@ mod tests {
         assert!(s.set_writeback(0).is_err());
         s.set_acked(bit(VIRTIO_F_VERSION_1));
         assert!(s.write_through());
+    }
+
+    #[test]
+    fn the_cache_choice_is_saved_and_a_fresh_device_starts_write_back() {
+        let s = BlkSettings::default();
+        s.set_acked(bit(VIRTIO_BLK_F_CONFIG_WCE) | bit(VIRTIO_BLK_F_FLUSH));
+        s.set_writeback(0).unwrap();
+        let saved = s.saved_state();
+        // A restarted process: defaults, then the saved state.
+        let restarted = BlkSettings::default();
+        restarted.set_acked(bit(VIRTIO_BLK_F_CONFIG_WCE) | bit(VIRTIO_BLK_F_FLUSH));
+        assert!(restarted.writeback());
+        restarted.restore_state(&saved);
+        assert!(restarted.write_through());
+        // A reset device (empty state) and unknown state both go back to write-back.
+        restarted.restore_state(&[]);
+        assert!(restarted.writeback());
+        restarted.set_writeback(0).unwrap();
+        restarted.restore_state(&[9, 0]);
+        assert!(restarted.writeback());
     }
 
     #[test]

@@ -203,6 +203,14 @@ impl VhostUserDevice for BlkBackend {
         }
     }
 
+    fn saved_state(&self) -> Vec<u8> {
+        self.settings.saved_state()
+    }
+
+    fn restore_state(&self, state: &[u8]) {
+        self.settings.restore_state(state);
+    }
+
     fn run_worker(&self, vrings: &mut [Vring], stop: &EventFd) -> Result<(), BlkError> {
         // rings_per_worker is 1: the handler hands exactly one ring.
         let [vring] = vrings else {
@@ -285,6 +293,12 @@ impl BlkDevice {
     /// Whether a frontend is connected.
     pub fn connected(&self) -> bool {
         self.server.connected()
+    }
+
+    /// Whether the device runs with a write-back cache (FLUSH makes writes durable) rather than write-through,
+    /// as negotiated with (or chosen by) the connected frontend.
+    pub fn write_back(&self) -> bool {
+        self.backend.settings().writeback()
     }
 
     /// Frontend connections accepted since start.
