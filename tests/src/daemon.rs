@@ -43,7 +43,9 @@ pub fn binary(name: &str) -> anyhow::Result<PathBuf> {
     let built = BUILT.get_or_init(|| {
         let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".to_owned());
         let mut command = Command::new(cargo);
-        command.args(["build", "--quiet", "-p", "vesseld", "-p", "vessel"]);
+        // The same selection as scripts/test builds before the tests (so this is a no-op there): selecting
+        // other packages would unify features differently and rebuild shared dependencies.
+        command.args(["build", "--quiet", "--workspace", "--bins"]);
         if dir.file_name().is_some_and(|name| name == "release") {
             command.arg("--release");
         }

@@ -340,3 +340,42 @@ fn a_listening_node_waits_for_cluster_init_and_serves_the_api_over_tcp() {
     let created = vessel(&["volume", "create", "v", "--size", "1G"]);
     assert!(created.status.success(), "{created:?}");
 }
+
+#[test]
+fn a_missing_disk_stops_the_node_from_serving_volumes_rather_than_reading_zeroes() {
+    let dir = test_dir("cli_missing_disk").unwrap();
+    let mut daemon = Daemon::start(&dir, DaemonOptions::default()).unwrap();
+    let socket = dir.join("m.sock");
+    let socket = socket.to_str().unwrap();
+    daemon
+        .vessel_ok(&["volume", "create", "m", "--size", "1G"])
+        .unwrap();
+    daemon
+        .vessel_ok(&["volume", "attach", "m", "--vhost-user", socket])
+        .unwrap();
+    daemon.stop().unwrap();
+
+    let disk = daemon.data_dir().join("disks/disk0.img");
+    let moved = daemon.data_dir().join("disks/elsewhere.img");
+    std::fs::rename(&disk, &moved).unwrap();
+    daemon.restart().unwrap();
+    let status = daemon.vessel_json(&["cluster", "status"]).unwrap();
+    let warnings = status["warnings"].to_string();
+    assert!(warnings.contains("cannot be opened"), "{status}");
+    assert!(!Path::new(socket).exists(), "the attachment is not served");
+    daemon.vessel_ok(&["volume", "detach", "m"]).unwrap();
+    assert_fails(
+        &daemon
+            .vessel(&["volume", "attach", "m", "--vhost-user", socket])
+            .unwrap(),
+        5,
+        "could not be opened",
+    );
+
+    std::fs::rename(&moved, &disk).unwrap();
+    daemon.restart().unwrap();
+    daemon
+        .vessel_ok(&["volume", "attach", "m", "--vhost-user", socket])
+        .unwrap();
+    assert!(Path::new(socket).exists());
+}

@@ -84,6 +84,8 @@ pub struct LocalNode {
     open: Mutex<HashMap<VolumeId, Arc<LocalVolume>>>,
     /// Problems an operator should see in `cluster status` (e.g. an attachment that could not be restored).
     warnings: Mutex<Vec<String>>,
+    /// Disks of this node that could not be opened at start-up; while any is missing no volume is served.
+    unavailable_disks: Mutex<Vec<String>>,
     /// Serialises admin writes that pair a local action with a Raft commit.
     writes: tokio::sync::Mutex<()>,
 }
@@ -106,6 +108,7 @@ impl LocalNode {
             pool: OnceLock::new(),
             open: Mutex::new(HashMap::new()),
             warnings: Mutex::new(Vec::new()),
+            unavailable_disks: Mutex::new(Vec::new()),
             writes: tokio::sync::Mutex::new(()),
         }
     }

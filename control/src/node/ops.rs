@@ -565,13 +565,30 @@ impl LocalNode {
         self.volume_view(&volume, false)
     }
 
-    /// Opens the volume and starts its device.
+    /// Opens the volume and starts its device. Refused while a disk of this node is missing: the volume's extents
+    /// on it would read back as zeroes.
     pub(super) fn serve(
         &self,
         pool: &Arc<LocalPool>,
         volume: &Volume,
         attachment: &Attachment,
     ) -> Result<(), OpError> {
+        let missing = self
+            .unavailable_disks
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .clone();
+        if !missing.is_empty() {
+            return Err(OpError::new(
+                ErrorKind::FailedPrecondition,
+                format!(
+                    "disk(s) {} of this node could not be opened, and volume '{}' may have extents there; \
+                     fix the disk and restart vesseld",
+                    missing.join(", "),
+                    volume.name
+                ),
+            ));
+        }
         let open: Arc<LocalVolume> = pool.open_volume(layout(volume)).map_err(store_error)?;
         if let Some(parent) = Path::new(&attachment.socket).parent()
             && !parent.exists()

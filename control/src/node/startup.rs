@@ -203,6 +203,32 @@ fn host_name() -> String {
         .unwrap_or_else(|| "localhost".to_owned())
 }
 
+/// How long a disk may stay locked by a previous daemon at start-up. A SIGKILLed vesseld's io_uring instances
+/// are torn down by the kernel after the process is gone, and the disk's lock goes with its last file reference.
+const DISK_LOCK_WAIT: std::time::Duration = std::time::Duration::from_secs(60);
+
+async fn open_disk_waiting_for_lock(
+    pool: &LocalPool,
+    path: &Path,
+) -> Result<(), vstore::StoreError> {
+    let deadline = tokio::time::Instant::now() + DISK_LOCK_WAIT;
+    let mut said = false;
+    loop {
+        match pool.open_disk(path) {
+            Err(vstore::StoreError::DiskLocked { .. })
+                if tokio::time::Instant::now() < deadline =>
+            {
+                if !said {
+                    tracing::info!(path = %path.display(), "disk still locked, probably by the previous vesseld's draining I/O; waiting");
+                    said = true;
+                }
+                tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+            }
+            result => return result.map(drop),
+        }
+    }
+}
+
 impl LocalNode {
     /// Makes this node the first member of a new cluster; `Ok(false)` if it already is a member.
     pub(super) async fn initialize_cluster(&self) -> Result<bool, OpError> {
@@ -251,12 +277,28 @@ impl LocalNode {
                 .map_err(|error| OpError::new(ErrorKind::Internal, error.to_string()))?,
         );
         for disk in &disks {
-            if let Err(error) = pool.open_disk(Path::new(&disk.path)) {
+            if let Err(error) = open_disk_waiting_for_lock(&pool, Path::new(&disk.path)).await {
                 self.warn(format!(
-                    "disk {} ({}) cannot be opened: {error}",
+                    "disk {} ({}) cannot be opened: {error}; no volume is served on this node until it can \
+                     (restart vesseld once the disk is back)",
                     disk.path, disk.id
                 ));
+                self.unavailable_disks
+                    .lock()
+                    .unwrap_or_else(std::sync::PoisonError::into_inner)
+                    .push(disk.path.clone());
             }
+        }
+        if !self
+            .unavailable_disks
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .is_empty()
+        {
+            // Extents on a missing disk would read back as zeroes: serve nothing rather than wrong data,
+            // and reclaim nothing either (the missing disk's slot tables are unknown).
+            let _ = self.pool.set(pool);
+            return Ok(());
         }
         // Space of volumes deleted while a daemon died between the commit and the freeing.
         for (volume, extents) in pool.volumes_on_disk() {
