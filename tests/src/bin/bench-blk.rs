@@ -34,6 +34,12 @@ struct Args {
     /// Where to put the backing files and the daemon's data (a real filesystem: O_DIRECT).
     #[arg(long)]
     dir: Option<PathBuf>,
+    /// Run only the jobs whose name contains this text (e.g. "randread qd32 x2q").
+    #[arg(long)]
+    only: Option<String>,
+    /// Leave qemu-storage-daemon out (e.g. while profiling Vessel alone).
+    #[arg(long)]
+    vessel_only: bool,
 }
 
 fn size_arg(text: &str) -> Result<u64, String> {
@@ -348,12 +354,25 @@ fn main() -> anyhow::Result<()> {
             queues: 2,
         },
     ];
-    for job in jobs {
+    for job in jobs.into_iter().filter(|job| {
+        args.only
+            .as_ref()
+            .is_none_or(|only| job.to_string().contains(only.as_str()))
+    }) {
         let mut vessel = Vec::new();
         let mut reference = Vec::new();
         for _ in 0..args.rounds {
             vessel.push(run_job(&vessel_socket, job, size, duration)?);
-            reference.push(run_job(&qsd_socket, job, size, duration)?);
+            if !args.vessel_only {
+                reference.push(run_job(&qsd_socket, job, size, duration)?);
+            }
+        }
+        if reference.is_empty() {
+            reference.push(Figures {
+                iops: f64::NAN,
+                mean_us: f64::NAN,
+                p99_us: f64::NAN,
+            });
         }
         let pick = |runs: &[Figures], f: fn(&Figures) -> f64| {
             median(&mut runs.iter().map(f).collect::<Vec<_>>())
