@@ -4,7 +4,8 @@
 //! and writes at queue depth 1 and 32, on one queue and on two (one client thread per queue, the depth is per queue).
 //! Both back onto a raw file on the same filesystem, opened O_DIRECT and served through io_uring, and both volumes
 //! are fully written before measuring. The two systems alternate, several rounds each; the program prints IOPS, mean
-//! and p99 latency per system (medians over the rounds) and the ratio Vessel / qemu-storage-daemon.
+//! and p99 latency and the server's CPU time per request for each system (medians over the rounds), and the median
+//! over the rounds of the ratio Vessel / qemu-storage-daemon (each Vessel run against the reference run beside it).
 //!
 //! Run it with a release build, as root or not:
 //!     cargo run --release -p vessel-tests --bin bench-blk -- [--seconds 5] [--rounds 3] [--size 1G]
@@ -74,12 +75,21 @@ struct Figures {
     iops: f64,
     mean_us: f64,
     p99_us: f64,
+    /// CPU time the serving process spent per request (user + system, all its threads), in µs.
+    cpu_us: f64,
 }
 
 const BLOCK: usize = 4096;
 
 /// Keeps `depth` requests in flight on every queue for `duration`; one thread per queue.
-fn run_job(socket: &Path, job: Job, size: u64, duration: Duration) -> anyhow::Result<Figures> {
+fn run_job(
+    server: u32,
+    socket: &Path,
+    job: Job,
+    size: u64,
+    duration: Duration,
+) -> anyhow::Result<Figures> {
+    let cpu_before = cpu_time(server)?;
     let mut client = BlkClient::connect(socket, job.queues)?;
     let buffer = client.buffer(job.queues * job.depth * BLOCK)?;
     let mut queues = client.take_queues();
@@ -155,11 +165,41 @@ fn run_job(socket: &Path, job: Job, size: u64, duration: Duration) -> anyhow::Re
         .get(latencies.len() * 99 / 100)
         .copied()
         .unwrap_or(0);
+    let cpu = cpu_time(server)?.saturating_sub(cpu_before);
     Ok(Figures {
         iops: total as f64 / duration.as_secs_f64(),
         mean_us: mean,
         p99_us: f64::from(p99),
+        // The connection's set-up and the drain after `end` are in the CPU time too: a small overestimate for both.
+        cpu_us: cpu.as_secs_f64() * 1e6 / total.max(1) as f64,
     })
+}
+
+/// User + system CPU time of process `pid` so far, its exited threads included (/proc/PID/stat).
+fn cpu_time(pid: u32) -> anyhow::Result<Duration> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat"))
+        .with_context(|| format!("reading /proc/{pid}/stat"))?;
+    // The command name (field 2) may hold spaces; the fields after its closing parenthesis start at field 3.
+    let fields: Vec<&str> = stat
+        .rsplit_once(')')
+        .context("malformed /proc stat")?
+        .1
+        .split_whitespace()
+        .collect();
+    let ticks = |field: usize| -> anyhow::Result<u64> {
+        fields
+            .get(field - 3)
+            .context("short /proc stat")?
+            .parse()
+            .context("malformed /proc stat")
+    };
+    let total = ticks(14)? + ticks(15)?;
+    // SAFETY: sysconf has no preconditions.
+    let per_second = u64::try_from(unsafe { libc::sysconf(libc::_SC_CLK_TCK) })
+        .ok()
+        .filter(|&hz| hz > 0)
+        .unwrap_or(100);
+    Ok(Duration::from_micros(total * 1_000_000 / per_second))
 }
 
 /// Writes every byte of the device once (1 MiB requests, 8 in flight), so reads hit allocated blocks.
@@ -198,6 +238,10 @@ struct StorageDaemon {
 }
 
 impl StorageDaemon {
+    fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
     fn start(image: &Path, socket: &Path, queues: usize) -> anyhow::Result<StorageDaemon> {
         let _ = std::fs::remove_file(socket);
         let child = Command::new("qemu-storage-daemon")
@@ -273,11 +317,17 @@ fn main() -> anyhow::Result<()> {
         "2",
     ])?;
 
+    let vessel_pid = daemon.pid().context("the daemon is not running")?;
+
     // qemu-storage-daemon: a raw file of the same size, O_DIRECT, io_uring.
-    let image = base.join("qsd.img");
-    std::fs::File::create(&image)?.set_len(size)?;
     let qsd_socket = base.join("qsd.sock");
-    let qsd = StorageDaemon::start(&image, &qsd_socket, 2)?;
+    let qsd = if args.vessel_only {
+        None
+    } else {
+        let image = base.join("qsd.img");
+        std::fs::File::create(&image)?.set_len(size)?;
+        Some(StorageDaemon::start(&image, &qsd_socket, 2)?)
+    };
     let version = Command::new("qemu-storage-daemon")
         .arg("--version")
         .output()?;
@@ -288,11 +338,13 @@ fn main() -> anyhow::Result<()> {
         .to_owned();
 
     eprintln!(
-        "filling both volumes ({} each)...",
+        "filling the volumes ({} each)...",
         vessel_proto::size::HumanSize(size)
     );
     fill(&vessel_socket, size)?;
-    fill(&qsd_socket, size)?;
+    if qsd.is_some() {
+        fill(&qsd_socket, size)?;
+    }
 
     println!(
         "vhost-user-blk, 4 KiB random I/O through libblkio; {} s per run, {} rounds, alternating",
@@ -300,17 +352,23 @@ fn main() -> anyhow::Result<()> {
     );
     println!("reference: {version}, raw file, cache.direct=on, aio=io_uring");
     println!(
-        "{:<24} {:>11} {:>9} {:>9}   {:>11} {:>9} {:>9}   {:>7} {:>7} {:>7}",
+        "cpu: the serving process's CPU time per request; x: median of the per-round ratios Vessel / QSD"
+    );
+    println!(
+        "{:<20} {:>11} {:>8} {:>7} {:>6}   {:>9} {:>8} {:>7} {:>6}   {:>6} {:>6} {:>6} {:>6}",
         "job",
         "vessel IOPS",
         "mean µs",
         "p99 µs",
+        "cpu µs",
         "qsd IOPS",
         "mean µs",
         "p99 µs",
+        "cpu µs",
         "IOPS x",
         "mean x",
-        "p99 x"
+        "p99 x",
+        "cpu x"
     );
     let jobs = [
         Job {
@@ -362,43 +420,45 @@ fn main() -> anyhow::Result<()> {
         let mut vessel = Vec::new();
         let mut reference = Vec::new();
         for _ in 0..args.rounds {
-            vessel.push(run_job(&vessel_socket, job, size, duration)?);
-            if !args.vessel_only {
-                reference.push(run_job(&qsd_socket, job, size, duration)?);
-            }
-        }
-        if reference.is_empty() {
-            reference.push(Figures {
-                iops: f64::NAN,
-                mean_us: f64::NAN,
-                p99_us: f64::NAN,
+            vessel.push(run_job(vessel_pid, &vessel_socket, job, size, duration)?);
+            reference.push(match &qsd {
+                Some(qsd) => run_job(qsd.pid(), &qsd_socket, job, size, duration)?,
+                None => Figures {
+                    iops: f64::NAN,
+                    mean_us: f64::NAN,
+                    p99_us: f64::NAN,
+                    cpu_us: f64::NAN,
+                },
             });
         }
         let pick = |runs: &[Figures], f: fn(&Figures) -> f64| {
             median(&mut runs.iter().map(f).collect::<Vec<_>>())
         };
-        let (v_iops, v_mean, v_p99) = (
+        // Each Vessel run against the reference run right after it: the pair saw the same machine.
+        let ratio = |f: fn(&Figures) -> f64| {
+            median(
+                &mut vessel
+                    .iter()
+                    .zip(&reference)
+                    .map(|(v, r)| f(v) / f(r))
+                    .collect::<Vec<_>>(),
+            )
+        };
+        println!(
+            "{:<20} {:>11.0} {:>8.1} {:>7.0} {:>6.1}   {:>9.0} {:>8.1} {:>7.0} {:>6.1}   {:>6.2} {:>6.2} {:>6.2} {:>6.2}",
+            job.to_string(),
             pick(&vessel, |f| f.iops),
             pick(&vessel, |f| f.mean_us),
             pick(&vessel, |f| f.p99_us),
-        );
-        let (r_iops, r_mean, r_p99) = (
+            pick(&vessel, |f| f.cpu_us),
             pick(&reference, |f| f.iops),
             pick(&reference, |f| f.mean_us),
             pick(&reference, |f| f.p99_us),
-        );
-        println!(
-            "{:<24} {:>11.0} {:>9.1} {:>9.0}   {:>11.0} {:>9.1} {:>9.0}   {:>7.2} {:>7.2} {:>7.2}",
-            job.to_string(),
-            v_iops,
-            v_mean,
-            v_p99,
-            r_iops,
-            r_mean,
-            r_p99,
-            v_iops / r_iops,
-            v_mean / r_mean,
-            v_p99 / r_p99
+            pick(&reference, |f| f.cpu_us),
+            ratio(|f| f.iops),
+            ratio(|f| f.mean_us),
+            ratio(|f| f.p99_us),
+            ratio(|f| f.cpu_us),
         );
     }
     drop(qsd);
