@@ -59,6 +59,13 @@ impl Admin for AdminApi {
         Ok(Response::new(self.node.node_list()))
     }
 
+    async fn node_join(
+        &self,
+        request: Request<admin::NodeJoinRequest>,
+    ) -> Result<Response<admin::NodeJoinReply>, Status> {
+        reply(self.node.node_join(request.into_inner()).await)
+    }
+
     async fn disk_add(
         &self,
         request: Request<admin::DiskAddRequest>,

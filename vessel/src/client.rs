@@ -117,6 +117,7 @@ impl AdminClient {
         disk_list(admin::DiskListRequest) -> admin::DiskListReply;
         volume_list(admin::VolumeListRequest) -> admin::VolumeListReply;
         node_list(admin::NodeListRequest) -> admin::NodeListReply;
+        node_join(admin::NodeJoinRequest) -> admin::NodeJoinReply;
         cluster_init(admin::ClusterInitRequest) -> admin::ClusterInitReply;
         cluster_status(admin::ClusterStatusRequest) -> admin::ClusterStatusReply;
     }

@@ -73,8 +73,14 @@ enum ClusterCmd {
 
 #[derive(Debug, Subcommand)]
 enum NodeCmd {
-    /// List the nodes with their state, address and capacity.
+    /// List the nodes with their state, Raft role, address and capacity.
     List,
+    /// Make this fresh node (started with --listen) join the cluster of the node at SEED_ADDR.
+    Join {
+        /// IP:PORT of any member's --listen address.
+        #[arg(value_name = "SEED_ADDR")]
+        seed: String,
+    },
 }
 
 #[derive(Debug, Subcommand)]
@@ -196,6 +202,10 @@ async fn run(cli: Cli) -> Result<(), CliError> {
         ),
         Noun::Node(NodeCmd::List) => {
             render::nodes(out, &client.node_list(admin::NodeListRequest {}).await?)
+        }
+        Noun::Node(NodeCmd::Join { seed }) => {
+            let reply = client.node_join(admin::NodeJoinRequest { seed }).await?;
+            render::node_joined(out, &reply);
         }
         Noun::Disk(DiskCmd::Add { path, size }) => {
             let path = absolute(&path)?;

@@ -82,6 +82,21 @@ pub fn cluster_init(out: Output, reply: &admin::ClusterInitReply) {
     }
 }
 
+pub fn node_joined(out: Output, reply: &admin::NodeJoinReply) {
+    if out == Output::Json {
+        return json(reply);
+    }
+    let (node, cluster) = reply.status.as_ref().map_or((0, ""), |status| {
+        (status.node_id, status.cluster_id.as_str())
+    });
+    let role = if reply.voter { "a voter" } else { "a learner" };
+    if reply.joined_now {
+        println!("node {node} joined cluster {cluster} as {role}");
+    } else {
+        println!("node {node} is already a member of cluster {cluster} ({role}); nothing to do");
+    }
+}
+
 pub fn cluster_status(out: Output, status: &admin::ClusterStatusReply) {
     if out == Output::Json {
         return json(status);
@@ -166,6 +181,11 @@ pub fn nodes(out: Output, reply: &admin::NodeListReply) {
                     node.address.clone()
                 },
                 node.state.clone(),
+                if node.role.is_empty() {
+                    "-".to_owned()
+                } else {
+                    node.role.clone()
+                },
                 node.disks.to_string(),
                 HumanSize(node.used_bytes).to_string(),
                 HumanSize(node.capacity_bytes.saturating_sub(node.used_bytes)).to_string(),
@@ -179,7 +199,7 @@ pub fn nodes(out: Output, reply: &admin::NodeListReply) {
         .collect();
     table(
         &[
-            "ID", "NAME", "ADDRESS", "STATE", "DISKS", "USED", "FREE", "LABELS",
+            "ID", "NAME", "ADDRESS", "STATE", "ROLE", "DISKS", "USED", "FREE", "LABELS",
         ],
         &rows,
     );

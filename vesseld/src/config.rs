@@ -1,6 +1,7 @@
 //! The daemon's configuration: a TOML file whose every key has a default that works on one machine, overridden by
 //! command-line flags. `deploy/vesseld.toml` shows every key with its default.
 
+use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 
@@ -31,6 +32,11 @@ pub struct Config {
     pub default_disk_size: String,
     /// Log filter, as in RUST_LOG (e.g. "info", "vstore=debug"); the VESSEL_LOG variable overrides it.
     pub log: String,
+    /// This node's name in the cluster (unique); default: the host name (with the node id added if another node
+    /// of the cluster has that name already).
+    pub name: Option<String>,
+    /// Failure-domain labels of this node (e.g. `rack = "r1"`), recorded when it initialises or joins a cluster.
+    pub labels: BTreeMap<String, String>,
 }
 
 impl Default for Config {
@@ -44,6 +50,8 @@ impl Default for Config {
             overcommit_ratio: 2.0,
             default_disk_size: "16G".to_owned(),
             log: "info".to_owned(),
+            name: None,
+            labels: BTreeMap::new(),
         }
     }
 }

@@ -89,6 +89,8 @@ fn run() -> anyhow::Result<()> {
         extent_size: config.extent_size_bytes()?,
         overcommit_ratio_milli: config.overcommit_milli()?,
         default_disk_size: config.default_disk_bytes()?,
+        name: config.name.clone(),
+        labels: config.labels.clone(),
     };
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)

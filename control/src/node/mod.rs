@@ -38,6 +38,10 @@ pub struct NodeConfig {
     pub overcommit_ratio_milli: u32,
     /// Size of the file disk a self-initialising node creates on first start; 0 for none.
     pub default_disk_size: u64,
+    /// The node's name in the cluster; `None` takes the host name.
+    pub name: Option<String>,
+    /// Failure-domain labels (rack, zone...), recorded when this node initialises or joins a cluster.
+    pub labels: std::collections::BTreeMap<String, String>,
 }
 
 impl NodeConfig {

@@ -14,7 +14,8 @@ use vstore::{LocalPool, LocalVolume, StoreError, VolumeLayout};
 use super::{AttachSpec, LocalNode};
 use crate::raft::ControlError;
 use crate::state::{
-    Attachment, ClusterState, Command, CommandError, CommandOutcome, Disk, MAX_QUEUES, Volume,
+    Attachment, ClusterState, Command, CommandError, CommandOutcome, Disk, MAX_QUEUES, NodeId,
+    Volume,
 };
 
 /// The class of a refusal; the API maps it to a gRPC code and the CLI to an exit status.
@@ -224,7 +225,8 @@ impl LocalNode {
         });
         if reply.state == "waiting" {
             reply.warnings.push(
-                "this node is not a cluster member yet: run `vessel cluster init` to start a new cluster here"
+                "this node is not a cluster member yet: run `vessel cluster init` to start a new cluster here, \
+                 or `vessel node join SEED_ADDR` to join the cluster of the node at SEED_ADDR"
                     .to_owned(),
             );
         }
@@ -232,8 +234,35 @@ impl LocalNode {
         reply
     }
 
+    pub async fn node_join(
+        &self,
+        request: admin::NodeJoinRequest,
+    ) -> Result<admin::NodeJoinReply, OpError> {
+        let seed = request.seed.trim();
+        if seed.parse::<std::net::SocketAddr>().is_err() {
+            return Err(OpError::new(
+                ErrorKind::InvalidArgument,
+                format!("seed address '{seed}' is not IP:PORT (a member's --listen address)"),
+            ));
+        }
+        let _guard = self.writes.lock().await;
+        let joined = self.join_cluster(seed).await?;
+        let voter = joined.unwrap_or_else(|| {
+            self.control
+                .raft_status()
+                .voters
+                .contains(&self.control.node_id())
+        });
+        Ok(admin::NodeJoinReply {
+            joined_now: joined.is_some(),
+            voter,
+            status: Some(self.cluster_status()),
+        })
+    }
+
     pub fn node_list(&self) -> admin::NodeListReply {
-        let leader = self.control.raft_status().leader;
+        let raft = self.control.raft_status();
+        let leader = raft.leader;
         let local_used: u64 = self
             .pool()
             .map_or(0, |pool| pool.disks().iter().map(|disk| disk.used).sum());
@@ -253,6 +282,14 @@ impl LocalNode {
                     // Space is allocated by each node alone; this node knows only its own use.
                     used_bytes: if node.id == me { local_used } else { 0 },
                     leader: leader == Some(node.id),
+                    role: if raft.voters.contains(&node.id) {
+                        "voter"
+                    } else if raft.learners.contains(&node.id) {
+                        "learner"
+                    } else {
+                        ""
+                    }
+                    .to_owned(),
                 })
                 .collect(),
         })
@@ -585,6 +622,39 @@ impl LocalNode {
                     "disk(s) {} of this node could not be opened, and volume '{}' may have extents there; \
                      fix the disk and restart vesseld",
                     missing.join(", "),
+                    volume.name
+                ),
+            ));
+        }
+        // The data path between nodes (replicated volumes) is not built yet: a volume is served from this node's
+        // disks alone, so every one of its extents must be placed here, or its data would not be where the cluster
+        // state says it is.
+        let me = self.control.node_id();
+        let elsewhere: std::collections::BTreeSet<NodeId> = volume
+            .placement
+            .runs()
+            .flat_map(|(_, run)| run.replicas.nodes.iter().copied())
+            .filter(|node| *node != me)
+            .collect();
+        if !elsewhere.is_empty() {
+            let names = self.control.read(|state| {
+                elsewhere
+                    .iter()
+                    .map(|id| {
+                        state
+                            .nodes
+                            .get(id)
+                            .map_or_else(|| id.to_string(), |node| node.name.clone())
+                    })
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            });
+            return Err(OpError::new(
+                ErrorKind::FailedPrecondition,
+                format!(
+                    "volume '{}' has extents placed on node(s) {names}, and this release serves a volume only from \
+                     the disks of the node it is attached on (volumes across nodes come with replication); attach \
+                     it on the node that holds all its extents",
                     volume.name
                 ),
             ));

@@ -14,7 +14,7 @@ use vstore::LocalPool;
 use super::ops::{ErrorKind, OpError};
 use super::{DeviceHost, LocalNode, NodeConfig};
 use crate::raft::{ControlError, ControlPlane};
-use crate::state::{Command, Disk, Node, NodeState, Settings};
+use crate::state::{Command, CommandError, Disk, Node, NodeState, Settings};
 
 /// Why a node could not start or keep running.
 #[derive(Debug, thiserror::Error)]
@@ -242,9 +242,9 @@ impl LocalNode {
         };
         let node = Node {
             id: self.control.node_id(),
-            name: host_name(),
+            name: self.config.name.clone().unwrap_or_else(host_name),
             address: self.config.listen.map(|address| address.to_string()),
-            labels: std::collections::BTreeMap::new(),
+            labels: self.config.labels.clone(),
             state: NodeState::Active,
         };
         let initialized = self.control.initialize(settings, node).await?;
@@ -256,6 +256,92 @@ impl LocalNode {
             self.add_default_disk().await?;
         }
         Ok(initialized)
+    }
+
+    /// Makes this fresh node a member of the cluster `seed` (a member's --listen address) belongs to and
+    /// records it in the cluster state. `Ok(None)` if it was a member already, else whether it votes.
+    pub(super) async fn join_cluster(&self, seed: &str) -> Result<Option<bool>, OpError> {
+        let joined = if self.control.is_initialized() {
+            let seed_is_a_member = self
+                .control
+                .raft_status()
+                .addresses
+                .values()
+                .any(|address| address == seed);
+            if !seed_is_a_member {
+                let cluster = self.control.read(|state| state.cluster_id);
+                return Err(OpError::new(
+                    ErrorKind::FailedPrecondition,
+                    format!(
+                        "this node is already a member of cluster {cluster}, which has no node at {seed}; a node \
+                         joins one cluster in its life: start a vesseld with a fresh data directory{} to join that one",
+                        if self.config.listen.is_none() {
+                            " and --listen IP:PORT"
+                        } else {
+                            ""
+                        }
+                    ),
+                ));
+            }
+            None
+        } else {
+            let voter = self.control.join(seed).await.map_err(|error| match error {
+                // Already phrased for the user, and not about committing.
+                ControlError::Unavailable(reason) => OpError::new(ErrorKind::Unavailable, reason),
+                ControlError::Membership(reason) => {
+                    OpError::new(ErrorKind::FailedPrecondition, reason)
+                }
+                other => other.into(),
+            })?;
+            Some(voter)
+        };
+        // Also when it was a member already: an earlier attempt may have joined Raft and then failed to
+        // record the node (its name taken, say), and repeating the join finishes it.
+        self.register().await?;
+        self.activate().await?;
+        Ok(joined)
+    }
+
+    /// Records this node (name, address, labels) in the cluster state, unless it is there.
+    async fn register(&self) -> Result<(), OpError> {
+        let me = self.control.node_id();
+        let host = host_name();
+        let (known, host_taken) = self.control.read(|state| {
+            (
+                state.nodes.contains_key(&me),
+                state.nodes.values().any(|node| node.name == host),
+            )
+        });
+        if known {
+            return Ok(());
+        }
+        // Nodes of one machine (namespaces, tests) share a host name: the node id tells them apart.
+        let name = match &self.config.name {
+            Some(name) => name.clone(),
+            None if host_taken => format!("{host}-{me}"),
+            None => host,
+        };
+        let node = Node {
+            id: me,
+            name,
+            address: self.config.listen.map(|address| address.to_string()),
+            labels: self.config.labels.clone(),
+            state: NodeState::Active,
+        };
+        match self.control.write(Command::AddNode { node }).await {
+            // Recorded by an earlier attempt whose answer was lost.
+            Ok(_) | Err(ControlError::Rejected(CommandError::NodeExists { .. })) => Ok(()),
+            Err(ControlError::Rejected(CommandError::NodeNameTaken { name, id })) => {
+                Err(OpError::new(
+                    ErrorKind::AlreadyExists,
+                    format!(
+                        "node name '{name}' is already used by node {id}; set another `name` in this node's config and \
+                     run `vessel node join` again"
+                    ),
+                ))
+            }
+            Err(error) => Err(error.into()),
+        }
     }
 
     /// Brings the local pool and devices in line with the cluster state.

@@ -10,10 +10,11 @@
 //! command is applied and durable in the leader's state machine; `read` on the node a write
 //! returned on sees that write; a node's id is fixed for the life of its data directory.
 //!
-//! Adding a voter: start the new node with its own data directory and `--listen` address, mount
-//! [`ControlPlane::raft_service`] on its gRPC server, then call [`ControlPlane::add_voter`] with
-//! its node id and address on the leader. It joins as a learner, catches up (log or snapshot),
-//! and is promoted to voter.
+//! Joining: a new node with its own data directory and `--listen` address mounts
+//! [`ControlPlane::raft_service`] on its gRPC server and calls [`ControlPlane::join`] with any
+//! member's address. The request finds its way to the leader, which adds the node as a learner,
+//! answers once it has caught up (log or snapshot), and promotes it to voter while there are fewer
+//! than [`network::MAX_VOTERS`]. [`ControlPlane::add_voter`] does the same from the leader's side.
 
 mod network;
 mod store;
@@ -51,6 +52,9 @@ const LEADER_WAIT: Duration = Duration::from_secs(10);
 /// How long a forwarded command may take on the leader.
 const FORWARD_TIMEOUT: Duration = Duration::from_secs(10);
 
+/// How long joining may take: the leader answers once the new node has caught up with the log.
+const JOIN_TIMEOUT: Duration = Duration::from_secs(60);
+
 /// How long `open` waits for a store that is still being closed by its previous user.
 const REOPEN_WAIT: Duration = Duration::from_secs(3);
 
@@ -79,6 +83,13 @@ pub enum ControlError {
     Membership(String),
     #[error("metadata store {}: {reason}", .path.display())]
     Storage { path: PathBuf, reason: String },
+}
+
+fn unexpected_answer() -> ControlError {
+    ControlError::Unavailable(
+        "a peer gave an answer that does not fit the request; run the same Vessel release on every node"
+            .to_owned(),
+    )
 }
 
 fn not_leader_hint(leader: &Option<NodeId>, address: &Option<String>) -> String {
@@ -334,6 +345,7 @@ impl ControlPlane {
                         "{reason}; the command's outcome is unknown, check the cluster state before retrying"
                     )));
                 }
+                ForwardResponse::Joined { .. } => return Err(unexpected_answer()),
                 ForwardResponse::NotLeader {
                     leader: Some(leader),
                     address: Some(address),
@@ -352,6 +364,7 @@ impl ControlPlane {
                         Ok(ForwardResponse::NotLeader { .. }) => {
                             format!("node {leader} is no longer the leader")
                         }
+                        Ok(ForwardResponse::Joined { .. }) => return Err(unexpected_answer()),
                         Err(error @ ForwardError::Lost { .. }) => {
                             return Err(ControlError::Unavailable(error.to_string()));
                         }
@@ -386,6 +399,80 @@ impl ControlPlane {
             tracing::debug!(node = self.inner.node_id, %command, waiting_for, "retrying a write");
             tokio::time::sleep(RETRY_PAUSE).await;
         }
+    }
+
+    /// Makes this fresh node a member of the cluster that the node at `seed` (`IP:PORT`) belongs
+    /// to: the leader adds it as a learner, waits until it has the log, and promotes it to voter
+    /// while the cluster has fewer than three. Returns whether it became a voter, once the cluster
+    /// state has arrived here. Safe to repeat: a node that is already a member is answered as one.
+    pub async fn join(&self, seed: &str) -> Result<bool, ControlError> {
+        let Some(address) = self.inner.advertise_addr.clone() else {
+            return Err(ControlError::Membership(
+                "this node has no --listen address, so its peers could not reach it; restart vesseld with                  --listen IP:PORT to join a cluster"
+                    .to_owned(),
+            ));
+        };
+        let request = ForwardRequest::Join {
+            id: self.inner.node_id,
+            address,
+        };
+        let deadline = Instant::now() + JOIN_TIMEOUT;
+        let mut target = seed.to_owned();
+        let voter = loop {
+            let answer = network::forward(&target, &request, JOIN_TIMEOUT)
+                .await
+                .map_err(|error| {
+                    let (ForwardError::Connect { reason, .. } | ForwardError::Lost { reason, .. }) =
+                        error;
+                    ControlError::Unavailable(format!(
+                        "cannot join through {target}: {reason}; is vesseld running there with --listen {target}?"
+                    ))
+                })?;
+            let waiting_for = match answer {
+                ForwardResponse::Joined { voter } => break voter,
+                ForwardResponse::NotLeader {
+                    address: Some(leader),
+                    ..
+                } if leader != target => {
+                    tracing::debug!(node = self.inner.node_id, seed, %leader, "asking the leader to admit this node");
+                    target = leader;
+                    continue;
+                }
+                ForwardResponse::NotLeader { .. } => "no leader is elected",
+                ForwardResponse::Failed(reason) => {
+                    return Err(ControlError::Membership(format!(
+                        "{target} could not admit this node: {reason}"
+                    )));
+                }
+                ForwardResponse::Applied { .. } => return Err(unexpected_answer()),
+            };
+            if Instant::now() >= deadline {
+                return Err(ControlError::Unavailable(format!(
+                    "could not join through {seed} within {}s ({waiting_for}); is a majority of its voters running?",
+                    JOIN_TIMEOUT.as_secs()
+                )));
+            }
+            tokio::time::sleep(RETRY_PAUSE).await;
+        };
+        // The leader answered once this node had the log; its state machine applies it right after.
+        let mut applied = self.subscribe();
+        let arrived = tokio::time::timeout(LEADER_WAIT, async {
+            while !self.is_initialized() {
+                if applied.changed().await.is_err() {
+                    return false;
+                }
+            }
+            true
+        })
+        .await;
+        if arrived != Ok(true) {
+            return Err(ControlError::Unavailable(format!(
+                "joined the cluster through {seed}, but its state has not arrived here within {}s; check                  `vessel cluster status` on both nodes",
+                LEADER_WAIT.as_secs()
+            )));
+        }
+        tracing::info!(node = self.inner.node_id, seed, voter, "joined the cluster");
+        Ok(voter)
     }
 
     /// Waits (bounded) until this node has applied log `index`, so that a write forwarded to the

@@ -3,7 +3,8 @@
 //! Client side: [`PeerNetwork`] hands openraft one [`PeerClient`] per target; clients to the same
 //! address share one lazily connected HTTP/2 channel. Server side: [`RaftPeerService`] decodes the
 //! request, hands it to the local Raft node and encodes the reply. [`forward`] sends a command
-//! proposed on a follower to the leader (the `Forward` RPC).
+//! proposed on a follower to the leader (the `Forward` RPC), or a new node's request to be admitted
+//! into the membership ([`ForwardRequest::Join`]).
 //!
 //! Every payload is postcard behind `RaftMessage.version` ([`WIRE_VERSION`]); a peer refuses
 //! versions it does not know. A malformed message from a peer fails that RPC with
@@ -14,15 +15,16 @@ use std::collections::HashMap;
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 
+use openraft::async_runtime::WatchReceiver;
 use openraft::errors::{
-    ClientWriteError, NetworkError, RPCError, RaftError, ReplicationClosed, StreamingError,
-    Timeout, Unreachable,
+    ClientWriteError, ForwardToLeader, NetworkError, RPCError, RaftError, ReplicationClosed,
+    StreamingError, Timeout, Unreachable,
 };
 use openraft::network::{RPCOption, RPCTypes, RaftNetworkFactory};
 use openraft::raft::{
     AppendEntriesRequest, AppendEntriesResponse, SnapshotResponse, VoteRequest, VoteResponse,
 };
-use openraft::{BasicNode, OptionalSend, RaftNetworkV2};
+use openraft::{BasicNode, ChangeMembers, OptionalSend, RaftNetworkV2};
 use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
 use tonic::transport::{Channel, Endpoint};
@@ -265,10 +267,18 @@ impl RaftNetworkV2<TypeConfig> for PeerClient {
     }
 }
 
-/// A command sent to the leader by a follower.
+/// How many voters the leader admits; nodes that join after them are learners. Three voters keep
+/// the cluster writable through the loss of any one.
+pub const MAX_VOTERS: usize = 3;
+
+/// A request sent to the leader by another node.
 #[derive(Debug, Serialize, Deserialize)]
 pub enum ForwardRequest {
+    /// A command proposed on a follower.
     Write(Command),
+    /// A new node, reachable for Raft at `address`, asks to become a member: a voter while there
+    /// are fewer than [`MAX_VOTERS`], else a learner. Answered once it has caught up with the log.
+    Join { id: NodeId, address: String },
 }
 
 /// The leader's answer to a [`ForwardRequest`].
@@ -286,6 +296,8 @@ pub enum ForwardResponse {
     },
     /// The receiver could not tell whether the command was applied.
     Failed(String),
+    /// The joining node is a member now, with the log caught up.
+    Joined { voter: bool },
 }
 
 /// Why [`forward`] failed.
@@ -344,15 +356,7 @@ pub async fn propose_locally(raft: &Raft, command: Command) -> ForwardResponse {
                 "the leader applied the command as a non-command entry".to_owned(),
             ),
         },
-        Err(RaftError::APIError(ClientWriteError::ForwardToLeader(to))) => {
-            ForwardResponse::NotLeader {
-                leader: to.leader_id,
-                address: to
-                    .leader_node
-                    .map(|node| node.addr)
-                    .filter(|addr| !addr.is_empty()),
-            }
-        }
+        Err(RaftError::APIError(ClientWriteError::ForwardToLeader(to))) => redirect(to),
         Err(error) => ForwardResponse::Failed(error.to_string()),
     }
 }
@@ -362,6 +366,8 @@ pub async fn propose_locally(raft: &Raft, command: Command) -> ForwardResponse {
 pub struct RaftPeerService {
     node_id: NodeId,
     raft: Raft,
+    /// Admits one joining node at a time: openraft refuses overlapping membership changes.
+    joins: Arc<tokio::sync::Mutex<()>>,
 }
 
 impl std::fmt::Debug for RaftPeerService {
@@ -374,7 +380,69 @@ impl std::fmt::Debug for RaftPeerService {
 
 impl RaftPeerService {
     pub(crate) fn new(node_id: NodeId, raft: Raft) -> Self {
-        Self { node_id, raft }
+        Self {
+            node_id,
+            raft,
+            joins: Arc::default(),
+        }
+    }
+
+    /// Admits node `id` (see [`ForwardRequest::Join`]); idempotent, so a node that lost the answer
+    /// may ask again.
+    async fn admit(&self, id: NodeId, address: String) -> ForwardResponse {
+        let _one_at_a_time = self.joins.lock().await;
+        let (leader, leader_address, voters) = {
+            let metrics = self.raft.metrics();
+            let metrics = metrics.borrow_watched();
+            let membership = metrics.membership_config.membership();
+            let leader_address = metrics
+                .current_leader
+                .and_then(|leader| membership.get_node(&leader))
+                .map(|node| node.addr.clone())
+                .filter(|addr| !addr.is_empty());
+            let voters: Vec<NodeId> = membership.voter_ids().collect();
+            (metrics.current_leader, leader_address, voters)
+        };
+        if voters.is_empty() {
+            return ForwardResponse::Failed(
+                "that node is not a cluster member itself; run `vessel cluster init` on the first node, then join \
+                 through it"
+                    .to_owned(),
+            );
+        }
+        if leader != Some(self.node_id) {
+            return ForwardResponse::NotLeader {
+                leader,
+                address: leader_address,
+            };
+        }
+        if voters.contains(&id) {
+            return ForwardResponse::Joined { voter: true };
+        }
+        tracing::info!(node = self.node_id, joining = id, %address, "admitting a node; it catches up as a learner first");
+        // Blocking: returns once the learner has the log, so the new node sees the cluster state when
+        // it gets the answer.
+        if let Err(error) = self
+            .raft
+            .add_learner(id, BasicNode::new(address), true)
+            .await
+        {
+            return membership_failure(error);
+        }
+        if voters.len() >= MAX_VOTERS {
+            tracing::info!(
+                node = self.node_id,
+                learner = id,
+                "node joined as a learner"
+            );
+            return ForwardResponse::Joined { voter: false };
+        }
+        let change = ChangeMembers::AddVoterIds([id].into());
+        if let Err(error) = self.raft.change_membership(change, false).await {
+            return membership_failure(error);
+        }
+        tracing::info!(node = self.node_id, voter = id, "node joined as a voter");
+        ForwardResponse::Joined { voter: true }
     }
 
     /// The tonic server for this service, with message limits sized for snapshots.
@@ -454,9 +522,33 @@ impl RaftRpc for RaftPeerService {
         &self,
         request: Request<RaftMessage>,
     ) -> Result<Response<RaftMessage>, Status> {
-        let ForwardRequest::Write(command) = decode_request(request)?;
-        tracing::debug!(node = self.node_id, %command, "proposing a forwarded command");
-        reply(&propose_locally(&self.raft, command).await)
+        match decode_request(request)? {
+            ForwardRequest::Write(command) => {
+                tracing::debug!(node = self.node_id, %command, "proposing a forwarded command");
+                reply(&propose_locally(&self.raft, command).await)
+            }
+            ForwardRequest::Join { id, address } => reply(&self.admit(id, address).await),
+        }
+    }
+}
+
+fn membership_failure(
+    error: RaftError<TypeConfig, ClientWriteError<TypeConfig>>,
+) -> ForwardResponse {
+    match error {
+        RaftError::APIError(ClientWriteError::ForwardToLeader(to)) => redirect(to),
+        other => ForwardResponse::Failed(format!("the membership change failed: {other}")),
+    }
+}
+
+/// Where openraft says the leader is, as an answer to the asking node.
+fn redirect(to: ForwardToLeader<TypeConfig>) -> ForwardResponse {
+    ForwardResponse::NotLeader {
+        leader: to.leader_id,
+        address: to
+            .leader_node
+            .map(|node| node.addr)
+            .filter(|addr| !addr.is_empty()),
     }
 }
 
@@ -471,7 +563,9 @@ mod tests {
         }))
         .unwrap();
         assert_eq!(message.version, WIRE_VERSION);
-        let ForwardRequest::Write(command) = decode_message(&message).unwrap();
+        let ForwardRequest::Write(command) = decode_message(&message).unwrap() else {
+            panic!("decoded a different request");
+        };
         assert_eq!(
             command,
             Command::DeleteVolume {

@@ -1,0 +1,202 @@
+//! Cluster lifecycle with real daemons on loopback addresses: `cluster init` on the first node, `node join` on the
+//! others (the first three vote, later ones learn), writes accepted on every node and forwarded to the leader, and a
+//! cluster that keeps committing when its leader is killed.
+
+use std::path::Path;
+use std::process::Output;
+use std::time::{Duration, Instant};
+
+use vessel_tests::daemon::{Daemon, DaemonOptions, test_dir};
+
+fn free_addr() -> String {
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    listener.local_addr().unwrap().to_string()
+}
+
+/// A fresh `--listen` node named `name` with a `rack` label.
+fn listening(dir: &Path, name: &str, rack: &str) -> (Daemon, String) {
+    let addr = free_addr();
+    let options = DaemonOptions {
+        config: Some(format!("name = \"{name}\"\n[labels]\nrack = \"{rack}\"\n")),
+        args: vec!["--listen".to_owned(), addr.clone()],
+    };
+    (Daemon::start(&dir.join(name), options).unwrap(), addr)
+}
+
+fn stdout(output: &Output) -> String {
+    String::from_utf8_lossy(&output.stdout).into_owned()
+}
+
+/// Asserts the exit code and a one-line error containing `message`.
+fn assert_fails(output: &Output, code: i32, message: &str) {
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert_eq!(output.status.code(), Some(code), "stderr: {stderr}");
+    assert!(
+        stderr.contains(message),
+        "expected {message:?} in {stderr:?}"
+    );
+    assert_eq!(stderr.trim_end().lines().count(), 1, "one line: {stderr:?}");
+}
+
+/// Polls `check` until it holds (a follower applies a moment after the leader).
+fn eventually(what: &str, mut check: impl FnMut() -> bool) {
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while !check() {
+        assert!(Instant::now() < deadline, "timed out waiting until {what}");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+fn volume_names(daemon: &Daemon) -> Vec<String> {
+    let list = daemon.vessel_json(&["volume", "list"]).unwrap();
+    list["volumes"]
+        .as_array()
+        .map(|volumes| {
+            volumes
+                .iter()
+                .map(|v| v["name"].as_str().unwrap_or_default().to_owned())
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+#[test]
+fn nodes_join_vote_forward_writes_and_outlive_the_leader() {
+    let dir = test_dir("cluster_join").unwrap();
+    let (mut n1, a1) = listening(&dir, "n1", "r1");
+    let (n2, a2) = listening(&dir, "n2", "r2");
+    let (n3, a3) = listening(&dir, "n3", "r3");
+    let (n4, _a4) = listening(&dir, "n4", "r1");
+
+    n1.vessel_ok(&["cluster", "init"]).unwrap();
+    let joined = n2.vessel_ok(&["node", "join", &a1]).unwrap();
+    assert!(
+        joined.contains("joined cluster") && joined.contains("as a voter"),
+        "{joined}"
+    );
+    // Through a follower: it points the new node at the leader.
+    let joined = n3.vessel_ok(&["node", "join", &a2]).unwrap();
+    assert!(joined.contains("as a voter"), "{joined}");
+    let joined = n4.vessel_ok(&["node", "join", &a3]).unwrap();
+    assert!(joined.contains("as a learner"), "{joined}");
+    let again = n2.vessel(&["node", "join", &a1]).unwrap();
+    assert!(again.status.success(), "{again:?}");
+    assert!(stdout(&again).contains("already a member"), "{again:?}");
+
+    // Every node sees every node, with its role and labels.
+    let list = n4.vessel_json(&["node", "list"]).unwrap();
+    let nodes = list["nodes"].as_array().unwrap();
+    assert_eq!(nodes.len(), 4, "{list}");
+    let role = |name: &str| {
+        nodes
+            .iter()
+            .find(|node| node["name"] == name)
+            .map(|node| node["role"].as_str().unwrap().to_owned())
+            .unwrap()
+    };
+    assert_eq!(
+        [role("n1"), role("n2"), role("n3"), role("n4")],
+        ["voter", "voter", "voter", "learner"],
+        "{list}"
+    );
+    assert_eq!(
+        nodes.iter().filter(|node| node["leader"] == true).count(),
+        1,
+        "{list}"
+    );
+    assert!(
+        nodes
+            .iter()
+            .any(|node| node["name"] == "n4" && node["labels"]["rack"] == "r1")
+    );
+    let table = n1.vessel_ok(&["node", "list"]).unwrap();
+    assert!(
+        table.contains("ROLE") && table.contains("learner"),
+        "{table}"
+    );
+
+    // Writes sent to any node land in the one state.
+    let disk = dir.join("n4-disk.img");
+    n4.vessel_ok(&["disk", "add", disk.to_str().unwrap(), "--size", "1G"])
+        .unwrap();
+    n3.vessel_ok(&["volume", "create", "v1", "--size", "256M"])
+        .unwrap();
+    for node in [&n1, &n2, &n4] {
+        eventually("every node lists v1", || volume_names(node) == ["v1"]);
+    }
+
+    // v1's extents are on n4's disk, the only one: until volumes span nodes, only n4 may serve it.
+    let socket = dir.join("v1.sock");
+    let socket = socket.to_str().unwrap();
+    assert_fails(
+        &n1.vessel(&["volume", "attach", "v1", "--vhost-user", socket])
+            .unwrap(),
+        5,
+        "volume 'v1' has extents placed on node(s) n4",
+    );
+    n4.vessel_ok(&["volume", "attach", "v1", "--vhost-user", socket])
+        .unwrap();
+    n4.vessel_ok(&["volume", "detach", "v1"]).unwrap();
+
+    // n1 dies (it initialised the cluster, so it is most likely the leader): the two other voters go on committing,
+    // and a write sent to the learner reaches their leader.
+    let n1_id = n1.vessel_json(&["cluster", "status"]).unwrap()["node_id"].clone();
+    n1.kill().unwrap();
+    n4.vessel_ok(&["volume", "create", "v2", "--size", "256M"])
+        .unwrap();
+    let status = n2.vessel_json(&["cluster", "status"]).unwrap();
+    assert!(status["leader_id"].is_u64(), "{status}");
+    assert_ne!(status["leader_id"], n1_id, "{status}");
+
+    // It comes back as a member and catches up.
+    n1.restart().unwrap();
+    eventually("the restarted node has v2", || {
+        let mut names = volume_names(&n1);
+        names.sort();
+        names == ["v1", "v2"]
+    });
+    assert_eq!(
+        n1.vessel_json(&["node", "list"]).unwrap()["nodes"]
+            .as_array()
+            .unwrap()
+            .len(),
+        4
+    );
+}
+
+#[test]
+fn joining_errors_say_what_to_do() {
+    let dir = test_dir("cluster_join_errors").unwrap();
+    let standalone = Daemon::start(&dir.join("alone"), DaemonOptions::default()).unwrap();
+    assert_fails(
+        &standalone.vessel(&["node", "join", "127.0.0.1:9"]).unwrap(),
+        5,
+        "already a member of cluster",
+    );
+
+    let (fresh, _) = listening(&dir, "fresh", "r1");
+    assert_fails(
+        &fresh.vessel(&["node", "join", "somewhere"]).unwrap(),
+        2,
+        "seed address 'somewhere' is not IP:PORT",
+    );
+    let closed = free_addr();
+    assert_fails(
+        &fresh.vessel(&["node", "join", &closed]).unwrap(),
+        7,
+        &format!("cannot join through {closed}"),
+    );
+    let (other, other_addr) = listening(&dir, "other", "r2");
+    assert_fails(
+        &fresh.vessel(&["node", "join", &other_addr]).unwrap(),
+        5,
+        "that node is not a cluster member itself; run `vessel cluster init`",
+    );
+    // Nothing was changed by the refusals: both still wait.
+    for node in [&fresh, &other] {
+        assert_eq!(
+            node.vessel_json(&["cluster", "status"]).unwrap()["state"],
+            "waiting"
+        );
+    }
+}
