@@ -14,7 +14,7 @@
 //! [`ControlPlane::raft_service`] on its gRPC server and calls [`ControlPlane::join`] with any
 //! member's address. The request finds its way to the leader, which adds the node as a learner,
 //! answers once it has caught up (log or snapshot), and promotes it to voter while there are fewer
-//! than [`network::MAX_VOTERS`]. [`ControlPlane::add_voter`] does the same from the leader's side.
+//! than three (`network::MAX_VOTERS`). [`ControlPlane::add_voter`] does the same from the leader's side.
 
 mod network;
 mod store;
