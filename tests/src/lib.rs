@@ -3,3 +3,4 @@
 pub mod blk_client;
 pub mod daemon;
 pub mod guest;
+pub mod netns;
