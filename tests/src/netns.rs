@@ -11,6 +11,7 @@ use anyhow::{Context, bail};
 
 use crate::daemon::{binary, test_dir};
 
+#[derive(Debug)]
 pub struct NetnsCluster {
     name: String,
     dir: PathBuf,
