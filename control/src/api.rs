@@ -56,7 +56,7 @@ impl Admin for AdminApi {
         &self,
         _: Request<admin::NodeListRequest>,
     ) -> Result<Response<admin::NodeListReply>, Status> {
-        Ok(Response::new(self.node.node_list()))
+        Ok(Response::new(self.node.node_list().await))
     }
 
     async fn node_join(
@@ -77,7 +77,7 @@ impl Admin for AdminApi {
         &self,
         _: Request<admin::DiskListRequest>,
     ) -> Result<Response<admin::DiskListReply>, Status> {
-        Ok(Response::new(self.node.disk_list()))
+        Ok(Response::new(self.node.disk_list().await))
     }
 
     async fn disk_remove(

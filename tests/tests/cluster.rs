@@ -6,6 +6,8 @@ use std::path::Path;
 use std::process::Output;
 use std::time::{Duration, Instant};
 
+use blkio::ReqFlags;
+use vessel_tests::blk_client::{BlkClient, complete};
 use vessel_tests::daemon::{Daemon, DaemonOptions, test_dir};
 
 fn free_addr() -> String {
@@ -136,6 +138,29 @@ fn nodes_join_vote_forward_writes_and_outlive_the_leader() {
     );
     n4.vessel_ok(&["volume", "attach", "v1", "--vhost-user", socket])
         .unwrap();
+    // A write allocates an extent on n4's disk; every node learns n4's use from n4 itself.
+    {
+        let mut client = BlkClient::connect(Path::new(socket), 1).unwrap();
+        let buffer = client.buffer(4096).unwrap();
+        let queue = client.queue(0);
+        queue.write(0, buffer.as_mut_ptr(), 4096, 0, ReqFlags::empty());
+        complete(queue, 1).unwrap();
+    }
+    let list = n1.vessel_json(&["node", "list"]).unwrap();
+    let n4_entry = list["nodes"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|node| node["name"] == "n4")
+        .unwrap()
+        .clone();
+    assert_eq!(n4_entry["reachable"], true, "{list}");
+    assert!(n4_entry["used_bytes"].as_u64().unwrap() >= 4096, "{list}");
+    let disks = n2.vessel_json(&["disk", "list"]).unwrap();
+    assert!(
+        disks["disks"][0]["used_bytes"].as_u64().unwrap() >= 4096,
+        "{disks}"
+    );
     n4.vessel_ok(&["volume", "detach", "v1"]).unwrap();
 
     // n1 dies (it initialised the cluster, so it is most likely the leader): the two other voters go on committing,
@@ -147,6 +172,12 @@ fn nodes_join_vote_forward_writes_and_outlive_the_leader() {
     let status = n2.vessel_json(&["cluster", "status"]).unwrap();
     assert!(status["leader_id"].is_u64(), "{status}");
     assert_ne!(status["leader_id"], n1_id, "{status}");
+    let table = n2.vessel_ok(&["node", "list"]).unwrap();
+    let n1_row = table
+        .lines()
+        .find(|line| line.contains(" n1 "))
+        .unwrap_or_default();
+    assert!(n1_row.contains("active (unreachable)"), "{table}");
 
     // It comes back as a member and catches up.
     n1.restart().unwrap();

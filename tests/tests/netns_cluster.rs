@@ -58,6 +58,19 @@ fn metadata_outlives_a_partitioned_leader_and_a_killed_follower() {
         .unwrap();
     let new = leader(&cluster, survivors[1]).expect("a new leader");
     assert_ne!(new, old);
+    let reachable = |asked: usize, node: usize| -> bool {
+        let list = cluster.vessel_json(asked, &["node", "list"]).unwrap();
+        list["nodes"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|n| n["name"] == format!("n{node}") && n["reachable"] == true)
+    };
+    assert!(
+        !reachable(survivors[0], old),
+        "the cut node is listed as reachable"
+    );
+    assert!(reachable(survivors[0], survivors[1]));
     eventually("the other survivor has v1", || {
         has_volume(&cluster, survivors[1], "v1")
     });
@@ -72,6 +85,9 @@ fn metadata_outlives_a_partitioned_leader_and_a_killed_follower() {
     // Back on the network it follows the new leader and catches up.
     cluster.heal(old).unwrap();
     eventually("the healed node has v1", || has_volume(&cluster, old, "v1"));
+    eventually("the healed node is reachable again", || {
+        reachable(survivors[0], old)
+    });
     eventually("the healed node follows the new leader", || {
         leader(&cluster, old).is_some_and(|l| l != old)
     });

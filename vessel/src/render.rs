@@ -180,15 +180,27 @@ pub fn nodes(out: Output, reply: &admin::NodeListReply) {
                 } else {
                     node.address.clone()
                 },
-                node.state.clone(),
+                if node.reachable {
+                    node.state.clone()
+                } else {
+                    format!("{} (unreachable)", node.state)
+                },
                 if node.role.is_empty() {
                     "-".to_owned()
                 } else {
                     node.role.clone()
                 },
                 node.disks.to_string(),
-                HumanSize(node.used_bytes).to_string(),
-                HumanSize(node.capacity_bytes.saturating_sub(node.used_bytes)).to_string(),
+                if node.reachable {
+                    HumanSize(node.used_bytes).to_string()
+                } else {
+                    "?".to_owned()
+                },
+                if node.reachable {
+                    HumanSize(node.capacity_bytes.saturating_sub(node.used_bytes)).to_string()
+                } else {
+                    "?".to_owned()
+                },
                 if labels.is_empty() {
                     "-".to_owned()
                 } else {

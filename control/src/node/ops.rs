@@ -3,20 +3,24 @@
 //! They take and return the admin API's messages; [`crate::api`] only adapts them to gRPC. Every refusal is an
 //! [`OpError`] whose message names the object and says what to do.
 
+use std::collections::HashMap;
 use std::path::Path;
 use std::sync::{Arc, PoisonError};
-use std::time::{SystemTime, UNIX_EPOCH};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use uuid::Uuid;
 use vessel_proto::admin;
 use vstore::{LocalPool, LocalVolume, StoreError, VolumeLayout};
 
 use super::{AttachSpec, LocalNode};
-use crate::raft::ControlError;
+use crate::raft::{ControlError, NodeReport};
 use crate::state::{
     Attachment, ClusterState, Command, CommandError, CommandOutcome, Disk, MAX_QUEUES, NodeId,
     Volume,
 };
+
+/// How long `node list` and `disk list` wait for a node to report its disks' use before calling it unreachable.
+const REPORT_TIMEOUT: Duration = Duration::from_secs(1);
 
 /// The class of a refusal; the API maps it to a gRPC code and the CLI to an exit status.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -260,13 +264,50 @@ impl LocalNode {
         })
     }
 
-    pub fn node_list(&self) -> admin::NodeListReply {
+    /// What every node reports of itself (asked over the network, in parallel); `None` for a node that did not
+    /// answer in time or has no address.
+    async fn reports(&self) -> HashMap<NodeId, Option<NodeReport>> {
+        let me = self.control.node_id();
+        let peers: Vec<(NodeId, Option<String>)> = self.control.read(|state| {
+            state
+                .nodes
+                .values()
+                .filter(|node| node.id != me)
+                .map(|node| (node.id, node.address.clone()))
+                .collect()
+        });
+        let asked = peers.into_iter().map(|(id, address)| async move {
+            let report = match address {
+                Some(address) => self.control.peer_report(&address, REPORT_TIMEOUT).await,
+                None => None,
+            };
+            (id, report)
+        });
+        let mut reports: HashMap<_, _> =
+            futures::future::join_all(asked).await.into_iter().collect();
+        reports.insert(me, Some(self.local_report()));
+        reports
+    }
+
+    /// This node's disks' use, as peers ask for it.
+    pub(crate) fn local_report(&self) -> NodeReport {
+        NodeReport {
+            disk_used: self
+                .pool()
+                .map(|pool| {
+                    pool.disks()
+                        .iter()
+                        .map(|disk| (disk.id, disk.used))
+                        .collect()
+                })
+                .unwrap_or_default(),
+        }
+    }
+
+    pub async fn node_list(&self) -> admin::NodeListReply {
+        let reports = self.reports().await;
         let raft = self.control.raft_status();
         let leader = raft.leader;
-        let local_used: u64 = self
-            .pool()
-            .map_or(0, |pool| pool.disks().iter().map(|disk| disk.used).sum());
-        let me = self.control.node_id();
         self.control.read(|state| admin::NodeListReply {
             nodes: state
                 .nodes
@@ -279,8 +320,12 @@ impl LocalNode {
                     labels: node.labels.clone().into_iter().collect(),
                     disks: u32::try_from(state.disks_on(node.id).count()).unwrap_or(u32::MAX),
                     capacity_bytes: state.node_capacity_bytes(node.id),
-                    // Space is allocated by each node alone; this node knows only its own use.
-                    used_bytes: if node.id == me { local_used } else { 0 },
+                    // Space is allocated by each node alone: it reports its own use.
+                    used_bytes: reports
+                        .get(&node.id)
+                        .and_then(Option::as_ref)
+                        .map_or(0, |report| report.disk_used.values().sum()),
+                    reachable: reports.get(&node.id).is_some_and(Option::is_some),
                     leader: leader == Some(node.id),
                     role: if raft.voters.contains(&node.id) {
                         "voter"
@@ -339,12 +384,22 @@ impl LocalNode {
         Ok(self.disk_view(&disk))
     }
 
-    pub fn disk_list(&self) -> admin::DiskListReply {
+    pub async fn disk_list(&self) -> admin::DiskListReply {
+        let reports = self.reports().await;
         let disks = self
             .control
             .read(|state| state.disks.values().cloned().collect::<Vec<_>>());
         admin::DiskListReply {
-            disks: disks.iter().map(|disk| self.disk_view(disk)).collect(),
+            disks: disks
+                .iter()
+                .map(|disk| {
+                    let mut view = self.disk_view(disk);
+                    if let Some(Some(report)) = reports.get(&disk.node) {
+                        view.used_bytes = report.disk_used.get(&disk.id).copied().unwrap_or(0);
+                    }
+                    view
+                })
+                .collect(),
         }
     }
 

@@ -50,6 +50,13 @@ pub async fn run_node(
     let advertise = config.listen.map(|address| address.to_string());
     let control = ControlPlane::open(&config.data_dir, advertise).await?;
     let node = Arc::new(LocalNode::new(config, control, devices));
+    let reporting = Arc::downgrade(&node);
+    node.control.set_reporter(Arc::new(move || {
+        reporting
+            .upgrade()
+            .map(|node| node.local_report())
+            .unwrap_or_default()
+    }));
     tracing::info!(node = node.control.node_id(), data_dir = %node.config.data_dir.display(), "vesseld starting");
 
     if node.control.is_initialized() {

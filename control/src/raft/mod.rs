@@ -37,7 +37,7 @@ use uuid::Uuid;
 pub use vessel_proto::raft::raft_server::RaftServer;
 
 use self::network::{ForwardError, ForwardRequest, ForwardResponse, PeerNetwork, propose_locally};
-pub use self::network::{MAX_MESSAGE_BYTES, RaftPeerService, WIRE_VERSION};
+pub use self::network::{MAX_MESSAGE_BYTES, NodeReport, RaftPeerService, Reporter, WIRE_VERSION};
 use self::store::{MetaStore, SharedState, StoreError};
 use self::types::{Raft, TypeConfig};
 use crate::state::{ClusterState, Command, CommandError, CommandOutcome, Node, NodeId, Settings};
@@ -160,6 +160,8 @@ struct Inner {
     shared: Arc<SharedState>,
     /// Dead once openraft's tasks have dropped the log store and state machine.
     database: std::sync::Weak<redb::Database>,
+    /// Answers peers' [`NodeReport`] requests.
+    reporter: Arc<std::sync::OnceLock<Reporter>>,
 }
 
 impl fmt::Debug for ControlPlane {
@@ -259,6 +261,7 @@ impl ControlPlane {
                 raft,
                 shared,
                 database,
+                reporter: Arc::default(),
             }),
         })
     }
@@ -345,7 +348,9 @@ impl ControlPlane {
                         "{reason}; the command's outcome is unknown, check the cluster state before retrying"
                     )));
                 }
-                ForwardResponse::Joined { .. } => return Err(unexpected_answer()),
+                ForwardResponse::Joined { .. } | ForwardResponse::Report(_) => {
+                    return Err(unexpected_answer());
+                }
                 ForwardResponse::NotLeader {
                     leader: Some(leader),
                     address: Some(address),
@@ -364,7 +369,9 @@ impl ControlPlane {
                         Ok(ForwardResponse::NotLeader { .. }) => {
                             format!("node {leader} is no longer the leader")
                         }
-                        Ok(ForwardResponse::Joined { .. }) => return Err(unexpected_answer()),
+                        Ok(ForwardResponse::Joined { .. } | ForwardResponse::Report(_)) => {
+                            return Err(unexpected_answer());
+                        }
                         Err(error @ ForwardError::Lost { .. }) => {
                             return Err(ControlError::Unavailable(error.to_string()));
                         }
@@ -444,7 +451,9 @@ impl ControlPlane {
                         "{target} could not admit this node: {reason}"
                     )));
                 }
-                ForwardResponse::Applied { .. } => return Err(unexpected_answer()),
+                ForwardResponse::Applied { .. } | ForwardResponse::Report(_) => {
+                    return Err(unexpected_answer());
+                }
             };
             if Instant::now() >= deadline {
                 return Err(ControlError::Unavailable(format!(
@@ -613,7 +622,28 @@ impl ControlPlane {
     /// The gRPC service peers send Raft RPCs (and forwarded writes) to. The daemon mounts it on
     /// its `--listen` server next to the admin API.
     pub fn raft_service(&self) -> RaftServer<RaftPeerService> {
-        RaftPeerService::new(self.inner.node_id, self.inner.raft.clone()).into_server()
+        RaftPeerService::new(
+            self.inner.node_id,
+            self.inner.raft.clone(),
+            Arc::clone(&self.inner.reporter),
+        )
+        .into_server()
+    }
+
+    /// Sets what this node answers when a peer asks for its [`NodeReport`] (once; later calls are
+    /// ignored). Until then it answers with an empty report.
+    pub fn set_reporter(&self, reporter: Reporter) {
+        let _ = self.inner.reporter.set(reporter);
+    }
+
+    /// Asks the node at `address` for its [`NodeReport`]; `None` if it does not answer within
+    /// `timeout` (down, cut off, or too busy to matter).
+    pub async fn peer_report(&self, address: &str, timeout: Duration) -> Option<NodeReport> {
+        let asked = network::forward(address, &ForwardRequest::Report, timeout);
+        match tokio::time::timeout(timeout, asked).await {
+            Ok(Ok(ForwardResponse::Report(report))) => Some(report),
+            _ => None,
+        }
     }
 
     /// Stops the Raft node and waits (bounded) until its tasks have closed the metadata store, so

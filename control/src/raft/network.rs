@@ -11,8 +11,8 @@
 //! `INVALID_ARGUMENT`, never the daemon. Transport security (mTLS) is added here, in one place,
 //! by a later issue.
 
-use std::collections::HashMap;
-use std::sync::{Arc, Mutex, PoisonError};
+use std::collections::{BTreeMap, HashMap};
+use std::sync::{Arc, Mutex, OnceLock, PoisonError};
 use std::time::Duration;
 
 use openraft::async_runtime::WatchReceiver;
@@ -279,7 +279,20 @@ pub enum ForwardRequest {
     /// A new node, reachable for Raft at `address`, asks to become a member: a voter while there
     /// are fewer than [`MAX_VOTERS`], else a learner. Answered once it has caught up with the log.
     Join { id: NodeId, address: String },
+    /// Any node asks any other for what only that node knows (its disks' use); answered by every
+    /// node, leader or not.
+    Report,
 }
+
+/// What a node knows of itself alone: space is allocated by each node without a Raft commit.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct NodeReport {
+    /// Bytes allocated on each of its open disks.
+    pub disk_used: BTreeMap<uuid::Uuid, u64>,
+}
+
+/// Produces this node's [`NodeReport`]; set by the node runtime once its pool exists.
+pub type Reporter = Arc<dyn Fn() -> NodeReport + Send + Sync>;
 
 /// The leader's answer to a [`ForwardRequest`].
 #[derive(Debug, Serialize, Deserialize)]
@@ -298,6 +311,8 @@ pub enum ForwardResponse {
     Failed(String),
     /// The joining node is a member now, with the log caught up.
     Joined { voter: bool },
+    /// The answer to [`ForwardRequest::Report`].
+    Report(NodeReport),
 }
 
 /// Why [`forward`] failed.
@@ -368,6 +383,7 @@ pub struct RaftPeerService {
     raft: Raft,
     /// Admits one joining node at a time: openraft refuses overlapping membership changes.
     joins: Arc<tokio::sync::Mutex<()>>,
+    reporter: Arc<OnceLock<Reporter>>,
 }
 
 impl std::fmt::Debug for RaftPeerService {
@@ -379,11 +395,12 @@ impl std::fmt::Debug for RaftPeerService {
 }
 
 impl RaftPeerService {
-    pub(crate) fn new(node_id: NodeId, raft: Raft) -> Self {
+    pub(crate) fn new(node_id: NodeId, raft: Raft, reporter: Arc<OnceLock<Reporter>>) -> Self {
         Self {
             node_id,
             raft,
             joins: Arc::default(),
+            reporter,
         }
     }
 
@@ -528,6 +545,12 @@ impl RaftRpc for RaftPeerService {
                 reply(&propose_locally(&self.raft, command).await)
             }
             ForwardRequest::Join { id, address } => reply(&self.admit(id, address).await),
+            ForwardRequest::Report => reply(&ForwardResponse::Report(
+                self.reporter
+                    .get()
+                    .map(|report| report())
+                    .unwrap_or_default(),
+            )),
         }
     }
 }
