@@ -49,6 +49,26 @@ fn metadata_outlives_a_partitioned_leader_and_a_killed_follower() {
                 .all(|node| node["role"] == "voter" && node["disks"] == 1)
     });
 
+    // Placement: one replica per node, and no more replicas than nodes.
+    cluster
+        .vessel_ok(
+            2,
+            &["volume", "create", "r3", "--size", "1G", "--replicas", "3"],
+        )
+        .unwrap();
+    let four = cluster
+        .vessel(
+            3,
+            &["volume", "create", "r4", "--size", "1G", "--replicas", "4"],
+        )
+        .unwrap();
+    assert_eq!(four.status.code(), Some(6), "{four:?}");
+    assert!(
+        String::from_utf8_lossy(&four.stderr)
+            .contains("needs 4 replicas but only 3 node(s) with disks can hold them"),
+        "{four:?}"
+    );
+
     // The leader loses its link: the other two elect one of themselves and go on committing.
     let old = leader(&cluster, 1).expect("a leader");
     let survivors: Vec<usize> = (1..=3).filter(|&n| n != old).collect();

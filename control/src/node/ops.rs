@@ -88,7 +88,9 @@ impl From<CommandError> for OpError {
             | E::VolumeAttached { .. }
             | E::AlreadyAttached { .. }
             | E::NotAttached { .. } => ErrorKind::FailedPrecondition,
-            E::NotEnoughNodes { .. } | E::OverLimit { .. } => ErrorKind::ResourceExhausted,
+            E::NotEnoughNodes { .. } | E::NotEnoughDomains { .. } | E::OverLimit { .. } => {
+                ErrorKind::ResourceExhausted
+            }
         };
         OpError::new(kind, error.to_string())
     }

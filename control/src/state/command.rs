@@ -14,8 +14,9 @@ use uuid::Uuid;
 use vessel_proto::size::HumanSize;
 
 use super::{
-    Attachment, Candidate, ClusterState, Disk, DiskId, Node, NodeId, NodeState, PlacementRequest,
-    Settings, Volume, VolumeId, extent_count, format_ratio, place, valid_block_size,
+    Attachment, Candidate, ClusterState, DOMAIN_LABELS, Disk, DiskId, Node, NodeId, NodeState,
+    PlacementRequest, Settings, Volume, VolumeId, domain_count, extent_count, format_ratio, place,
+    valid_block_size,
 };
 
 /// Largest volume size accepted (1 EiB), far beyond any pool, so size arithmetic never overflows.
@@ -320,6 +321,16 @@ pub enum CommandError {
     WorldWritableSocket { mode: u32 },
     #[error("{queues} queues is out of range; use 1 to {MAX_QUEUES}")]
     InvalidQueues { queues: u16 },
+    #[error(
+        "volume '{name}' needs {replicas} replicas in distinct {label}s, but the nodes with disks are in only \
+         {available} {label}(s); add disks in another {label} or lower --replicas"
+    )]
+    NotEnoughDomains {
+        name: String,
+        replicas: u8,
+        label: String,
+        available: usize,
+    },
 }
 
 fn not_enough_nodes(name: &str, replicas: u8, available: usize) -> String {
@@ -552,13 +563,7 @@ impl ClusterState {
             return Err(CommandError::ZeroReplicas { name });
         }
         let candidates = self.placement_candidates();
-        if candidates.len() < usize::from(replicas) {
-            return Err(CommandError::NotEnoughNodes {
-                name,
-                replicas,
-                available: candidates.len(),
-            });
-        }
+        self.check_domains(&name, replicas, &candidates)?;
         let added = u128::from(size) * u128::from(replicas);
         let subject = if replicas == 1 {
             format!("volume '{name}' ({})", HumanSize(size))
@@ -637,12 +642,8 @@ impl ClusterState {
         let first_new = volume.placement.extent_count();
         let end = extent_count(new_size, extent_size);
         let candidates = self.placement_candidates();
-        if end > first_new && candidates.len() < usize::from(replicas) {
-            return Err(CommandError::NotEnoughNodes {
-                name,
-                replicas,
-                available: candidates.len(),
-            });
+        if end > first_new {
+            self.check_domains(&name, replicas, &candidates)?;
         }
         let added = u128::from(new_size - old_size) * u128::from(replicas);
         let subject = format!(
@@ -780,9 +781,12 @@ impl ClusterState {
     }
 
     /// Active nodes with at least one disk, with their free capacity.
+    /// Active nodes with disks, each with its free capacity and failure domain (see
+    /// [`DOMAIN_LABELS`]).
     fn placement_candidates(&self) -> Vec<Candidate> {
         let share = self.provisioned_by_node();
-        self.nodes
+        let nodes: Vec<(&Node, i128)> = self
+            .nodes
             .values()
             .filter(|node| node.state == NodeState::Active)
             .filter_map(|node| {
@@ -795,12 +799,76 @@ impl ClusterState {
                 }
                 let used = share.get(&node.id).copied().unwrap_or(0);
                 let free = i128::try_from(capacity).unwrap_or(i128::MAX) - i128::from(used);
-                Some(Candidate {
-                    node: node.id,
-                    free,
-                })
+                Some((node, free))
+            })
+            .collect();
+        let domain_label = self.failure_domain_label();
+        // Label values numbered in sorted order: the same state gives the same numbers everywhere.
+        let values: Vec<&String> = match domain_label {
+            Some(label) => {
+                let mut values: Vec<&String> = nodes
+                    .iter()
+                    .filter_map(|(node, _)| node.labels.get(label))
+                    .collect();
+                values.sort_unstable();
+                values.dedup();
+                values
+            }
+            None => Vec::new(),
+        };
+        nodes
+            .into_iter()
+            .map(|(node, free)| Candidate {
+                node: node.id,
+                free,
+                domain: domain_label
+                    .and_then(|label| node.labels.get(label))
+                    .and_then(|value| values.binary_search(&value).ok())
+                    .map_or(node.id, |index| index as u64),
             })
             .collect()
+    }
+
+    /// The label replicas are spread over: the coarsest of [`DOMAIN_LABELS`] that every active
+    /// node with disks carries; `None` when nodes are the failure domain.
+    pub fn failure_domain_label(&self) -> Option<&'static str> {
+        let mut nodes = self
+            .nodes
+            .values()
+            .filter(|node| node.state == NodeState::Active)
+            .filter(|node| self.disks_on(node.id).any(|disk| disk.capacity > 0))
+            .peekable();
+        nodes.peek()?;
+        let nodes: Vec<&Node> = nodes.collect();
+        DOMAIN_LABELS
+            .into_iter()
+            .find(|label| nodes.iter().all(|node| node.labels.contains_key(*label)))
+    }
+
+    /// Refuses a placement of `replicas` copies when the candidates span fewer failure domains.
+    fn check_domains(
+        &self,
+        name: &str,
+        replicas: u8,
+        candidates: &[Candidate],
+    ) -> Result<(), CommandError> {
+        let domains = domain_count(candidates);
+        if domains >= usize::from(replicas) {
+            return Ok(());
+        }
+        match self.failure_domain_label() {
+            None => Err(CommandError::NotEnoughNodes {
+                name: name.to_owned(),
+                replicas,
+                available: domains,
+            }),
+            Some(label) => Err(CommandError::NotEnoughDomains {
+                name: name.to_owned(),
+                replicas,
+                label: label.to_owned(),
+                available: domains,
+            }),
+        }
     }
 
     fn check_overcommit(&self, added: u128, subject: String) -> Result<(), CommandError> {
@@ -944,6 +1012,75 @@ mod tests {
             "a refused command must leave the state unchanged"
         );
         error.to_string()
+    }
+
+    #[test]
+    fn replicas_spread_over_racks_when_every_node_has_one() {
+        let mut state = cluster();
+        let labelled = |id: NodeId, rack: Option<&str>| {
+            let mut node = node(id, &format!("n{id}"));
+            if let Some(rack) = rack {
+                node.labels.insert("rack".to_owned(), rack.to_owned());
+            }
+            node
+        };
+        state
+            .apply(Command::UpdateNode {
+                id: 1,
+                address: None,
+                labels: Some(BTreeMap::from([("rack".to_owned(), "r1".to_owned())])),
+                state: None,
+            })
+            .unwrap();
+        for (id, rack) in [(2, "r1"), (3, "r2")] {
+            state
+                .apply(Command::AddNode {
+                    node: labelled(id, Some(rack)),
+                })
+                .unwrap();
+            state
+                .apply(Command::AddDisk {
+                    disk: disk(u128::from(id), id, "/pool/d1", 8 * GIB),
+                })
+                .unwrap();
+        }
+        assert_eq!(state.failure_domain_label(), Some("rack"));
+        let with_replicas = |n: u128, replicas: u8| Command::CreateVolume {
+            id: vid(n),
+            name: format!("db{n}"),
+            size: 4 * GIB,
+            block_size: None,
+            replicas,
+            created_unix: 0,
+        };
+        assert_eq!(
+            refused(&mut state, with_replicas(1, 3)),
+            "volume 'db1' needs 3 replicas in distinct racks, but the nodes with disks are in only 2 rack(s); add \
+             disks in another rack or lower --replicas"
+        );
+        state.apply(with_replicas(1, 2)).unwrap();
+        let volume = state.volumes.get(&vid(1)).unwrap();
+        for (_, run) in volume.placement.runs() {
+            assert!(
+                run.replicas.nodes.contains(&3),
+                "one copy in rack r2: {:?}",
+                run.replicas.nodes
+            );
+        }
+
+        // A node without a rack label: racks no longer describe the cluster, nodes are the domains.
+        state
+            .apply(Command::AddNode {
+                node: labelled(4, None),
+            })
+            .unwrap();
+        state
+            .apply(Command::AddDisk {
+                disk: disk(4, 4, "/pool/d1", 8 * GIB),
+            })
+            .unwrap();
+        assert_eq!(state.failure_domain_label(), None);
+        state.apply(with_replicas(2, 3)).unwrap();
     }
 
     #[test]

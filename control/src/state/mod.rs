@@ -23,8 +23,8 @@ use uuid::Uuid;
 
 pub use command::{Command, CommandError, CommandOutcome, MAX_QUEUES, MAX_VOLUME_SIZE, Row};
 pub use placement::{
-    Candidate, MAX_RUNS_PER_PLACEMENT, MIN_RUN_EXTENTS, Placement, PlacementRequest, PlacementRun,
-    ReplicaSet, place, run_bytes,
+    Candidate, DOMAIN_LABELS, MAX_RUNS_PER_PLACEMENT, MIN_RUN_EXTENTS, Placement, PlacementRequest,
+    PlacementRun, ReplicaSet, domain_count, place, run_bytes,
 };
 
 /// A node's id: a random u64 generated once per data directory (see [`crate::raft::ControlPlane::node_id`]).

@@ -108,6 +108,11 @@ pub const MIN_RUN_EXTENTS: u64 = 16;
 /// small state row (the stripe grows with the volume instead).
 pub const MAX_RUNS_PER_PLACEMENT: u64 = 256;
 
+/// Node labels that name a failure domain larger than one node, coarsest first: replicas spread
+/// over zones when every candidate node has a `zone` label, else over racks when every one has a
+/// `rack` label, else over nodes.
+pub const DOMAIN_LABELS: [&str; 2] = ["zone", "rack"];
+
 /// What the placer needs to know about one candidate node.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Candidate {
@@ -115,6 +120,9 @@ pub struct Candidate {
     /// Capacity of the node's disks minus the bytes already provisioned on it. May be negative
     /// when the pool is overcommitted.
     pub free: i128,
+    /// Its failure domain: two replicas of an extent never share one. Equal numbers, equal
+    /// domain (the node id itself when nodes are the domain).
+    pub domain: u64,
 }
 
 /// The arguments of one placement call: extents `[first_extent, end_extent)` of a volume of
@@ -131,16 +139,16 @@ pub struct PlacementRequest {
 /// Appends replica sets for the requested extents to `placement`.
 ///
 /// The extents are cut into stripes of at least [`MIN_RUN_EXTENTS`]; each stripe goes to the
-/// `replicas` candidates with the most free capacity (ties to the lower node id), and its bytes are
-/// charged to them before the next stripe is placed, so a large volume spreads across nodes in
-/// proportion to their free space. Every node of a replica set is distinct: the failure domain is
-/// the node. The caller has checked that there are at least `replicas` candidates; with fewer,
-/// the stripes get all of them.
+/// `replicas` candidates with the most free capacity (ties to the lower node id) that lie in
+/// distinct failure domains, and its bytes are charged to them before the next stripe is placed,
+/// so a large volume spreads across nodes in proportion to their free space. The caller has
+/// checked that there are at least `replicas` domains; with fewer, the stripes get one replica
+/// per domain.
 pub fn place(placement: &mut Placement, candidates: &[Candidate], request: PlacementRequest) {
     let mut candidates = candidates.to_vec();
     let extents = request.end_extent.saturating_sub(request.first_extent);
     let stripe = MIN_RUN_EXTENTS.max(extents.div_ceil(MAX_RUNS_PER_PLACEMENT));
-    let wanted = usize::from(request.replicas).min(candidates.len());
+    let wanted = usize::from(request.replicas).min(domain_count(&candidates));
     let mut first = request.first_extent;
     while first < request.end_extent {
         let count = stripe.min(request.end_extent - first);
@@ -149,13 +157,29 @@ pub fn place(placement: &mut Placement, candidates: &[Candidate], request: Place
             .min(u128::from(request.volume_size));
         let bytes = i128::try_from(end_byte.saturating_sub(start_byte)).unwrap_or(i128::MAX);
         candidates.sort_by(|a, b| b.free.cmp(&a.free).then(a.node.cmp(&b.node)));
-        let chosen: Vec<NodeId> = candidates.iter().take(wanted).map(|c| c.node).collect();
-        for candidate in candidates.iter_mut().take(wanted) {
-            candidate.free = candidate.free.saturating_sub(bytes);
+        let mut domains = Vec::with_capacity(wanted);
+        let mut chosen = Vec::with_capacity(wanted);
+        for candidate in &mut candidates {
+            if chosen.len() == wanted {
+                break;
+            }
+            if !domains.contains(&candidate.domain) {
+                domains.push(candidate.domain);
+                chosen.push(candidate.node);
+                candidate.free = candidate.free.saturating_sub(bytes);
+            }
         }
         placement.push(count, ReplicaSet::new(chosen));
         first += count;
     }
+}
+
+/// Number of distinct failure domains among `candidates`.
+pub fn domain_count(candidates: &[Candidate]) -> usize {
+    let mut domains: Vec<u64> = candidates.iter().map(|c| c.domain).collect();
+    domains.sort_unstable();
+    domains.dedup();
+    domains.len()
 }
 
 /// Bytes of a volume of `volume_size` covered by extents `[first, first + count)`.
@@ -194,6 +218,7 @@ mod tests {
             &[Candidate {
                 node: 7,
                 free: i128::from(GIB),
+                domain: 7,
             }],
             request(0, extents, size, 1),
         );
@@ -247,18 +272,22 @@ mod tests {
             Candidate {
                 node: 1,
                 free: i128::from(10 * GIB),
+                domain: 1,
             },
             Candidate {
                 node: 2,
                 free: i128::from(500 * GIB),
+                domain: 2,
             },
             Candidate {
                 node: 3,
                 free: i128::from(400 * GIB),
+                domain: 3,
             },
             Candidate {
                 node: 4,
                 free: i128::from(300 * GIB),
+                domain: 4,
             },
         ];
         let mut placement = Placement::default();
@@ -273,6 +302,7 @@ mod tests {
             .map(|node| Candidate {
                 node,
                 free: i128::from(TIB),
+                domain: node,
             })
             .collect();
         let size = 64 * GIB;
@@ -303,13 +333,61 @@ mod tests {
 
     #[test]
     fn run_count_stays_bounded_for_huge_volumes() {
-        let candidates: Vec<Candidate> = (1..=5).map(|node| Candidate { node, free: 0 }).collect();
+        let candidates: Vec<Candidate> = (1..=5)
+            .map(|node| Candidate {
+                node,
+                free: 0,
+                domain: node,
+            })
+            .collect();
         let size = 100 * TIB;
         let extents = size / (64 * MIB);
         let mut placement = Placement::default();
         place(&mut placement, &candidates, request(0, extents, size, 3));
         assert!(placement.run_count() as u64 <= MAX_RUNS_PER_PLACEMENT);
         assert_eq!(placement.extent_count(), extents);
+    }
+
+    #[test]
+    fn replicas_never_share_a_failure_domain() {
+        // Racks 10 (nodes 1 and 2, the freest and close to each other), 20 (node 3), 30 (node 4).
+        let candidates =
+            [(1, 810, 10), (2, 800, 10), (3, 100, 20), (4, 50, 30)].map(|(node, free, domain)| {
+                Candidate {
+                    node,
+                    free: i128::from(free * GIB),
+                    domain,
+                }
+            });
+        let mut placement = Placement::default();
+        place(&mut placement, &candidates, request(0, 16, GIB, 3));
+        assert_eq!(placement.replica_set(0).unwrap().nodes, vec![1, 3, 4]);
+
+        // Two replicas over two racks: each stripe takes the freest node of each rack, and the
+        // charged bytes move later stripes to the other node of the rack.
+        let size = 64 * GIB;
+        let extents = size / (64 * MIB);
+        let mut placement = Placement::default();
+        place(
+            &mut placement,
+            &candidates[..3],
+            request(0, extents, size, 2),
+        );
+        for (_, run) in placement.runs() {
+            let nodes = &run.replicas.nodes;
+            assert_eq!(nodes.len(), 2);
+            assert!(nodes.contains(&3), "rack 20 has one node: {nodes:?}");
+        }
+        let used: Vec<NodeId> = placement
+            .runs()
+            .flat_map(|(_, run)| run.replicas.nodes.clone())
+            .collect();
+        assert!(used.contains(&1) && used.contains(&2), "{used:?}");
+
+        // Fewer domains than replicas (the caller refuses this): one replica per domain.
+        let mut placement = Placement::default();
+        place(&mut placement, &candidates[..2], request(0, 16, GIB, 2));
+        assert_eq!(placement.replica_set(0).unwrap().nodes, vec![1]);
     }
 
     #[test]
