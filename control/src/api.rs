@@ -66,6 +66,13 @@ impl Admin for AdminApi {
         reply(self.node.node_join(request.into_inner()).await)
     }
 
+    async fn node_remove(
+        &self,
+        request: Request<admin::NodeRef>,
+    ) -> Result<Response<admin::Node>, Status> {
+        reply(self.node.node_remove(request.get_ref()).await)
+    }
+
     async fn disk_add(
         &self,
         request: Request<admin::DiskAddRequest>,

@@ -193,6 +193,43 @@ fn nodes_join_vote_forward_writes_and_outlive_the_leader() {
             .len(),
         4
     );
+
+    // Removal: refused while the node holds replicas, or when asked of the node itself.
+    assert_fails(
+        &n2.vessel(&["node", "remove", "n4"]).unwrap(),
+        5,
+        "node 'n4' holds replicas of volume(s) 'v1', 'v2'",
+    );
+    assert_fails(
+        &n2.vessel(&["node", "remove", "n2"]).unwrap(),
+        5,
+        "send `vessel node remove` to another member",
+    );
+    assert_fails(
+        &n2.vessel(&["node", "remove", "n9"]).unwrap(),
+        3,
+        "node 'n9' not found",
+    );
+    // A voter leaves: the learner takes its vote, so three voters remain.
+    let removed = n2.vessel_ok(&["node", "remove", "n1"]).unwrap();
+    assert!(
+        removed.contains("node 'n1'") && removed.contains("removed"),
+        "{removed}"
+    );
+    eventually("n3 sees n2, n3 and n4 as the voters", || {
+        let list = n3.vessel_json(&["node", "list"]).unwrap();
+        let nodes = list["nodes"].as_array().unwrap();
+        let mut voters: Vec<&str> = nodes
+            .iter()
+            .filter(|node| node["role"] == "voter")
+            .map(|node| node["name"].as_str().unwrap())
+            .collect();
+        voters.sort_unstable();
+        nodes.len() == 3 && voters == ["n2", "n3", "n4"]
+    });
+    // The cluster goes on committing without it.
+    n4.vessel_ok(&["volume", "create", "v3", "--size", "64M"])
+        .unwrap();
 }
 
 #[test]
@@ -215,7 +252,7 @@ fn joining_errors_say_what_to_do() {
     assert_fails(
         &fresh.vessel(&["node", "join", &closed]).unwrap(),
         7,
-        &format!("cannot join through {closed}"),
+        &format!("cannot join through {closed}: cannot reach {closed}"),
     );
     let (other, other_addr) = listening(&dir, "other", "r2");
     assert_fails(

@@ -118,6 +118,7 @@ impl AdminClient {
         volume_list(admin::VolumeListRequest) -> admin::VolumeListReply;
         node_list(admin::NodeListRequest) -> admin::NodeListReply;
         node_join(admin::NodeJoinRequest) -> admin::NodeJoinReply;
+        node_remove(admin::NodeRef) -> admin::Node;
         cluster_init(admin::ClusterInitRequest) -> admin::ClusterInitReply;
         cluster_status(admin::ClusterStatusRequest) -> admin::ClusterStatusReply;
     }

@@ -81,6 +81,12 @@ enum NodeCmd {
         #[arg(value_name = "SEED_ADDR")]
         seed: String,
     },
+    /// Take a node (name or id) out of the cluster, with its disks; refused while volumes have replicas or
+    /// attachments there. Send it to another node than the one removed.
+    Remove {
+        #[arg(value_name = "NODE")]
+        node: String,
+    },
 }
 
 #[derive(Debug, Subcommand)]
@@ -202,6 +208,10 @@ async fn run(cli: Cli) -> Result<(), CliError> {
         ),
         Noun::Node(NodeCmd::List) => {
             render::nodes(out, &client.node_list(admin::NodeListRequest {}).await?)
+        }
+        Noun::Node(NodeCmd::Remove { node }) => {
+            let removed = client.node_remove(admin::NodeRef { node }).await?;
+            render::node_removed(out, &removed);
         }
         Noun::Node(NodeCmd::Join { seed }) => {
             let reply = client.node_join(admin::NodeJoinRequest { seed }).await?;

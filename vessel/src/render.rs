@@ -82,6 +82,16 @@ pub fn cluster_init(out: Output, reply: &admin::ClusterInitReply) {
     }
 }
 
+pub fn node_removed(out: Output, node: &admin::Node) {
+    if out == Output::Json {
+        return json(node);
+    }
+    println!(
+        "node '{}' ({}) removed from the cluster; stop its vesseld",
+        node.name, node.id
+    );
+}
+
 pub fn node_joined(out: Output, reply: &admin::NodeJoinReply) {
     if out == Output::Json {
         return json(reply);

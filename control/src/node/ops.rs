@@ -87,7 +87,11 @@ impl From<CommandError> for OpError {
             | E::LastDiskHoldsReplicas { .. }
             | E::VolumeAttached { .. }
             | E::AlreadyAttached { .. }
-            | E::NotAttached { .. } => ErrorKind::FailedPrecondition,
+            | E::NotAttached { .. }
+            | E::NodeHoldsReplicas { .. }
+            | E::NodeServesVolumes { .. }
+            | E::NodeChanged { .. }
+            | E::NodeCapacityNeeded { .. } => ErrorKind::FailedPrecondition,
             E::NotEnoughNodes { .. } | E::NotEnoughDomains { .. } | E::OverLimit { .. } => {
                 ErrorKind::ResourceExhausted
             }
@@ -304,6 +308,61 @@ impl LocalNode {
                 })
                 .unwrap_or_default(),
         }
+    }
+
+    pub async fn node_remove(&self, request: &admin::NodeRef) -> Result<admin::Node, OpError> {
+        let _guard = self.writes.lock().await;
+        let key = request.node.trim();
+        let (node, command, check) = self.control.read(|state| {
+            let node = state
+                .nodes
+                .values()
+                .find(|node| node.name == key || node.id.to_string() == key)
+                .cloned()
+                .ok_or_else(|| {
+                    OpError::new(
+                        ErrorKind::NotFound,
+                        format!("node '{key}' not found; `vessel node list` shows the nodes"),
+                    )
+                })?;
+            let command = Command::RemoveNode {
+                id: node.id,
+                disks: state.disks_on(node.id).map(|disk| disk.id).collect(),
+            };
+            // The state machine's own verdict, before Raft's membership changes.
+            let check = state.clone().apply(command.clone()).map(drop);
+            Ok::<_, OpError>((node, command, check))
+        })?;
+        check?;
+        if node.id == self.control.node_id() {
+            return Err(OpError::new(
+                ErrorKind::FailedPrecondition,
+                format!(
+                    "node '{}' is the node this request was sent to; send `vessel node remove` to another member",
+                    node.name
+                ),
+            ));
+        }
+        self.control
+            .remove_member(node.id)
+            .await
+            .map_err(|error| match error {
+                ControlError::Unavailable(reason) => OpError::new(ErrorKind::Unavailable, reason),
+                ControlError::Membership(reason) => {
+                    OpError::new(ErrorKind::FailedPrecondition, reason)
+                }
+                other => other.into(),
+            })?;
+        self.commit(command).await?;
+        tracing::info!(node = node.id, name = %node.name, "node removed from the cluster");
+        Ok(admin::Node {
+            id: node.id,
+            name: node.name,
+            address: node.address.unwrap_or_default(),
+            state: "removed".to_owned(),
+            labels: node.labels.into_iter().collect(),
+            ..admin::Node::default()
+        })
     }
 
     pub async fn node_list(&self) -> admin::NodeListReply {

@@ -348,7 +348,9 @@ impl ControlPlane {
                         "{reason}; the command's outcome is unknown, check the cluster state before retrying"
                     )));
                 }
-                ForwardResponse::Joined { .. } | ForwardResponse::Report(_) => {
+                ForwardResponse::Joined { .. }
+                | ForwardResponse::Report(_)
+                | ForwardResponse::Left => {
                     return Err(unexpected_answer());
                 }
                 ForwardResponse::NotLeader {
@@ -369,7 +371,11 @@ impl ControlPlane {
                         Ok(ForwardResponse::NotLeader { .. }) => {
                             format!("node {leader} is no longer the leader")
                         }
-                        Ok(ForwardResponse::Joined { .. } | ForwardResponse::Report(_)) => {
+                        Ok(
+                            ForwardResponse::Joined { .. }
+                            | ForwardResponse::Report(_)
+                            | ForwardResponse::Left,
+                        ) => {
                             return Err(unexpected_answer());
                         }
                         Err(error @ ForwardError::Lost { .. }) => {
@@ -415,7 +421,7 @@ impl ControlPlane {
     pub async fn join(&self, seed: &str) -> Result<bool, ControlError> {
         let Some(address) = self.inner.advertise_addr.clone() else {
             return Err(ControlError::Membership(
-                "this node has no --listen address, so its peers could not reach it; restart vesseld with                  --listen IP:PORT to join a cluster"
+                "this node has no --listen address, so its peers could not reach it; restart vesseld with --listen IP:PORT to join a cluster"
                     .to_owned(),
             ));
         };
@@ -423,45 +429,23 @@ impl ControlPlane {
             id: self.inner.node_id,
             address,
         };
-        let deadline = Instant::now() + JOIN_TIMEOUT;
-        let mut target = seed.to_owned();
-        let voter = loop {
-            let answer = network::forward(&target, &request, JOIN_TIMEOUT)
-                .await
-                .map_err(|error| {
-                    let (ForwardError::Connect { reason, .. } | ForwardError::Lost { reason, .. }) =
-                        error;
-                    ControlError::Unavailable(format!(
-                        "cannot join through {target}: {reason}; is vesseld running there with --listen {target}?"
-                    ))
-                })?;
-            let waiting_for = match answer {
-                ForwardResponse::Joined { voter } => break voter,
-                ForwardResponse::NotLeader {
-                    address: Some(leader),
-                    ..
-                } if leader != target => {
-                    tracing::debug!(node = self.inner.node_id, seed, %leader, "asking the leader to admit this node");
-                    target = leader;
-                    continue;
+        let answer = self
+            .ask_leader(&request, seed.to_owned(), JOIN_TIMEOUT)
+            .await
+            .map_err(|error| match error {
+                ControlError::Unavailable(reason) => {
+                    ControlError::Unavailable(format!("cannot join through {seed}: {reason}"))
                 }
-                ForwardResponse::NotLeader { .. } => "no leader is elected",
-                ForwardResponse::Failed(reason) => {
-                    return Err(ControlError::Membership(format!(
-                        "{target} could not admit this node: {reason}"
-                    )));
-                }
-                ForwardResponse::Applied { .. } | ForwardResponse::Report(_) => {
-                    return Err(unexpected_answer());
-                }
-            };
-            if Instant::now() >= deadline {
-                return Err(ControlError::Unavailable(format!(
-                    "could not join through {seed} within {}s ({waiting_for}); is a majority of its voters running?",
-                    JOIN_TIMEOUT.as_secs()
+                other => other,
+            })?;
+        let voter = match answer {
+            (ForwardResponse::Joined { voter }, _) => voter,
+            (ForwardResponse::Failed(reason), target) => {
+                return Err(ControlError::Membership(format!(
+                    "{target} could not admit this node: {reason}"
                 )));
             }
-            tokio::time::sleep(RETRY_PAUSE).await;
+            _ => return Err(unexpected_answer()),
         };
         // The leader answered once this node had the log; its state machine applies it right after.
         let mut applied = self.subscribe();
@@ -476,12 +460,82 @@ impl ControlPlane {
         .await;
         if arrived != Ok(true) {
             return Err(ControlError::Unavailable(format!(
-                "joined the cluster through {seed}, but its state has not arrived here within {}s; check                  `vessel cluster status` on both nodes",
+                "joined the cluster through {seed}, but its state has not arrived here within {}s; check `vessel cluster status` on both nodes",
                 LEADER_WAIT.as_secs()
             )));
         }
         tracing::info!(node = self.inner.node_id, seed, voter, "joined the cluster");
         Ok(voter)
+    }
+
+    /// Takes node `id` out of the Raft membership (voter or learner), promoting a learner first
+    /// when the voters would drop below three. Call from another node than `id`.
+    pub async fn remove_member(&self, id: NodeId) -> Result<(), ControlError> {
+        let status = self.raft_status();
+        let first = status
+            .leader
+            .and_then(|leader| status.addresses.get(&leader).cloned())
+            .filter(|address| !address.is_empty())
+            .or_else(|| self.inner.advertise_addr.clone())
+            .ok_or_else(|| {
+                ControlError::Membership(
+                    "this node has no --listen address, so it runs a single-node cluster without peers"
+                        .to_owned(),
+                )
+            })?;
+        match self
+            .ask_leader(&ForwardRequest::Leave { id }, first, JOIN_TIMEOUT)
+            .await?
+        {
+            (ForwardResponse::Left, _) => Ok(()),
+            (ForwardResponse::Failed(reason), target) => Err(ControlError::Membership(format!(
+                "the leader at {target} could not remove node {id}: {reason}"
+            ))),
+            _ => Err(unexpected_answer()),
+        }
+    }
+
+    /// Sends `request` to `first` and on to the leader it names, until some node answers with
+    /// something other than "not the leader" (then returned with the address that answered) or
+    /// `timeout` passes.
+    async fn ask_leader(
+        &self,
+        request: &ForwardRequest,
+        first: String,
+        timeout: Duration,
+    ) -> Result<(ForwardResponse, String), ControlError> {
+        let deadline = Instant::now() + timeout;
+        let mut target = first;
+        loop {
+            let answer = network::forward(&target, request, timeout)
+                .await
+                .map_err(|error| {
+                    let (ForwardError::Connect { reason, .. } | ForwardError::Lost { reason, .. }) =
+                        error;
+                    ControlError::Unavailable(format!(
+                        "cannot reach {target}: {reason}; is vesseld running there with --listen {target}?"
+                    ))
+                })?;
+            match answer {
+                ForwardResponse::NotLeader {
+                    address: Some(leader),
+                    ..
+                } if leader != target => {
+                    tracing::debug!(node = self.inner.node_id, %leader, "following the leader");
+                    target = leader;
+                    continue;
+                }
+                ForwardResponse::NotLeader { .. } => {}
+                answer => return Ok((answer, target)),
+            }
+            if Instant::now() >= deadline {
+                return Err(ControlError::Unavailable(format!(
+                    "no leader answered through {target} within {}s; is a majority of the voters running?",
+                    timeout.as_secs()
+                )));
+            }
+            tokio::time::sleep(RETRY_PAUSE).await;
+        }
     }
 
     /// Waits (bounded) until this node has applied log `index`, so that a write forwarded to the

@@ -279,6 +279,8 @@ pub enum ForwardRequest {
     /// A new node, reachable for Raft at `address`, asks to become a member: a voter while there
     /// are fewer than [`MAX_VOTERS`], else a learner. Answered once it has caught up with the log.
     Join { id: NodeId, address: String },
+    /// Take node `id` out of the membership (see [`RaftPeerService::release`]).
+    Leave { id: NodeId },
     /// Any node asks any other for what only that node knows (its disks' use); answered by every
     /// node, leader or not.
     Report,
@@ -313,6 +315,8 @@ pub enum ForwardResponse {
     Joined { voter: bool },
     /// The answer to [`ForwardRequest::Report`].
     Report(NodeReport),
+    /// The node named in [`ForwardRequest::Leave`] is out of the membership.
+    Left,
 }
 
 /// Why [`forward`] failed.
@@ -402,6 +406,69 @@ impl RaftPeerService {
             joins: Arc::default(),
             reporter,
         }
+    }
+
+    /// Takes node `id` out of the membership. A voter whose removal would leave fewer than
+    /// [`MAX_VOTERS`] voters is first replaced by a learner, when there is one; the last voter is
+    /// never removed. Idempotent.
+    async fn release(&self, id: NodeId) -> ForwardResponse {
+        let _one_at_a_time = self.joins.lock().await;
+        let (leader, leader_address, voters, learners) = {
+            let metrics = self.raft.metrics();
+            let metrics = metrics.borrow_watched();
+            let membership = metrics.membership_config.membership();
+            let leader_address = metrics
+                .current_leader
+                .and_then(|leader| membership.get_node(&leader))
+                .map(|node| node.addr.clone())
+                .filter(|addr| !addr.is_empty());
+            let voters: Vec<NodeId> = membership.voter_ids().collect();
+            let learners: Vec<NodeId> = membership.learner_ids().collect();
+            (metrics.current_leader, leader_address, voters, learners)
+        };
+        if leader != Some(self.node_id) {
+            return ForwardResponse::NotLeader {
+                leader,
+                address: leader_address,
+            };
+        }
+        if voters.contains(&id) {
+            if voters.len() == 1 {
+                return ForwardResponse::Failed(
+                    "it is the cluster's only Raft voter; the cluster cannot go on without it"
+                        .to_owned(),
+                );
+            }
+            if voters.len() <= MAX_VOTERS
+                && let Some(&stand_in) = learners.iter().min()
+            {
+                let change = ChangeMembers::AddVoterIds([stand_in].into());
+                if let Err(error) = self.raft.change_membership(change, false).await {
+                    return membership_failure(error);
+                }
+                tracing::info!(
+                    node = self.node_id,
+                    voter = stand_in,
+                    replaces = id,
+                    "learner promoted to voter"
+                );
+            }
+            let change = ChangeMembers::RemoveVoters([id].into());
+            if let Err(error) = self.raft.change_membership(change, false).await {
+                return membership_failure(error);
+            }
+        } else if learners.contains(&id) {
+            let change = ChangeMembers::RemoveNodes([id].into());
+            if let Err(error) = self.raft.change_membership(change, false).await {
+                return membership_failure(error);
+            }
+        }
+        tracing::info!(
+            node = self.node_id,
+            removed = id,
+            "node left the membership"
+        );
+        ForwardResponse::Left
     }
 
     /// Admits node `id` (see [`ForwardRequest::Join`]); idempotent, so a node that lost the answer
@@ -545,6 +612,7 @@ impl RaftRpc for RaftPeerService {
                 reply(&propose_locally(&self.raft, command).await)
             }
             ForwardRequest::Join { id, address } => reply(&self.admit(id, address).await),
+            ForwardRequest::Leave { id } => reply(&self.release(id).await),
             ForwardRequest::Report => reply(&ForwardResponse::Report(
                 self.reporter
                     .get()

@@ -64,6 +64,11 @@ pub enum Command {
     Attach { attachment: Attachment },
     /// Releases a volume's attachment lease.
     Detach { volume: VolumeId },
+    /// Removes a node and its disks; refused while a volume has replicas there or is attached
+    /// there, or when the rest of the pool would not cover what is provisioned. `disks` names
+    /// exactly the node's disks (the proposer reads them from the state; a mismatch is refused),
+    /// so the rows the command changes are known before it applies.
+    RemoveNode { id: NodeId, disks: Vec<DiskId> },
 }
 
 impl fmt::Display for Command {
@@ -99,6 +104,7 @@ impl fmt::Display for Command {
                 attachment.volume, attachment.node, attachment.socket
             ),
             Self::Detach { volume } => write!(f, "detach volume {volume}"),
+            Self::RemoveNode { id, .. } => write!(f, "remove node {id}"),
         }
     }
 }
@@ -130,6 +136,9 @@ impl Command {
             }
             Self::Attach { attachment } => vec![Row::Attachment(attachment.volume)],
             Self::Detach { volume } => vec![Row::Attachment(*volume)],
+            Self::RemoveNode { id, disks } => std::iter::once(Row::Node(*id))
+                .chain(disks.iter().map(|disk| Row::Disk(*disk)))
+                .collect(),
         }
     }
 }
@@ -168,6 +177,9 @@ pub enum CommandOutcome {
     },
     Detached {
         attachment: Attachment,
+    },
+    NodeRemoved {
+        node: Node,
     },
 }
 
@@ -322,6 +334,30 @@ pub enum CommandError {
     #[error("{queues} queues is out of range; use 1 to {MAX_QUEUES}")]
     InvalidQueues { queues: u16 },
     #[error(
+        "node '{node}' holds replicas of volume(s) {volumes}; until replicas can move off a node (drain), delete \
+         those volumes first"
+    )]
+    NodeHoldsReplicas { node: String, volumes: String },
+    #[error("node '{node}' serves volume(s) {volumes}; detach them first")]
+    NodeServesVolumes { node: String, volumes: String },
+    #[error("node '{node}' changed while it was being removed (its disks); run the removal again")]
+    NodeChanged { node: String },
+    #[error(
+        "removing node '{node}' leaves {remaining} of disks, {provisionable} provisionable at overcommit {ratio}, \
+         less than the {provisioned} provisioned; add disks elsewhere or delete volumes first",
+        remaining = HumanSize(*remaining),
+        provisionable = HumanSize(*provisionable),
+        ratio = format_ratio(*ratio_milli),
+        provisioned = HumanSize(*provisioned)
+    )]
+    NodeCapacityNeeded {
+        node: String,
+        remaining: u64,
+        provisionable: u64,
+        ratio_milli: u32,
+        provisioned: u64,
+    },
+    #[error(
         "volume '{name}' needs {replicas} replicas in distinct {label}s, but the nodes with disks are in only \
          {available} {label}(s); add disks in another {label} or lower --replicas"
     )]
@@ -386,6 +422,7 @@ impl ClusterState {
             Command::DeleteVolume { id } => self.delete_volume(id),
             Command::Attach { attachment } => self.attach(attachment),
             Command::Detach { volume } => self.detach(volume),
+            Command::RemoveNode { id, disks } => self.remove_node(id, &disks),
         }
     }
 
@@ -483,6 +520,75 @@ impl ClusterState {
         let id = disk.id;
         self.disks.insert(id, disk);
         Ok(CommandOutcome::DiskAdded { id })
+    }
+
+    fn remove_node(
+        &mut self,
+        id: NodeId,
+        disks: &[DiskId],
+    ) -> Result<CommandOutcome, CommandError> {
+        if !self.nodes.contains_key(&id) {
+            return Err(CommandError::NodeNotFound {
+                node: id.to_string(),
+            });
+        }
+        let node = self.node_label(id);
+        let mut served: Vec<String> = self
+            .attachments_on(id)
+            .filter_map(|a| self.volumes.get(&a.volume))
+            .map(|v| format!("'{}'", v.name))
+            .collect();
+        served.sort_unstable();
+        if !served.is_empty() {
+            return Err(CommandError::NodeServesVolumes {
+                node,
+                volumes: served.join(", "),
+            });
+        }
+        let mut held: Vec<String> = self
+            .volumes_on(id)
+            .map(|v| format!("'{}'", v.name))
+            .collect();
+        held.sort_unstable();
+        if !held.is_empty() {
+            return Err(CommandError::NodeHoldsReplicas {
+                node,
+                volumes: held.join(", "),
+            });
+        }
+        let mut named: Vec<DiskId> = disks.to_vec();
+        named.sort_unstable();
+        let mut actual: Vec<DiskId> = self.disks_on(id).map(|disk| disk.id).collect();
+        actual.sort_unstable();
+        if named != actual {
+            return Err(CommandError::NodeChanged { node });
+        }
+        let node_capacity: u128 = self
+            .disks_on(id)
+            .map(|disk| u128::from(disk.capacity))
+            .sum();
+        let remaining = self.capacity_raw() - node_capacity;
+        let provisionable = self.provisionable_raw(remaining);
+        let provisioned = self.provisioned_raw();
+        if provisionable < provisioned {
+            return Err(CommandError::NodeCapacityNeeded {
+                node,
+                remaining: super::saturate(remaining),
+                provisionable: super::saturate(provisionable),
+                ratio_milli: self.settings.overcommit_ratio_milli,
+                provisioned: super::saturate(provisioned),
+            });
+        }
+        for disk in disks {
+            self.disks.remove(disk);
+        }
+        let node = self
+            .nodes
+            .remove(&id)
+            .ok_or_else(|| CommandError::NodeNotFound {
+                node: id.to_string(),
+            })?;
+        Ok(CommandOutcome::NodeRemoved { node })
     }
 
     fn remove_disk(&mut self, id: DiskId) -> Result<CommandOutcome, CommandError> {
@@ -1081,6 +1187,57 @@ mod tests {
             .unwrap();
         assert_eq!(state.failure_domain_label(), None);
         state.apply(with_replicas(2, 3)).unwrap();
+    }
+
+    #[test]
+    fn remove_node_takes_its_disks_and_refuses_while_it_holds_data() {
+        let mut state = cluster();
+        state
+            .apply(Command::AddNode {
+                node: node(2, "n2"),
+            })
+            .unwrap();
+        state
+            .apply(Command::AddDisk {
+                disk: disk(2, 2, "/pool/d1", 8 * GIB),
+            })
+            .unwrap();
+        // 16 GiB × 2.0 provisionable; 12 GiB placed on the freest node first, then spread.
+        state.apply(create("db", 1, 12 * GIB)).unwrap();
+        let remove = |state: &ClusterState, id: NodeId| Command::RemoveNode {
+            id,
+            disks: state.disks_on(id).map(|disk| disk.id).collect(),
+        };
+        let removal = remove(&state, 2);
+        assert!(
+            refused(&mut state, removal).starts_with("node 'n2' holds replicas of volume(s) 'db'")
+        );
+        assert_eq!(
+            refused(
+                &mut state,
+                Command::RemoveNode {
+                    id: 9,
+                    disks: vec![]
+                }
+            ),
+            "node '9' not found"
+        );
+        state.apply(Command::DeleteVolume { id: vid(1) }).unwrap();
+        assert_eq!(
+            refused(
+                &mut state,
+                Command::RemoveNode {
+                    id: 2,
+                    disks: vec![]
+                }
+            ),
+            "node 'n2' changed while it was being removed (its disks); run the removal again"
+        );
+        let removal = remove(&state, 2);
+        state.apply(removal).unwrap();
+        assert!(!state.nodes.contains_key(&2));
+        assert_eq!(state.disks_on(2).count(), 0);
+        assert_eq!(state.disks.len(), 1);
     }
 
     #[test]
