@@ -2,8 +2,10 @@
 //!
 //! - [`admin`]: the admin API (gRPC), served by every node and used by the `vessel` CLI.
 //! - [`raft`]: Raft RPCs between voters, carried on the same gRPC stack as the admin API.
+//! - [`frame`]: the data-path frame replicas exchange (fixed header with CRC32C, raw payload).
 //! - [`size`]: the byte sizes users type (`10G`, `512M`), shared by the CLI and the daemon's config.
 
+pub mod frame;
 pub mod size;
 
 /// The admin API, generated from `admin.proto`.
