@@ -18,6 +18,7 @@
 //! - `volume`: a volume's extent map and the leases that make slot reuse safe.
 //! - `queue`: io_uring submission and completion of volume requests.
 //! - `stats`: per-volume counters and latency histogram.
+//! - `replica`: serving other nodes' extent I/O (the replica side of the data path).
 
 mod aligned;
 mod disk;
@@ -25,6 +26,7 @@ mod error;
 mod format;
 mod pool;
 mod queue;
+pub mod replica;
 mod stats;
 mod volume;
 

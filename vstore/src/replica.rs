@@ -1,0 +1,515 @@
+//! The replica side of the data path between nodes: a peer sends extent I/O in
+//! [`vessel_proto::frame`] frames over TCP, this node runs it on its own disks and answers.
+//!
+//! One connection is served by two threads: a reader that takes frames off the socket (header,
+//! then the payload straight into an O_DIRECT-aligned buffer), checks them and hands them over;
+//! and the connection's I/O thread, which owns an [`IoQueue`], fences each request against the
+//! cluster's view of the extent ([`ReplicaDirectory`]), submits it and writes the replies as their
+//! I/O completes — in completion order, so requests are pipelined. A frame that fails any check
+//! closes that connection (after the requests already taken have been answered or drained); it
+//! never affects another connection or the process.
+//!
+//! Fencing: a request carries the sender's epoch for the extent's replica set. An older epoch is
+//! answered `StaleEpoch` (with this node's epoch): the sender was cut out of the set. A newer one
+//! means this node has not applied the change yet: `NotReplica`, and the sender retries.
+
+use std::collections::HashMap;
+use std::io::{self, Read, Write};
+use std::net::{Shutdown, TcpStream};
+use std::os::fd::AsRawFd;
+use std::sync::Arc;
+use std::sync::mpsc;
+use std::time::{Duration, Instant};
+
+use vessel_proto::frame::{self, FLAG_DURABLE, FrameError, HEADER_LEN, Header, Kind};
+pub use vessel_proto::frame::{Opcode, Status};
+use vmm_sys_util::epoll::{ControlOperation, Epoll, EpollEvent, EventSet};
+use vmm_sys_util::eventfd::{EFD_NONBLOCK, EventFd};
+
+use crate::aligned::AlignedBuf;
+use crate::{IoError, IoQueue, IoRequest, LocalPool, LocalVolume, Segment, VolumeId, VolumeLayout};
+
+/// What this node may do with one extent, as the cluster state says.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ReplicaGrant {
+    /// The extent's replica-set epoch.
+    pub epoch: u64,
+    /// The volume's shape (to open it on this node's disks).
+    pub layout: VolumeLayout,
+}
+
+/// The cluster's view of which extents this node holds replicas of. The control plane
+/// implements it from the Raft state; vstore knows no more of the cluster than this.
+pub trait ReplicaDirectory: Send + Sync {
+    /// `Some` if this node is in the replica set of `extent` of `volume`.
+    fn replica(&self, volume: VolumeId, extent: u64) -> Option<ReplicaGrant>;
+}
+
+/// Requests one connection may have in flight before the reader waits for replies to go out.
+const CONNECTION_DEPTH: usize = 128;
+
+/// How long a connection keeps a volume open after its last request.
+const VOLUME_IDLE_CLOSE: Duration = Duration::from_secs(5);
+
+const TOKEN_INCOMING: u64 = 0;
+const TOKEN_IO: u64 = 1;
+
+/// One checked request from the reader.
+struct Incoming {
+    header: Header,
+    payload: Option<AlignedBuf>,
+}
+
+/// A request submitted to the block store, waiting for its completion.
+struct InFlight {
+    header: Header,
+    buffer: Option<AlignedBuf>,
+}
+
+/// Serves one peer connection until it closes; returns why it ended (`Ok` for a clean close by
+/// the peer). Blocks the calling thread, and one more thread it starts.
+pub fn serve_connection(
+    stream: TcpStream,
+    pool: Arc<LocalPool>,
+    directory: Arc<dyn ReplicaDirectory>,
+) -> io::Result<()> {
+    let peer = stream
+        .peer_addr()
+        .map_or_else(|_| "?".to_owned(), |addr| addr.to_string());
+    let _ = stream.set_nodelay(true);
+    let reader_stream = stream.try_clone()?;
+    let notify = Arc::new(EventFd::new(EFD_NONBLOCK)?);
+    let (sender, receiver) = mpsc::sync_channel::<Incoming>(CONNECTION_DEPTH);
+    let reader_notify = Arc::clone(&notify);
+    let reader_peer = peer.clone();
+    let reader = std::thread::Builder::new()
+        .name("replica-read".to_owned())
+        .spawn(move || {
+            let outcome = read_frames(&reader_stream, &sender, &reader_notify);
+            if let Err(error) = &outcome {
+                tracing::warn!(peer = %reader_peer, %error, "closing the replica connection");
+                let _ = reader_stream.shutdown(Shutdown::Both);
+            }
+            // Dropping the sender tells the I/O thread that no more requests come.
+            drop(sender);
+            let _ = reader_notify.write(1);
+            outcome
+        })?;
+    let served = Connection::new(stream, pool, directory)?.run(&receiver, &notify);
+    if let Err(error) = &served {
+        tracing::warn!(%peer, %error, "replica connection failed");
+    }
+    let read = reader.join().unwrap_or_else(|_| {
+        Err(ReadError::Io(io::Error::other(
+            "the replica reader panicked",
+        )))
+    });
+    served.and(read.map_err(io::Error::from))
+}
+
+/// Why the reader stopped taking frames.
+#[derive(Debug, thiserror::Error)]
+enum ReadError {
+    #[error("{0}")]
+    Frame(#[from] FrameError),
+    #[error("a reply frame arrived where only requests are expected")]
+    UnexpectedReply,
+    #[error("socket: {0}")]
+    Io(#[from] io::Error),
+}
+
+impl From<ReadError> for io::Error {
+    fn from(error: ReadError) -> Self {
+        io::Error::new(io::ErrorKind::InvalidData, error.to_string())
+    }
+}
+
+/// Reads, checks and forwards frames until the peer closes (`Ok`) or sends something wrong.
+fn read_frames(
+    mut stream: &TcpStream,
+    sender: &mpsc::SyncSender<Incoming>,
+    notify: &EventFd,
+) -> Result<(), ReadError> {
+    loop {
+        let mut bytes = [0u8; HEADER_LEN];
+        match stream.read_exact(&mut bytes) {
+            Ok(()) => {}
+            Err(error) if error.kind() == io::ErrorKind::UnexpectedEof => return Ok(()),
+            Err(error) => return Err(error.into()),
+        }
+        let header = frame::decode(&bytes)?;
+        if !matches!(header.kind, Kind::Request { .. }) {
+            return Err(ReadError::UnexpectedReply);
+        }
+        let payload = if header.payload > 0 {
+            let mut buffer = AlignedBuf::zeroed(header.payload as usize)?;
+            stream.read_exact(buffer.as_mut_slice())?;
+            frame::verify(&bytes, buffer.as_slice())?;
+            Some(buffer)
+        } else {
+            frame::verify(&bytes, &[])?;
+            None
+        };
+        if sender.send(Incoming { header, payload }).is_err() {
+            // The I/O thread is gone (the socket failed for writing): nothing more to do.
+            return Ok(());
+        }
+        let _ = notify.write(1);
+    }
+}
+
+/// The I/O side of one connection.
+struct Connection {
+    stream: TcpStream,
+    pool: Arc<LocalPool>,
+    directory: Arc<dyn ReplicaDirectory>,
+    io: IoQueue,
+    /// Volumes opened for this connection, with when they were last used.
+    volumes: HashMap<VolumeId, (Arc<LocalVolume>, Instant)>,
+    in_flight: HashMap<u64, InFlight>,
+    next_tag: u64,
+    /// Set once a reply could not be written: requests are drained, no more are taken.
+    broken: bool,
+}
+
+impl Connection {
+    fn new(
+        stream: TcpStream,
+        pool: Arc<LocalPool>,
+        directory: Arc<dyn ReplicaDirectory>,
+    ) -> io::Result<Self> {
+        Ok(Self {
+            stream,
+            pool,
+            directory,
+            io: IoQueue::new(u32::try_from(CONNECTION_DEPTH).unwrap_or(128))?,
+            volumes: HashMap::new(),
+            in_flight: HashMap::new(),
+            next_tag: 0,
+            broken: false,
+        })
+    }
+
+    fn run(mut self, receiver: &mpsc::Receiver<Incoming>, notify: &EventFd) -> io::Result<()> {
+        let epoll = Epoll::new()?;
+        epoll.ctl(
+            ControlOperation::Add,
+            notify.as_raw_fd(),
+            EpollEvent::new(EventSet::IN, TOKEN_INCOMING),
+        )?;
+        epoll.ctl(
+            ControlOperation::Add,
+            self.io.completion_fd(),
+            EpollEvent::new(EventSet::IN, TOKEN_IO),
+        )?;
+        let mut events = [EpollEvent::default(); 2];
+        let mut reader_done = false;
+        loop {
+            if reader_done && self.in_flight.is_empty() {
+                return if self.broken {
+                    Err(io::Error::other("a reply could not be sent"))
+                } else {
+                    Ok(())
+                };
+            }
+            let n = match epoll.wait(-1, &mut events) {
+                Ok(n) => n,
+                Err(error) if error.kind() == io::ErrorKind::Interrupted => continue,
+                Err(error) => return Err(error),
+            };
+            for event in &events[..n] {
+                match event.data() {
+                    TOKEN_INCOMING => {
+                        let _ = notify.read();
+                        loop {
+                            match receiver.try_recv() {
+                                Ok(incoming) => self.start(incoming),
+                                Err(mpsc::TryRecvError::Empty) => break,
+                                Err(mpsc::TryRecvError::Disconnected) => {
+                                    reader_done = true;
+                                    break;
+                                }
+                            }
+                        }
+                        self.io.commit()?;
+                    }
+                    _ => {
+                        self.io.wait()?;
+                        let mut finished = Vec::new();
+                        self.io.reap(|tag, result| finished.push((tag, result)));
+                        for (tag, result) in finished {
+                            self.finish(tag, result);
+                        }
+                    }
+                }
+            }
+        }
+    }
+
+    /// Fences and submits one request, or answers it at once.
+    fn start(&mut self, incoming: Incoming) {
+        let Incoming { header, payload } = incoming;
+        let Kind::Request { flags } = header.kind else {
+            return;
+        };
+        let Some(grant) = self
+            .directory
+            .replica(VolumeId::from_bytes(header.volume), header.extent)
+        else {
+            return self.reply(&header, Status::NotReplica, 0, None);
+        };
+        if header.epoch < grant.epoch {
+            return self.reply(&header, Status::StaleEpoch, grant.epoch, None);
+        }
+        if header.epoch > grant.epoch {
+            return self.reply(&header, Status::NotReplica, grant.epoch, None);
+        }
+        let layout = grant.layout;
+        let within = header.offset.checked_add(u64::from(header.length));
+        let start = header
+            .extent
+            .checked_mul(layout.extent_size)
+            .and_then(|base| base.checked_add(header.offset));
+        let (Some(within), Some(start)) = (within, start) else {
+            return self.reply(&header, Status::OutOfRange, grant.epoch, None);
+        };
+        if within > layout.extent_size || start + u64::from(header.length) > layout.size {
+            return self.reply(&header, Status::OutOfRange, grant.epoch, None);
+        }
+        let volume = match self.volume(layout) {
+            Ok(volume) => volume,
+            Err(error) => {
+                tracing::warn!(volume = %layout.id, %error, "cannot open a replicated volume");
+                return self.reply(&header, Status::IoError, grant.epoch, None);
+            }
+        };
+        let len = header.length as usize;
+        let mut buffer = match header.opcode {
+            Opcode::Write => payload,
+            Opcode::Read => match AlignedBuf::zeroed(len) {
+                Ok(buffer) => Some(buffer),
+                Err(_) => return self.reply(&header, Status::IoError, grant.epoch, None),
+            },
+            _ => None,
+        };
+        let segments: Vec<Segment> = buffer
+            .as_mut()
+            .filter(|_| len > 0)
+            .map(|buffer| Segment {
+                addr: buffer.as_ptr(),
+                len,
+            })
+            .into_iter()
+            .collect();
+        let request = match header.opcode {
+            Opcode::Read => IoRequest::Read {
+                offset: start,
+                segments: &segments,
+            },
+            Opcode::Write => IoRequest::Write {
+                offset: start,
+                segments: &segments,
+                write_through: flags & FLAG_DURABLE != 0,
+            },
+            Opcode::Flush => IoRequest::Flush,
+            Opcode::Discard => IoRequest::Discard {
+                offset: start,
+                len: u64::from(header.length),
+            },
+            Opcode::WriteZeroes => IoRequest::WriteZeroes {
+                offset: start,
+                len: u64::from(header.length),
+                may_unmap: false,
+            },
+        };
+        let tag = self.next_tag;
+        self.next_tag += 1;
+        // SAFETY: the buffer the segments point into moves into `in_flight` with the request and
+        // is dropped only after `reap` reported the tag.
+        unsafe { self.io.submit(&volume, request, tag) };
+        let header = Header {
+            epoch: grant.epoch,
+            ..header
+        };
+        self.in_flight.insert(tag, InFlight { header, buffer });
+    }
+
+    fn volume(&mut self, layout: VolumeLayout) -> Result<Arc<LocalVolume>, crate::StoreError> {
+        let now = Instant::now();
+        if let Some((volume, used)) = self.volumes.get_mut(&layout.id)
+            && volume.layout().size >= layout.size
+        {
+            *used = now;
+            return Ok(Arc::clone(volume));
+        }
+        let volume = self.pool.open_volume(layout)?;
+        self.volumes.insert(layout.id, (Arc::clone(&volume), now));
+        Ok(volume)
+    }
+
+    fn finish(&mut self, tag: u64, result: Result<(), IoError>) {
+        let Some(done) = self.in_flight.remove(&tag) else {
+            return;
+        };
+        let status = match &result {
+            Ok(()) => Status::Ok,
+            Err(IoError::NoSpace { .. }) => Status::NoSpace,
+            Err(IoError::OutOfRange { .. }) => Status::OutOfRange,
+            Err(IoError::Misaligned { .. }) => Status::Unsupported,
+            Err(IoError::Io(_)) => Status::IoError,
+        };
+        if let Err(error) = &result {
+            tracing::debug!(volume = %VolumeId::from_bytes(done.header.volume), extent = done.header.extent, %error, "replica I/O failed");
+        }
+        let data = match (done.header.opcode, status) {
+            (Opcode::Read, Status::Ok) => done.buffer.as_ref(),
+            _ => None,
+        };
+        self.reply(&done.header, status, done.header.epoch, data);
+        if self.in_flight.is_empty() {
+            // A volume this peer stopped using is let go, so that deleting it can free its space.
+            self.volumes
+                .retain(|_, (_, used)| used.elapsed() < VOLUME_IDLE_CLOSE);
+        }
+    }
+
+    fn reply(&mut self, request: &Header, status: Status, epoch: u64, data: Option<&AlignedBuf>) {
+        if self.broken {
+            return;
+        }
+        let payload = data.map_or(&[][..], |buffer| {
+            &buffer.as_slice()[..request.length as usize]
+        });
+        let header = Header {
+            kind: Kind::Reply { status },
+            epoch,
+            payload: u32::try_from(payload.len()).unwrap_or(0),
+            ..*request
+        };
+        let bytes = frame::encode(&header, payload);
+        let sent = self
+            .stream
+            .write_all(&bytes)
+            .and_then(|()| self.stream.write_all(payload));
+        if let Err(error) = sent {
+            tracing::warn!(%error, "cannot send a replica reply; closing the connection");
+            self.broken = true;
+            let _ = self.stream.shutdown(Shutdown::Both);
+        }
+    }
+}
+
+/// The sending side of one replica connection, blocking and pipelined: any number of requests
+/// may be sent before their replies are read, and replies come in completion order (match them
+/// by sequence number). The building block of the writer that fans a volume's I/O out to its
+/// replicas.
+#[derive(Debug)]
+pub struct ReplicaConnection {
+    stream: TcpStream,
+    next_sequence: u64,
+}
+
+/// One request to a replica.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ReplicaRequest {
+    pub opcode: Opcode,
+    pub volume: VolumeId,
+    pub extent: u64,
+    pub epoch: u64,
+    /// Byte offset within the extent.
+    pub offset: u64,
+    /// Bytes covered (for a write, the payload's length).
+    pub length: u32,
+    /// Durable before the reply (write-through).
+    pub durable: bool,
+}
+
+/// A replica's answer.
+#[derive(Debug)]
+pub struct ReplicaReply {
+    pub sequence: u64,
+    pub opcode: Opcode,
+    pub status: Status,
+    /// The replica's epoch for the extent.
+    pub epoch: u64,
+    /// A successful read's data.
+    pub data: Vec<u8>,
+}
+
+impl ReplicaConnection {
+    pub fn connect(address: &str, timeout: Duration) -> io::Result<Self> {
+        let address: std::net::SocketAddr = address.parse().map_err(|_| {
+            io::Error::new(
+                io::ErrorKind::InvalidInput,
+                format!("'{address}' is not IP:PORT"),
+            )
+        })?;
+        let stream = TcpStream::connect_timeout(&address, timeout)?;
+        stream.set_nodelay(true)?;
+        Ok(Self {
+            stream,
+            next_sequence: 1,
+        })
+    }
+
+    /// Sends a request (with `payload` for a write) and returns its sequence number.
+    pub fn send(&mut self, request: &ReplicaRequest, payload: &[u8]) -> io::Result<u64> {
+        let sequence = self.next_sequence;
+        self.next_sequence += 1;
+        let carries_data = request.opcode == Opcode::Write;
+        if carries_data && payload.len() != request.length as usize {
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidInput,
+                "a write's payload must be exactly its length",
+            ));
+        }
+        let payload = if carries_data { payload } else { &[] };
+        let header = Header {
+            opcode: request.opcode,
+            kind: Kind::Request {
+                flags: if request.durable { FLAG_DURABLE } else { 0 },
+            },
+            volume: request.volume.into_bytes(),
+            extent: request.extent,
+            epoch: request.epoch,
+            offset: request.offset,
+            length: request.length,
+            payload: u32::try_from(payload.len())
+                .map_err(|_| io::Error::new(io::ErrorKind::InvalidInput, "payload too large"))?,
+            sequence,
+        };
+        self.stream.write_all(&frame::encode(&header, payload))?;
+        self.stream.write_all(payload)?;
+        Ok(sequence)
+    }
+
+    /// Reads the next reply. A malformed reply is an error: drop the connection.
+    pub fn receive(&mut self) -> io::Result<ReplicaReply> {
+        let mut bytes = [0u8; HEADER_LEN];
+        self.stream.read_exact(&mut bytes)?;
+        let header = frame::decode(&bytes)
+            .map_err(|error| io::Error::new(io::ErrorKind::InvalidData, error))?;
+        let Kind::Reply { status } = header.kind else {
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidData,
+                "a request frame arrived where only replies are expected",
+            ));
+        };
+        let mut data = vec![0u8; header.payload as usize];
+        self.stream.read_exact(&mut data)?;
+        frame::verify(&bytes, &data)
+            .map_err(|error| io::Error::new(io::ErrorKind::InvalidData, error))?;
+        Ok(ReplicaReply {
+            sequence: header.sequence,
+            opcode: header.opcode,
+            status,
+            epoch: header.epoch,
+            data,
+        })
+    }
+
+    /// The raw socket, for tests that send what a well-behaved peer never would.
+    pub fn stream(&mut self) -> &mut TcpStream {
+        &mut self.stream
+    }
+}
