@@ -2,6 +2,7 @@
 //! others (the first three vote, later ones learn), writes accepted on every node and forwarded to the leader, and a
 //! cluster that keeps committing when its leader is killed.
 
+use std::io::{Read, Write};
 use std::path::Path;
 use std::process::Output;
 use std::time::{Duration, Instant};
@@ -267,4 +268,97 @@ fn joining_errors_say_what_to_do() {
             "waiting"
         );
     }
+}
+
+#[test]
+fn replicas_serve_extent_io_on_the_listen_port_at_their_epoch() {
+    use vstore::replica::{Opcode, ReplicaConnection, ReplicaRequest, Status};
+
+    let dir = test_dir("cluster_replicas").unwrap();
+    let (a, addr_a) = listening(&dir, "a", "r1");
+    let (b, addr_b) = listening(&dir, "b", "r2");
+    let (c, addr_c) = listening(&dir, "c", "r3");
+    a.vessel_ok(&["cluster", "init"]).unwrap();
+    b.vessel_ok(&["node", "join", &addr_a]).unwrap();
+    c.vessel_ok(&["node", "join", &addr_a]).unwrap();
+    for (node, name) in [(&a, "a"), (&b, "b"), (&c, "c")] {
+        let disk = dir.join(format!("{name}-disk.img"));
+        node.vessel_ok(&["disk", "add", disk.to_str().unwrap(), "--size", "1G"])
+            .unwrap();
+    }
+    a.vessel_ok(&[
+        "volume",
+        "create",
+        "r2",
+        "--size",
+        "128M",
+        "--replicas",
+        "2",
+    ])
+    .unwrap();
+    let shown = a.vessel_json(&["volume", "show", "r2"]).unwrap();
+    let run = &shown["placement"][0];
+    let epoch = run["epoch"].as_u64().unwrap();
+    let holders: Vec<String> = run["node_names"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|name| name.as_str().unwrap().to_owned())
+        .collect();
+    assert_eq!(holders.len(), 2, "{shown}");
+    let table = a.vessel_ok(&["volume", "show", "r2"]).unwrap();
+    assert!(
+        table.contains("EPOCH") && table.contains(&holders.join(", ")),
+        "{table}"
+    );
+    let volume = uuid::Uuid::parse_str(shown["id"].as_str().unwrap()).unwrap();
+
+    let write = |epoch| ReplicaRequest {
+        opcode: Opcode::Write,
+        volume,
+        extent: 0,
+        epoch,
+        offset: 8192,
+        length: 4096,
+        durable: true,
+    };
+    let read = ReplicaRequest {
+        opcode: Opcode::Read,
+        ..write(epoch)
+    };
+    let data = vec![0x5A; 4096];
+    for (name, address) in [("a", &addr_a), ("b", &addr_b), ("c", &addr_c)] {
+        let mut connection = ReplicaConnection::connect(address, Duration::from_secs(2)).unwrap();
+        connection.send(&write(epoch), &data).unwrap();
+        let reply = connection.receive().unwrap();
+        if holders.iter().any(|holder| holder == name) {
+            assert_eq!(reply.status, Status::Ok, "node {name}: {reply:?}");
+            connection.send(&read, &[]).unwrap();
+            let reply = connection.receive().unwrap();
+            assert_eq!(reply.status, Status::Ok);
+            assert!(reply.data == data, "node {name} reads back other bytes");
+            connection.send(&write(epoch - 1), &data).unwrap();
+            let reply = connection.receive().unwrap();
+            assert_eq!((reply.status, reply.epoch), (Status::StaleEpoch, epoch));
+        } else {
+            assert_eq!(reply.status, Status::NotReplica, "node {name}: {reply:?}");
+        }
+        // Garbage on the same port closes that connection only; gRPC goes on there.
+        let mut junk = ReplicaConnection::connect(address, Duration::from_secs(2)).unwrap();
+        junk.stream()
+            .write_all(&[b'V', b'S', b'L', b'D', 0xff, 0xff])
+            .unwrap();
+        junk.stream().write_all(&[0; 74]).unwrap();
+        let mut rest = Vec::new();
+        junk.stream()
+            .set_read_timeout(Some(Duration::from_secs(10)))
+            .unwrap();
+        assert_eq!(junk.stream().read_to_end(&mut rest).unwrap(), 0);
+        let status = std::process::Command::new(vessel_tests::daemon::binary("vessel").unwrap())
+            .args(["--endpoint", address, "cluster", "status"])
+            .output()
+            .unwrap();
+        assert!(status.status.success(), "{status:?}");
+    }
+    drop((a, b, c));
 }

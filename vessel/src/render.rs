@@ -420,6 +420,26 @@ pub fn volume(out: Output, volume: &admin::Volume) {
         );
         field("latency", latency_summary(stats));
     }
+    if !volume.placement.is_empty() {
+        println!("Placement");
+        let rows: Vec<Vec<String>> = volume
+            .placement
+            .iter()
+            .map(|run| {
+                let last = run.first_extent + run.count.saturating_sub(1);
+                vec![
+                    if run.count == 1 {
+                        run.first_extent.to_string()
+                    } else {
+                        format!("{}-{last}", run.first_extent)
+                    },
+                    run.epoch.to_string(),
+                    run.node_names.join(", "),
+                ]
+            })
+            .collect();
+        table(&["EXTENTS", "EPOCH", "REPLICAS"], &rows);
+    }
 }
 
 /// Percentiles from the histogram: each is the upper bound of the bucket it falls in.

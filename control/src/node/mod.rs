@@ -10,6 +10,7 @@
 //! (freeing a deleted volume's space) is redone at start-up if the daemon died in between.
 
 mod ops;
+mod replica;
 mod startup;
 
 use std::collections::HashMap;

@@ -146,7 +146,7 @@ fn now_unix() -> i64 {
         .unwrap_or_default()
 }
 
-fn layout(volume: &Volume) -> VolumeLayout {
+pub(super) fn layout(volume: &Volume) -> VolumeLayout {
     VolumeLayout {
         id: volume.id,
         size: volume.size,
@@ -330,7 +330,7 @@ impl LocalNode {
                 disks: state.disks_on(node.id).map(|disk| disk.id).collect(),
             };
             // The state machine's own verdict, before Raft's membership changes.
-            let check = state.clone().apply(command.clone()).map(drop);
+            let check = dry_run(state, command.clone());
             Ok::<_, OpError>((node, command, check))
         })?;
         check?;
@@ -866,6 +866,28 @@ impl LocalNode {
                 open.as_deref().map(stats_view)
             } else {
                 None
+            },
+            placement: if with_stats {
+                self.control.read(|state| {
+                    volume
+                        .placement
+                        .runs()
+                        .map(|(first, run)| admin::ExtentRun {
+                            first_extent: first,
+                            count: run.count,
+                            epoch: run.replicas.epoch,
+                            nodes: run.replicas.nodes.clone(),
+                            node_names: run
+                                .replicas
+                                .nodes
+                                .iter()
+                                .map(|node| state.node_label(*node))
+                                .collect(),
+                        })
+                        .collect()
+                })
+            } else {
+                Vec::new()
             },
         }
     }

@@ -8,7 +8,7 @@ use std::os::unix::fs::{DirBuilderExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
-use tokio_stream::wrappers::{TcpListenerStream, UnixListenerStream};
+use tokio_stream::wrappers::UnixListenerStream;
 use vstore::LocalPool;
 
 use super::ops::{ErrorKind, OpError};
@@ -91,12 +91,20 @@ pub async fn run_node(
                 source,
             })?;
         tracing::info!(%address, "admin API and peer traffic on TCP");
+        // One port for everything: data-frame connections go to the replica service, the rest to gRPC.
+        let (grpc_connections, incoming) = tokio::sync::mpsc::channel(64);
+        servers.spawn(accept(
+            tcp,
+            Arc::clone(&node),
+            grpc_connections,
+            stopped(servers_stopped.clone()),
+        ));
         servers.spawn(
             tonic::transport::Server::builder()
                 .add_service(admin)
                 .add_service(node.control.raft_service())
                 .serve_with_incoming_shutdown(
-                    TcpListenerStream::new(tcp),
+                    tokio_stream::wrappers::ReceiverStream::new(incoming),
                     stopped(servers_stopped.clone()),
                 ),
         );
@@ -139,6 +147,40 @@ pub async fn run_node(
     }
     tracing::info!("vesseld stopped");
     outcome
+}
+
+/// Accepts TCP connections on the --listen address until `stop`, sorting them by their first bytes: data frames
+/// to the replica service, everything else to the gRPC server behind `grpc`.
+async fn accept(
+    listener: tokio::net::TcpListener,
+    node: Arc<LocalNode>,
+    grpc: tokio::sync::mpsc::Sender<std::io::Result<tokio::net::TcpStream>>,
+    stop: impl Future<Output = ()>,
+) -> Result<(), tonic::transport::Error> {
+    tokio::pin!(stop);
+    loop {
+        let accepted = tokio::select! {
+            () = &mut stop => return Ok(()),
+            accepted = listener.accept() => accepted,
+        };
+        let stream = match accepted {
+            Ok((stream, _)) => stream,
+            Err(error) => {
+                // Out of descriptors and the like: pause rather than spin.
+                tracing::warn!(%error, "cannot accept a TCP connection");
+                tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+                continue;
+            }
+        };
+        let (node, grpc) = (Arc::clone(&node), grpc.clone());
+        tokio::spawn(async move {
+            if super::replica::is_data_connection(&stream).await {
+                node.serve_replica_connection(stream);
+            } else {
+                let _ = grpc.send(Ok(stream)).await;
+            }
+        });
+    }
 }
 
 async fn stopped(mut signal: tokio::sync::watch::Receiver<bool>) {
