@@ -122,6 +122,11 @@ fn nodes_join_vote_forward_writes_and_outlive_the_leader() {
     let disk = dir.join("n4-disk.img");
     n4.vessel_ok(&["disk", "add", disk.to_str().unwrap(), "--size", "1G"])
         .unwrap();
+    // The only node with disks carries a rack label: racks are the failure domains.
+    assert_eq!(
+        n1.vessel_json(&["cluster", "status"]).unwrap()["failure_domain"],
+        "rack"
+    );
     n3.vessel_ok(&["volume", "create", "v1", "--size", "256M"])
         .unwrap();
     for node in [&n1, &n2, &n4] {

@@ -151,6 +151,9 @@ pub fn cluster_status(out: Output, status: &admin::ClusterStatusReply) {
     );
     field("allocated", HumanSize(status.allocated_bytes));
     field("extent size", HumanSize(status.extent_size));
+    if !status.failure_domain.is_empty() {
+        field("failure domain", &status.failure_domain);
+    }
     field("version", &status.version);
     for warning in &status.warnings {
         println!("warning: {warning}");

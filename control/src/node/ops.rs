@@ -232,6 +232,7 @@ impl LocalNode {
             warnings: Vec::new(),
             version: env!("CARGO_PKG_VERSION").to_owned(),
             last_applied: raft.last_applied_index.unwrap_or(0),
+            failure_domain: state.failure_domain_label().unwrap_or("node").to_owned(),
         });
         if reply.state == "waiting" {
             reply.warnings.push(

@@ -202,10 +202,10 @@ impl<'a> QueueWorker<'a> {
         self.process_available(vring)?;
         let mut events = [EpollEvent::default(); 4];
         loop {
-            if self.poll(vring)? {
-                continue;
-            }
-            let n = match epoll.wait(-1, &mut events) {
+            // After work found by polling, only a look at the events (no sleep): a stop must be seen even while
+            // the guest keeps the queue busy, or GET_VRING_BASE would wait for the guest to pause.
+            let timeout = if self.poll(vring)? { 0 } else { -1 };
+            let n = match epoll.wait(timeout, &mut events) {
                 Ok(n) => n,
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
                 Err(e) => return Err(self.os("epoll_wait")(e)),
