@@ -332,6 +332,10 @@ fn replicas_serve_extent_io_on_the_listen_port_at_their_epoch() {
         ..write(epoch)
     };
     let data = vec![0x5A; 4096];
+    // A replica answers NotReplica until it has applied the volume's creation: wait for the followers.
+    for node in [&b, &c] {
+        eventually("every node knows r2", || volume_names(node) == ["r2"]);
+    }
     for (name, address) in [("a", &addr_a), ("b", &addr_b), ("c", &addr_c)] {
         let mut connection = ReplicaConnection::connect(address, Duration::from_secs(2)).unwrap();
         connection.send(&write(epoch), &data).unwrap();
@@ -365,5 +369,20 @@ fn replicas_serve_extent_io_on_the_listen_port_at_their_epoch() {
             .unwrap();
         assert!(status.status.success(), "{status:?}");
     }
-    drop((a, b, c));
+
+    // Deleting the volume, through any node, frees its replicas' space on every node that held one.
+    let used = |node: &Daemon| -> Vec<u64> {
+        let list = node.vessel_json(&["node", "list"]).unwrap();
+        list["nodes"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|n| n["used_bytes"].as_u64().unwrap())
+            .collect()
+    };
+    assert_eq!(used(&c).iter().filter(|&&bytes| bytes > 0).count(), 2);
+    c.vessel_ok(&["volume", "delete", "r2"]).unwrap();
+    eventually("every node's disks are empty again", || {
+        used(&a).iter().all(|&bytes| bytes == 0)
+    });
 }

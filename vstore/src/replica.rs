@@ -212,11 +212,22 @@ impl Connection {
                     Ok(())
                 };
             }
-            let n = match epoll.wait(-1, &mut events) {
+            // With volumes open, wake up in time to let go of those no longer used.
+            let timeout = if self.volumes.is_empty() {
+                -1
+            } else {
+                i32::try_from(VOLUME_IDLE_CLOSE.as_millis()).unwrap_or(i32::MAX)
+            };
+            let n = match epoll.wait(timeout, &mut events) {
                 Ok(n) => n,
                 Err(error) if error.kind() == io::ErrorKind::Interrupted => continue,
                 Err(error) => return Err(error),
             };
+            if self.in_flight.is_empty() {
+                // A volume this peer stopped using is let go, so that deleting it can free its space.
+                self.volumes
+                    .retain(|_, (_, used)| used.elapsed() < VOLUME_IDLE_CLOSE);
+            }
             for event in &events[..n] {
                 match event.data() {
                     TOKEN_INCOMING => {
@@ -366,11 +377,6 @@ impl Connection {
             _ => None,
         };
         self.reply(&done.header, status, done.header.epoch, data);
-        if self.in_flight.is_empty() {
-            // A volume this peer stopped using is let go, so that deleting it can free its space.
-            self.volumes
-                .retain(|_, (_, used)| used.elapsed() < VOLUME_IDLE_CLOSE);
-        }
     }
 
     fn reply(&mut self, request: &Header, status: Status, epoch: u64, data: Option<&AlignedBuf>) {

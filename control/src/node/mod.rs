@@ -93,6 +93,8 @@ pub struct LocalNode {
     unavailable_disks: Mutex<Vec<String>>,
     /// Serialises admin writes that pair a local action with a Raft commit.
     writes: tokio::sync::Mutex<()>,
+    /// Deleted volumes whose space could not be reclaimed (reported once each).
+    reclaim_failures: Mutex<std::collections::HashSet<VolumeId>>,
 }
 
 impl std::fmt::Debug for LocalNode {
@@ -115,6 +117,7 @@ impl LocalNode {
             warnings: Mutex::new(Vec::new()),
             unavailable_disks: Mutex::new(Vec::new()),
             writes: tokio::sync::Mutex::new(()),
+            reclaim_failures: Mutex::new(std::collections::HashSet::new()),
         }
     }
 

@@ -631,9 +631,15 @@ impl LocalNode {
         let _guard = self.writes.lock().await;
         let pool = self.require_pool()?;
         let volume = self.resolve_volume(&request.volume)?;
+        // Counted before: once the deletion is applied, the reclaimer may free the space before this call does.
+        let allocated_here = pool
+            .volumes_on_disk()
+            .into_iter()
+            .find(|(id, _)| *id == volume.id)
+            .map_or(0, |(_, extents)| extents);
         self.commit(Command::DeleteVolume { id: volume.id }).await?;
         let freed = match pool.delete_volume(volume.id) {
-            Ok(extents) => extents.saturating_mul(volume.extent_size),
+            Ok(_) => allocated_here.saturating_mul(volume.extent_size),
             Err(error) => {
                 // The volume is gone from the cluster; its space is reclaimed at the next start.
                 self.warn(format!(

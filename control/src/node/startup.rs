@@ -69,6 +69,7 @@ pub async fn run_node(
         );
     }
 
+    let reclaimer = tokio::spawn(reclaim_deleted_volumes(Arc::clone(&node)));
     let (stop_servers, servers_stopped) = tokio::sync::watch::channel(false);
     let mut servers = tokio::task::JoinSet::new();
     let admin = crate::api::admin_service(Arc::clone(&node));
@@ -138,6 +139,7 @@ pub async fn run_node(
         },
     };
     let _ = stop_servers.send(true);
+    reclaimer.abort();
     while servers.join_next().await.is_some() {}
     // Devices stop without a Detach: the attachments stay in the state and come back at the next start.
     node.devices.detach_all();
@@ -180,6 +182,36 @@ async fn accept(
                 let _ = grpc.send(Ok(stream)).await;
             }
         });
+    }
+}
+
+/// How often the reclaimer looks again when nothing in the state changed (a deleted volume was still open).
+const RECLAIM_RETRY: std::time::Duration = std::time::Duration::from_secs(10);
+
+/// Keeps this node's disks free of deleted volumes' extents: after every change of the cluster state, and
+/// every [`RECLAIM_RETRY`].
+async fn reclaim_deleted_volumes(node: Arc<LocalNode>) {
+    let mut applied = node.control.subscribe();
+    loop {
+        tokio::select! {
+            changed = applied.changed() => if changed.is_err() { return },
+            () = tokio::time::sleep(RECLAIM_RETRY) => {}
+        }
+        let Some(pool) = node.pool().cloned() else {
+            continue;
+        };
+        let missing_disk = !node
+            .unavailable_disks
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .is_empty();
+        if missing_disk {
+            // The missing disk's slot tables are unknown: reclaim nothing (as at start-up).
+            continue;
+        }
+        let reclaiming = Arc::clone(&node);
+        // Freeing zeroes space on the disks: off the async threads.
+        let _ = tokio::task::spawn_blocking(move || reclaiming.reclaim_deleted(&pool)).await;
     }
 }
 
@@ -435,19 +467,8 @@ impl LocalNode {
             let _ = self.pool.set(pool);
             return Ok(());
         }
-        // Space of volumes deleted while a daemon died between the commit and the freeing.
-        for (volume, extents) in pool.volumes_on_disk() {
-            if !volumes.contains_key(&volume) {
-                match pool.delete_volume(volume) {
-                    Ok(_) => {
-                        tracing::info!(volume = %volume, extents, "reclaimed the space of a deleted volume")
-                    }
-                    Err(error) => self.warn(format!(
-                        "cannot reclaim the space of deleted volume {volume}: {error}"
-                    )),
-                }
-            }
-        }
+        // Space of volumes deleted while this daemon was down (or died between the commit and the freeing).
+        self.reclaim_deleted(&pool);
         let _ = self.pool.set(Arc::clone(&pool));
         for attachment in attachments {
             let Some(volume) = volumes.get(&attachment.volume) else {
@@ -464,6 +485,44 @@ impl LocalNode {
             }
         }
         Ok(())
+    }
+
+    /// Frees, on this node's disks, the extents of volumes the cluster no longer has, wherever their deletion was
+    /// sent. A volume still open here (a peer's connection used it a moment ago) is left for a later pass; any
+    /// other failure is reported once.
+    pub(super) fn reclaim_deleted(&self, pool: &LocalPool) {
+        let on_disk = pool.volumes_on_disk();
+        if on_disk.is_empty() {
+            return;
+        }
+        let deleted: Vec<(vstore::VolumeId, u64)> = self.control.read(|state| {
+            on_disk
+                .into_iter()
+                .filter(|(volume, _)| !state.volumes.contains_key(volume))
+                .collect()
+        });
+        for (volume, extents) in deleted {
+            match pool.delete_volume(volume) {
+                Ok(_) => {
+                    tracing::info!(volume = %volume, extents, "reclaimed the space of a deleted volume")
+                }
+                Err(vstore::StoreError::VolumeBusy { .. }) => {
+                    tracing::debug!(volume = %volume, "deleted volume still open here; reclaiming it later")
+                }
+                Err(error) => {
+                    let first = self
+                        .reclaim_failures
+                        .lock()
+                        .unwrap_or_else(std::sync::PoisonError::into_inner)
+                        .insert(volume);
+                    if first {
+                        self.warn(format!(
+                            "cannot reclaim the space of deleted volume {volume}: {error}"
+                        ));
+                    }
+                }
+            }
+        }
     }
 
     /// The file-backed pool a self-initialising node starts with.
