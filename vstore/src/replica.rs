@@ -45,8 +45,14 @@ pub trait ReplicaDirectory: Send + Sync {
     fn replica(&self, volume: VolumeId, extent: u64) -> Option<ReplicaGrant>;
 }
 
-/// Requests one connection may have in flight before the reader waits for replies to go out.
+/// Requests one connection may have in flight; more wait, unread, until replies have gone out.
 const CONNECTION_DEPTH: usize = 128;
+/// Data buffered for one connection's requests in flight (at least one request is always taken).
+const CONNECTION_BYTES: u64 = 32 << 20;
+/// How long a reply may wait for the peer to read it.
+const REPLY_TIMEOUT: Duration = Duration::from_secs(30);
+/// Checked requests the reader may queue ahead of the I/O thread.
+const READ_AHEAD: usize = 4;
 
 /// How long a connection keeps a volume open after its last request.
 const VOLUME_IDLE_CLOSE: Duration = Duration::from_secs(5);
@@ -77,9 +83,11 @@ pub fn serve_connection(
         .peer_addr()
         .map_or_else(|_| "?".to_owned(), |addr| addr.to_string());
     let _ = stream.set_nodelay(true);
+    // A peer that stops reading its replies loses the connection rather than holding this one's buffers.
+    stream.set_write_timeout(Some(REPLY_TIMEOUT))?;
     let reader_stream = stream.try_clone()?;
     let notify = Arc::new(EventFd::new(EFD_NONBLOCK)?);
-    let (sender, receiver) = mpsc::sync_channel::<Incoming>(CONNECTION_DEPTH);
+    let (sender, receiver) = mpsc::sync_channel::<Incoming>(READ_AHEAD);
     let reader_notify = Arc::clone(&notify);
     let reader_peer = peer.clone();
     let reader = std::thread::Builder::new()
@@ -167,6 +175,8 @@ struct Connection {
     /// Volumes opened for this connection, with when they were last used.
     volumes: HashMap<VolumeId, (Arc<LocalVolume>, Instant)>,
     in_flight: HashMap<u64, InFlight>,
+    /// Bytes the requests in `in_flight` cover.
+    in_flight_bytes: u64,
     next_tag: u64,
     /// Set once a reply could not be written: requests are drained, no more are taken.
     broken: bool,
@@ -185,6 +195,7 @@ impl Connection {
             io: IoQueue::new(u32::try_from(CONNECTION_DEPTH).unwrap_or(128))?,
             volumes: HashMap::new(),
             in_flight: HashMap::new(),
+            in_flight_bytes: 0,
             next_tag: 0,
             broken: false,
         })
@@ -228,32 +239,31 @@ impl Connection {
                 self.volumes
                     .retain(|_, (_, used)| used.elapsed() < VOLUME_IDLE_CLOSE);
             }
-            for event in &events[..n] {
-                match event.data() {
-                    TOKEN_INCOMING => {
-                        let _ = notify.read();
-                        loop {
-                            match receiver.try_recv() {
-                                Ok(incoming) => self.start(incoming),
-                                Err(mpsc::TryRecvError::Empty) => break,
-                                Err(mpsc::TryRecvError::Disconnected) => {
-                                    reader_done = true;
-                                    break;
-                                }
-                            }
-                        }
-                        self.io.commit()?;
-                    }
-                    _ => {
-                        self.io.wait()?;
-                        let mut finished = Vec::new();
-                        self.io.reap(|tag, result| finished.push((tag, result)));
-                        for (tag, result) in finished {
-                            self.finish(tag, result);
-                        }
-                    }
+            if events[..n]
+                .iter()
+                .any(|event| event.data() == TOKEN_INCOMING)
+            {
+                let _ = notify.read();
+            }
+            // Completions first: they make room for more requests.
+            let mut finished = Vec::new();
+            self.io.reap(|tag, result| finished.push((tag, result)));
+            for (tag, result) in finished {
+                self.finish(tag, result);
+            }
+            // Then new requests, up to the connection's depth: the rest wait in the channel, and the reader (so
+            // the peer) waits behind them, so a peer cannot make this node hold unbounded buffers.
+            while !reader_done
+                && self.in_flight.len() < CONNECTION_DEPTH
+                && (self.in_flight.is_empty() || self.in_flight_bytes < CONNECTION_BYTES)
+            {
+                match receiver.try_recv() {
+                    Ok(incoming) => self.start(incoming),
+                    Err(mpsc::TryRecvError::Empty) => break,
+                    Err(mpsc::TryRecvError::Disconnected) => reader_done = true,
                 }
             }
+            self.io.commit()?;
         }
     }
 
@@ -342,6 +352,7 @@ impl Connection {
             epoch: grant.epoch,
             ..header
         };
+        self.in_flight_bytes += u64::from(header.length);
         self.in_flight.insert(tag, InFlight { header, buffer });
     }
 
@@ -362,6 +373,7 @@ impl Connection {
         let Some(done) = self.in_flight.remove(&tag) else {
             return;
         };
+        self.in_flight_bytes -= u64::from(done.header.length);
         let status = match &result {
             Ok(()) => Status::Ok,
             Err(IoError::NoSpace { .. }) => Status::NoSpace,

@@ -127,9 +127,10 @@ fn pipelined_writes_and_reads_land_on_the_disks() {
     let server = server();
     let volume = server.volume(4 * MIB, 1).id;
     let mut connection = server.connect();
-    // 32 writes of 16 KiB in flight at once, across the four extents, one of them write-through.
+    // 200 writes of 16 KiB sent before any reply is read (more than a connection takes at once: the rest wait
+    // unread), across the four extents, one of them write-through.
     let mut sent = HashMap::new();
-    for i in 0..32u64 {
+    for i in 0..200u64 {
         let extent = i % 4;
         let offset = (i / 4) * 16 * 1024;
         let data = pattern(i as u8, 16 * 1024);
@@ -139,7 +140,7 @@ fn pipelined_writes_and_reads_land_on_the_disks() {
         sent.insert(sequence, (extent, offset, data));
     }
     let mut answered = 0;
-    while answered < 32 {
+    while answered < 200 {
         let reply = connection.receive().unwrap();
         assert_eq!(reply.status, Status::Ok, "{reply:?}");
         assert!(sent.contains_key(&reply.sequence));
