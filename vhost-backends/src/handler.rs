@@ -593,6 +593,11 @@ impl<D: VhostUserDevice> VhostUserBackendReqHandlerMut for VhostUserHandler<D> {
         let i = self.ring_index(u32::from(index))?;
         let fd = fd.map(eventfd_from_file);
         self.rings[i].call.replace(fd);
+        // A worker may have completed requests (resubmitted ones, after a reconnect) and signalled before the
+        // frontend handed over this fd: that interrupt went nowhere, and with the guest's queue full nothing else
+        // would wake it. One spurious interrupt costs the driver a look at its used ring (libvhost-user does the
+        // same).
+        self.rings[i].call.signal();
         Ok(())
     }
 

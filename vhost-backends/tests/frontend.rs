@@ -802,3 +802,18 @@ fn backend_killed_with_requests_in_flight() {
     drop(fe);
     dev.stop();
 }
+
+#[test]
+fn a_new_call_fd_is_signalled_once_so_no_completion_goes_unannounced() {
+    // After a reconnect the device may complete resubmitted requests before the frontend hands over the call fd;
+    // the interrupt for them would be lost, and a guest with a full queue would wait forever.
+    let vol = volume(16 * MIB);
+    let _dev = device(&vol);
+    let guest = Guest::new();
+    let ring = Ring::new(64);
+    let mut fe = connect(&vol.socket("fe.sock"));
+    fe.set_mem_table(&[guest.region()]).unwrap();
+    assert!(ring.call.read().is_err(), "nothing signalled yet");
+    fe.set_vring_call(0, &ring.call).unwrap();
+    assert_eq!(ring.call.read().unwrap(), 1);
+}
