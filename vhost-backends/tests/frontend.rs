@@ -811,7 +811,7 @@ fn a_new_call_fd_is_signalled_once_so_no_completion_goes_unannounced() {
     let _dev = device(&vol);
     let guest = Guest::new();
     let ring = Ring::new(64);
-    let mut fe = connect(&vol.socket("fe.sock"));
+    let fe = connect(&vol.socket("fe.sock"));
     fe.set_mem_table(&[guest.region()]).unwrap();
     assert!(ring.call.read().is_err(), "nothing signalled yet");
     fe.set_vring_call(0, &ring.call).unwrap();
