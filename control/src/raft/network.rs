@@ -380,6 +380,14 @@ pub async fn propose_locally(raft: &Raft, command: Command) -> ForwardResponse {
     }
 }
 
+/// A snapshot of the membership for [`RaftPeerService::admit`] and [`RaftPeerService::release`].
+struct MembershipView {
+    leader: Option<NodeId>,
+    leader_address: Option<String>,
+    voters: Vec<NodeId>,
+    learners: Vec<NodeId>,
+}
+
 /// The gRPC service peers send Raft RPCs to; mount it with [`RaftPeerService::into_server`].
 #[derive(Clone)]
 pub struct RaftPeerService {
@@ -408,24 +416,34 @@ impl RaftPeerService {
         }
     }
 
+    /// The leader and the members as this node's Raft sees them now.
+    fn membership_view(&self) -> MembershipView {
+        let metrics = self.raft.metrics();
+        let metrics = metrics.borrow_watched();
+        let membership = metrics.membership_config.membership();
+        MembershipView {
+            leader: metrics.current_leader,
+            leader_address: metrics
+                .current_leader
+                .and_then(|leader| membership.get_node(&leader))
+                .map(|node| node.addr.clone())
+                .filter(|addr| !addr.is_empty()),
+            voters: membership.voter_ids().collect(),
+            learners: membership.learner_ids().collect(),
+        }
+    }
+
     /// Takes node `id` out of the membership. A voter whose removal would leave fewer than
     /// [`MAX_VOTERS`] voters is first replaced by a learner, when there is one; the last voter is
     /// never removed. Idempotent.
     async fn release(&self, id: NodeId) -> ForwardResponse {
         let _one_at_a_time = self.joins.lock().await;
-        let (leader, leader_address, voters, learners) = {
-            let metrics = self.raft.metrics();
-            let metrics = metrics.borrow_watched();
-            let membership = metrics.membership_config.membership();
-            let leader_address = metrics
-                .current_leader
-                .and_then(|leader| membership.get_node(&leader))
-                .map(|node| node.addr.clone())
-                .filter(|addr| !addr.is_empty());
-            let voters: Vec<NodeId> = membership.voter_ids().collect();
-            let learners: Vec<NodeId> = membership.learner_ids().collect();
-            (metrics.current_leader, leader_address, voters, learners)
-        };
+        let MembershipView {
+            leader,
+            leader_address,
+            voters,
+            learners,
+        } = self.membership_view();
         if leader != Some(self.node_id) {
             return ForwardResponse::NotLeader {
                 leader,
@@ -475,18 +493,12 @@ impl RaftPeerService {
     /// may ask again.
     async fn admit(&self, id: NodeId, address: String) -> ForwardResponse {
         let _one_at_a_time = self.joins.lock().await;
-        let (leader, leader_address, voters) = {
-            let metrics = self.raft.metrics();
-            let metrics = metrics.borrow_watched();
-            let membership = metrics.membership_config.membership();
-            let leader_address = metrics
-                .current_leader
-                .and_then(|leader| membership.get_node(&leader))
-                .map(|node| node.addr.clone())
-                .filter(|addr| !addr.is_empty());
-            let voters: Vec<NodeId> = membership.voter_ids().collect();
-            (metrics.current_leader, leader_address, voters)
-        };
+        let MembershipView {
+            leader,
+            leader_address,
+            voters,
+            ..
+        } = self.membership_view();
         if voters.is_empty() {
             return ForwardResponse::Failed(
                 "that node is not a cluster member itself; run `vessel cluster init` on the first node, then join \
