@@ -186,7 +186,15 @@ pub enum FrameError {
 
 /// Encodes `header` for `payload` (whose length must be `header.payload`), CRC included.
 pub fn encode(header: &Header, payload: &[u8]) -> [u8; HEADER_LEN] {
-    debug_assert_eq!(payload.len(), header.payload as usize);
+    encode_vectored(header, &[payload])
+}
+
+/// [`encode`] for a payload in pieces (a guest request's segments), sent as they are.
+pub fn encode_vectored(header: &Header, payload: &[&[u8]]) -> [u8; HEADER_LEN] {
+    debug_assert_eq!(
+        payload.iter().map(|piece| piece.len()).sum::<usize>(),
+        header.payload as usize
+    );
     let (opcode, flags, status) = match header.kind {
         Kind::Request { flags } => (header.opcode.code(), flags, 0),
         Kind::Reply { status } => (header.opcode.code() | REPLY_BIT, 0, status.code()),
@@ -209,7 +217,9 @@ pub fn encode(header: &Header, payload: &[u8]) -> [u8; HEADER_LEN] {
     };
     let mut bytes = [0u8; HEADER_LEN];
     bytes.copy_from_slice(raw.as_bytes());
-    let crc = crc32c::crc32c_append(crc32c::crc32c(&bytes), payload);
+    let crc = payload.iter().fold(crc32c::crc32c(&bytes), |crc, piece| {
+        crc32c::crc32c_append(crc, piece)
+    });
     bytes[CRC_OFFSET..CRC_OFFSET + 4].copy_from_slice(&crc.to_le_bytes());
     bytes
 }
@@ -279,6 +289,11 @@ pub fn decode(bytes: &[u8; HEADER_LEN]) -> Result<Header, FrameError> {
 
 /// Checks the CRC of a decoded frame against the header bytes it came in and its payload.
 pub fn verify(bytes: &[u8; HEADER_LEN], payload: &[u8]) -> Result<(), FrameError> {
+    verify_vectored(bytes, &[payload])
+}
+
+/// [`verify`] for a payload received into pieces (a guest request's segments).
+pub fn verify_vectored(bytes: &[u8; HEADER_LEN], payload: &[&[u8]]) -> Result<(), FrameError> {
     let mut zeroed = *bytes;
     zeroed[CRC_OFFSET..CRC_OFFSET + 4].fill(0);
     let sent = u32::from_le_bytes([
@@ -287,7 +302,9 @@ pub fn verify(bytes: &[u8; HEADER_LEN], payload: &[u8]) -> Result<(), FrameError
         bytes[CRC_OFFSET + 2],
         bytes[CRC_OFFSET + 3],
     ]);
-    let computed = crc32c::crc32c_append(crc32c::crc32c(&zeroed), payload);
+    let computed = payload.iter().fold(crc32c::crc32c(&zeroed), |crc, piece| {
+        crc32c::crc32c_append(crc, piece)
+    });
     if sent == computed {
         Ok(())
     } else {
@@ -346,6 +363,23 @@ mod tests {
         let bytes = encode(&reply, &[]);
         assert_eq!(decode(&bytes).unwrap(), reply);
         verify(&bytes, &[]).unwrap();
+    }
+
+    #[test]
+    fn a_payload_in_pieces_has_the_crc_of_the_whole() {
+        let payload: Vec<u8> = (0..=255u8).cycle().take(10_000).collect();
+        let header = write(5, &payload);
+        let whole = encode(&header, &payload);
+        let (a, rest) = payload.split_at(1000);
+        let (b, c) = rest.split_at(4096);
+        assert_eq!(encode_vectored(&header, &[a, b, c]), whole);
+        verify_vectored(&whole, &[a, &[], b, c]).unwrap();
+        let mut changed = c.to_vec();
+        changed[17] ^= 0x10;
+        assert_eq!(
+            verify_vectored(&whole, &[a, b, &changed]),
+            Err(FrameError::BadCrc)
+        );
     }
 
     #[test]

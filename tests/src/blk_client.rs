@@ -43,6 +43,22 @@ impl BlkClient {
         Self::connect_with(socket, queues, false)
     }
 
+    /// [`BlkClient::connect_with`], retried for up to 20 s: the daemon may not listen yet (just attached, or
+    /// restarting). Panics when it never does.
+    pub fn connect_retrying(socket: &Path, queues: usize, read_only: bool) -> BlkClient {
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+        loop {
+            match Self::connect_with(socket, queues, read_only) {
+                Ok(client) => return client,
+                Err(error) if std::time::Instant::now() < deadline => {
+                    eprintln!("retrying connect: {error:#}");
+                    std::thread::sleep(std::time::Duration::from_millis(100));
+                }
+                Err(error) => panic!("cannot connect to {}: {error:#}", socket.display()),
+            }
+        }
+    }
+
     /// Connects, asking for a read-only device when `read_only` (libblkio refuses a read-only device otherwise).
     pub fn connect_with(
         socket: &Path,

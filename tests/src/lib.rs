@@ -3,4 +3,5 @@
 pub mod blk_client;
 pub mod daemon;
 pub mod guest;
+pub mod local_cluster;
 pub mod netns;

@@ -5,26 +5,12 @@
 use std::io::{Read, Write};
 use std::path::Path;
 use std::process::Output;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use blkio::ReqFlags;
 use vessel_tests::blk_client::{BlkClient, complete};
 use vessel_tests::daemon::{Daemon, DaemonOptions, test_dir};
-
-fn free_addr() -> String {
-    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-    listener.local_addr().unwrap().to_string()
-}
-
-/// A fresh `--listen` node named `name` with a `rack` label.
-fn listening(dir: &Path, name: &str, rack: &str) -> (Daemon, String) {
-    let addr = free_addr();
-    let options = DaemonOptions {
-        config: Some(format!("name = \"{name}\"\n[labels]\nrack = \"{rack}\"\n")),
-        args: vec!["--listen".to_owned(), addr.clone()],
-    };
-    (Daemon::start(&dir.join(name), options).unwrap(), addr)
-}
+use vessel_tests::local_cluster::{eventually, free_addr, listening};
 
 fn stdout(output: &Output) -> String {
     String::from_utf8_lossy(&output.stdout).into_owned()
@@ -39,15 +25,6 @@ fn assert_fails(output: &Output, code: i32, message: &str) {
         "expected {message:?} in {stderr:?}"
     );
     assert_eq!(stderr.trim_end().lines().count(), 1, "one line: {stderr:?}");
-}
-
-/// Polls `check` until it holds (a follower applies a moment after the leader).
-fn eventually(what: &str, mut check: impl FnMut() -> bool) {
-    let deadline = Instant::now() + Duration::from_secs(20);
-    while !check() {
-        assert!(Instant::now() < deadline, "timed out waiting until {what}");
-        std::thread::sleep(Duration::from_millis(100));
-    }
 }
 
 fn volume_names(daemon: &Daemon) -> Vec<String> {
@@ -133,18 +110,26 @@ fn nodes_join_vote_forward_writes_and_outlive_the_leader() {
         eventually("every node lists v1", || volume_names(node) == ["v1"]);
     }
 
-    // v1's extents are on n4's disk, the only one: until volumes span nodes, only n4 may serve it.
+    // v1's extents are on n4's disk, the only one; n1 serves it all the same, its I/O going to n4. One node at a
+    // time: n4 may not attach it meanwhile.
     let socket = dir.join("v1.sock");
     let socket = socket.to_str().unwrap();
-    assert_fails(
-        &n1.vessel(&["volume", "attach", "v1", "--vhost-user", socket])
-            .unwrap(),
-        5,
-        "volume 'v1' has extents placed on node(s) n4",
-    );
-    n4.vessel_ok(&["volume", "attach", "v1", "--vhost-user", socket])
+    n1.vessel_ok(&["volume", "attach", "v1", "--vhost-user", socket])
         .unwrap();
-    // A write allocates an extent on n4's disk; every node learns n4's use from n4 itself.
+    let elsewhere = dir.join("v1-n4.sock");
+    assert_fails(
+        &n4.vessel(&[
+            "volume",
+            "attach",
+            "v1",
+            "--vhost-user",
+            elsewhere.to_str().unwrap(),
+        ])
+        .unwrap(),
+        5,
+        "is already attached at",
+    );
+    // A write through n1 allocates an extent on n4's disk; every node learns n4's use from n4 itself.
     {
         let mut client = BlkClient::connect(Path::new(socket), 1).unwrap();
         let buffer = client.buffer(4096).unwrap();
@@ -167,7 +152,7 @@ fn nodes_join_vote_forward_writes_and_outlive_the_leader() {
         disks["disks"][0]["used_bytes"].as_u64().unwrap() >= 4096,
         "{disks}"
     );
-    n4.vessel_ok(&["volume", "detach", "v1"]).unwrap();
+    n1.vessel_ok(&["volume", "detach", "v1"]).unwrap();
 
     // n1 dies (it initialised the cluster, so it is most likely the leader): the two other voters go on committing,
     // and a write sent to the learner reaches their leader.

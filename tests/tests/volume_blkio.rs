@@ -4,28 +4,12 @@
 
 use std::io::{Read, Write};
 use std::path::Path;
-use std::time::{Duration, Instant};
 
 use vessel_tests::blk_client::{BlkClient, Workload, run_workload, verify_models};
 use vessel_tests::daemon::{Daemon, DaemonOptions, test_dir};
 
-/// libblkio connects once the daemon listens; after a restart the socket may take a moment to come back.
 fn connect(socket: &Path, queues: usize) -> BlkClient {
-    connect_with(socket, queues, false)
-}
-
-fn connect_with(socket: &Path, queues: usize, read_only: bool) -> BlkClient {
-    let deadline = Instant::now() + Duration::from_secs(20);
-    loop {
-        match BlkClient::connect_with(socket, queues, read_only) {
-            Ok(client) => return client,
-            Err(error) if Instant::now() < deadline => {
-                eprintln!("retrying connect: {error:#}");
-                std::thread::sleep(Duration::from_millis(100));
-            }
-            Err(error) => panic!("cannot connect to {}: {error:#}", socket.display()),
-        }
-    }
+    BlkClient::connect_retrying(socket, queues, false)
 }
 
 fn scrape(addr: &str) -> String {
@@ -233,7 +217,7 @@ fn a_read_only_attachment_serves_the_data_and_says_it_is_read_only() {
     // A read-write client is refused: libblkio sees VIRTIO_BLK_F_RO.
     let refused = BlkClient::connect(&socket, 1).unwrap_err().to_string();
     assert!(refused.contains("read-only"), "{refused}");
-    let mut client = connect_with(&socket, 1, true);
+    let mut client = BlkClient::connect_retrying(&socket, 1, true);
     assert!(client.read_only().unwrap());
     let mut buffer = client.buffer(4096).unwrap();
     client

@@ -220,6 +220,10 @@ pub enum IoError {
     /// a slot-table update that a first write or a discard needed.
     #[error("I/O error: {0}")]
     Io(#[from] io::Error),
+
+    /// A replica on another node failed the request or could not be reached.
+    #[error("{0}")]
+    Replica(#[from] crate::remote::RemoteError),
 }
 
 impl From<StoreError> for IoError {

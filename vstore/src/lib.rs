@@ -19,6 +19,7 @@
 //! - `queue`: io_uring submission and completion of volume requests.
 //! - `stats`: per-volume counters and latency histogram.
 //! - `replica`: serving other nodes' extent I/O (the replica side of the data path).
+//! - `remote`: sending extent I/O to other nodes' replicas (the writer side of the data path).
 
 mod aligned;
 mod disk;
@@ -26,6 +27,7 @@ mod error;
 mod format;
 mod pool;
 mod queue;
+pub mod remote;
 pub mod replica;
 mod stats;
 mod volume;

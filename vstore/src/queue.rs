@@ -26,9 +26,12 @@ use std::sync::Arc;
 use io_uring::{IoUring, opcode, squeue, types};
 use vmm_sys_util::eventfd::EventFd;
 
+use vessel_proto::frame::{FLAG_DURABLE, Header, Kind, MAX_PAYLOAD, Opcode};
+
 use crate::aligned::AlignedBuf;
 use crate::disk::{Disk, PUNCH_MODE, ZERO_MODE};
 use crate::error::IoError;
+use crate::remote::{Inbox, NodeId, RemoteError, Routing};
 use crate::volume::{ExtentLease, LocalVolume, extent_count};
 
 /// Most iovecs one readv/writev takes (Linux UIO_MAXIOV); a piece with more segments goes
@@ -38,6 +41,8 @@ const IOV_MAX: usize = 1024;
 /// requests does not pin memory for the life of the queue.
 const BOUNCE_POOL_BUFFERS: usize = 16;
 const BOUNCE_POOL_MAX_LEN: usize = 1 << 20;
+/// Largest range one discard or write-zeroes frame to a replica covers.
+const REMOTE_ZERO_CHUNK: u64 = 1 << 30;
 
 /// One guest memory segment. The caller guarantees validity until the request is reaped.
 #[derive(Clone, Copy, Debug)]
@@ -81,6 +86,21 @@ enum SubKind {
     Write,
     Fallocate,
     Sync,
+    /// Sent to a replica on another node; completes through the queue's inbox.
+    Remote,
+}
+
+/// A sub-op bound for another node's replica of an extent.
+#[derive(Debug, Clone, Copy)]
+struct RemoteOp {
+    node: NodeId,
+    opcode: Opcode,
+    extent: u64,
+    /// Byte offset within the extent.
+    within: u64,
+    length: u32,
+    epoch: u64,
+    durable: bool,
 }
 
 /// One SQE's worth of a request (re-queued on a short transfer).
@@ -104,6 +124,9 @@ struct SubOp {
     bounce: Option<AlignedBuf>,
     rw_flags: i32,
     fallocate_mode: i32,
+    /// For routed reads and writes: where the op's data starts in the request's segments.
+    data_start: u64,
+    remote: Option<RemoteOp>,
 }
 
 impl SubOp {
@@ -147,6 +170,7 @@ impl SubOp {
             (SubKind::Sync, _) => opcode::Fsync::new(fd)
                 .flags(types::FsyncFlags::DATASYNC)
                 .build(),
+            (SubKind::Remote, _) => return None,
         };
         Some(entry.user_data(user_data))
     }
@@ -195,12 +219,35 @@ impl Request {
         op.iov_start = 0;
         op.rw_flags = 0;
         op.fallocate_mode = 0;
+        op.data_start = 0;
+        op.remote = None;
         self.used += 1;
         self.used - 1
     }
 
     fn fail(&mut self, error: IoError) {
         self.error.get_or_insert(error);
+    }
+}
+
+/// Appends to `out` the iovecs covering bytes `start..start + len` of the segments.
+fn take_range(segments: &[Segment], mut start: u64, mut len: u64, out: &mut Vec<libc::iovec>) {
+    for segment in segments {
+        if len == 0 {
+            return;
+        }
+        let seg_len = segment.len as u64;
+        if start >= seg_len {
+            start -= seg_len;
+            continue;
+        }
+        let n = (seg_len - start).min(len);
+        out.push(libc::iovec {
+            iov_base: segment.addr.wrapping_add(start as usize).cast(),
+            iov_len: n as usize,
+        });
+        start = 0;
+        len -= n;
     }
 }
 
@@ -261,6 +308,14 @@ pub struct IoQueue {
     /// interrupting it once per completion; see `build_ring`.
     deferred: bool,
     enabled: bool,
+    /// Outcomes of sub-ops sent to other nodes; signals `eventfd`.
+    inbox: Arc<Inbox>,
+    remote_batch: Vec<(u64, Result<(), RemoteError>)>,
+    /// Sub-ops sent to other nodes and not yet answered.
+    remote_outstanding: usize,
+    /// Whether requests follow a volume's routing to other nodes (false for a queue serving
+    /// replica requests, which act on this node's disks alone).
+    routed: bool,
 }
 
 /// Builds the ring with SINGLE_ISSUER | DEFER_TASKRUN | TASKRUN_FLAG where the kernel has them
@@ -315,6 +370,14 @@ impl IoQueue {
         Self::build(depth, true)
     }
 
+    /// A queue that serves other nodes' requests for this node's replicas: it ignores a
+    /// volume's routing and acts on this node's disks alone.
+    pub fn for_replica_service(depth: u32) -> io::Result<Self> {
+        let mut queue = Self::build(depth, true)?;
+        queue.routed = false;
+        Ok(queue)
+    }
+
     /// `allow_deferred: false` builds the ring a pre-6.1 kernel would get.
     fn build(depth: u32, allow_deferred: bool) -> io::Result<Self> {
         let entries = depth.clamp(1, 4096).next_power_of_two();
@@ -340,6 +403,7 @@ impl IoQueue {
         }
         let eventfd = EventFd::new(libc::EFD_NONBLOCK | libc::EFD_CLOEXEC)?;
         ring.submitter().register_eventfd(eventfd.as_raw_fd())?;
+        let inbox = Arc::new(Inbox::new(eventfd.try_clone()?));
         Ok(Self {
             ring,
             eventfd,
@@ -353,6 +417,10 @@ impl IoQueue {
             cqe_batch: Vec::with_capacity(entries as usize),
             deferred,
             enabled: !deferred,
+            inbox,
+            remote_batch: Vec::new(),
+            remote_outstanding: 0,
+            routed: true,
         })
     }
 
@@ -401,7 +469,29 @@ impl IoQueue {
         let req = &mut self.requests[index];
         req.tag = tag;
         req.volume = Some(volume.clone());
-        let planned = match request {
+        let routing = if self.routed { volume.routing() } else { None };
+        let planned = match (request, routing) {
+            (request, None) => self.plan_local(index, volume, request),
+            (request, Some(routing)) => self.plan_routed(index, volume, &routing, request),
+        };
+        if let Err(error) = planned {
+            self.requests[index].fail(error);
+        }
+        if self.requests[index].pending == 0 {
+            self.finish_request(index);
+            // The worker learns of completions through the eventfd only; this one had no CQE.
+            let _ = self.eventfd.write(1);
+        }
+    }
+
+    /// Plans a request on this node's disks alone.
+    fn plan_local(
+        &mut self,
+        index: usize,
+        volume: &LocalVolume,
+        request: IoRequest<'_>,
+    ) -> Result<(), IoError> {
+        match request {
             IoRequest::Read { offset, segments } => {
                 self.plan_rw(index, volume, offset, segments, None)
             }
@@ -423,15 +513,264 @@ impl IoQueue {
                 len,
                 may_unmap,
             } => self.plan_zero(index, volume, offset, len, may_unmap),
+        }
+    }
+
+    /// Plans a request on the replicas `routing` names: writes, discards and write-zeroes go to
+    /// every replica of each extent, reads to this node's replica if it has one, else to the
+    /// replica with the fewest requests outstanding; a flush to this node's disks and to every
+    /// other node holding replicas.
+    fn plan_routed(
+        &mut self,
+        index: usize,
+        volume: &LocalVolume,
+        routing: &Routing,
+        request: IoRequest<'_>,
+    ) -> Result<(), IoError> {
+        match request {
+            IoRequest::Read { offset, segments } => {
+                self.plan_routed_rw(index, volume, routing, offset, segments, None)
+            }
+            IoRequest::Write {
+                offset,
+                segments,
+                write_through,
+            } => self.plan_routed_rw(
+                index,
+                volume,
+                routing,
+                offset,
+                segments,
+                Some(write_through),
+            ),
+            IoRequest::Flush => {
+                self.plan_flush(index, volume)?;
+                let mut flushed: Vec<NodeId> = Vec::new();
+                for run in routing.routes.runs() {
+                    for &node in &run.nodes {
+                        if node == routing.me || flushed.contains(&node) {
+                            continue;
+                        }
+                        flushed.push(node);
+                        let op = self.requests[index].next_op(SubKind::Remote);
+                        self.requests[index].ops[op].remote = Some(RemoteOp {
+                            node,
+                            opcode: Opcode::Flush,
+                            extent: run.first,
+                            within: 0,
+                            length: 0,
+                            epoch: run.epoch,
+                            durable: false,
+                        });
+                        self.send_remote(index, op, volume, routing)?;
+                    }
+                }
+                Ok(())
+            }
+            IoRequest::Discard { offset, len } => {
+                self.plan_routed_zero(index, volume, routing, offset, len, true)
+            }
+            IoRequest::WriteZeroes {
+                offset,
+                len,
+                may_unmap,
+            } => self.plan_routed_zero(index, volume, routing, offset, len, may_unmap),
+        }
+    }
+
+    fn plan_routed_rw(
+        &mut self,
+        index: usize,
+        volume: &LocalVolume,
+        routing: &Routing,
+        offset: u64,
+        segments: &[Segment],
+        write_through: Option<bool>,
+    ) -> Result<(), IoError> {
+        let len = segments_len(volume, offset, segments)?;
+        check_range(volume, offset, len)?;
+        let extent_size = volume.extent_size();
+        let write = write_through.is_some();
+        // Phase 1: every sub-op, local leases included, so that a full local pool or an extent
+        // without replicas fails the request before any of it is sent.
+        let end = offset + len;
+        let mut pos = offset;
+        while pos < end {
+            let extent = pos / extent_size;
+            let within = pos % extent_size;
+            let piece = (extent_size - within).min(end - pos);
+            let run = routing
+                .routes
+                .lookup(extent)
+                .ok_or_else(|| no_replicas(volume, extent))?;
+            let local = run.nodes.contains(&routing.me);
+            let data_start = pos - offset;
+            if local {
+                let lease = if write {
+                    Some(volume.lookup_or_allocate(extent)?)
+                } else {
+                    volume.lookup(extent)
+                };
+                let req = &mut self.requests[index];
+                let op = req.next_op(if write { SubKind::Write } else { SubKind::Read });
+                let op = &mut req.ops[op];
+                op.rw_flags = if write_through == Some(true) {
+                    libc::RWF_DSYNC
+                } else {
+                    0
+                };
+                op.offset = lease.as_ref().map_or(0, |lease| lease.disk_offset(within));
+                op.remaining = piece;
+                op.lease = lease;
+                op.data_start = data_start;
+            }
+            let targets: Vec<NodeId> = if write {
+                run.nodes
+                    .iter()
+                    .copied()
+                    .filter(|&node| node != routing.me)
+                    .collect()
+            } else if local {
+                Vec::new()
+            } else {
+                // The least busy replica that is not known to be down.
+                let least = run
+                    .nodes
+                    .iter()
+                    .filter_map(|&node| Some((routing.peers.load(node)?, node)))
+                    .min();
+                vec![least.map_or(run.nodes[0], |(_, node)| node)]
+            };
+            for node in targets {
+                let mut done = 0;
+                while done < piece {
+                    let chunk = (piece - done).min(u64::from(MAX_PAYLOAD));
+                    let req = &mut self.requests[index];
+                    let op = req.next_op(SubKind::Remote);
+                    let op = &mut req.ops[op];
+                    op.data_start = data_start + done;
+                    op.remaining = chunk;
+                    op.remote = Some(RemoteOp {
+                        node,
+                        opcode: if write { Opcode::Write } else { Opcode::Read },
+                        extent,
+                        within: within + done,
+                        length: chunk as u32,
+                        epoch: run.epoch,
+                        durable: write_through == Some(true),
+                    });
+                    done += chunk;
+                }
+            }
+            pos += piece;
+        }
+        // Phase 2: give each sub-op its slice of the segments; send or queue it.
+        for op_index in 0..self.requests[index].used {
+            let op = &mut self.requests[index].ops[op_index];
+            take_range(segments, op.data_start, op.remaining, &mut op.iov);
+            if op.kind == SubKind::Remote {
+                self.send_remote(index, op_index, volume, routing)?;
+            } else {
+                self.queue_local_rw(index, op_index)?;
+            }
+        }
+        Ok(())
+    }
+
+    fn plan_routed_zero(
+        &mut self,
+        index: usize,
+        volume: &LocalVolume,
+        routing: &Routing,
+        offset: u64,
+        len: u64,
+        unmap: bool,
+    ) -> Result<(), IoError> {
+        // This node's replicas: its map holds only the extents placed here.
+        self.plan_zero(index, volume, offset, len, unmap)?;
+        let extent_size = volume.extent_size();
+        let end = offset + len;
+        let mut pos = offset;
+        while pos < end {
+            let extent = pos / extent_size;
+            let within = pos % extent_size;
+            let piece = (extent_size - within).min(end - pos);
+            let run = routing
+                .routes
+                .lookup(extent)
+                .ok_or_else(|| no_replicas(volume, extent))?;
+            for node in run.nodes.iter().copied().filter(|&n| n != routing.me) {
+                let mut done = 0;
+                while done < piece {
+                    let chunk = (piece - done).min(REMOTE_ZERO_CHUNK);
+                    let op = self.requests[index].next_op(SubKind::Remote);
+                    self.requests[index].ops[op].remote = Some(RemoteOp {
+                        node,
+                        opcode: if unmap {
+                            Opcode::Discard
+                        } else {
+                            Opcode::WriteZeroes
+                        },
+                        extent,
+                        within: within + done,
+                        length: chunk as u32,
+                        epoch: run.epoch,
+                        durable: false,
+                    });
+                    self.send_remote(index, op, volume, routing)?;
+                    done += chunk;
+                }
+            }
+            pos += piece;
+        }
+        Ok(())
+    }
+
+    /// Sends a planned remote sub-op; its outcome arrives through the inbox.
+    fn send_remote(
+        &mut self,
+        index: usize,
+        op_index: usize,
+        volume: &LocalVolume,
+        routing: &Routing,
+    ) -> Result<(), IoError> {
+        let op = &self.requests[index].ops[op_index];
+        let Some(remote) = op.remote else {
+            return Ok(());
         };
-        if let Err(error) = planned {
-            self.requests[index].fail(error);
-        }
-        if self.requests[index].pending == 0 {
-            self.finish_request(index);
-            // The worker learns of completions through the eventfd only; this one had no CQE.
-            let _ = self.eventfd.write(1);
-        }
+        let header = Header {
+            opcode: remote.opcode,
+            kind: Kind::Request {
+                flags: if remote.durable { FLAG_DURABLE } else { 0 },
+            },
+            volume: volume.id().into_bytes(),
+            extent: remote.extent,
+            epoch: remote.epoch,
+            offset: remote.within,
+            length: remote.length,
+            payload: if remote.opcode == Opcode::Write {
+                remote.length
+            } else {
+                0
+            },
+            sequence: 0,
+        };
+        let (payload, read_into) = match remote.opcode {
+            Opcode::Write => (&op.iov[..], Vec::new()),
+            Opcode::Read => (&[][..], op.iov.clone()),
+            _ => (&[][..], Vec::new()),
+        };
+        routing.peers.send(
+            remote.node,
+            header,
+            payload,
+            &self.inbox,
+            user_data(index, op_index),
+            read_into,
+        )?;
+        self.requests[index].pending += 1;
+        self.remote_outstanding += 1;
+        Ok(())
     }
 
     /// Pushes the queued SQEs to the kernel in one syscall.
@@ -463,6 +802,21 @@ impl IoQueue {
     /// Non-blocking: calls `done(tag, result)` once for every finished request (all its
     /// sub-I/Os done; the first error wins).
     pub fn reap(&mut self, mut done: impl FnMut(u64, Result<(), IoError>)) {
+        self.collect_deferred();
+        self.process_completions();
+        self.process_remote();
+        if !self.ring.submission().is_empty() {
+            // Re-queued short transfers; a failure here shows up as errors on later completions.
+            let _ = self.commit();
+        }
+        while let Some((tag, result)) = self.finished.pop_front() {
+            self.in_flight -= 1;
+            done(tag, result);
+        }
+    }
+
+    /// Clears the eventfd and runs the ring's deferred completion work, if any.
+    fn collect_deferred(&mut self) {
         // Cleared before looking at the CQ: a completion that lands after the look signals again.
         let _ = self.eventfd.read();
         let kernel_has_work = {
@@ -480,14 +834,39 @@ impl IoQueue {
                 tracing::error!(error = %e, "cannot collect I/O completions (queue used from a second thread?)");
             }
         }
-        self.process_completions();
-        if !self.ring.submission().is_empty() {
-            // Re-queued short transfers; a failure here shows up as errors on later completions.
-            let _ = self.commit();
+    }
+
+    /// Moves the outcomes other nodes sent into their requests.
+    fn process_remote(&mut self) {
+        let mut batch = std::mem::take(&mut self.remote_batch);
+        self.inbox.take(&mut batch);
+        for (data, outcome) in batch.drain(..) {
+            self.complete_remote(
+                (data >> 32) as usize,
+                (data & 0xffff_ffff) as usize,
+                outcome,
+            );
         }
-        while let Some((tag, result)) = self.finished.pop_front() {
-            self.in_flight -= 1;
-            done(tag, result);
+        self.remote_batch = batch;
+    }
+
+    fn complete_remote(&mut self, index: usize, op_index: usize, outcome: Result<(), RemoteError>) {
+        self.remote_outstanding -= 1;
+        let Some(req) = self.requests.get_mut(index) else {
+            tracing::error!(
+                user_data = user_data(index, op_index),
+                "reply for an unknown request; ignored"
+            );
+            return;
+        };
+        if let Err(error) = outcome {
+            let volume = req.volume.as_ref().map(|v| v.id()).unwrap_or_default();
+            tracing::debug!(%volume, %error, "replica I/O failed");
+            req.fail(IoError::Replica(error));
+        }
+        req.pending -= 1;
+        if req.pending == 0 {
+            self.finish_request(index);
         }
     }
 
@@ -498,9 +877,20 @@ impl IoQueue {
         self.enable()?;
         loop {
             self.process_completions();
-            if !self.finished.is_empty() || self.in_flight == 0 || self.sqes_outstanding == 0 {
+            self.process_remote();
+            if !self.finished.is_empty()
+                || self.in_flight == 0
+                || (self.sqes_outstanding == 0 && self.remote_outstanding == 0)
+            {
                 // Nothing to wait for, but what was queued must still go out.
                 return self.commit();
+            }
+            if self.remote_outstanding > 0 {
+                // Replies from other nodes wake the eventfd, and so does the ring.
+                self.commit()?;
+                wait_readable(self.eventfd.as_raw_fd(), -1)?;
+                self.collect_deferred();
+                continue;
             }
             match self.ring.submit_and_wait(1) {
                 Ok(_) => {}
@@ -548,15 +938,7 @@ impl IoQueue {
         segments: &[Segment],
         write: Option<i32>,
     ) -> Result<(), IoError> {
-        let len = segments
-            .iter()
-            .try_fold(0u64, |total, s| total.checked_add(s.len as u64));
-        let len = len.ok_or(IoError::OutOfRange {
-            volume: volume.id(),
-            offset,
-            len: u64::MAX,
-            size: volume.size(),
-        })?;
+        let len = segments_len(volume, offset, segments)?;
         check_range(volume, offset, len)?;
         let extent_size = volume.extent_size();
         // Phase 1: one sub-op per extent, with its lease; a write allocates here, so a full
@@ -591,34 +973,42 @@ impl IoQueue {
             offset: 0,
         };
         for op_index in 0..self.requests[index].used {
-            let Self {
-                requests,
-                bounce_pool,
-                bounced_bytes,
-                ..
-            } = self;
-            let op = &mut requests[index].ops[op_index];
+            let op = &mut self.requests[index].ops[op_index];
             cursor.take(op.remaining, &mut op.iov);
-            let Some(dio) = op.lease.as_ref().map(|lease| lease.disk.dio) else {
-                // Unallocated: zeroes, no I/O.
-                for iov in op.iov.drain(..) {
-                    // SAFETY: the caller guarantees the segments are writable for a read.
-                    unsafe { std::ptr::write_bytes(iov.iov_base.cast::<u8>(), 0, iov.iov_len) };
-                }
-                continue;
-            };
-            let direct = op.iov.len() <= IOV_MAX
-                && op.iov.iter().all(|v| {
-                    (v.iov_base as usize).is_multiple_of(dio.memory as usize)
-                        && v.iov_len.is_multiple_of(dio.offset as usize)
-                });
-            if !direct {
-                use_bounce(op, bounce_pool)?;
-                *bounced_bytes += op.remaining;
-            }
-            self.push_op(index, op_index)?;
+            self.queue_local_rw(index, op_index)?;
         }
         Ok(())
+    }
+
+    /// Queues a local read or write whose iovecs are set: straight from the caller's segments
+    /// when they suit O_DIRECT, else through a bounce buffer; a read of an unallocated extent
+    /// fills them with zeroes at once.
+    fn queue_local_rw(&mut self, index: usize, op_index: usize) -> Result<(), IoError> {
+        let Self {
+            requests,
+            bounce_pool,
+            bounced_bytes,
+            ..
+        } = self;
+        let op = &mut requests[index].ops[op_index];
+        let Some(dio) = op.lease.as_ref().map(|lease| lease.disk.dio) else {
+            // Unallocated: zeroes, no I/O.
+            for iov in op.iov.drain(..) {
+                // SAFETY: the caller guarantees the segments are writable for a read.
+                unsafe { std::ptr::write_bytes(iov.iov_base.cast::<u8>(), 0, iov.iov_len) };
+            }
+            return Ok(());
+        };
+        let direct = op.iov.len() <= IOV_MAX
+            && op.iov.iter().all(|v| {
+                (v.iov_base as usize).is_multiple_of(dio.memory as usize)
+                    && v.iov_len.is_multiple_of(dio.offset as usize)
+            });
+        if !direct {
+            use_bounce(op, bounce_pool)?;
+            *bounced_bytes += op.remaining;
+        }
+        self.push_op(index, op_index)
     }
 
     fn plan_flush(&mut self, index: usize, volume: &LocalVolume) -> Result<(), IoError> {
@@ -744,7 +1134,7 @@ impl IoQueue {
                     }
                     Ok(op.remaining > 0)
                 }
-                SubKind::Fallocate | SubKind::Sync => Ok(false),
+                SubKind::Fallocate | SubKind::Sync | SubKind::Remote => Ok(false),
             }
         };
         let outcome = match outcome {
@@ -790,6 +1180,7 @@ impl IoQueue {
             // Leases go before the volume: the volume's liveness is what delete_volume checks.
             op.lease = None;
             op.disk = None;
+            op.remote = None;
             op.iov.clear();
             op.guest.clear();
             if let Some(buf) = op.bounce.take()
@@ -809,6 +1200,23 @@ impl IoQueue {
 
 impl Drop for IoQueue {
     fn drop(&mut self) {
+        // Other nodes' reader threads may still write into read buffers: wait for their
+        // outcomes (a connection fails its requests within REQUEST_TIMEOUT).
+        let deadline = std::time::Instant::now() + crate::remote::REQUEST_TIMEOUT * 3;
+        while self.remote_outstanding > 0 {
+            if std::time::Instant::now() > deadline {
+                tracing::error!(
+                    outstanding = self.remote_outstanding,
+                    "replica requests unanswered at queue drop; leaking their buffers"
+                );
+                std::mem::forget(std::mem::take(&mut self.requests));
+                return;
+            }
+            let _ = wait_readable(self.eventfd.as_raw_fd(), 1000);
+            self.collect_deferred();
+            self.process_completions();
+            self.process_remote();
+        }
         // The kernel may still read or write buffers of outstanding SQEs: wait for them.
         while self.sqes_outstanding > 0 {
             match self.enable().and_then(|()| self.ring.submit_and_wait(1)) {
@@ -825,6 +1233,44 @@ impl Drop for IoQueue {
             self.process_completions();
         }
     }
+}
+
+/// Total bytes of a request's segments.
+fn segments_len(volume: &LocalVolume, offset: u64, segments: &[Segment]) -> Result<u64, IoError> {
+    segments
+        .iter()
+        .try_fold(0u64, |total, s| total.checked_add(s.len as u64))
+        .ok_or(IoError::OutOfRange {
+            volume: volume.id(),
+            offset,
+            len: u64::MAX,
+            size: volume.size(),
+        })
+}
+
+fn no_replicas(volume: &LocalVolume, extent: u64) -> IoError {
+    IoError::Io(io::Error::other(format!(
+        "volume {}: extent {extent} has no replica set in the routing",
+        volume.id()
+    )))
+}
+
+/// Blocks until `fd` is readable or `timeout_ms` passed (-1: no limit).
+fn wait_readable(fd: RawFd, timeout_ms: i32) -> io::Result<()> {
+    let mut pfd = libc::pollfd {
+        fd,
+        events: libc::POLLIN,
+        revents: 0,
+    };
+    // SAFETY: one valid pollfd.
+    let n = unsafe { libc::poll(&mut pfd, 1, timeout_ms) };
+    if n < 0 {
+        let error = io::Error::last_os_error();
+        if error.kind() != io::ErrorKind::Interrupted {
+            return Err(error);
+        }
+    }
+    Ok(())
 }
 
 fn check_range(volume: &LocalVolume, offset: u64, len: u64) -> Result<(), IoError> {

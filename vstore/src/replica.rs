@@ -192,7 +192,7 @@ impl Connection {
             stream,
             pool,
             directory,
-            io: IoQueue::new(u32::try_from(CONNECTION_DEPTH).unwrap_or(128))?,
+            io: IoQueue::for_replica_service(u32::try_from(CONNECTION_DEPTH).unwrap_or(128))?,
             volumes: HashMap::new(),
             in_flight: HashMap::new(),
             in_flight_bytes: 0,
@@ -379,7 +379,7 @@ impl Connection {
             Err(IoError::NoSpace { .. }) => Status::NoSpace,
             Err(IoError::OutOfRange { .. }) => Status::OutOfRange,
             Err(IoError::Misaligned { .. }) => Status::Unsupported,
-            Err(IoError::Io(_)) => Status::IoError,
+            Err(IoError::Io(_) | IoError::Replica(_)) => Status::IoError,
         };
         if let Err(error) = &result {
             tracing::debug!(volume = %VolumeId::from_bytes(done.header.volume), extent = done.header.extent, %error, "replica I/O failed");

@@ -19,6 +19,7 @@ use std::sync::{Arc, Mutex, MutexGuard, PoisonError, RwLock, RwLockReadGuard, Rw
 use crate::disk::Disk;
 use crate::error::{IoError, StoreError};
 use crate::pool::LocalPool;
+use crate::remote::Routing;
 use crate::stats::VolumeStats;
 use crate::{VolumeId, VolumeLayout};
 
@@ -78,6 +79,9 @@ pub struct LocalVolume {
     /// pool logs once per episode rather than once per write.
     full_warned: AtomicBool,
     stats: VolumeStats,
+    /// Set when this node serves the volume to a guest and its extents live (also) on other
+    /// nodes: the device's queues then send each request to the extent's replicas.
+    routing: RwLock<Option<Arc<Routing>>>,
 }
 
 fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -107,6 +111,7 @@ impl LocalVolume {
             data_disks: Mutex::new(data_disks),
             full_warned: AtomicBool::new(false),
             stats: VolumeStats::default(),
+            routing: RwLock::new(None),
         }
     }
 
@@ -160,6 +165,22 @@ impl LocalVolume {
 
     pub fn stats(&self) -> &VolumeStats {
         &self.stats
+    }
+
+    /// Makes the queues of devices serving this volume send each request to the replicas
+    /// `routing` names (`None`: this node's disks alone). Requests already submitted keep the
+    /// routing they were planned with. Queues serving replica requests
+    /// ([`crate::IoQueue::for_replica_service`]) ignore it.
+    pub fn set_routing(&self, routing: Option<Arc<Routing>>) {
+        *self.routing.write().unwrap_or_else(PoisonError::into_inner) = routing;
+    }
+
+    /// The routing in force, if any.
+    pub fn routing(&self) -> Option<Arc<Routing>> {
+        self.routing
+            .read()
+            .unwrap_or_else(PoisonError::into_inner)
+            .clone()
     }
 
     pub(crate) fn size(&self) -> u64 {

@@ -6,90 +6,11 @@ mod common;
 
 use std::collections::HashMap;
 use std::io::{Read, Write};
-use std::net::TcpListener;
-use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use common::*;
-use vstore::replica::{
-    Opcode, ReplicaConnection, ReplicaDirectory, ReplicaGrant, ReplicaRequest, Status,
-    serve_connection,
-};
-use vstore::{VolumeId, VolumeLayout};
-
-/// The cluster's view, as a test sets it: (volume, extent) → epoch.
-#[derive(Default)]
-struct Directory {
-    layouts: Mutex<HashMap<VolumeId, VolumeLayout>>,
-    epochs: Mutex<HashMap<(VolumeId, u64), u64>>,
-}
-
-impl ReplicaDirectory for Directory {
-    fn replica(&self, volume: VolumeId, extent: u64) -> Option<ReplicaGrant> {
-        let epoch = *self.epochs.lock().unwrap().get(&(volume, extent))?;
-        let layout = *self.layouts.lock().unwrap().get(&volume)?;
-        Some(ReplicaGrant { epoch, layout })
-    }
-}
-
-struct Server {
-    address: String,
-    directory: Arc<Directory>,
-    _dir: tempfile::TempDir,
-}
-
-/// A pool with one disk, served on a loopback port by a thread per connection.
-fn server() -> Server {
-    let dir = test_dir();
-    let pool = pool();
-    add_file_disk(&pool, dir.path(), "d0", 16 * MIB);
-    let directory = Arc::new(Directory::default());
-    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
-    let address = listener.local_addr().unwrap().to_string();
-    let serving: Arc<dyn ReplicaDirectory> = directory.clone();
-    std::thread::spawn(move || {
-        for stream in listener.incoming() {
-            let Ok(stream) = stream else { continue };
-            let (pool, directory) = (Arc::clone(&pool), Arc::clone(&serving));
-            std::thread::spawn(move || {
-                let _ = serve_connection(stream, pool, directory);
-            });
-        }
-    });
-    Server {
-        address,
-        directory,
-        _dir: dir,
-    }
-}
-
-impl Server {
-    /// A volume of `size` bytes whose extents this node holds at `epoch`.
-    fn volume(&self, size: u64, epoch: u64) -> VolumeLayout {
-        let layout = layout(size);
-        self.directory
-            .layouts
-            .lock()
-            .unwrap()
-            .insert(layout.id, layout);
-        for extent in 0..size.div_ceil(EXTENT) {
-            self.set_epoch(layout.id, extent, epoch);
-        }
-        layout
-    }
-
-    fn set_epoch(&self, volume: VolumeId, extent: u64, epoch: u64) {
-        self.directory
-            .epochs
-            .lock()
-            .unwrap()
-            .insert((volume, extent), epoch);
-    }
-
-    fn connect(&self) -> ReplicaConnection {
-        ReplicaConnection::connect(&self.address, Duration::from_secs(2)).unwrap()
-    }
-}
+use vstore::VolumeId;
+use vstore::replica::{Opcode, ReplicaConnection, ReplicaRequest, Status};
 
 fn request(
     volume: VolumeId,

@@ -11,6 +11,7 @@
 
 mod ops;
 mod replica;
+mod routing;
 mod startup;
 
 use std::collections::HashMap;
@@ -95,6 +96,8 @@ pub struct LocalNode {
     writes: tokio::sync::Mutex<()>,
     /// Deleted volumes whose space could not be reclaimed (reported once each).
     reclaim_failures: Mutex<std::collections::HashSet<VolumeId>>,
+    /// Connections to the other nodes' replicas, shared by every volume served here.
+    peers: Arc<vstore::remote::Peers>,
 }
 
 impl std::fmt::Debug for LocalNode {
@@ -118,6 +121,7 @@ impl LocalNode {
             unavailable_disks: Mutex::new(Vec::new()),
             writes: tokio::sync::Mutex::new(()),
             reclaim_failures: Mutex::new(std::collections::HashSet::new()),
+            peers: vstore::remote::Peers::new(),
         }
     }
 

@@ -615,6 +615,8 @@ impl LocalNode {
         .await?;
         tracing::info!(volume = %volume.name, id = %volume.id, from = volume.size, to = request.size_bytes, "volume grown");
         if let Some(open) = self.open_volume_handle(volume.id) {
+            // The new extents' replica sets first, so the guest's first I/O there finds them.
+            self.refresh_routing();
             open.grow(request.size_bytes).map_err(store_error)?;
             // The new size is served either way; a frontend that cannot be told sees it when it re-reads the config.
             if let Err(error) = self.devices.resize(volume.id) {
@@ -749,40 +751,10 @@ impl LocalNode {
                 ),
             ));
         }
-        // The data path between nodes (replicated volumes) is not built yet: a volume is served from this node's
-        // disks alone, so every one of its extents must be placed here, or its data would not be where the cluster
-        // state says it is.
-        let me = self.control.node_id();
-        let elsewhere: std::collections::BTreeSet<NodeId> = volume
-            .placement
-            .runs()
-            .flat_map(|(_, run)| run.replicas.nodes.iter().copied())
-            .filter(|node| *node != me)
-            .collect();
-        if !elsewhere.is_empty() {
-            let names = self.control.read(|state| {
-                elsewhere
-                    .iter()
-                    .map(|id| {
-                        state
-                            .nodes
-                            .get(id)
-                            .map_or_else(|| id.to_string(), |node| node.name.clone())
-                    })
-                    .collect::<Vec<_>>()
-                    .join(", ")
-            });
-            return Err(OpError::new(
-                ErrorKind::FailedPrecondition,
-                format!(
-                    "volume '{}' has extents placed on node(s) {names}, and this release serves a volume only from \
-                     the disks of the node it is attached on (volumes across nodes come with replication); attach \
-                     it on the node that holds all its extents",
-                    volume.name
-                ),
-            ));
-        }
         let open: Arc<LocalVolume> = pool.open_volume(layout(volume)).map_err(store_error)?;
+        // Extents placed on other nodes are reached through their replicas.
+        self.control
+            .read(|state| self.install_routing(state, volume, &open));
         if let Some(parent) = Path::new(&attachment.socket).parent()
             && !parent.exists()
         {

@@ -70,6 +70,7 @@ pub async fn run_node(
     }
 
     let reclaimer = tokio::spawn(reclaim_deleted_volumes(Arc::clone(&node)));
+    let router = tokio::spawn(follow_routing(Arc::clone(&node)));
     let (stop_servers, servers_stopped) = tokio::sync::watch::channel(false);
     let mut servers = tokio::task::JoinSet::new();
     let admin = crate::api::admin_service(Arc::clone(&node));
@@ -140,6 +141,7 @@ pub async fn run_node(
     };
     let _ = stop_servers.send(true);
     reclaimer.abort();
+    router.abort();
     while servers.join_next().await.is_some() {}
     // Devices stop without a Detach: the attachments stay in the state and come back at the next start.
     node.devices.detach_all();
@@ -212,6 +214,14 @@ async fn reclaim_deleted_volumes(node: Arc<LocalNode>) {
         let reclaiming = Arc::clone(&node);
         // Freeing zeroes space on the disks: off the async threads.
         let _ = tokio::task::spawn_blocking(move || reclaiming.reclaim_deleted(&pool)).await;
+    }
+}
+
+/// Keeps the routing of the volumes served here in step with the cluster state.
+async fn follow_routing(node: Arc<LocalNode>) {
+    let mut applied = node.control.subscribe();
+    while applied.changed().await.is_ok() {
+        node.refresh_routing();
     }
 }
 

@@ -4,10 +4,16 @@
 
 #![allow(dead_code)] // each test binary uses its own subset
 
+use std::collections::HashMap;
+use std::net::TcpListener;
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
 
-use vstore::{IoError, IoQueue, IoRequest, LocalPool, LocalVolume, Segment, VolumeLayout};
+use vstore::replica::{ReplicaConnection, ReplicaDirectory, ReplicaGrant, serve_connection};
+use vstore::{
+    IoError, IoQueue, IoRequest, LocalPool, LocalVolume, Segment, VolumeId, VolumeLayout,
+};
 
 pub const MIB: u64 = 1 << 20;
 pub const EXTENT: u64 = MIB;
@@ -180,4 +186,87 @@ pub fn pattern(seed: u8, len: usize) -> Vec<u8> {
     (0..len)
         .map(|i| (i as u32).wrapping_mul(2654435761).to_le_bytes()[2] ^ seed | 1)
         .collect()
+}
+
+/// The cluster's view, as a test sets it: (volume, extent) → epoch.
+#[derive(Default)]
+pub struct Directory {
+    layouts: Mutex<HashMap<VolumeId, VolumeLayout>>,
+    epochs: Mutex<HashMap<(VolumeId, u64), u64>>,
+}
+
+impl ReplicaDirectory for Directory {
+    fn replica(&self, volume: VolumeId, extent: u64) -> Option<ReplicaGrant> {
+        let epoch = *self.epochs.lock().unwrap().get(&(volume, extent))?;
+        let layout = *self.layouts.lock().unwrap().get(&volume)?;
+        Some(ReplicaGrant { epoch, layout })
+    }
+}
+
+pub struct Server {
+    pub address: String,
+    pub directory: Arc<Directory>,
+    pub pool: Arc<LocalPool>,
+    _dir: tempfile::TempDir,
+}
+
+/// A pool with one disk, served on a loopback port by a thread per connection.
+pub fn server() -> Server {
+    let dir = test_dir();
+    let pool = pool();
+    add_file_disk(&pool, dir.path(), "d0", 16 * MIB);
+    let directory = Arc::new(Directory::default());
+    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+    let address = listener.local_addr().unwrap().to_string();
+    let serving: Arc<dyn ReplicaDirectory> = directory.clone();
+    let served = Arc::clone(&pool);
+    std::thread::spawn(move || {
+        for stream in listener.incoming() {
+            let Ok(stream) = stream else { continue };
+            let (pool, directory) = (Arc::clone(&served), Arc::clone(&serving));
+            std::thread::spawn(move || {
+                let _ = serve_connection(stream, pool, directory);
+            });
+        }
+    });
+    Server {
+        address,
+        directory,
+        pool,
+        _dir: dir,
+    }
+}
+
+impl Server {
+    /// A volume of `size` bytes whose extents this node holds at `epoch`.
+    pub fn volume(&self, size: u64, epoch: u64) -> VolumeLayout {
+        let layout = layout(size);
+        self.hold(layout, epoch);
+        layout
+    }
+
+    /// Makes this node a replica of every extent of `layout` at `epoch`.
+    pub fn hold(&self, layout: VolumeLayout, epoch: u64) {
+        let size = layout.size;
+        self.directory
+            .layouts
+            .lock()
+            .unwrap()
+            .insert(layout.id, layout);
+        for extent in 0..size.div_ceil(layout.extent_size) {
+            self.set_epoch(layout.id, extent, epoch);
+        }
+    }
+
+    pub fn set_epoch(&self, volume: VolumeId, extent: u64, epoch: u64) {
+        self.directory
+            .epochs
+            .lock()
+            .unwrap()
+            .insert((volume, extent), epoch);
+    }
+
+    pub fn connect(&self) -> ReplicaConnection {
+        ReplicaConnection::connect(&self.address, Duration::from_secs(2)).unwrap()
+    }
 }

@@ -1,0 +1,60 @@
+//! Several daemons on loopback addresses in one test process: `--listen` nodes with names and rack labels, formed
+//! into a cluster with `cluster init` and `node join`, each with a file disk.
+
+use std::path::Path;
+use std::time::{Duration, Instant};
+
+use crate::daemon::{Daemon, DaemonOptions};
+
+/// A loopback address nothing listens on at the moment.
+pub fn free_addr() -> String {
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    listener.local_addr().unwrap().to_string()
+}
+
+/// A fresh `--listen` node named `name` with a `rack` label, its data under `dir/name`.
+pub fn listening(dir: &Path, name: &str, rack: &str) -> (Daemon, String) {
+    let addr = free_addr();
+    let options = DaemonOptions {
+        config: Some(format!("name = \"{name}\"\n[labels]\nrack = \"{rack}\"\n")),
+        args: vec!["--listen".to_owned(), addr.clone()],
+    };
+    (Daemon::start(&dir.join(name), options).unwrap(), addr)
+}
+
+/// Polls `check` until it holds (a follower applies a moment after the leader).
+pub fn eventually(what: &str, mut check: impl FnMut() -> bool) {
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while !check() {
+        assert!(Instant::now() < deadline, "timed out waiting until {what}");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+/// Nodes `names` (racks r1, r2, ...), the first initialising the cluster and the others joining it, each with a
+/// sparse 1 GiB file disk; returns them once every node knows every disk.
+pub fn cluster_of(dir: &Path, names: &[&str]) -> Vec<(Daemon, String)> {
+    let nodes: Vec<(Daemon, String)> = names
+        .iter()
+        .enumerate()
+        .map(|(i, name)| listening(dir, name, &format!("r{}", i + 1)))
+        .collect();
+    nodes[0].0.vessel_ok(&["cluster", "init"]).unwrap();
+    for (node, _) in &nodes[1..] {
+        node.vessel_ok(&["node", "join", &nodes[0].1]).unwrap();
+    }
+    for ((node, _), name) in nodes.iter().zip(names) {
+        let disk = dir.join(format!("{name}-disk.img"));
+        node.vessel_ok(&["disk", "add", disk.to_str().unwrap(), "--size", "1G"])
+            .unwrap();
+    }
+    for (node, _) in &nodes {
+        eventually("every node knows every disk", || {
+            node.vessel_json(&["disk", "list"])
+                .ok()
+                .and_then(|list| list["disks"].as_array().map(Vec::len))
+                == Some(names.len())
+        });
+    }
+    nodes
+}

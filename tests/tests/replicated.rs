@@ -1,0 +1,141 @@
+//! Replicated volumes served by real daemons on loopback addresses: the node a volume is attached on sends every
+//! write to each replica of the extent and reads from its own replica or a remote one. Attaching the same volume on
+//! each node in turn reads every replica back, so a workload verified from every node proves that each replica
+//! holds every acknowledged write.
+
+use std::path::Path;
+
+use vessel_tests::blk_client::{BlkClient, Workload, run_workload, verify_models};
+use vessel_tests::daemon::{Daemon, test_dir};
+use vessel_tests::local_cluster::{cluster_of, eventually};
+
+fn attach(node: &Daemon, volume: &str, socket: &Path) {
+    node.vessel_ok(&[
+        "volume",
+        "attach",
+        volume,
+        "--vhost-user",
+        socket.to_str().unwrap(),
+        "--queues",
+        "2",
+    ])
+    .unwrap();
+}
+
+/// Names of the nodes holding each run of `volume`'s extents.
+fn holders(node: &Daemon, volume: &str) -> Vec<Vec<String>> {
+    let shown = node.vessel_json(&["volume", "show", volume]).unwrap();
+    shown["placement"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|run| {
+            run["node_names"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(|name| name.as_str().unwrap().to_owned())
+                .collect()
+        })
+        .collect()
+}
+
+#[test]
+fn a_replicated_volume_keeps_every_write_on_every_replica() {
+    let dir = test_dir("replicated_workload").unwrap();
+    let names = ["a", "b", "c"];
+    let nodes = cluster_of(&dir, &names);
+    let node = |name: &str| &nodes[names.iter().position(|n| *n == name).unwrap()].0;
+    let workload = Workload {
+        seed: 0x3e91,
+        span: 192 << 20,
+        chunk: 64 << 10,
+        rounds: 120,
+        depth: 8,
+    };
+
+    // Three replicas: written through a, then read back through each node from its own replica.
+    node("a")
+        .vessel_ok(&[
+            "volume",
+            "create",
+            "r3",
+            "--size",
+            "256M",
+            "--replicas",
+            "3",
+        ])
+        .unwrap();
+    for name in names {
+        eventually("every node knows r3", || {
+            node(name).vessel_json(&["volume", "show", "r3"]).is_ok()
+        });
+    }
+    let socket = dir.join("r3.sock");
+    attach(node("a"), "r3", &socket);
+    let mut client = BlkClient::connect_retrying(&socket, 2, false);
+    let (report, models) = run_workload(&mut client, workload).unwrap();
+    assert!(report.writes > 100 && report.discards > 5, "{report:?}");
+    drop(client);
+    node("a").vessel_ok(&["volume", "detach", "r3"]).unwrap();
+    for name in ["b", "c"] {
+        attach(node(name), "r3", &socket);
+        let mut client = BlkClient::connect_retrying(&socket, 2, false);
+        let verified = verify_models(&mut client, workload, &models).unwrap();
+        assert_eq!(verified, workload.span, "through {name}");
+        drop(client);
+        node(name).vessel_ok(&["volume", "detach", "r3"]).unwrap();
+    }
+
+    // Two replicas, attached on a node that lacks one for some extents: those it reads and writes remotely.
+    node("b")
+        .vessel_ok(&[
+            "volume",
+            "create",
+            "r2",
+            "--size",
+            "256M",
+            "--replicas",
+            "2",
+        ])
+        .unwrap();
+    let runs = holders(node("b"), "r2");
+    let outsider = names
+        .iter()
+        .find(|name| runs.iter().any(|run| !run.iter().any(|n| n == *name)))
+        .unwrap();
+    eventually("the outsider knows r2", || {
+        node(outsider)
+            .vessel_json(&["volume", "show", "r2"])
+            .is_ok()
+    });
+    let socket = dir.join("r2.sock");
+    attach(node(outsider), "r2", &socket);
+    let mut client = BlkClient::connect_retrying(&socket, 2, false);
+    let (_, models) = run_workload(
+        &mut client,
+        Workload {
+            seed: 0x77,
+            ..workload
+        },
+    )
+    .unwrap();
+    drop(client);
+    node(outsider)
+        .vessel_ok(&["volume", "detach", "r2"])
+        .unwrap();
+    // The writes landed on the holders: read back through one of them (from its own replicas, and remotely for
+    // any run it does not hold).
+    let holder = runs[0][0].clone();
+    attach(node(&holder), "r2", &socket);
+    let mut client = BlkClient::connect_retrying(&socket, 2, false);
+    verify_models(
+        &mut client,
+        Workload {
+            seed: 0x77,
+            ..workload
+        },
+        &models,
+    )
+    .unwrap();
+}

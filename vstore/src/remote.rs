@@ -1,0 +1,687 @@
+//! The sending side of the data path: a volume served on this node sends each extent's I/O to
+//! the extent's replicas on other nodes, in [`vessel_proto::frame`] frames over TCP.
+//!
+//! - [`Routes`] say where each extent lives (its replica set and epoch, from the Raft state);
+//!   [`Routing`] pairs them with this node's id and the [`Peers`], and the control plane installs it on
+//!   a [`crate::LocalVolume`] with `set_routing` (and replaces it whenever a replica set changes).
+//! - [`Peers`] keeps one connection per peer node, shared by every queue of every volume, opened
+//!   on first use and re-opened after a failure (at most every [`RECONNECT_BACKOFF`]).
+//! - A connection is pipelined: any worker thread sends a request (header and the guest's buffers,
+//!   in one `writev`, no copy) under the connection's send lock, and the connection's reader
+//!   thread matches replies by sequence number, reads a read's data straight into the guest's
+//!   buffers, checks the CRC, and hands the outcome to the sending queue's [`Inbox`], which wakes
+//!   the queue's worker through the same eventfd its io_uring completions use.
+//!
+//! Failure: a connection that breaks, sends anything malformed, or leaves a request unanswered for
+//! [`REQUEST_TIMEOUT`] is closed, and every request waiting on it fails with
+//! [`RemoteError::Unreachable`]. Each request is completed exactly once: only the reader thread
+//! completes requests, and a request registered on a closed connection is refused at once.
+
+use std::collections::HashMap;
+use std::io;
+use std::net::{Shutdown, SocketAddr, TcpStream};
+use std::os::fd::AsRawFd;
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError, RwLock};
+use std::time::{Duration, Instant};
+
+use vessel_proto::frame::{self, HEADER_LEN, Header, Kind, Opcode, Status};
+use vmm_sys_util::eventfd::EventFd;
+
+/// A node of the cluster, as the control plane numbers them.
+pub type NodeId = u64;
+
+/// How long a request to a replica may stay unanswered before its connection is declared dead.
+pub const REQUEST_TIMEOUT: Duration = Duration::from_secs(5);
+/// How long opening a connection to a peer may take.
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(1);
+/// After a failed connection, requests to that peer fail at once for this long before the next
+/// attempt, so a dead peer costs each worker one connect timeout, not one per request.
+pub const RECONNECT_BACKOFF: Duration = Duration::from_millis(500);
+/// How often the reader thread looks for overdue requests while the socket is quiet.
+const READ_POLL: Duration = Duration::from_millis(250);
+
+/// One run of consecutive extents sharing a replica set.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RouteRun {
+    pub first: u64,
+    pub count: u64,
+    /// The replica set's epoch: sent with every request, so replicas can fence stale senders.
+    pub epoch: u64,
+    pub nodes: Vec<NodeId>,
+}
+
+/// Where a volume's extents live: runs sorted by first extent, not overlapping.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Routes {
+    runs: Vec<RouteRun>,
+}
+
+impl Routes {
+    pub fn new(mut runs: Vec<RouteRun>) -> Self {
+        runs.sort_by_key(|run| run.first);
+        Self { runs }
+    }
+
+    /// The run holding `extent`.
+    pub fn lookup(&self, extent: u64) -> Option<&RouteRun> {
+        let after = self.runs.partition_point(|run| run.first <= extent);
+        let run = self.runs.get(after.checked_sub(1)?)?;
+        (extent - run.first < run.count).then_some(run)
+    }
+
+    pub fn runs(&self) -> &[RouteRun] {
+        &self.runs
+    }
+}
+
+/// What a volume served on this node needs to reach its replicas. Immutable: a change of
+/// routes installs a new one.
+#[derive(Debug)]
+pub struct Routing {
+    pub me: NodeId,
+    pub routes: Routes,
+    pub peers: Arc<Peers>,
+}
+
+/// Why a request to a replica failed.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum RemoteError {
+    #[error("replica node {node} is unreachable: {reason}")]
+    Unreachable { node: NodeId, reason: String },
+    #[error("replica node {node} refused the request: {status:?} (its epoch {epoch})")]
+    Refused {
+        node: NodeId,
+        status: Status,
+        epoch: u64,
+    },
+}
+
+/// Where a queue's remote outcomes go: the sending queue drains it when its eventfd fires.
+#[derive(Debug)]
+pub(crate) struct Inbox {
+    done: Mutex<Vec<(u64, Result<(), RemoteError>)>>,
+    signal: EventFd,
+}
+
+impl Inbox {
+    pub(crate) fn new(signal: EventFd) -> Self {
+        Self {
+            done: Mutex::new(Vec::new()),
+            signal,
+        }
+    }
+
+    fn deliver(&self, user_data: u64, outcome: Result<(), RemoteError>) {
+        lock(&self.done).push((user_data, outcome));
+        let _ = self.signal.write(1);
+    }
+
+    /// Moves the outcomes delivered so far into `out`.
+    pub(crate) fn take(&self, out: &mut Vec<(u64, Result<(), RemoteError>)>) {
+        out.append(&mut lock(&self.done));
+    }
+}
+
+fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
+    mutex.lock().unwrap_or_else(PoisonError::into_inner)
+}
+
+/// A request sent and not yet answered.
+struct Waiter {
+    inbox: Arc<Inbox>,
+    user_data: u64,
+    opcode: Opcode,
+    /// Where a read's data goes: the caller's buffers, valid until the outcome is delivered.
+    read_into: Vec<libc::iovec>,
+    sent: Instant,
+}
+
+// SAFETY: the iovecs point at buffers the submitter keeps valid and untouched until the outcome
+// is delivered (IoQueue's submit contract); only the reader thread writes through them.
+unsafe impl Send for Waiter {}
+
+#[derive(Default)]
+struct Waiting {
+    /// Set once the connection is closed: why. No request is registered after that.
+    closed: Option<String>,
+    requests: HashMap<u64, Waiter>,
+}
+
+/// What a connection's senders and its reader thread share.
+struct LinkShared {
+    node: NodeId,
+    waiting: Mutex<Waiting>,
+    outstanding: AtomicUsize,
+}
+
+impl LinkShared {
+    /// Closes the connection's books: every waiting request fails with `reason`.
+    fn close(&self, reason: &str) {
+        let orphans: Vec<Waiter> = {
+            let mut waiting = lock(&self.waiting);
+            waiting.closed.get_or_insert_with(|| reason.to_owned());
+            waiting.requests.drain().map(|(_, waiter)| waiter).collect()
+        };
+        for waiter in orphans {
+            self.fail(waiter, reason);
+        }
+    }
+
+    fn fail(&self, waiter: Waiter, reason: &str) {
+        self.outstanding.fetch_sub(1, Ordering::Relaxed);
+        waiter.inbox.deliver(
+            waiter.user_data,
+            Err(RemoteError::Unreachable {
+                node: self.node,
+                reason: reason.to_owned(),
+            }),
+        );
+    }
+
+    fn is_closed(&self) -> bool {
+        lock(&self.waiting).closed.is_some()
+    }
+
+    /// The age of the oldest unanswered request.
+    fn oldest(&self) -> Option<Duration> {
+        lock(&self.waiting)
+            .requests
+            .values()
+            .map(|waiter| waiter.sent.elapsed())
+            .max()
+    }
+}
+
+/// One connection to a peer.
+struct Link {
+    writer: Mutex<TcpStream>,
+    next_sequence: AtomicU64,
+    shared: Arc<LinkShared>,
+}
+
+impl Drop for Link {
+    fn drop(&mut self) {
+        // The reader thread sees the end of the stream and fails whatever still waits.
+        let _ = lock(&self.writer).shutdown(Shutdown::Both);
+    }
+}
+
+impl Link {
+    fn open(node: NodeId, address: &str) -> io::Result<Self> {
+        let address: SocketAddr = address.parse().map_err(|_| {
+            io::Error::new(
+                io::ErrorKind::InvalidInput,
+                format!("'{address}' is not IP:PORT"),
+            )
+        })?;
+        let stream = TcpStream::connect_timeout(&address, CONNECT_TIMEOUT)?;
+        stream.set_nodelay(true)?;
+        stream.set_write_timeout(Some(REQUEST_TIMEOUT))?;
+        let reader = stream.try_clone()?;
+        reader.set_read_timeout(Some(READ_POLL))?;
+        let shared = Arc::new(LinkShared {
+            node,
+            waiting: Mutex::new(Waiting::default()),
+            outstanding: AtomicUsize::new(0),
+        });
+        let thread_shared = Arc::clone(&shared);
+        std::thread::Builder::new()
+            .name(format!("peer-{node}"))
+            .spawn(move || receive(reader, &thread_shared))?;
+        tracing::debug!(node, %address, "connected to a replica node");
+        Ok(Self {
+            writer: Mutex::new(stream),
+            next_sequence: AtomicU64::new(1),
+            shared,
+        })
+    }
+
+    /// Sends one request; its outcome reaches `inbox` under `user_data`. An `Err` means the
+    /// request was not sent and no outcome will come.
+    fn send(
+        &self,
+        mut header: Header,
+        payload: &[libc::iovec],
+        inbox: &Arc<Inbox>,
+        user_data: u64,
+        read_into: Vec<libc::iovec>,
+    ) -> Result<(), RemoteError> {
+        header.sequence = self.next_sequence.fetch_add(1, Ordering::Relaxed);
+        {
+            let mut waiting = lock(&self.shared.waiting);
+            if let Some(reason) = &waiting.closed {
+                return Err(RemoteError::Unreachable {
+                    node: self.shared.node,
+                    reason: reason.clone(),
+                });
+            }
+            waiting.requests.insert(
+                header.sequence,
+                Waiter {
+                    inbox: Arc::clone(inbox),
+                    user_data,
+                    opcode: header.opcode,
+                    read_into,
+                    sent: Instant::now(),
+                },
+            );
+        }
+        self.shared.outstanding.fetch_add(1, Ordering::Relaxed);
+        // SAFETY: the caller's iovecs are readable for the duration of the call (submit contract).
+        let pieces: Vec<&[u8]> = payload
+            .iter()
+            .map(|iov| unsafe {
+                std::slice::from_raw_parts(iov.iov_base.cast::<u8>(), iov.iov_len)
+            })
+            .collect();
+        let bytes = frame::encode_vectored(&header, &pieces);
+        let mut iovs = Vec::with_capacity(payload.len() + 1);
+        iovs.push(libc::iovec {
+            iov_base: bytes.as_ptr().cast_mut().cast(),
+            iov_len: bytes.len(),
+        });
+        iovs.extend_from_slice(payload);
+        let writer = lock(&self.writer);
+        if let Err(error) = write_all_vectored(&writer, &mut iovs) {
+            // Half a frame may be on the wire: the connection is unusable. The reader fails every
+            // waiting request, this one included, so its outcome still arrives exactly once.
+            tracing::warn!(node = self.shared.node, %error, "cannot send to a replica node; closing the connection");
+            let _ = writer.shutdown(Shutdown::Both);
+        }
+        Ok(())
+    }
+}
+
+/// writev until everything went out (the iovecs are consumed as they go).
+fn write_all_vectored(stream: &TcpStream, iovs: &mut [libc::iovec]) -> io::Result<()> {
+    let mut start = 0;
+    while start < iovs.len() {
+        let count = (iovs.len() - start).min(1024);
+        // SAFETY: the iovecs describe readable memory (see Link::send).
+        let n = unsafe {
+            libc::writev(
+                stream.as_raw_fd(),
+                iovs[start..].as_ptr(),
+                i32::try_from(count).unwrap_or(1024),
+            )
+        };
+        if n < 0 {
+            let error = io::Error::last_os_error();
+            if error.kind() == io::ErrorKind::Interrupted {
+                continue;
+            }
+            return Err(error);
+        }
+        if n == 0 {
+            return Err(io::ErrorKind::WriteZero.into());
+        }
+        advance(iovs, &mut start, n as usize);
+    }
+    Ok(())
+}
+
+/// Moves the window `iovs[*start..]` past `n` transferred bytes.
+fn advance(iovs: &mut [libc::iovec], start: &mut usize, mut n: usize) {
+    while n > 0 && *start < iovs.len() {
+        let iov = &mut iovs[*start];
+        if n >= iov.iov_len {
+            n -= iov.iov_len;
+            *start += 1;
+        } else {
+            iov.iov_base = iov.iov_base.cast::<u8>().wrapping_add(n).cast();
+            iov.iov_len -= n;
+            n = 0;
+        }
+    }
+    while *start < iovs.len() && iovs[*start].iov_len == 0 {
+        *start += 1;
+    }
+}
+
+/// Why the reader stopped.
+#[derive(Debug, thiserror::Error)]
+enum ReceiveError {
+    #[error("{0}")]
+    Io(#[from] io::Error),
+    #[error("the connection closed")]
+    Closed,
+    #[error("no reply for {0:?}")]
+    Overdue(Duration),
+    #[error("malformed reply: {0}")]
+    Malformed(String),
+}
+
+/// The reader thread of one connection: matches replies to waiters until the connection fails.
+fn receive(stream: TcpStream, shared: &LinkShared) {
+    let mut current: Option<Waiter> = None;
+    let error = receive_replies(&stream, shared, &mut current).unwrap_err();
+    let reason = error.to_string();
+    if !matches!(error, ReceiveError::Closed) || shared.outstanding.load(Ordering::Relaxed) > 0 {
+        tracing::warn!(node = shared.node, %reason, "replica connection lost");
+    }
+    let _ = stream.shutdown(Shutdown::Both);
+    if let Some(waiter) = current.take() {
+        shared.fail(waiter, &reason);
+    }
+    shared.close(&reason);
+}
+
+fn receive_replies(
+    stream: &TcpStream,
+    shared: &LinkShared,
+    current: &mut Option<Waiter>,
+) -> Result<(), ReceiveError> {
+    let mut last_check = Instant::now();
+    loop {
+        let mut bytes = [0u8; HEADER_LEN];
+        read_full(
+            stream,
+            &mut [libc::iovec {
+                iov_base: bytes.as_mut_ptr().cast(),
+                iov_len: HEADER_LEN,
+            }],
+            shared,
+            true,
+        )?;
+        let header =
+            frame::decode(&bytes).map_err(|error| ReceiveError::Malformed(error.to_string()))?;
+        let Kind::Reply { status } = header.kind else {
+            return Err(ReceiveError::Malformed(
+                "a request frame arrived".to_owned(),
+            ));
+        };
+        let waiter = lock(&shared.waiting).requests.remove(&header.sequence);
+        let waiter = current.insert(waiter.ok_or_else(|| {
+            ReceiveError::Malformed(format!("reply to unknown request {}", header.sequence))
+        })?);
+        if waiter.opcode != header.opcode {
+            return Err(ReceiveError::Malformed(format!(
+                "reply of opcode {:?} to a {:?} request",
+                header.opcode, waiter.opcode
+            )));
+        }
+        if header.payload > 0 {
+            let expected: usize = waiter.read_into.iter().map(|iov| iov.iov_len).sum();
+            if expected != header.payload as usize {
+                return Err(ReceiveError::Malformed(format!(
+                    "{} bytes of data for a {expected}-byte read",
+                    header.payload
+                )));
+            }
+            let mut iovs = waiter.read_into.clone();
+            read_full(stream, &mut iovs, shared, false)?;
+            // SAFETY: the waiter's buffers stay valid until its outcome is delivered.
+            let pieces: Vec<&[u8]> = waiter
+                .read_into
+                .iter()
+                .map(|iov| unsafe {
+                    std::slice::from_raw_parts(iov.iov_base.cast::<u8>(), iov.iov_len)
+                })
+                .collect();
+            frame::verify_vectored(&bytes, &pieces)
+        } else {
+            frame::verify(&bytes, &[])
+        }
+        .map_err(|error| ReceiveError::Malformed(error.to_string()))?;
+        if status == Status::Ok && header.opcode == Opcode::Read && header.payload == 0 {
+            let expected: usize = waiter.read_into.iter().map(|iov| iov.iov_len).sum();
+            if expected > 0 {
+                return Err(ReceiveError::Malformed(
+                    "a read reply without data".to_owned(),
+                ));
+            }
+        }
+        let waiter = current.take().expect("set above");
+        shared.outstanding.fetch_sub(1, Ordering::Relaxed);
+        let outcome = if status == Status::Ok {
+            Ok(())
+        } else {
+            Err(RemoteError::Refused {
+                node: shared.node,
+                status,
+                epoch: header.epoch,
+            })
+        };
+        waiter.inbox.deliver(waiter.user_data, outcome);
+        if last_check.elapsed() >= READ_POLL {
+            last_check = Instant::now();
+            check_overdue(shared)?;
+        }
+    }
+}
+
+fn check_overdue(shared: &LinkShared) -> Result<(), ReceiveError> {
+    match shared.oldest() {
+        Some(age) if age > REQUEST_TIMEOUT => Err(ReceiveError::Overdue(age)),
+        _ => Ok(()),
+    }
+}
+
+/// Fills `iovs` from the socket, looking for overdue requests whenever it is quiet. `at_frame_start`:
+/// a clean end of stream before the first byte is `Closed`, not an error.
+fn read_full(
+    stream: &TcpStream,
+    iovs: &mut [libc::iovec],
+    shared: &LinkShared,
+    at_frame_start: bool,
+) -> Result<(), ReceiveError> {
+    let mut start = 0;
+    let mut got_any = false;
+    while start < iovs.len() {
+        let count = (iovs.len() - start).min(1024);
+        // SAFETY: the iovecs describe writable memory: our header buffer or a waiter's buffers.
+        let n = unsafe {
+            libc::readv(
+                stream.as_raw_fd(),
+                iovs[start..].as_ptr(),
+                i32::try_from(count).unwrap_or(1024),
+            )
+        };
+        if n < 0 {
+            let error = io::Error::last_os_error();
+            match error.kind() {
+                io::ErrorKind::Interrupted => continue,
+                io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut => {
+                    check_overdue(shared)?;
+                    if shared.is_closed() {
+                        return Err(ReceiveError::Closed);
+                    }
+                    continue;
+                }
+                _ => return Err(error.into()),
+            }
+        }
+        if n == 0 {
+            return Err(if at_frame_start && !got_any {
+                ReceiveError::Closed
+            } else {
+                io::Error::from(io::ErrorKind::UnexpectedEof).into()
+            });
+        }
+        got_any = true;
+        advance(iovs, &mut start, n as usize);
+    }
+    Ok(())
+}
+
+enum Slot {
+    Up(Arc<Link>),
+    Down { since: Instant, reason: String },
+}
+
+/// The connections to the other nodes, shared by every volume and queue of this node.
+#[derive(Default)]
+pub struct Peers {
+    addresses: RwLock<HashMap<NodeId, String>>,
+    links: Mutex<HashMap<NodeId, Slot>>,
+}
+
+impl std::fmt::Debug for Peers {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Peers")
+            .field("addresses", &self.addresses)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Peers {
+    pub fn new() -> Arc<Self> {
+        Arc::new(Self::default())
+    }
+
+    /// Records where `node` listens; a changed address drops the old connection.
+    pub fn set_address(&self, node: NodeId, address: &str) {
+        let mut addresses = self
+            .addresses
+            .write()
+            .unwrap_or_else(PoisonError::into_inner);
+        if addresses.get(&node).map(String::as_str) == Some(address) {
+            return;
+        }
+        addresses.insert(node, address.to_owned());
+        drop(addresses);
+        lock(&self.links).remove(&node);
+    }
+
+    /// Requests sent to `node` and not yet answered; `None` while it is unreachable.
+    pub fn load(&self, node: NodeId) -> Option<usize> {
+        match lock(&self.links).get(&node) {
+            Some(Slot::Up(link)) if !link.shared.is_closed() => {
+                Some(link.shared.outstanding.load(Ordering::Relaxed))
+            }
+            Some(Slot::Up(_)) | None => Some(0),
+            Some(Slot::Down { since, .. }) => (since.elapsed() >= RECONNECT_BACKOFF).then_some(0),
+        }
+    }
+
+    /// The live connection to `node`, opened if need be.
+    fn link(&self, node: NodeId) -> Result<Arc<Link>, RemoteError> {
+        let mut links = lock(&self.links);
+        match links.get(&node) {
+            Some(Slot::Up(link)) if !link.shared.is_closed() => return Ok(Arc::clone(link)),
+            Some(Slot::Down { since, reason }) if since.elapsed() < RECONNECT_BACKOFF => {
+                return Err(RemoteError::Unreachable {
+                    node,
+                    reason: reason.clone(),
+                });
+            }
+            _ => {}
+        }
+        let address = self
+            .addresses
+            .read()
+            .unwrap_or_else(PoisonError::into_inner)
+            .get(&node)
+            .cloned();
+        let opened = match address {
+            Some(address) => Link::open(node, &address)
+                .map_err(|error| format!("cannot connect to {address}: {error}")),
+            None => Err("its address is not known".to_owned()),
+        };
+        match opened {
+            Ok(link) => {
+                let link = Arc::new(link);
+                links.insert(node, Slot::Up(Arc::clone(&link)));
+                Ok(link)
+            }
+            Err(reason) => {
+                tracing::warn!(node, %reason, "replica node unreachable");
+                links.insert(
+                    node,
+                    Slot::Down {
+                        since: Instant::now(),
+                        reason: reason.clone(),
+                    },
+                );
+                Err(RemoteError::Unreachable { node, reason })
+            }
+        }
+    }
+
+    /// Sends one request to `node`; see [`Link::send`].
+    pub(crate) fn send(
+        &self,
+        node: NodeId,
+        header: Header,
+        payload: &[libc::iovec],
+        inbox: &Arc<Inbox>,
+        user_data: u64,
+        read_into: Vec<libc::iovec>,
+    ) -> Result<(), RemoteError> {
+        self.link(node)?
+            .send(header, payload, inbox, user_data, read_into)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn run(first: u64, count: u64, epoch: u64, nodes: &[NodeId]) -> RouteRun {
+        RouteRun {
+            first,
+            count,
+            epoch,
+            nodes: nodes.to_vec(),
+        }
+    }
+
+    #[test]
+    fn routes_find_the_run_of_an_extent() {
+        let routes = Routes::new(vec![run(4, 2, 7, &[2, 3]), run(0, 4, 1, &[1, 2])]);
+        assert_eq!(routes.lookup(0).unwrap().epoch, 1);
+        assert_eq!(routes.lookup(3).unwrap().epoch, 1);
+        assert_eq!(routes.lookup(4).unwrap().nodes, vec![2, 3]);
+        assert_eq!(routes.lookup(5).unwrap().epoch, 7);
+        assert!(routes.lookup(6).is_none());
+        assert!(Routes::default().lookup(0).is_none());
+        let gap = Routes::new(vec![run(0, 1, 1, &[1]), run(3, 1, 1, &[1])]);
+        assert!(gap.lookup(1).is_none());
+        assert!(gap.lookup(3).is_some());
+    }
+
+    #[test]
+    fn advance_skips_whole_and_partial_iovecs() {
+        let mut buf = [0u8; 30];
+        let base = buf.as_mut_ptr();
+        let mut iovs = [
+            libc::iovec {
+                iov_base: base.cast(),
+                iov_len: 10,
+            },
+            libc::iovec {
+                iov_base: base.wrapping_add(10).cast(),
+                iov_len: 20,
+            },
+        ];
+        let mut start = 0;
+        advance(&mut iovs, &mut start, 15);
+        assert_eq!(start, 1);
+        assert_eq!(iovs[1].iov_len, 15);
+        assert_eq!(iovs[1].iov_base as usize, base as usize + 15);
+        advance(&mut iovs, &mut start, 15);
+        assert_eq!(start, 2);
+    }
+
+    #[test]
+    fn an_unknown_or_dead_peer_fails_at_once_and_then_backs_off() {
+        let peers = Peers::new();
+        assert!(matches!(
+            peers.link(9),
+            Err(RemoteError::Unreachable { node: 9, .. })
+        ));
+        // Nothing listens on this port (bound, then closed).
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
+        peers.set_address(9, &format!("127.0.0.1:{port}"));
+        let Err(RemoteError::Unreachable { reason, .. }) = peers.link(9) else {
+            panic!("connected to a closed port");
+        };
+        assert!(reason.contains("cannot connect"), "{reason}");
+        assert_eq!(peers.load(9), None, "backing off");
+    }
+}
