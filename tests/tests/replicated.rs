@@ -139,3 +139,88 @@ fn a_replicated_volume_keeps_every_write_on_every_replica() {
     )
     .unwrap();
 }
+
+/// The epochs and holders of each run of `volume`, as `node` sees them.
+fn placement(node: &Daemon, volume: &str) -> Vec<(u64, Vec<String>)> {
+    let shown = node.vessel_json(&["volume", "show", volume]).unwrap();
+    shown["placement"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|run| {
+            let names = run["node_names"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(|name| name.as_str().unwrap().to_owned())
+                .collect();
+            (run["epoch"].as_u64().unwrap(), names)
+        })
+        .collect()
+}
+
+#[test]
+fn writes_go_on_when_a_replica_node_dies_and_it_is_fenced_off() {
+    let dir = test_dir("replicated_failover").unwrap();
+    let mut nodes = cluster_of(&dir, &["a", "b", "c"]);
+    let (mut c, _) = nodes.pop().unwrap();
+    let (b, _) = nodes.pop().unwrap();
+    let (a, _) = nodes.pop().unwrap();
+    a.vessel_ok(&[
+        "volume",
+        "create",
+        "r3",
+        "--size",
+        "256M",
+        "--replicas",
+        "3",
+    ])
+    .unwrap();
+    eventually("b knows r3", || {
+        b.vessel_json(&["volume", "show", "r3"]).is_ok()
+    });
+    let before = placement(&a, "r3");
+    let socket = dir.join("r3.sock");
+    attach(&a, "r3", &socket);
+    let workload = Workload {
+        seed: 0xdead,
+        span: 128 << 20,
+        chunk: 64 << 10,
+        rounds: 600,
+        depth: 8,
+    };
+    let mut client = BlkClient::connect_retrying(&socket, 2, false);
+    // c dies in the middle of the workload; no request may fail for it.
+    let (report, models) = std::thread::scope(|scope| {
+        let killer = scope.spawn(|| {
+            std::thread::sleep(std::time::Duration::from_millis(800));
+            c.kill().unwrap();
+        });
+        let result = run_workload(&mut client, workload);
+        killer.join().unwrap();
+        result.unwrap()
+    });
+    assert!(report.writes > 500, "{report:?}");
+    drop(client);
+    // c was taken out of every replica set, at a newer epoch.
+    let after = placement(&a, "r3");
+    assert_eq!(after.len(), before.len());
+    for ((old_epoch, _), (epoch, names)) in before.iter().zip(&after) {
+        assert!(epoch > old_epoch, "{before:?} -> {after:?}");
+        let mut names = names.clone();
+        names.sort();
+        assert_eq!(names, ["a", "b"], "{after:?}");
+    }
+    assert!(
+        a.log().contains("fenced it off"),
+        "a's log tells of the failover"
+    );
+    // b's replica holds every acknowledged write.
+    a.vessel_ok(&["volume", "detach", "r3"]).unwrap();
+    attach(&b, "r3", &socket);
+    let mut client = BlkClient::connect_retrying(&socket, 2, false);
+    assert_eq!(
+        verify_models(&mut client, workload, &models).unwrap(),
+        workload.span
+    );
+}

@@ -31,7 +31,7 @@ use vessel_proto::frame::{FLAG_DURABLE, Header, Kind, MAX_PAYLOAD, Opcode};
 use crate::aligned::AlignedBuf;
 use crate::disk::{Disk, PUNCH_MODE, ZERO_MODE};
 use crate::error::IoError;
-use crate::remote::{Inbox, NodeId, RemoteError, Routing};
+use crate::remote::{Fault, Inbox, NodeId, Outcome, RemoteError, Routing, Settlement};
 use crate::volume::{ExtentLease, LocalVolume, extent_count};
 
 /// Most iovecs one readv/writev takes (Linux UIO_MAXIOV); a piece with more segments goes
@@ -127,6 +127,8 @@ struct SubOp {
     /// For routed reads and writes: where the op's data starts in the request's segments.
     data_start: u64,
     remote: Option<RemoteOp>,
+    /// Nodes a remote read already failed on.
+    tried: Vec<NodeId>,
 }
 
 impl SubOp {
@@ -221,6 +223,7 @@ impl Request {
         op.fallocate_mode = 0;
         op.data_start = 0;
         op.remote = None;
+        op.tried.clear();
         self.used += 1;
         self.used - 1
     }
@@ -310,7 +313,7 @@ pub struct IoQueue {
     enabled: bool,
     /// Outcomes of sub-ops sent to other nodes; signals `eventfd`.
     inbox: Arc<Inbox>,
-    remote_batch: Vec<(u64, Result<(), RemoteError>)>,
+    remote_batch: Vec<(u64, Outcome)>,
     /// Sub-ops sent to other nodes and not yet answered.
     remote_outstanding: usize,
     /// Whether requests follow a volume's routing to other nodes (false for a queue serving
@@ -469,15 +472,19 @@ impl IoQueue {
         let req = &mut self.requests[index];
         req.tag = tag;
         req.volume = Some(volume.clone());
+        // Held while planning, so that no sub-op failing at once can finish the request midway.
+        req.pending = 1;
         let routing = if self.routed { volume.routing() } else { None };
         let planned = match (request, routing) {
             (request, None) => self.plan_local(index, volume, request),
             (request, Some(routing)) => self.plan_routed(index, volume, &routing, request),
         };
+        let req = &mut self.requests[index];
         if let Err(error) = planned {
-            self.requests[index].fail(error);
+            req.fail(error);
         }
-        if self.requests[index].pending == 0 {
+        req.pending -= 1;
+        if req.pending == 0 {
             self.finish_request(index);
             // The worker learns of completions through the eventfd only; this one had no CQE.
             let _ = self.eventfd.write(1);
@@ -760,17 +767,75 @@ impl IoQueue {
             Opcode::Read => (&[][..], op.iov.clone()),
             _ => (&[][..], Vec::new()),
         };
-        routing.peers.send(
+        let sent = routing.peers.send(
             remote.node,
             header,
             payload,
             &self.inbox,
             user_data(index, op_index),
             read_into,
-        )?;
+        );
         self.requests[index].pending += 1;
         self.remote_outstanding += 1;
+        if let Err(error) = sent {
+            // As if the replica had answered with the failure.
+            self.remote_failed(index, op_index, error);
+        }
         Ok(())
+    }
+
+    /// A remote sub-op failed: a read goes to another replica of the extent, a write waits for
+    /// the control plane to settle the fault (when the routing has somewhere to hold it);
+    /// otherwise the request fails.
+    fn remote_failed(&mut self, index: usize, op_index: usize, error: RemoteError) {
+        let volume = self.requests[index].volume.clone();
+        let routing = volume.as_ref().and_then(|volume| volume.routing());
+        let op = &mut self.requests[index].ops[op_index];
+        if let (Some(remote), Some(volume), Some(routing)) = (op.remote, &volume, &routing) {
+            if remote.opcode == Opcode::Read {
+                op.tried.push(remote.node);
+                let next = routing.routes.lookup(remote.extent).and_then(|run| {
+                    run.nodes
+                        .iter()
+                        .find(|node| **node != routing.me && !op.tried.contains(node))
+                        .map(|node| (*node, run.epoch))
+                });
+                if let Some((node, epoch)) = next {
+                    tracing::debug!(volume = %volume.id(), %error, to = node, "reading from another replica");
+                    op.remote = Some(RemoteOp {
+                        node,
+                        epoch,
+                        ..remote
+                    });
+                    self.requests[index].pending -= 1;
+                    self.remote_outstanding -= 1;
+                    let _ = self.send_remote(index, op_index, volume, routing);
+                    return;
+                }
+            } else if let Some(faults) = &routing.faults {
+                // Still outstanding: the settlement arrives through the inbox.
+                faults.hold(
+                    Fault {
+                        extent: remote.extent,
+                        node: remote.node,
+                        epoch: remote.epoch,
+                        error,
+                    },
+                    &self.inbox,
+                    user_data(index, op_index),
+                );
+                return;
+            }
+        }
+        self.remote_outstanding -= 1;
+        let req = &mut self.requests[index];
+        let volume = req.volume.as_ref().map(|v| v.id()).unwrap_or_default();
+        tracing::debug!(%volume, %error, "replica I/O failed");
+        req.fail(IoError::Replica(error));
+        req.pending -= 1;
+        if req.pending == 0 {
+            self.finish_request(index);
+        }
     }
 
     /// Pushes the queued SQEs to the kernel in one syscall.
@@ -850,18 +915,42 @@ impl IoQueue {
         self.remote_batch = batch;
     }
 
-    fn complete_remote(&mut self, index: usize, op_index: usize, outcome: Result<(), RemoteError>) {
-        self.remote_outstanding -= 1;
-        let Some(req) = self.requests.get_mut(index) else {
+    fn complete_remote(&mut self, index: usize, op_index: usize, outcome: Outcome) {
+        if self
+            .requests
+            .get(index)
+            .and_then(|req| req.ops.get(op_index))
+            .is_none()
+        {
             tracing::error!(
                 user_data = user_data(index, op_index),
                 "reply for an unknown request; ignored"
             );
             return;
+        }
+        let error = match outcome {
+            Outcome::Reply(Ok(())) | Outcome::Settled(Settlement::Dropped) => None,
+            Outcome::Reply(Err(error)) => return self.remote_failed(index, op_index, error),
+            Outcome::Settled(Settlement::Retry { epoch }) => {
+                let volume = self.requests[index].volume.clone();
+                let routing = volume.as_ref().and_then(|volume| volume.routing());
+                let op = &mut self.requests[index].ops[op_index];
+                if let (Some(remote), Some(volume), Some(routing)) = (op.remote, volume, routing) {
+                    op.remote = Some(RemoteOp { epoch, ..remote });
+                    self.requests[index].pending -= 1;
+                    self.remote_outstanding -= 1;
+                    let _ = self.send_remote(index, op_index, &volume, &routing);
+                    return;
+                }
+                Some(RemoteError::Abandoned {
+                    reason: "the volume is no longer routed to its replicas".to_owned(),
+                })
+            }
+            Outcome::Settled(Settlement::Fail(reason)) => Some(RemoteError::Abandoned { reason }),
         };
-        if let Err(error) = outcome {
-            let volume = req.volume.as_ref().map(|v| v.id()).unwrap_or_default();
-            tracing::debug!(%volume, %error, "replica I/O failed");
+        self.remote_outstanding -= 1;
+        let req = &mut self.requests[index];
+        if let Some(error) = error {
             req.fail(IoError::Replica(error));
         }
         req.pending -= 1;

@@ -82,6 +82,126 @@ pub struct Routing {
     pub me: NodeId,
     pub routes: Routes,
     pub peers: Arc<Peers>,
+    /// Where writes whose replica failed wait for the control plane; `None` fails them at once.
+    pub faults: Option<Arc<Faults>>,
+}
+
+/// A write (or discard, write-zeroes, flush) that a replica failed: the guest's request waits
+/// until the control plane settles it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Fault {
+    pub extent: u64,
+    pub node: NodeId,
+    /// The replica-set epoch the write was sent at.
+    pub epoch: u64,
+    pub error: RemoteError,
+}
+
+/// How the control plane settled a [`Fault`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Settlement {
+    /// The node is out of the extent's replica set (a newer epoch fences it off): the write
+    /// stands on the replicas that remain.
+    Dropped,
+    /// Send it to the same node again, at `epoch` (the node is back, or still in a newer set).
+    Retry { epoch: u64 },
+    /// The write cannot complete (this node no longer holds the volume): the request fails.
+    Fail(String),
+}
+
+/// A held fault and where its settlement goes.
+struct HeldFault {
+    fault: Fault,
+    inbox: Arc<Inbox>,
+    user_data: u64,
+}
+
+/// The faults of one volume's writes, waiting to be settled. Shared by every routing the volume
+/// gets, so a change of routes does not lose them.
+pub struct Faults {
+    held: Mutex<Vec<HeldFault>>,
+    /// Set by `close`: faults arriving later fail at once with this reason.
+    closed: Mutex<Option<String>>,
+    wake: Box<dyn Fn() + Send + Sync>,
+}
+
+impl std::fmt::Debug for Faults {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Faults")
+            .field("held", &lock(&self.held).len())
+            .finish_non_exhaustive()
+    }
+}
+
+impl Faults {
+    /// `wake` is called whenever a fault arrives (from a worker thread: it must not block).
+    pub fn new(wake: impl Fn() + Send + Sync + 'static) -> Arc<Self> {
+        Arc::new(Self {
+            held: Mutex::new(Vec::new()),
+            closed: Mutex::new(None),
+            wake: Box::new(wake),
+        })
+    }
+
+    pub(crate) fn hold(&self, fault: Fault, inbox: &Arc<Inbox>, user_data: u64) {
+        if let Some(reason) = lock(&self.closed).clone() {
+            inbox.deliver(user_data, Outcome::Settled(Settlement::Fail(reason)));
+            return;
+        }
+        lock(&self.held).push(HeldFault {
+            fault,
+            inbox: Arc::clone(inbox),
+            user_data,
+        });
+        (self.wake)();
+    }
+
+    /// Fails every fault held now or arriving later with `reason`: the volume stops being served
+    /// here, and its workers must be able to finish.
+    pub fn close(&self, reason: &str) {
+        *lock(&self.closed) = Some(reason.to_owned());
+        self.settle(|_| Some(Settlement::Fail(reason.to_owned())));
+    }
+
+    /// The faults waiting to be settled.
+    pub fn pending(&self) -> Vec<Fault> {
+        lock(&self.held)
+            .iter()
+            .map(|held| held.fault.clone())
+            .collect()
+    }
+
+    /// Settles each held fault `decide` has an answer for; returns how many.
+    pub fn settle(&self, mut decide: impl FnMut(&Fault) -> Option<Settlement>) -> usize {
+        let settled: Vec<(HeldFault, Settlement)> = {
+            let mut held = lock(&self.held);
+            let mut settled = Vec::new();
+            let mut kept = Vec::with_capacity(held.len());
+            for fault in held.drain(..) {
+                match decide(&fault.fault) {
+                    Some(settlement) => settled.push((fault, settlement)),
+                    None => kept.push(fault),
+                }
+            }
+            *held = kept;
+            settled
+        };
+        let count = settled.len();
+        for (held, settlement) in settled {
+            held.inbox
+                .deliver(held.user_data, Outcome::Settled(settlement));
+        }
+        count
+    }
+}
+
+/// What reaches a queue's inbox for one remote sub-op.
+#[derive(Debug)]
+pub(crate) enum Outcome {
+    /// The replica's answer (or the connection's failure).
+    Reply(Result<(), RemoteError>),
+    /// The control plane's settlement of a held fault.
+    Settled(Settlement),
 }
 
 /// Why a request to a replica failed.
@@ -95,12 +215,15 @@ pub enum RemoteError {
         status: Status,
         epoch: u64,
     },
+    /// The control plane gave up on a write this node could not complete.
+    #[error("{reason}")]
+    Abandoned { reason: String },
 }
 
 /// Where a queue's remote outcomes go: the sending queue drains it when its eventfd fires.
 #[derive(Debug)]
 pub(crate) struct Inbox {
-    done: Mutex<Vec<(u64, Result<(), RemoteError>)>>,
+    done: Mutex<Vec<(u64, Outcome)>>,
     signal: EventFd,
 }
 
@@ -112,13 +235,13 @@ impl Inbox {
         }
     }
 
-    fn deliver(&self, user_data: u64, outcome: Result<(), RemoteError>) {
+    fn deliver(&self, user_data: u64, outcome: Outcome) {
         lock(&self.done).push((user_data, outcome));
         let _ = self.signal.write(1);
     }
 
     /// Moves the outcomes delivered so far into `out`.
-    pub(crate) fn take(&self, out: &mut Vec<(u64, Result<(), RemoteError>)>) {
+    pub(crate) fn take(&self, out: &mut Vec<(u64, Outcome)>) {
         out.append(&mut lock(&self.done));
     }
 }
@@ -172,10 +295,10 @@ impl LinkShared {
         self.outstanding.fetch_sub(1, Ordering::Relaxed);
         waiter.inbox.deliver(
             waiter.user_data,
-            Err(RemoteError::Unreachable {
+            Outcome::Reply(Err(RemoteError::Unreachable {
                 node: self.node,
                 reason: reason.to_owned(),
-            }),
+            })),
         );
     }
 
@@ -443,7 +566,9 @@ fn receive_replies(
                 epoch: header.epoch,
             })
         };
-        waiter.inbox.deliver(waiter.user_data, outcome);
+        waiter
+            .inbox
+            .deliver(waiter.user_data, Outcome::Reply(outcome));
         if last_check.elapsed() >= READ_POLL {
             last_check = Instant::now();
             check_overdue(shared)?;
@@ -553,6 +678,11 @@ impl Peers {
             Some(Slot::Up(_)) | None => Some(0),
             Some(Slot::Down { since, .. }) => (since.elapsed() >= RECONNECT_BACKOFF).then_some(0),
         }
+    }
+
+    /// Whether `node` can be reached now (connecting if need be; blocks up to a connect timeout).
+    pub fn reachable(&self, node: NodeId) -> bool {
+        self.link(node).is_ok()
     }
 
     /// The live connection to `node`, opened if need be.

@@ -10,7 +10,9 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use common::*;
-use vstore::remote::{NodeId, Peers, RemoteError, RouteRun, Routes, Routing};
+use vstore::remote::{
+    Fault, Faults, NodeId, Peers, RemoteError, RouteRun, Routes, Routing, Settlement,
+};
 use vstore::replica::{Opcode, ReplicaConnection, ReplicaRequest, Status};
 use vstore::{IoError, IoQueue, IoRequest, LocalVolume, VolumeLayout};
 
@@ -21,6 +23,8 @@ struct Cluster {
     local: OneDisk,
     servers: Vec<Server>,
     peers: Arc<Peers>,
+    /// Where failed writes wait, when the test plays the control plane.
+    faults: Option<Arc<Faults>>,
 }
 
 fn cluster(remotes: usize) -> Cluster {
@@ -34,6 +38,7 @@ fn cluster(remotes: usize) -> Cluster {
         local,
         servers,
         peers,
+        faults: None,
     }
 }
 
@@ -61,6 +66,7 @@ impl Cluster {
                 nodes: nodes.to_vec(),
             }]),
             peers: Arc::clone(&self.peers),
+            faults: self.faults.clone(),
         })));
         volume
     }
@@ -274,4 +280,138 @@ fn an_unreachable_or_silent_replica_fails_the_request_instead_of_hanging() {
         started.elapsed()
     );
     drop(silent);
+}
+
+/// Submits a write of `data` at `offset`; returns its buffer (keep it until the write is reaped).
+fn submit_write(
+    queue: &mut IoQueue,
+    volume: &Arc<LocalVolume>,
+    offset: u64,
+    data: &[u8],
+) -> GuestBuf {
+    let mut buf = GuestBuf::from_bytes(data, 0);
+    let segments = buf.segments(&[]);
+    // SAFETY: the buffer is returned to the caller, who keeps it until the request is reaped.
+    unsafe {
+        queue.submit(
+            volume,
+            IoRequest::Write {
+                offset,
+                segments: &segments,
+                write_through: false,
+            },
+            7,
+        );
+    }
+    queue.commit().unwrap();
+    buf
+}
+
+/// Waits up to `timeout` for the write submitted by `submit_write`.
+fn outcome(queue: &mut IoQueue, timeout: Duration) -> Option<Result<(), IoError>> {
+    let deadline = Instant::now() + timeout;
+    let mut result = None;
+    while result.is_none() && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(10));
+        queue.reap(|_, r| result = Some(r));
+    }
+    result
+}
+
+#[test]
+fn a_failed_write_waits_for_the_control_plane_and_completes_as_settled() {
+    let mut cluster = cluster(1);
+    let (woken_tx, woken) = std::sync::mpsc::channel();
+    let woken_tx = std::sync::Mutex::new(woken_tx);
+    let faults = Faults::new(move || {
+        let _ = woken_tx.lock().unwrap().send(());
+    });
+    cluster.faults = Some(Arc::clone(&faults));
+    let closed = TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap();
+    cluster.peers.set_address(9, &closed.to_string());
+    let volume = cluster.volume(MIB, &[ME, 2, 9], 5, 5);
+    let mut queue = IoQueue::new(8).unwrap();
+
+    // Node 9 is down: the write waits, the control plane hears of it.
+    let data = pattern(4, 8192);
+    let buf = submit_write(&mut queue, &volume, 4096, &data);
+    woken.recv_timeout(Duration::from_secs(5)).expect("woken");
+    assert!(
+        outcome(&mut queue, Duration::from_millis(200)).is_none(),
+        "must wait"
+    );
+    let pending = faults.pending();
+    assert_eq!(pending.len(), 1, "{pending:?}");
+    let Fault {
+        extent,
+        node,
+        epoch,
+        error,
+    } = &pending[0];
+    assert_eq!((*extent, *node, *epoch), (0, 9, 5));
+    assert!(matches!(error, RemoteError::Unreachable { .. }));
+    // It fenced node 9 off (epoch 6): the write stands on this node and node 2.
+    assert_eq!(faults.settle(|_| Some(Settlement::Dropped)), 1);
+    assert!(outcome(&mut queue, Duration::from_secs(5)).unwrap().is_ok());
+    drop(buf);
+    assert!(cluster.read_replica(2, volume.layout(), 4096, 8192) == data);
+
+    // The node comes back (here: at node 2's address) before anything was dropped: sent again.
+    cluster
+        .peers
+        .set_address(9, &cluster.servers[0].address.clone());
+    let buf = submit_write(&mut queue, &volume, 0, &pattern(5, 4096));
+    // Whether the first attempt failed depends on the backoff: settle whatever arrives.
+    let done = match outcome(&mut queue, Duration::from_millis(700)) {
+        Some(done) => done,
+        None => {
+            faults.settle(|fault| Some(Settlement::Retry { epoch: fault.epoch }));
+            outcome(&mut queue, Duration::from_secs(5)).unwrap()
+        }
+    };
+    assert!(done.is_ok(), "{done:?}");
+    drop(buf);
+
+    // This node lost the volume: held writes fail, and so do later ones at once.
+    cluster.peers.set_address(9, &closed.to_string());
+    std::thread::sleep(vstore::remote::RECONNECT_BACKOFF);
+    let buf = submit_write(&mut queue, &volume, 0, &pattern(6, 4096));
+    woken.recv_timeout(Duration::from_secs(5)).expect("woken");
+    faults.close("volume detached");
+    let error = outcome(&mut queue, Duration::from_secs(5))
+        .unwrap()
+        .unwrap_err();
+    assert!(error.to_string().contains("volume detached"), "{error}");
+    drop(buf);
+}
+
+#[test]
+fn a_read_goes_to_another_replica_when_one_fails() {
+    let cluster = cluster(1);
+    // Node 0 (the first choice when loads are equal) refuses connections.
+    let closed = TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap();
+    cluster.peers.set_address(0, &closed.to_string());
+    let written = cluster.volume(MIB, &[ME, 2], 1, 1);
+    let mut queue = IoQueue::new(8).unwrap();
+    let data = pattern(8, 16 * 1024);
+    write(&mut queue, &written, 0, &data).unwrap();
+    // The same volume as a node holding no replica sees it: replicas on nodes 0 and 2.
+    written.set_routing(Some(Arc::new(Routing {
+        me: 42,
+        routes: Routes::new(vec![RouteRun {
+            first: 0,
+            count: 1,
+            epoch: 1,
+            nodes: vec![0, 2],
+        }]),
+        peers: Arc::clone(&cluster.peers),
+        faults: None,
+    })));
+    assert_eq!(read(&mut queue, &written, 0, data.len()).unwrap(), data);
 }

@@ -98,6 +98,10 @@ pub struct LocalNode {
     reclaim_failures: Mutex<std::collections::HashSet<VolumeId>>,
     /// Connections to the other nodes' replicas, shared by every volume served here.
     peers: Arc<vstore::remote::Peers>,
+    /// Writes of the volumes served here that wait for a failed replica to be settled, per volume.
+    faults: Mutex<HashMap<VolumeId, Arc<vstore::remote::Faults>>>,
+    /// Wakes the fault settler.
+    fault_signal: Arc<tokio::sync::Notify>,
 }
 
 impl std::fmt::Debug for LocalNode {
@@ -122,6 +126,8 @@ impl LocalNode {
             writes: tokio::sync::Mutex::new(()),
             reclaim_failures: Mutex::new(std::collections::HashSet::new()),
             peers: vstore::remote::Peers::new(),
+            faults: Mutex::new(HashMap::new()),
+            fault_signal: Arc::new(tokio::sync::Notify::new()),
         }
     }
 

@@ -91,7 +91,9 @@ impl From<CommandError> for OpError {
             | E::NodeHoldsReplicas { .. }
             | E::NodeServesVolumes { .. }
             | E::NodeChanged { .. }
-            | E::NodeCapacityNeeded { .. } => ErrorKind::FailedPrecondition,
+            | E::NodeCapacityNeeded { .. }
+            | E::NotTheHolder { .. }
+            | E::TooFewReplicas { .. } => ErrorKind::FailedPrecondition,
             E::NotEnoughNodes { .. } | E::NotEnoughDomains { .. } | E::OverLimit { .. } => {
                 ErrorKind::ResourceExhausted
             }
@@ -790,6 +792,13 @@ impl LocalNode {
     }
 
     fn unserve(&self, volume: &Volume) {
+        self.close_faults(
+            volume.id,
+            &format!(
+                "volume '{}' was detached while writes waited for a replica",
+                volume.name
+            ),
+        );
         self.devices.detach(volume.id);
         self.open
             .lock()

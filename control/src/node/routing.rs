@@ -2,14 +2,29 @@
 //! extent's replica set in the Raft state and kept in step with it (a grown volume, a replica set that changed).
 //!
 //! A volume whose every extent lives on this node alone gets no routing: its I/O stays on the local fast path.
+//!
+//! Failover: a write that a replica fails (unreachable, timed out, refused) is held by the device's queue as a
+//! [`Fault`], and [`settle_faults`] settles it. When the Raft state already answers — the replica set moved on to a
+//! newer epoch without the node (`Dropped`: the write stands on the others) or with it (`Retry`), or this node no
+//! longer holds the volume (`Fail`) — that is the answer. Otherwise this node, as the volume's holder, proposes
+//! `DropReplica`, which fences the node off by bumping the epochs of its replica sets, and the write completes
+//! once that is applied. When dropping would leave fewer than `min_replicas`, the writes wait (the volume pauses)
+//! and the node is probed until it answers again; then they are sent to it again.
 
-use std::sync::Arc;
+use std::collections::BTreeSet;
+use std::sync::{Arc, PoisonError};
+use std::time::Duration;
 
-use vstore::LocalVolume;
-use vstore::remote::{RouteRun, Routes, Routing};
+use vessel_proto::frame::Status;
+use vstore::remote::{Fault, Faults, RemoteError, RouteRun, Routes, Routing, Settlement};
+use vstore::{LocalVolume, VolumeId};
 
 use super::LocalNode;
-use crate::state::{ClusterState, Volume};
+use crate::raft::ControlError;
+use crate::state::{ClusterState, Command, CommandError, NodeId, Volume};
+
+/// How often held faults are looked at again while they wait (a paused volume's probe interval).
+const SETTLE_INTERVAL: Duration = Duration::from_millis(500);
 
 impl LocalNode {
     /// The routing `volume` needs on this node, or `None` when all its extents are here alone.
@@ -51,11 +66,13 @@ impl LocalNode {
             return;
         }
         tracing::debug!(volume = %volume.name, runs = routes.as_ref().map_or(0, |r| r.runs().len()), "routing installed");
+        let faults = routes.as_ref().map(|_| self.faults_of(volume.id));
         open.set_routing(routes.map(|routes| {
             Arc::new(Routing {
                 me: self.control.node_id(),
                 routes,
                 peers: Arc::clone(&self.peers),
+                faults,
             })
         }));
     }
@@ -73,5 +90,166 @@ impl LocalNode {
                 }
             }
         });
+    }
+
+    /// The faults desk of a volume served here, created on first use.
+    fn faults_of(&self, volume: VolumeId) -> Arc<Faults> {
+        let mut desks = self.faults.lock().unwrap_or_else(PoisonError::into_inner);
+        let signal = Arc::clone(&self.fault_signal);
+        Arc::clone(
+            desks
+                .entry(volume)
+                .or_insert_with(|| Faults::new(move || signal.notify_one())),
+        )
+    }
+
+    /// Fails the writes of `volume` that wait for a replica (and any that would later): it stops being served
+    /// here, and its device must be able to drain.
+    pub(super) fn close_faults(&self, volume: VolumeId, reason: &str) {
+        let desk = self
+            .faults
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .remove(&volume);
+        if let Some(desk) = desk {
+            desk.close(reason);
+        }
+    }
+
+    /// [`LocalNode::close_faults`] for every volume (daemon shutdown).
+    pub(super) fn close_all_faults(&self, reason: &str) {
+        let desks: Vec<Arc<Faults>> = self
+            .faults
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .drain()
+            .map(|(_, desk)| desk)
+            .collect();
+        for desk in desks {
+            desk.close(reason);
+        }
+    }
+
+    /// Settles what it can of `volume`'s held faults; see the module docs.
+    async fn settle_volume(&self, volume: VolumeId, desk: &Arc<Faults>) {
+        let me = self.control.node_id();
+        self.control
+            .read(|state| desk.settle(|fault| decide(state, volume, me, fault)));
+        // Faults the state does not answer yet: the failed nodes must be fenced off.
+        let failed: BTreeSet<NodeId> = desk
+            .pending()
+            .iter()
+            .filter(|fault| needs_drop(fault))
+            .map(|fault| fault.node)
+            .collect();
+        for node in failed {
+            let name = self.control.read(|state| state.node_label(node));
+            let dropped = self
+                .control
+                .write(Command::DropReplica {
+                    volume,
+                    node,
+                    holder: me,
+                })
+                .await;
+            match dropped {
+                Ok(_) => tracing::warn!(
+                    %volume, node = %name,
+                    "replica node failed; fenced it off (new epoch), writes go on with the other replicas"
+                ),
+                Err(ControlError::Rejected(CommandError::TooFewReplicas { .. })) => {
+                    let peers = Arc::clone(&self.peers);
+                    let back = tokio::task::spawn_blocking(move || peers.reachable(node))
+                        .await
+                        .unwrap_or(false);
+                    if back {
+                        tracing::info!(%volume, node = %name, "replica node reachable again; resending the writes that waited for it");
+                        self.control.read(|state| {
+                            desk.settle(|fault| {
+                                (fault.node == node)
+                                    .then(|| state.volumes.get(&volume)?.replica_set(fault.extent))
+                                    .flatten()
+                                    .map(|set| Settlement::Retry { epoch: set.epoch })
+                            })
+                        });
+                    } else {
+                        tracing::warn!(%volume, node = %name, "replica node unreachable and the volume has no replica to spare: its writes wait");
+                    }
+                }
+                Err(error) => {
+                    tracing::warn!(%volume, node = %name, %error, "cannot fence off a failed replica yet; retrying")
+                }
+            }
+        }
+        self.control
+            .read(|state| desk.settle(|fault| decide(state, volume, me, fault)));
+    }
+}
+
+/// Whether settling `fault` takes fencing its node off: not when the node only lags behind the state
+/// (`NotReplica`) or this node does (`StaleEpoch`).
+fn needs_drop(fault: &Fault) -> bool {
+    !matches!(
+        fault.error,
+        RemoteError::Refused {
+            status: Status::NotReplica | Status::StaleEpoch,
+            ..
+        }
+    )
+}
+
+/// What the Raft state says about a held fault, if anything yet.
+fn decide(state: &ClusterState, volume: VolumeId, me: NodeId, fault: &Fault) -> Option<Settlement> {
+    let Some(described) = state.volumes.get(&volume) else {
+        return Some(Settlement::Fail("the volume was deleted".to_owned()));
+    };
+    if state.attachments.get(&volume).map(|a| a.node) != Some(me) {
+        return Some(Settlement::Fail(format!(
+            "volume '{}' is no longer attached on this node",
+            described.name
+        )));
+    }
+    let Some(set) = described.replica_set(fault.extent) else {
+        return Some(Settlement::Fail(format!(
+            "extent {} of volume '{}' has no replica set",
+            fault.extent, described.name
+        )));
+    };
+    if set.epoch > fault.epoch {
+        return Some(if set.contains(fault.node) {
+            Settlement::Retry { epoch: set.epoch }
+        } else {
+            Settlement::Dropped
+        });
+    }
+    match fault.error {
+        // The replica has not applied the set yet: try again (one settle interval later).
+        RemoteError::Refused {
+            status: Status::NotReplica,
+            ..
+        } => Some(Settlement::Retry { epoch: set.epoch }),
+        _ => None,
+    }
+}
+
+/// Settles held faults whenever one arrives, and every [`SETTLE_INTERVAL`] while any wait.
+pub(super) async fn settle_faults(node: Arc<LocalNode>) {
+    loop {
+        tokio::select! {
+            () = node.fault_signal.notified() => {}
+            () = tokio::time::sleep(SETTLE_INTERVAL) => {}
+        }
+        let desks: Vec<(VolumeId, Arc<Faults>)> = node
+            .faults
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .iter()
+            .map(|(volume, desk)| (*volume, Arc::clone(desk)))
+            .collect();
+        for (volume, desk) in desks {
+            if !desk.pending().is_empty() {
+                node.settle_volume(volume, &desk).await;
+            }
+        }
     }
 }

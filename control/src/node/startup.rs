@@ -71,6 +71,7 @@ pub async fn run_node(
 
     let reclaimer = tokio::spawn(reclaim_deleted_volumes(Arc::clone(&node)));
     let router = tokio::spawn(follow_routing(Arc::clone(&node)));
+    let settler = tokio::spawn(super::routing::settle_faults(Arc::clone(&node)));
     let (stop_servers, servers_stopped) = tokio::sync::watch::channel(false);
     let mut servers = tokio::task::JoinSet::new();
     let admin = crate::api::admin_service(Arc::clone(&node));
@@ -142,8 +143,11 @@ pub async fn run_node(
     let _ = stop_servers.send(true);
     reclaimer.abort();
     router.abort();
+    settler.abort();
     while servers.join_next().await.is_some() {}
-    // Devices stop without a Detach: the attachments stay in the state and come back at the next start.
+    // Devices stop without a Detach: the attachments stay in the state and come back at the next start. Writes
+    // waiting for a failed replica cannot be settled any more: they fail, so that the devices can stop.
+    node.close_all_faults("the daemon is shutting down");
     node.devices.detach_all();
     let _ = std::fs::remove_file(&node.config.admin_socket);
     if let Err(error) = node.control.shutdown().await {
@@ -222,6 +226,8 @@ async fn follow_routing(node: Arc<LocalNode>) {
     let mut applied = node.control.subscribe();
     while applied.changed().await.is_ok() {
         node.refresh_routing();
+        // Held writes may wait for exactly this change (a replica set's new epoch).
+        node.fault_signal.notify_one();
     }
 }
 

@@ -69,6 +69,15 @@ pub enum Command {
     /// exactly the node's disks (the proposer reads them from the state; a mismatch is refused),
     /// so the rows the command changes are known before it applies.
     RemoveNode { id: NodeId, disks: Vec<DiskId> },
+    /// Takes a failed replica node out of every replica set of a volume, bumping their epochs so
+    /// it is fenced off; proposed by `holder`, the node the volume is attached on, whose writes
+    /// to it failed. Refused unless the volume is attached on `holder` (a node that lost its
+    /// lease may not change the sets), or when a set would keep fewer than `min_replicas`.
+    DropReplica {
+        volume: VolumeId,
+        node: NodeId,
+        holder: NodeId,
+    },
 }
 
 impl fmt::Display for Command {
@@ -105,6 +114,9 @@ impl fmt::Display for Command {
             ),
             Self::Detach { volume } => write!(f, "detach volume {volume}"),
             Self::RemoveNode { id, .. } => write!(f, "remove node {id}"),
+            Self::DropReplica { volume, node, .. } => {
+                write!(f, "drop the replicas of volume {volume} on node {node}")
+            }
         }
     }
 }
@@ -131,7 +143,8 @@ impl Command {
             Self::RemoveDisk { id } => vec![Row::Disk(*id)],
             Self::CreateVolume { id, .. }
             | Self::GrowVolume { id, .. }
-            | Self::DeleteVolume { id } => {
+            | Self::DeleteVolume { id }
+            | Self::DropReplica { volume: id, .. } => {
                 vec![Row::Volume(*id)]
             }
             Self::Attach { attachment } => vec![Row::Attachment(attachment.volume)],
@@ -180,6 +193,12 @@ pub enum CommandOutcome {
     },
     NodeRemoved {
         node: Node,
+    },
+    ReplicaDropped {
+        volume: VolumeId,
+        node: NodeId,
+        /// Replica sets that lost the node.
+        sets: u64,
     },
 }
 
@@ -367,6 +386,26 @@ pub enum CommandError {
         label: String,
         available: usize,
     },
+    #[error(
+        "volume '{name}' is not attached on node {holder} (it is {}); only the attaching node may drop replicas",
+        attached.as_deref().unwrap_or("not attached")
+    )]
+    NotTheHolder {
+        name: String,
+        holder: NodeId,
+        attached: Option<String>,
+    },
+    #[error(
+        "dropping node {node} from volume '{name}' would leave extent {first_extent} with {remaining} replica(s), \
+         fewer than the volume's minimum of {min_replicas}; I/O waits for the replica to return"
+    )]
+    TooFewReplicas {
+        name: String,
+        node: NodeId,
+        first_extent: u64,
+        remaining: usize,
+        min_replicas: u8,
+    },
 }
 
 fn not_enough_nodes(name: &str, replicas: u8, available: usize) -> String {
@@ -423,7 +462,50 @@ impl ClusterState {
             Command::Attach { attachment } => self.attach(attachment),
             Command::Detach { volume } => self.detach(volume),
             Command::RemoveNode { id, disks } => self.remove_node(id, &disks),
+            Command::DropReplica {
+                volume,
+                node,
+                holder,
+            } => self.drop_replica(volume, node, holder),
         }
+    }
+
+    fn drop_replica(
+        &mut self,
+        id: VolumeId,
+        node: NodeId,
+        holder: NodeId,
+    ) -> Result<CommandOutcome, CommandError> {
+        let attached = self.attachments.get(&id).map(|a| a.node);
+        let volume = self
+            .volumes
+            .get_mut(&id)
+            .ok_or_else(|| CommandError::VolumeNotFound {
+                volume: id.to_string(),
+            })?;
+        if attached != Some(holder) {
+            let name = volume.name.clone();
+            return Err(CommandError::NotTheHolder {
+                name,
+                holder,
+                attached: attached.map(|node| format!("attached on node {node}")),
+            });
+        }
+        let sets = volume
+            .placement
+            .drop_node(node, usize::from(volume.min_replicas))
+            .map_err(|short| CommandError::TooFewReplicas {
+                name: volume.name.clone(),
+                node,
+                first_extent: short.first_extent,
+                remaining: short.remaining,
+                min_replicas: volume.min_replicas,
+            })?;
+        Ok(CommandOutcome::ReplicaDropped {
+            volume: id,
+            node,
+            sets,
+        })
     }
 
     fn init_cluster(
@@ -1644,6 +1726,79 @@ mod tests {
         );
         assert!(state.volume_by_name_or_id("nope").is_none());
         assert_eq!(state.volume_names.get("db1"), Some(&vid(1)));
+    }
+
+    #[test]
+    fn a_failed_replica_is_dropped_by_the_holder_down_to_min_replicas() {
+        let mut state = cluster();
+        for id in 2..=3 {
+            state
+                .apply(Command::AddNode {
+                    node: node(id, &format!("n{id}")),
+                })
+                .unwrap();
+            state
+                .apply(Command::AddDisk {
+                    disk: disk(u128::from(id), id, "/pool/d1", 8 * GIB),
+                })
+                .unwrap();
+        }
+        state
+            .apply(Command::CreateVolume {
+                id: vid(1),
+                name: "r3".to_owned(),
+                size: GIB,
+                block_size: None,
+                replicas: 3,
+                created_unix: 0,
+            })
+            .unwrap();
+        let drop = |node, holder| Command::DropReplica {
+            volume: vid(1),
+            node,
+            holder,
+        };
+        assert_eq!(
+            refused(&mut state, drop(2, 1)),
+            "volume 'r3' is not attached on node 1 (it is not attached); only the attaching node may drop replicas"
+        );
+        state
+            .apply(Command::Attach {
+                attachment: attachment(vid(1), "/run/r3.sock"),
+            })
+            .unwrap();
+        assert!(
+            refused(&mut state, drop(2, 3))
+                .contains("is not attached on node 3 (it is attached on node 1)")
+        );
+        let before = state.volumes[&vid(1)].placement.clone();
+        assert_eq!(
+            state.apply(drop(2, 1)).unwrap(),
+            CommandOutcome::ReplicaDropped {
+                volume: vid(1),
+                node: 2,
+                sets: before.run_count() as u64,
+            }
+        );
+        for ((_, old), (_, new)) in before.runs().zip(state.volumes[&vid(1)].placement.runs()) {
+            assert_eq!(new.replicas.epoch, old.replicas.epoch + 1);
+            assert!(!new.replicas.contains(2) && new.replicas.nodes.len() == 2);
+        }
+        // Two of three is the minimum: losing another would risk the data.
+        assert_eq!(
+            refused(&mut state, drop(3, 1)),
+            "dropping node 3 from volume 'r3' would leave extent 0 with 1 replica(s), fewer than the volume's \
+             minimum of 2; I/O waits for the replica to return"
+        );
+        // A node holding nothing any more: nothing changes, and that is no error.
+        assert_eq!(
+            state.apply(drop(2, 1)).unwrap(),
+            CommandOutcome::ReplicaDropped {
+                volume: vid(1),
+                node: 2,
+                sets: 0,
+            }
+        );
     }
 
     #[test]

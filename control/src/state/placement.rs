@@ -84,6 +84,31 @@ impl Placement {
         self.runs.len()
     }
 
+    /// Takes `node` out of every replica set holding it, bumping each one's epoch so the node is
+    /// fenced off. Refused, changing nothing, when a set would keep fewer than `min` replicas.
+    /// Returns how many sets changed.
+    pub fn drop_node(&mut self, node: NodeId, min: usize) -> Result<u64, ShortRun> {
+        if let Some((first, run)) = self
+            .runs
+            .iter()
+            .find(|(_, run)| run.replicas.contains(node) && run.replicas.nodes.len() <= min)
+        {
+            return Err(ShortRun {
+                first_extent: *first,
+                remaining: run.replicas.nodes.len() - 1,
+            });
+        }
+        let mut changed = 0;
+        for run in self.runs.values_mut() {
+            if run.replicas.contains(node) {
+                run.replicas.nodes.retain(|n| *n != node);
+                run.replicas.epoch += 1;
+                changed += 1;
+            }
+        }
+        Ok(changed)
+    }
+
     /// Places the next `count` extents on `replicas`, merging with the last run when equal.
     pub fn push(&mut self, count: u64, replicas: ReplicaSet) {
         if count == 0 {
@@ -98,6 +123,14 @@ impl Placement {
         }
         self.runs.insert(next, PlacementRun { count, replicas });
     }
+}
+
+/// Dropping a node would leave a replica set with too few replicas.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ShortRun {
+    pub first_extent: u64,
+    /// Replicas the set would keep.
+    pub remaining: usize,
 }
 
 /// Smallest run the placer creates, in extents: with 64 MiB extents a 1 GiB stripe, so that
