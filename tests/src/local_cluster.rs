@@ -16,7 +16,10 @@ pub fn free_addr() -> String {
 pub fn listening(dir: &Path, name: &str, rack: &str) -> (Daemon, String) {
     let addr = free_addr();
     let options = DaemonOptions {
-        config: Some(format!("name = \"{name}\"\n[labels]\nrack = \"{rack}\"\n")),
+        // A modest rebuild rate, so that tests can write while a rebuild runs.
+        config: Some(format!(
+            "name = \"{name}\"\nrebuild_rate = \"48M\"\n[labels]\nrack = \"{rack}\"\n"
+        )),
         args: vec!["--listen".to_owned(), addr.clone()],
     };
     (Daemon::start(&dir.join(name), options).unwrap(), addr)

@@ -438,11 +438,42 @@ pub fn volume(out: Output, volume: &admin::Volume) {
                     },
                     run.epoch.to_string(),
                     run.node_names.join(", "),
+                    rebuild_state(run, volume.extent_size),
                 ]
             })
             .collect();
-        table(&["EXTENTS", "EPOCH", "REPLICAS"], &rows);
+        table(&["EXTENTS", "EPOCH", "REPLICAS", "REBUILD"], &rows);
     }
+}
+
+/// A run's rebuild as one cell: a progress bar, the percentage, the targets, rate and ETA.
+fn rebuild_state(run: &admin::ExtentRun, extent_size: u64) -> String {
+    if run.rebuild_targets.is_empty() {
+        return "-".to_owned();
+    }
+    let count = run.count.max(1);
+    let done = run.rebuilt_extents.min(count);
+    let percent = done * 100 / count;
+    let filled = usize::try_from(done * 20 / count).unwrap_or(20);
+    let bar = format!("[{}{}]", "#".repeat(filled), "-".repeat(20 - filled));
+    let elapsed = run
+        .rebuild_reported_unix
+        .saturating_sub(run.rebuild_started_unix);
+    let timing = if done > 0 && elapsed > 0 {
+        let rate = done * extent_size / u64::try_from(elapsed).unwrap_or(1).max(1);
+        let left = (count - done) * extent_size / rate.max(1);
+        format!(
+            ", {}/s, ETA {}",
+            HumanSize(rate),
+            humantime::format_duration(Duration::from_secs(left))
+        )
+    } else {
+        String::new()
+    };
+    format!(
+        "{bar} {percent}% to {}{timing}",
+        run.rebuild_target_names.join(", ")
+    )
 }
 
 /// Percentiles from the histogram: each is the upper bound of the bucket it falls in.

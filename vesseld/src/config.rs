@@ -37,6 +37,8 @@ pub struct Config {
     pub name: Option<String>,
     /// Failure-domain labels of this node (e.g. `rack = "r1"`), recorded when it initialises or joins a cluster.
     pub labels: BTreeMap<String, String>,
+    /// Most bytes per second one rebuild this node drives copies (binary units, e.g. "256M"); "0" for no limit.
+    pub rebuild_rate: String,
 }
 
 impl Default for Config {
@@ -52,6 +54,7 @@ impl Default for Config {
             log: "info".to_owned(),
             name: None,
             labels: BTreeMap::new(),
+            rebuild_rate: "256M".to_owned(),
         }
     }
 }
@@ -96,6 +99,10 @@ impl Config {
 
     pub fn default_disk_bytes(&self) -> anyhow::Result<u64> {
         parse_size(&self.default_disk_size).with_context(|| "default_disk_size in the config")
+    }
+
+    pub fn rebuild_rate_bytes(&self) -> anyhow::Result<u64> {
+        parse_size(&self.rebuild_rate).with_context(|| "rebuild_rate in the config")
     }
 
     pub fn overcommit_milli(&self) -> anyhow::Result<u32> {

@@ -91,6 +91,7 @@ fn run() -> anyhow::Result<()> {
         default_disk_size: config.default_disk_bytes()?,
         name: config.name.clone(),
         labels: config.labels.clone(),
+        rebuild_rate: config.rebuild_rate_bytes()?,
     };
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)

@@ -20,6 +20,7 @@
 //! - `stats`: per-volume counters and latency histogram.
 //! - `replica`: serving other nodes' extent I/O (the replica side of the data path).
 //! - `remote`: sending extent I/O to other nodes' replicas (the writer side of the data path).
+//! - `rebuild`: copying extents to a replica being built while the guest writes.
 
 mod aligned;
 mod disk;
@@ -27,6 +28,7 @@ mod error;
 mod format;
 mod pool;
 mod queue;
+pub mod rebuild;
 pub mod remote;
 pub mod replica;
 mod stats;

@@ -203,6 +203,8 @@ struct Request {
     /// SQEs queued and not yet completed.
     pending: u32,
     error: Option<IoError>,
+    /// The rebuild guard's sequence number a write was counted under (see `count_write`).
+    write_sequence: Option<u64>,
     /// `ops[..used]` belong to this request; the rest keep their capacity for reuse.
     ops: Vec<SubOp>,
     used: usize,
@@ -554,7 +556,7 @@ impl IoQueue {
                 self.plan_flush(index, volume)?;
                 let mut flushed: Vec<NodeId> = Vec::new();
                 for run in routing.routes.runs() {
-                    for &node in &run.nodes {
+                    for node in run.members() {
                         if node == routing.me || flushed.contains(&node) {
                             continue;
                         }
@@ -598,6 +600,9 @@ impl IoQueue {
         check_range(volume, offset, len)?;
         let extent_size = volume.extent_size();
         let write = write_through.is_some();
+        if write {
+            self.count_write(index, volume);
+        }
         // Phase 1: every sub-op, local leases included, so that a full local pool or an extent
         // without replicas fails the request before any of it is sent.
         let end = offset + len;
@@ -610,7 +615,15 @@ impl IoQueue {
                 .routes
                 .lookup(extent)
                 .ok_or_else(|| no_replicas(volume, extent))?;
-            let local = run.nodes.contains(&routing.me);
+            // Reads come from healthy replicas only; writes go to replicas being built as well.
+            let local = if write {
+                volume
+                    .rebuild()
+                    .note_write(extent, within, piece, u64::from(volume.block_size()));
+                run.members().any(|node| node == routing.me)
+            } else {
+                run.nodes.contains(&routing.me)
+            };
             let data_start = pos - offset;
             if local {
                 let lease = if write {
@@ -632,11 +645,7 @@ impl IoQueue {
                 op.data_start = data_start;
             }
             let targets: Vec<NodeId> = if write {
-                run.nodes
-                    .iter()
-                    .copied()
-                    .filter(|&node| node != routing.me)
-                    .collect()
+                run.members().filter(|&node| node != routing.me).collect()
             } else if local {
                 Vec::new()
             } else {
@@ -646,7 +655,12 @@ impl IoQueue {
                     .iter()
                     .filter_map(|&node| Some((routing.peers.load(node)?, node)))
                     .min();
-                vec![least.map_or(run.nodes[0], |(_, node)| node)]
+                let first = run
+                    .nodes
+                    .first()
+                    .copied()
+                    .ok_or_else(|| no_replicas(volume, extent))?;
+                vec![least.map_or(first, |(_, node)| node)]
             };
             for node in targets {
                 let mut done = 0;
@@ -693,6 +707,23 @@ impl IoQueue {
         len: u64,
         unmap: bool,
     ) -> Result<(), IoError> {
+        check_range(volume, offset, len)?;
+        self.count_write(index, volume);
+        let extent_size = volume.extent_size();
+        // Marked before anything goes out, local fallocates included.
+        let end = offset + len;
+        let mut pos = offset;
+        while pos < end {
+            let within = pos % extent_size;
+            let piece = (extent_size - within).min(end - pos);
+            volume.rebuild().note_write(
+                pos / extent_size,
+                within,
+                piece,
+                u64::from(volume.block_size()),
+            );
+            pos += piece;
+        }
         // This node's replicas: its map holds only the extents placed here.
         self.plan_zero(index, volume, offset, len, unmap)?;
         let extent_size = volume.extent_size();
@@ -706,7 +737,10 @@ impl IoQueue {
                 .routes
                 .lookup(extent)
                 .ok_or_else(|| no_replicas(volume, extent))?;
-            for node in run.nodes.iter().copied().filter(|&n| n != routing.me) {
+            volume
+                .rebuild()
+                .note_write(extent, within, piece, u64::from(volume.block_size()));
+            for node in run.members().filter(|&n| n != routing.me) {
                 let mut done = 0;
                 while done < piece {
                     let chunk = (piece - done).min(REMOTE_ZERO_CHUNK);
@@ -731,6 +765,11 @@ impl IoQueue {
             pos += piece;
         }
         Ok(())
+    }
+
+    /// Counts the request as a write in flight until it finishes (see [`crate::rebuild`]).
+    fn count_write(&mut self, index: usize, volume: &LocalVolume) {
+        self.requests[index].write_sequence = Some(volume.rebuild().write_started());
     }
 
     /// Sends a planned remote sub-op; its outcome arrives through the inbox.
@@ -1281,6 +1320,9 @@ impl IoQueue {
         }
         req.used = 0;
         req.pending = 0;
+        if let (Some(sequence), Some(volume)) = (req.write_sequence.take(), &req.volume) {
+            volume.rebuild().write_finished(sequence);
+        }
         req.volume = None;
         finished.push_back((req.tag, req.error.take().map_or(Ok(()), Err)));
         free_requests.push(index);

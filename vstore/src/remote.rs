@@ -48,7 +48,17 @@ pub struct RouteRun {
     pub count: u64,
     /// The replica set's epoch: sent with every request, so replicas can fence stale senders.
     pub epoch: u64,
+    /// The healthy replicas: written to and read from.
     pub nodes: Vec<NodeId>,
+    /// Replicas being rebuilt: written to, never read from.
+    pub targets: Vec<NodeId>,
+}
+
+impl RouteRun {
+    /// Every node that takes the run's writes.
+    pub fn members(&self) -> impl Iterator<Item = NodeId> + '_ {
+        self.nodes.iter().chain(&self.targets).copied()
+    }
 }
 
 /// Where a volume's extents live: runs sorted by first extent, not overlapping.
@@ -754,6 +764,7 @@ mod tests {
             count,
             epoch,
             nodes: nodes.to_vec(),
+            targets: Vec::new(),
         }
     }
 

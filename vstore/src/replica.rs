@@ -526,6 +526,11 @@ impl ReplicaConnection {
         })
     }
 
+    /// The socket, to set timeouts.
+    pub fn stream_ref(&self) -> &TcpStream {
+        &self.stream
+    }
+
     /// The raw socket, for tests that send what a well-behaved peer never would.
     pub fn stream(&mut self) -> &mut TcpStream {
         &mut self.stream

@@ -19,6 +19,7 @@ use std::sync::{Arc, Mutex, MutexGuard, PoisonError, RwLock, RwLockReadGuard, Rw
 use crate::disk::Disk;
 use crate::error::{IoError, StoreError};
 use crate::pool::LocalPool;
+use crate::rebuild::RebuildGuard;
 use crate::remote::Routing;
 use crate::stats::VolumeStats;
 use crate::{VolumeId, VolumeLayout};
@@ -82,6 +83,7 @@ pub struct LocalVolume {
     /// Set when this node serves the volume to a guest and its extents live (also) on other
     /// nodes: the device's queues then send each request to the extent's replicas.
     routing: RwLock<Option<Arc<Routing>>>,
+    rebuild: RebuildGuard,
 }
 
 fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -112,6 +114,7 @@ impl LocalVolume {
             full_warned: AtomicBool::new(false),
             stats: VolumeStats::default(),
             routing: RwLock::new(None),
+            rebuild: RebuildGuard::default(),
         }
     }
 
@@ -173,6 +176,11 @@ impl LocalVolume {
     /// ([`crate::IoQueue::for_replica_service`]) ignore it.
     pub fn set_routing(&self, routing: Option<Arc<Routing>>) {
         *self.routing.write().unwrap_or_else(PoisonError::into_inner) = routing;
+    }
+
+    /// What keeps a rebuild's copies from overwriting newer guest writes.
+    pub fn rebuild(&self) -> &RebuildGuard {
+        &self.rebuild
     }
 
     /// The routing in force, if any.

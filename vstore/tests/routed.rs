@@ -64,6 +64,7 @@ impl Cluster {
                 count: size.div_ceil(EXTENT),
                 epoch,
                 nodes: nodes.to_vec(),
+                targets: Vec::new(),
             }]),
             peers: Arc::clone(&self.peers),
             faults: self.faults.clone(),
@@ -409,9 +410,102 @@ fn a_read_goes_to_another_replica_when_one_fails() {
             count: 1,
             epoch: 1,
             nodes: vec![0, 2],
+            targets: Vec::new(),
         }]),
         peers: Arc::clone(&cluster.peers),
         faults: None,
     })));
     assert_eq!(read(&mut queue, &written, 0, data.len()).unwrap(), data);
+}
+
+#[test]
+fn a_rebuild_copies_under_concurrent_writes_and_misses_none() {
+    use vstore::rebuild::{Copier, Endpoint};
+
+    let cluster = cluster(2);
+    let volume = cluster.volume(4 * MIB, &[ME, 2], 1, 1);
+    let layout = volume.layout();
+    let mut queue = IoQueue::new(32).unwrap();
+    for extent in 0..4 {
+        write(
+            &mut queue,
+            &volume,
+            extent * EXTENT,
+            &pattern(extent as u8, EXTENT as usize),
+        )
+        .unwrap();
+    }
+    // Node 3 joins extents 0..4 as a rebuild target at epoch 2.
+    cluster.servers[0].hold(layout, 2);
+    cluster.servers[1].hold(layout, 2);
+    volume.set_routing(Some(Arc::new(Routing {
+        me: ME,
+        routes: Routes::new(vec![RouteRun {
+            first: 0,
+            count: 4,
+            epoch: 2,
+            nodes: vec![ME, 2],
+            targets: vec![3],
+        }]),
+        peers: Arc::clone(&cluster.peers),
+        faults: None,
+    })));
+
+    let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let writer = {
+        let (volume, stop) = (Arc::clone(&volume), Arc::clone(&stop));
+        std::thread::spawn(move || {
+            let mut queue = IoQueue::new(32).unwrap();
+            let mut writes = 0u64;
+            let mut seed = 0x9e37_79b9_u64;
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) || writes < 200 {
+                seed = seed
+                    .wrapping_mul(6364136223846793005)
+                    .wrapping_add(1442695040888963407);
+                let offset = (seed >> 33) % (4 * MIB / 4096) * 4096;
+                let len = 4096 * (1 + (seed >> 20) % 4);
+                let len = len.min(4 * MIB - offset);
+                write(
+                    &mut queue,
+                    &volume,
+                    offset,
+                    &pattern((seed >> 8) as u8, len as usize),
+                )
+                .unwrap();
+                writes += 1;
+            }
+            writes
+        })
+    };
+    let mut copier = Copier::new(Arc::clone(&volume), 0).unwrap();
+    assert!(
+        volume
+            .rebuild()
+            .wait_older_writes(2, Duration::from_secs(5))
+    );
+    let target = Endpoint::Remote {
+        node: 3,
+        address: cluster.servers[1].address.clone(),
+    };
+    for extent in 0..4 {
+        copier
+            .copy_extent(extent, 2, &Endpoint::Local, std::slice::from_ref(&target))
+            .unwrap();
+        volume.rebuild().disarm(extent);
+    }
+    copier.flush(0, 2, &[target]).unwrap();
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    let writes = writer.join().unwrap();
+    assert!(writes >= 200);
+    assert!(copier.copied_bytes() > 0);
+    // Node 3 now holds exactly what this node does.
+    for extent in 0..4 {
+        let local = read(&mut queue, &volume, extent * EXTENT, EXTENT as usize).unwrap();
+        let rebuilt = cluster.read_replica(3, layout, extent * EXTENT, EXTENT as u32);
+        let differs = local.iter().zip(&rebuilt).position(|(a, b)| a != b);
+        assert_eq!(
+            differs, None,
+            "extent {extent} differs on the rebuilt replica ({writes} writes meanwhile)"
+        );
+    }
 }

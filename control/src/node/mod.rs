@@ -10,6 +10,7 @@
 //! (freeing a deleted volume's space) is redone at start-up if the daemon died in between.
 
 mod ops;
+mod rebuild;
 mod replica;
 mod routing;
 mod startup;
@@ -44,6 +45,8 @@ pub struct NodeConfig {
     pub name: Option<String>,
     /// Failure-domain labels (rack, zone...), recorded when this node initialises or joins a cluster.
     pub labels: std::collections::BTreeMap<String, String>,
+    /// Most bytes per second one rebuild driven by this node copies; 0 for no limit.
+    pub rebuild_rate: u64,
 }
 
 impl NodeConfig {
@@ -102,6 +105,8 @@ pub struct LocalNode {
     faults: Mutex<HashMap<VolumeId, Arc<vstore::remote::Faults>>>,
     /// Wakes the fault settler.
     fault_signal: Arc<tokio::sync::Notify>,
+    /// Rebuild copies this node runs.
+    copies: Mutex<rebuild::Copies>,
 }
 
 impl std::fmt::Debug for LocalNode {
@@ -128,6 +133,7 @@ impl LocalNode {
             peers: vstore::remote::Peers::new(),
             faults: Mutex::new(HashMap::new()),
             fault_signal: Arc::new(tokio::sync::Notify::new()),
+            copies: Mutex::new(rebuild::Copies::default()),
         }
     }
 

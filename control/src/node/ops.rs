@@ -93,6 +93,7 @@ impl From<CommandError> for OpError {
             | E::NodeChanged { .. }
             | E::NodeCapacityNeeded { .. }
             | E::NotTheHolder { .. }
+            | E::RebuildRefused { .. }
             | E::TooFewReplicas { .. } => ErrorKind::FailedPrecondition,
             E::NotEnoughNodes { .. } | E::NotEnoughDomains { .. } | E::OverLimit { .. } => {
                 ErrorKind::ResourceExhausted
@@ -140,7 +141,7 @@ fn store_error(error: StoreError) -> OpError {
     OpError::new(kind, error.to_string())
 }
 
-fn now_unix() -> i64 {
+pub(super) fn now_unix() -> i64 {
     SystemTime::now()
         .duration_since(UNIX_EPOCH)
         .ok()
@@ -871,6 +872,28 @@ impl LocalNode {
                                 .iter()
                                 .map(|node| state.node_label(*node))
                                 .collect(),
+                            rebuild_targets: run.replicas.targets().to_vec(),
+                            rebuild_target_names: run
+                                .replicas
+                                .targets()
+                                .iter()
+                                .map(|node| state.node_label(*node))
+                                .collect(),
+                            rebuilt_extents: run
+                                .replicas
+                                .rebuild
+                                .as_ref()
+                                .map_or(0, |r| r.copied_extents),
+                            rebuild_started_unix: run
+                                .replicas
+                                .rebuild
+                                .as_ref()
+                                .map_or(0, |r| r.started_unix),
+                            rebuild_reported_unix: run
+                                .replicas
+                                .rebuild
+                                .as_ref()
+                                .map_or(0, |r| r.reported_unix),
                         })
                         .collect()
                 })

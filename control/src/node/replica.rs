@@ -28,7 +28,7 @@ impl ReplicaDirectory for StateDirectory {
         self.control.read(|state| {
             let volume = state.volumes.get(&volume)?;
             let replicas = volume.replica_set(extent)?;
-            replicas.nodes.contains(&me).then(|| ReplicaGrant {
+            replicas.receives(me).then(|| ReplicaGrant {
                 epoch: replicas.epoch,
                 layout: layout(volume),
             })

@@ -38,19 +38,26 @@ impl LocalNode {
                 count: run.count,
                 epoch: run.replicas.epoch,
                 nodes: run.replicas.nodes.clone(),
+                targets: run.replicas.targets().to_vec(),
             })
             .collect();
-        if runs.iter().all(|run| run.nodes == [me]) {
+        if runs
+            .iter()
+            .all(|run| run.nodes == [me] && run.targets.is_empty())
+        {
             return None;
         }
-        for run in &runs {
-            for node in &run.nodes {
-                if let Some(address) = state.nodes.get(node).and_then(|n| n.address.as_deref()) {
-                    self.peers.set_address(*node, address);
-                }
+        self.learn_addresses(state);
+        Some(Routes::new(runs))
+    }
+
+    /// Tells the peer connections where every node listens.
+    pub(super) fn learn_addresses(&self, state: &ClusterState) {
+        for node in state.nodes.values() {
+            if let Some(address) = &node.address {
+                self.peers.set_address(node.id, address);
             }
         }
-        Some(Routes::new(runs))
     }
 
     /// Installs on `open` the routing the state gives `volume`, if it changed.

@@ -72,6 +72,7 @@ pub async fn run_node(
     let reclaimer = tokio::spawn(reclaim_deleted_volumes(Arc::clone(&node)));
     let router = tokio::spawn(follow_routing(Arc::clone(&node)));
     let settler = tokio::spawn(super::routing::settle_faults(Arc::clone(&node)));
+    let rebuilder = tokio::spawn(super::rebuild::drive_rebuilds(Arc::clone(&node)));
     let (stop_servers, servers_stopped) = tokio::sync::watch::channel(false);
     let mut servers = tokio::task::JoinSet::new();
     let admin = crate::api::admin_service(Arc::clone(&node));
@@ -144,6 +145,7 @@ pub async fn run_node(
     reclaimer.abort();
     router.abort();
     settler.abort();
+    rebuilder.abort();
     while servers.join_next().await.is_some() {}
     // Devices stop without a Detach: the attachments stay in the state and come back at the next start. Writes
     // waiting for a failed replica cannot be settled any more: they fail, so that the devices can stop.

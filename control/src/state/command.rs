@@ -78,6 +78,31 @@ pub enum Command {
         node: NodeId,
         holder: NodeId,
     },
+    /// Starts rebuilding runs of a volume that lack replicas: each `(first_extent, node)` makes
+    /// `node` a rebuild target of the run starting there (it takes the run's writes from the new
+    /// epoch on, and `driver` copies the rest to it). `driver` must be the node the volume is
+    /// attached on, or any node while it is detached.
+    StartRebuild {
+        volume: VolumeId,
+        driver: NodeId,
+        targets: Vec<(u64, NodeId)>,
+        started_unix: i64,
+    },
+    /// Records how far the rebuild of the run starting at `first_extent` got (at `epoch`).
+    RebuildProgress {
+        volume: VolumeId,
+        first_extent: u64,
+        epoch: u64,
+        copied_extents: u64,
+        reported_unix: i64,
+    },
+    /// The rebuild of the run starting at `first_extent` (at `epoch`) copied everything: its
+    /// targets become healthy replicas.
+    FinishRebuild {
+        volume: VolumeId,
+        first_extent: u64,
+        epoch: u64,
+    },
 }
 
 impl fmt::Display for Command {
@@ -117,6 +142,26 @@ impl fmt::Display for Command {
             Self::DropReplica { volume, node, .. } => {
                 write!(f, "drop the replicas of volume {volume} on node {node}")
             }
+            Self::StartRebuild {
+                volume, targets, ..
+            } => write!(f, "rebuild {} run(s) of volume {volume}", targets.len()),
+            Self::RebuildProgress {
+                volume,
+                first_extent,
+                copied_extents,
+                ..
+            } => write!(
+                f,
+                "rebuild of volume {volume} at extent {first_extent}: {copied_extents} extent(s) copied"
+            ),
+            Self::FinishRebuild {
+                volume,
+                first_extent,
+                ..
+            } => write!(
+                f,
+                "rebuild of volume {volume} at extent {first_extent} done"
+            ),
         }
     }
 }
@@ -144,11 +189,18 @@ impl Command {
             Self::CreateVolume { id, .. }
             | Self::GrowVolume { id, .. }
             | Self::DeleteVolume { id }
-            | Self::DropReplica { volume: id, .. } => {
+            | Self::DropReplica { volume: id, .. }
+            | Self::StartRebuild { volume: id, .. }
+            | Self::RebuildProgress { volume: id, .. }
+            | Self::FinishRebuild { volume: id, .. } => {
                 vec![Row::Volume(*id)]
             }
-            Self::Attach { attachment } => vec![Row::Attachment(attachment.volume)],
-            Self::Detach { volume } => vec![Row::Attachment(*volume)],
+            // Attaching and detaching fence off whoever copies for a rebuild of the volume.
+            Self::Attach { attachment } => vec![
+                Row::Attachment(attachment.volume),
+                Row::Volume(attachment.volume),
+            ],
+            Self::Detach { volume } => vec![Row::Attachment(*volume), Row::Volume(*volume)],
             Self::RemoveNode { id, disks } => std::iter::once(Row::Node(*id))
                 .chain(disks.iter().map(|disk| Row::Disk(*disk)))
                 .collect(),
@@ -199,6 +251,17 @@ pub enum CommandOutcome {
         node: NodeId,
         /// Replica sets that lost the node.
         sets: u64,
+    },
+    RebuildStarted {
+        volume: VolumeId,
+        runs: u64,
+    },
+    RebuildProgressed {
+        volume: VolumeId,
+    },
+    RebuildFinished {
+        volume: VolumeId,
+        first_extent: u64,
     },
 }
 
@@ -395,6 +458,8 @@ pub enum CommandError {
         holder: NodeId,
         attached: Option<String>,
     },
+    #[error("rebuild of volume '{name}' refused: {reason}")]
+    RebuildRefused { name: String, reason: String },
     #[error(
         "dropping node {node} from volume '{name}' would leave extent {first_extent} with {remaining} replica(s), \
          fewer than the volume's minimum of {min_replicas}; I/O waits for the replica to return"
@@ -467,7 +532,171 @@ impl ClusterState {
                 node,
                 holder,
             } => self.drop_replica(volume, node, holder),
+            Command::StartRebuild {
+                volume,
+                driver,
+                targets,
+                started_unix,
+            } => self.start_rebuild(volume, driver, &targets, started_unix),
+            Command::RebuildProgress {
+                volume,
+                first_extent,
+                epoch,
+                copied_extents,
+                reported_unix,
+            } => self.rebuild_progress(volume, first_extent, epoch, copied_extents, reported_unix),
+            Command::FinishRebuild {
+                volume,
+                first_extent,
+                epoch,
+            } => self.finish_rebuild(volume, first_extent, epoch),
         }
+    }
+
+    fn start_rebuild(
+        &mut self,
+        id: VolumeId,
+        driver: NodeId,
+        targets: &[(u64, NodeId)],
+        started_unix: i64,
+    ) -> Result<CommandOutcome, CommandError> {
+        let candidates = self.placement_candidates();
+        let attached = self.attachments.get(&id).map(|a| a.node);
+        let volume = self
+            .volumes
+            .get(&id)
+            .ok_or_else(|| CommandError::VolumeNotFound {
+                volume: id.to_string(),
+            })?;
+        let refuse = |reason: String| CommandError::RebuildRefused {
+            name: volume.name.clone(),
+            reason,
+        };
+        if attached.is_some_and(|holder| holder != driver) {
+            return Err(refuse(format!(
+                "it is attached on node {}, which drives its rebuilds",
+                self.node_label(attached.unwrap_or_default())
+            )));
+        }
+        let domain_of = |node: NodeId| candidates.iter().find(|c| c.node == node).map(|c| c.domain);
+        for (i, &(first, node)) in targets.iter().enumerate() {
+            if targets[..i].iter().any(|&(other, _)| other == first) {
+                return Err(refuse(format!("run {first} is named twice")));
+            }
+            let Some(run) = volume
+                .placement
+                .runs()
+                .find(|(start, _)| *start == first)
+                .map(|(_, run)| run)
+            else {
+                return Err(refuse(format!("no run starts at extent {first}")));
+            };
+            let set = &run.replicas;
+            if set.rebuild.is_some() {
+                return Err(refuse(format!("run {first} is already being rebuilt")));
+            }
+            if set.nodes.len() >= usize::from(volume.replicas) {
+                return Err(refuse(format!("run {first} has all its replicas")));
+            }
+            if set.nodes.is_empty() {
+                return Err(refuse(format!(
+                    "run {first} has no healthy replica to copy from"
+                )));
+            }
+            let Some(domain) = domain_of(node) else {
+                return Err(refuse(format!(
+                    "node {} cannot take replicas (not active, or no disks)",
+                    self.node_label(node)
+                )));
+            };
+            if set
+                .nodes
+                .iter()
+                .any(|&member| member == node || domain_of(member) == Some(domain))
+            {
+                return Err(refuse(format!(
+                    "node {} shares a failure domain with a replica of run {first}",
+                    self.node_label(node)
+                )));
+            }
+        }
+        let volume = self.volumes.get_mut(&id).expect("checked above");
+        for &(first, node) in targets {
+            let run = volume.placement.run_at_mut(first).expect("checked above");
+            run.replicas.rebuild = Some(super::placement::Rebuild {
+                targets: vec![node],
+                copied_extents: 0,
+                started_unix,
+                reported_unix: started_unix,
+            });
+            run.replicas.epoch += 1;
+        }
+        Ok(CommandOutcome::RebuildStarted {
+            volume: id,
+            runs: targets.len() as u64,
+        })
+    }
+
+    /// The rebuild at `first_extent`, if it is still the one started at `epoch`.
+    fn rebuild_at(
+        &mut self,
+        id: VolumeId,
+        first_extent: u64,
+        epoch: u64,
+    ) -> Result<&mut super::ReplicaSet, CommandError> {
+        let volume = self
+            .volumes
+            .get_mut(&id)
+            .ok_or_else(|| CommandError::VolumeNotFound {
+                volume: id.to_string(),
+            })?;
+        let name = volume.name.clone();
+        match volume.placement.run_at_mut(first_extent) {
+            Some(run) if run.replicas.epoch == epoch && run.replicas.rebuild.is_some() => {
+                Ok(&mut run.replicas)
+            }
+            _ => Err(CommandError::RebuildRefused {
+                name,
+                reason: format!(
+                    "the run at extent {first_extent} is no longer being rebuilt at epoch {epoch}"
+                ),
+            }),
+        }
+    }
+
+    fn rebuild_progress(
+        &mut self,
+        id: VolumeId,
+        first_extent: u64,
+        epoch: u64,
+        copied_extents: u64,
+        reported_unix: i64,
+    ) -> Result<CommandOutcome, CommandError> {
+        let set = self.rebuild_at(id, first_extent, epoch)?;
+        if let Some(rebuild) = &mut set.rebuild {
+            rebuild.copied_extents = rebuild.copied_extents.max(copied_extents);
+            rebuild.reported_unix = reported_unix;
+        }
+        Ok(CommandOutcome::RebuildProgressed { volume: id })
+    }
+
+    fn finish_rebuild(
+        &mut self,
+        id: VolumeId,
+        first_extent: u64,
+        epoch: u64,
+    ) -> Result<CommandOutcome, CommandError> {
+        let set = self.rebuild_at(id, first_extent, epoch)?;
+        if let Some(rebuild) = set.rebuild.take() {
+            set.nodes.extend(rebuild.targets);
+            set.nodes.sort_unstable();
+            set.nodes.dedup();
+        }
+        set.epoch += 1;
+        Ok(CommandOutcome::RebuildFinished {
+            volume: id,
+            first_extent,
+        })
     }
 
     fn drop_replica(
@@ -950,6 +1179,9 @@ impl ClusterState {
         }
         let volume = attachment.volume;
         self.attachments.insert(volume, attachment);
+        if let Some(described) = self.volumes.get_mut(&volume) {
+            described.placement.fence_rebuilds();
+        }
         Ok(CommandOutcome::Attached { volume })
     }
 
@@ -965,10 +1197,29 @@ impl ClusterState {
             .attachments
             .remove(&volume)
             .ok_or(CommandError::NotAttached { name })?;
+        if let Some(described) = self.volumes.get_mut(&volume) {
+            described.placement.fence_rebuilds();
+        }
         Ok(CommandOutcome::Detached { attachment })
     }
 
-    /// Active nodes with at least one disk, with their free capacity.
+    /// Nodes that may become a rebuild target of the run of `volume` starting at extent `first`: active, with
+    /// disks, outside the failure domains of the run's replicas; most free capacity first.
+    pub fn rebuild_candidates(&self, volume: &Volume, first: u64) -> Vec<NodeId> {
+        let Some(set) = volume.replica_set(first) else {
+            return Vec::new();
+        };
+        let candidates = self.placement_candidates();
+        let domain_of = |node: NodeId| candidates.iter().find(|c| c.node == node).map(|c| c.domain);
+        let taken: Vec<Option<u64>> = set.members().map(domain_of).collect();
+        let mut eligible: Vec<&Candidate> = candidates
+            .iter()
+            .filter(|c| !set.receives(c.node) && !taken.contains(&Some(c.domain)))
+            .collect();
+        eligible.sort_by_key(|c| (std::cmp::Reverse(c.free), c.node));
+        eligible.into_iter().map(|c| c.node).collect()
+    }
+
     /// Active nodes with disks, each with its free capacity and failure domain (see
     /// [`DOMAIN_LABELS`]).
     fn placement_candidates(&self) -> Vec<Candidate> {
@@ -1798,6 +2049,101 @@ mod tests {
                 node: 2,
                 sets: 0,
             }
+        );
+    }
+
+    #[test]
+    fn a_rebuild_adds_a_target_that_becomes_a_replica_when_copied() {
+        let mut state = cluster();
+        for id in 2..=3 {
+            state
+                .apply(Command::AddNode {
+                    node: node(id, &format!("n{id}")),
+                })
+                .unwrap();
+            state
+                .apply(Command::AddDisk {
+                    disk: disk(u128::from(id), id, "/pool/d1", 8 * GIB),
+                })
+                .unwrap();
+        }
+        state
+            .apply(Command::CreateVolume {
+                id: vid(1),
+                name: "r3".to_owned(),
+                size: GIB,
+                block_size: None,
+                replicas: 3,
+                created_unix: 0,
+            })
+            .unwrap();
+        state
+            .apply(Command::Attach {
+                attachment: attachment(vid(1), "/run/r3.sock"),
+            })
+            .unwrap();
+        state
+            .apply(Command::DropReplica {
+                volume: vid(1),
+                node: 3,
+                holder: 1,
+            })
+            .unwrap();
+        let epoch = |state: &ClusterState| state.volumes[&vid(1)].replica_set(0).unwrap().epoch;
+        let start = |driver, node| Command::StartRebuild {
+            volume: vid(1),
+            driver,
+            targets: vec![(0, node)],
+            started_unix: 100,
+        };
+        assert!(
+            refused(&mut state, start(2, 3))
+                .contains("attached on node n1, which drives its rebuilds")
+        );
+        assert!(refused(&mut state, start(1, 2)).contains("shares a failure domain"));
+        assert!(refused(&mut state, start(1, 9)).contains("cannot take replicas"));
+        let before = epoch(&state);
+        state.apply(start(1, 3)).unwrap();
+        let set = state.volumes[&vid(1)].replica_set(0).unwrap().clone();
+        assert_eq!(set.epoch, before + 1);
+        assert_eq!(set.nodes, [1, 2]);
+        assert_eq!(set.targets(), [3]);
+        assert!(set.receives(3) && !set.contains(3));
+        assert!(refused(&mut state, start(1, 3)).contains("already being rebuilt"));
+        // The target counts for capacity and keeps its node from being removed.
+        assert!(state.provisioned_by_node()[&3] > 0);
+        assert_eq!(state.volumes_on(3).count(), 1);
+
+        let progress = |epoch| Command::RebuildProgress {
+            volume: vid(1),
+            first_extent: 0,
+            epoch,
+            copied_extents: 5,
+            reported_unix: 110,
+        };
+        assert!(refused(&mut state, progress(before)).contains("no longer being rebuilt at epoch"));
+        state.apply(progress(before + 1)).unwrap();
+        // Handing the volume over fences the copier off: its epoch is gone.
+        state.apply(Command::Detach { volume: vid(1) }).unwrap();
+        let finish = |epoch| Command::FinishRebuild {
+            volume: vid(1),
+            first_extent: 0,
+            epoch,
+        };
+        assert!(refused(&mut state, finish(before + 1)).contains("no longer being rebuilt"));
+        let fenced = epoch(&state);
+        assert_eq!(fenced, before + 2);
+        let set = state.volumes[&vid(1)].replica_set(0).unwrap();
+        assert_eq!(
+            set.rebuild.as_ref().unwrap().copied_extents,
+            5,
+            "progress survives"
+        );
+        state.apply(finish(fenced)).unwrap();
+        let set = state.volumes[&vid(1)].replica_set(0).unwrap();
+        assert_eq!(
+            (set.nodes.as_slice(), set.rebuild.is_none(), set.epoch),
+            ([1, 2, 3].as_slice(), true, fenced + 1)
         );
     }
 

@@ -297,7 +297,7 @@ impl ClusterState {
             volume
                 .placement
                 .runs()
-                .any(|(_, run)| run.replicas.contains(node))
+                .any(|(_, run)| run.replicas.receives(node))
         })
     }
 
@@ -316,8 +316,8 @@ impl ClusterState {
         for volume in self.volumes.values() {
             for (first, run) in volume.placement.runs() {
                 let bytes = run_bytes(first, run.count, volume.extent_size, volume.size);
-                for node in &run.replicas.nodes {
-                    let entry = share.entry(*node).or_default();
+                for node in run.replicas.members() {
+                    let entry = share.entry(node).or_default();
                     *entry = entry.saturating_add(bytes);
                 }
             }

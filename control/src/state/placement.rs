@@ -18,11 +18,28 @@ use super::NodeId;
 /// The replicas of one extent: the nodes that hold a copy, fenced by an epoch.
 ///
 /// Replicas refuse I/O carrying an older epoch (DESIGN.md, "Fencing"); any change to `nodes`
-/// bumps `epoch`. `nodes` is sorted ascending so equal sets compare equal.
+/// or `rebuild` bumps `epoch`. `nodes` is sorted ascending so equal sets compare equal.
 #[derive(Debug, Clone, PartialEq, Eq, Hash, Serialize, Deserialize)]
 pub struct ReplicaSet {
     pub epoch: u64,
+    /// The healthy replicas: complete, read from, counted for `min_replicas`.
     pub nodes: Vec<NodeId>,
+    /// Replicas being built: they receive every write, but are neither read from nor counted
+    /// until the copy is done.
+    pub rebuild: Option<Rebuild>,
+}
+
+/// A rebuild in progress on a run of extents.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub struct Rebuild {
+    /// The nodes being built, sorted.
+    pub targets: Vec<NodeId>,
+    /// Extents of the run copied so far, from its first: where a restarted copy resumes.
+    pub copied_extents: u64,
+    /// When the rebuild started, seconds since the Unix epoch, as stamped by the proposer.
+    pub started_unix: i64,
+    /// When `copied_extents` was last reported, likewise (for the rate and ETA).
+    pub reported_unix: i64,
 }
 
 impl ReplicaSet {
@@ -36,12 +53,28 @@ impl ReplicaSet {
         Self {
             epoch: Self::FIRST_EPOCH,
             nodes,
+            rebuild: None,
         }
     }
 
-    /// Whether `node` holds a replica.
+    /// Whether `node` holds a healthy replica.
     pub fn contains(&self, node: NodeId) -> bool {
         self.nodes.binary_search(&node).is_ok()
+    }
+
+    /// The nodes being built.
+    pub fn targets(&self) -> &[NodeId] {
+        self.rebuild.as_ref().map_or(&[], |r| r.targets.as_slice())
+    }
+
+    /// Every node that holds or is getting a replica (and takes the extent's writes).
+    pub fn members(&self) -> impl Iterator<Item = NodeId> + '_ {
+        self.nodes.iter().chain(self.targets()).copied()
+    }
+
+    /// Whether `node` holds or is getting a replica.
+    pub fn receives(&self, node: NodeId) -> bool {
+        self.members().any(|member| member == node)
     }
 }
 
@@ -100,13 +133,38 @@ impl Placement {
         }
         let mut changed = 0;
         for run in self.runs.values_mut() {
-            if run.replicas.contains(node) {
-                run.replicas.nodes.retain(|n| *n != node);
-                run.replicas.epoch += 1;
-                changed += 1;
+            if !run.replicas.receives(node) {
+                continue;
             }
+            run.replicas.nodes.retain(|n| *n != node);
+            if let Some(rebuild) = &mut run.replicas.rebuild {
+                rebuild.targets.retain(|n| *n != node);
+                if rebuild.targets.is_empty() {
+                    run.replicas.rebuild = None;
+                }
+            }
+            run.replicas.epoch += 1;
+            changed += 1;
         }
         Ok(changed)
+    }
+
+    /// The run starting at extent `first`.
+    pub fn run_at_mut(&mut self, first: u64) -> Option<&mut PlacementRun> {
+        self.runs.get_mut(&first)
+    }
+
+    /// Bumps the epoch of every run with a rebuild in progress: whoever copies for it now is
+    /// fenced off (the volume changed hands).
+    pub fn fence_rebuilds(&mut self) -> u64 {
+        let mut fenced = 0;
+        for run in self.runs.values_mut() {
+            if run.replicas.rebuild.is_some() {
+                run.replicas.epoch += 1;
+                fenced += 1;
+            }
+        }
+        fenced
     }
 
     /// Places the next `count` extents on `replicas`, merging with the last run when equal.

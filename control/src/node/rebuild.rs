@@ -1,0 +1,312 @@
+//! Bringing replica sets back to full strength: after a failed replica was fenced off, the node that drives the
+//! volume's rebuilds — the node it is attached on, or the Raft leader while it is detached — picks a target for each
+//! run that lacks a replica (`StartRebuild`; the target takes the run's writes from the new epoch on) and copies the
+//! rest to it with a [`vstore::rebuild::Copier`], extent by extent, from the run's healthy replicas in turn. Progress
+//! is committed every [`PROGRESS_INTERVAL`] (a restarted driver resumes there; `volume show` shows it anywhere), and
+//! `FinishRebuild` makes the target a healthy replica once everything is copied and flushed.
+//!
+//! A copy is fenced like any I/O: it carries the run's epoch, and anything that changes the set (a failure, the
+//! volume changing hands) bumps the epoch, so a copier that lost its place is refused and stops; the next pass starts
+//! a fresh one from the state.
+
+use std::collections::HashMap;
+use std::sync::{Arc, PoisonError};
+use std::time::{Duration, Instant};
+
+use vstore::LocalVolume;
+use vstore::rebuild::{Copier, Endpoint};
+
+use super::LocalNode;
+use super::ops::layout;
+use crate::state::{Command, NodeId, Volume, VolumeId};
+
+/// How often the driver looks for work when nothing in the state changed.
+const DRIVE_INTERVAL: Duration = Duration::from_secs(2);
+/// How often a copy commits its progress.
+const PROGRESS_INTERVAL: Duration = Duration::from_secs(5);
+/// How long a copy that failed waits before it is tried again.
+const RETRY_AFTER: Duration = Duration::from_secs(5);
+/// How long a copy waits for writes planned before it armed an extent.
+const DRAIN_TIMEOUT: Duration = Duration::from_secs(60);
+
+/// One run's copy: which rebuild it serves (by epoch) and from where it resumes.
+#[derive(Debug, Clone)]
+struct CopyJob {
+    volume: Volume,
+    first: u64,
+    epoch: u64,
+    count: u64,
+    copied: u64,
+    targets: Vec<NodeId>,
+    sources: Vec<NodeId>,
+    /// Whether the volume is attached here (its device's writes must be guarded against).
+    attached_here: bool,
+}
+
+/// Copies running or failed lately, by (volume, first extent, epoch).
+#[derive(Debug, Default)]
+pub(super) struct Copies {
+    running: std::collections::HashSet<(VolumeId, u64, u64)>,
+    failed: HashMap<(VolumeId, u64, u64), Instant>,
+}
+
+/// Drives the rebuilds of the volumes this node is responsible for, whenever the state changes and every
+/// [`DRIVE_INTERVAL`].
+pub(super) async fn drive_rebuilds(node: Arc<LocalNode>) {
+    let mut applied = node.control.subscribe();
+    loop {
+        tokio::select! {
+            changed = applied.changed() => if changed.is_err() { return },
+            () = tokio::time::sleep(DRIVE_INTERVAL) => {}
+        }
+        node.drive_once().await;
+    }
+}
+
+impl LocalNode {
+    async fn drive_once(self: &Arc<Self>) {
+        if self.pool().is_none() {
+            return;
+        }
+        let me = self.control.node_id();
+        let leader = self.control.raft_status().leader;
+        let driven: Vec<(Volume, bool)> = self.control.read(|state| {
+            state
+                .volumes
+                .values()
+                .filter_map(|volume| match state.attachments.get(&volume.id) {
+                    Some(attachment) if attachment.node == me => Some((volume.clone(), true)),
+                    None if leader == Some(me) => Some((volume.clone(), false)),
+                    _ => None,
+                })
+                .collect()
+        });
+        for (volume, attached_here) in driven {
+            self.start_rebuilds(&volume).await;
+            self.start_copies(volume.id, attached_here);
+        }
+    }
+
+    /// Proposes a target for every run of `volume` that lacks replicas and has none being built.
+    async fn start_rebuilds(&self, volume: &Volume) {
+        let me = self.control.node_id();
+        let short: Vec<(u64, Vec<NodeId>)> = self.control.read(|state| {
+            self.learn_addresses(state);
+            volume
+                .placement
+                .runs()
+                .filter(|(_, run)| {
+                    run.replicas.rebuild.is_none()
+                        && !run.replicas.nodes.is_empty()
+                        && run.replicas.nodes.len() < usize::from(volume.replicas)
+                })
+                .map(|(first, _)| (first, state.rebuild_candidates(volume, first)))
+                .collect()
+        });
+        let mut targets = Vec::new();
+        for (first, candidates) in short {
+            for candidate in candidates {
+                let peers = Arc::clone(&self.peers);
+                let reachable = candidate == me
+                    || tokio::task::spawn_blocking(move || peers.reachable(candidate))
+                        .await
+                        .unwrap_or(false);
+                if reachable {
+                    targets.push((first, candidate));
+                    break;
+                }
+            }
+        }
+        if targets.is_empty() {
+            return;
+        }
+        let names = self.control.read(|state| {
+            targets
+                .iter()
+                .map(|(first, node)| format!("extent {first} on {}", state.node_label(*node)))
+                .collect::<Vec<_>>()
+                .join(", ")
+        });
+        let started = self
+            .control
+            .write(Command::StartRebuild {
+                volume: volume.id,
+                driver: me,
+                targets,
+                started_unix: super::ops::now_unix(),
+            })
+            .await;
+        match started {
+            Ok(_) => tracing::info!(volume = %volume.name, targets = %names, "rebuilding replicas"),
+            Err(error) => {
+                tracing::debug!(volume = %volume.name, %error, "cannot start a rebuild yet")
+            }
+        }
+    }
+
+    /// Starts a copier thread for every rebuild of the volume without one.
+    fn start_copies(self: &Arc<Self>, id: VolumeId, attached_here: bool) {
+        let jobs: Vec<CopyJob> = self.control.read(|state| {
+            let Some(volume) = state.volumes.get(&id) else {
+                return Vec::new();
+            };
+            volume
+                .placement
+                .runs()
+                .filter_map(|(first, run)| {
+                    let rebuild = run.replicas.rebuild.as_ref()?;
+                    Some(CopyJob {
+                        volume: volume.clone(),
+                        first,
+                        epoch: run.replicas.epoch,
+                        count: run.count,
+                        copied: rebuild.copied_extents.min(run.count),
+                        targets: rebuild.targets.clone(),
+                        sources: run.replicas.nodes.clone(),
+                        attached_here,
+                    })
+                })
+                .collect()
+        });
+        for job in jobs {
+            let key = (id, job.first, job.epoch);
+            {
+                let mut copies = self.copies.lock().unwrap_or_else(PoisonError::into_inner);
+                if copies.running.contains(&key)
+                    || copies
+                        .failed
+                        .get(&key)
+                        .is_some_and(|at| at.elapsed() < RETRY_AFTER)
+                {
+                    continue;
+                }
+                copies.running.insert(key);
+            }
+            let node = Arc::clone(self);
+            let handle = tokio::runtime::Handle::current();
+            let spawned = std::thread::Builder::new()
+                .name("rebuild".to_owned())
+                .spawn(move || node.run_copy(&handle, &job));
+            if let Err(error) = spawned {
+                tracing::warn!(%error, "cannot start a rebuild thread");
+                self.copies
+                    .lock()
+                    .unwrap_or_else(PoisonError::into_inner)
+                    .running
+                    .remove(&key);
+            }
+        }
+    }
+
+    fn run_copy(&self, handle: &tokio::runtime::Handle, job: &CopyJob) {
+        let key = (job.volume.id, job.first, job.epoch);
+        let started = Instant::now();
+        let outcome = self.copy_run(handle, job);
+        let mut copies = self.copies.lock().unwrap_or_else(PoisonError::into_inner);
+        copies.running.remove(&key);
+        match outcome {
+            Ok(bytes) => {
+                tracing::info!(volume = %job.volume.name, first_extent = job.first, bytes, seconds = started.elapsed().as_secs_f64(), "rebuild done");
+            }
+            Err(error) => {
+                tracing::warn!(volume = %job.volume.name, first_extent = job.first, %error, "rebuild stopped; it resumes from its last progress");
+                copies.failed.insert(key, Instant::now());
+            }
+        }
+    }
+
+    /// Copies the rest of one run and finishes its rebuild; returns the bytes written to targets.
+    fn copy_run(&self, handle: &tokio::runtime::Handle, job: &CopyJob) -> Result<u64, String> {
+        let me = self.control.node_id();
+        let open: Arc<LocalVolume> = match self.open_volume_handle(job.volume.id) {
+            Some(open) => open,
+            None if job.attached_here => return Err("the volume is not open here".to_owned()),
+            None => self
+                .pool()
+                .ok_or("no pool")?
+                .open_volume(layout(&job.volume))
+                .map_err(|error| error.to_string())?,
+        };
+        if job.attached_here {
+            // The device's writes must reach the target before anything is copied.
+            let deadline = Instant::now() + Duration::from_secs(10);
+            while !open.routing().is_some_and(|routing| {
+                routing
+                    .routes
+                    .lookup(job.first)
+                    .is_some_and(|run| run.epoch >= job.epoch)
+            }) {
+                if Instant::now() > deadline {
+                    return Err("the device's routing did not catch up with the rebuild".to_owned());
+                }
+                std::thread::sleep(Duration::from_millis(20));
+            }
+        }
+        let endpoint = |node: NodeId| -> Result<Endpoint, String> {
+            if node == me {
+                return Ok(Endpoint::Local);
+            }
+            let address = self
+                .control
+                .read(|state| state.nodes.get(&node).and_then(|n| n.address.clone()))
+                .ok_or_else(|| format!("node {node} has no address"))?;
+            Ok(Endpoint::Remote { node, address })
+        };
+        let targets = job
+            .targets
+            .iter()
+            .map(|node| endpoint(*node))
+            .collect::<Result<Vec<_>, _>>()?;
+        let sources = job
+            .sources
+            .iter()
+            .map(|node| endpoint(*node))
+            .collect::<Result<Vec<_>, _>>()?;
+        if sources.is_empty() {
+            return Err("no healthy replica to copy from".to_owned());
+        }
+        let mut copier = Copier::new(Arc::clone(&open), self.config.rebuild_rate)
+            .map_err(|error| error.to_string())?;
+        let blocks = job.volume.extent_size / u64::from(job.volume.block_size);
+        let mut reported = Instant::now();
+        for index in job.copied..job.count {
+            let extent = job.first + index;
+            let source = &sources[(index as usize) % sources.len()];
+            let guard = open.rebuild();
+            let barrier = guard.arm(extent, blocks);
+            let copied = if guard.wait_older_writes(barrier, DRAIN_TIMEOUT) {
+                copier
+                    .copy_extent(extent, job.epoch, source, &targets)
+                    .map_err(|error| error.to_string())
+            } else {
+                Err("writes in flight did not finish".to_owned())
+            };
+            guard.disarm(extent);
+            copied?;
+            if reported.elapsed() >= PROGRESS_INTERVAL {
+                reported = Instant::now();
+                let progress = handle.block_on(self.control.write(Command::RebuildProgress {
+                    volume: job.volume.id,
+                    first_extent: job.first,
+                    epoch: job.epoch,
+                    copied_extents: index + 1,
+                    reported_unix: super::ops::now_unix(),
+                }));
+                if let Err(error) = progress {
+                    return Err(format!("cannot record progress: {error}"));
+                }
+            }
+        }
+        copier
+            .flush(job.first, job.epoch, &targets)
+            .map_err(|error| error.to_string())?;
+        handle
+            .block_on(self.control.write(Command::FinishRebuild {
+                volume: job.volume.id,
+                first_extent: job.first,
+                epoch: job.epoch,
+            }))
+            .map_err(|error| format!("cannot finish: {error}"))?;
+        Ok(copier.copied_bytes())
+    }
+}
