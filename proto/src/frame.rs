@@ -71,6 +71,9 @@ pub enum Opcode {
     /// The range reads back as zeroes afterwards; whole extents are freed.
     Discard,
     WriteZeroes,
+    /// Answered at once with `Ok`, touching nothing: shows that the node's data service is
+    /// alive (not merely that its port accepts connections).
+    Ping,
 }
 
 impl Opcode {
@@ -81,6 +84,7 @@ impl Opcode {
             Self::Flush => 3,
             Self::Discard => 4,
             Self::WriteZeroes => 5,
+            Self::Ping => 6,
         }
     }
 
@@ -91,6 +95,7 @@ impl Opcode {
             3 => Self::Flush,
             4 => Self::Discard,
             5 => Self::WriteZeroes,
+            6 => Self::Ping,
             _ => return None,
         })
     }

@@ -73,6 +73,11 @@ impl NetnsCluster {
         self.nodes
     }
 
+    /// The cluster's directory (node data under `nN/`); a test may put its own files here, e.g. sockets.
+    pub fn dir(&self) -> &Path {
+        &self.dir
+    }
+
     /// Node `i`'s listen address.
     pub fn addr(&self, node: usize) -> String {
         format!("10.99.0.{node}:9600")

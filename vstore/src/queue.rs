@@ -79,6 +79,16 @@ pub enum IoRequest<'a> {
     },
 }
 
+impl IoRequest<'_> {
+    /// Whether the request changes data (a write, discard or write-zeroes).
+    fn writes(&self) -> bool {
+        matches!(
+            self,
+            Self::Write { .. } | Self::Discard { .. } | Self::WriteZeroes { .. }
+        )
+    }
+}
+
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 enum SubKind {
     #[default]
@@ -203,7 +213,7 @@ struct Request {
     /// SQEs queued and not yet completed.
     pending: u32,
     error: Option<IoError>,
-    /// The rebuild guard's sequence number a write was counted under (see `count_write`).
+    /// The rebuild guard's sequence number a routed write was counted under (see `submit`).
     write_sequence: Option<u64>,
     /// `ops[..used]` belong to this request; the rest keep their capacity for reuse.
     ops: Vec<SubOp>,
@@ -476,7 +486,13 @@ impl IoQueue {
         req.volume = Some(volume.clone());
         // Held while planning, so that no sub-op failing at once can finish the request midway.
         req.pending = 1;
-        let routing = if self.routed { volume.routing() } else { None };
+        let mut routing = if self.routed { volume.routing() } else { None };
+        if routing.is_some() && request.writes() {
+            // Counted before the routing is read: a rebuild that armed an extent since sees this
+            // write under the routing it installed first (see `crate::rebuild`).
+            self.requests[index].write_sequence = Some(volume.rebuild().write_started());
+            routing = volume.routing();
+        }
         let planned = match (request, routing) {
             (request, None) => self.plan_local(index, volume, request),
             (request, Some(routing)) => self.plan_routed(index, volume, &routing, request),
@@ -600,9 +616,7 @@ impl IoQueue {
         check_range(volume, offset, len)?;
         let extent_size = volume.extent_size();
         let write = write_through.is_some();
-        if write {
-            self.count_write(index, volume);
-        }
+        let sequence = self.requests[index].write_sequence.unwrap_or(0);
         // Phase 1: every sub-op, local leases included, so that a full local pool or an extent
         // without replicas fails the request before any of it is sent.
         let end = offset + len;
@@ -617,9 +631,13 @@ impl IoQueue {
                 .ok_or_else(|| no_replicas(volume, extent))?;
             // Reads come from healthy replicas only; writes go to replicas being built as well.
             let local = if write {
-                volume
-                    .rebuild()
-                    .note_write(extent, within, piece, u64::from(volume.block_size()));
+                volume.rebuild().note_write(
+                    extent,
+                    within,
+                    piece,
+                    u64::from(volume.block_size()),
+                    sequence,
+                );
                 run.members().any(|node| node == routing.me)
             } else {
                 run.nodes.contains(&routing.me)
@@ -708,7 +726,7 @@ impl IoQueue {
         unmap: bool,
     ) -> Result<(), IoError> {
         check_range(volume, offset, len)?;
-        self.count_write(index, volume);
+        let sequence = self.requests[index].write_sequence.unwrap_or(0);
         let extent_size = volume.extent_size();
         // Marked before anything goes out, local fallocates included.
         let end = offset + len;
@@ -721,6 +739,7 @@ impl IoQueue {
                 within,
                 piece,
                 u64::from(volume.block_size()),
+                sequence,
             );
             pos += piece;
         }
@@ -737,9 +756,6 @@ impl IoQueue {
                 .routes
                 .lookup(extent)
                 .ok_or_else(|| no_replicas(volume, extent))?;
-            volume
-                .rebuild()
-                .note_write(extent, within, piece, u64::from(volume.block_size()));
             for node in run.members().filter(|&n| n != routing.me) {
                 let mut done = 0;
                 while done < piece {
@@ -765,11 +781,6 @@ impl IoQueue {
             pos += piece;
         }
         Ok(())
-    }
-
-    /// Counts the request as a write in flight until it finishes (see [`crate::rebuild`]).
-    fn count_write(&mut self, index: usize, volume: &LocalVolume) {
-        self.requests[index].write_sequence = Some(volume.rebuild().write_started());
     }
 
     /// Sends a planned remote sub-op; its outcome arrives through the inbox.

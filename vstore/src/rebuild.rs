@@ -47,8 +47,9 @@ pub struct RebuildGuard {
 
 #[derive(Debug, Default)]
 struct GuardState {
-    /// Extents being rebuilt here: the blocks written since they were armed.
-    marked: HashMap<u64, Vec<u64>>,
+    /// Extents being rebuilt here: the sequence number they were armed at, and the blocks
+    /// written since by writes counted at or after it.
+    marked: HashMap<u64, (u64, Vec<u64>)>,
     /// The chunk being copied: (extent, start, end) bytes within the extent.
     busy: Option<(u64, u64, u64)>,
     /// Writes in flight, by the sequence number current when they were planned.
@@ -66,13 +67,15 @@ impl RebuildGuard {
     /// pass to [`RebuildGuard::wait_older_writes`] before copying it.
     pub fn arm(&self, extent: u64, blocks: u64) -> u64 {
         let mut state = lock(&self.state);
-        state
+        state.sequence += 1;
+        let sequence = state.sequence;
+        let (armed_at, _) = state
             .marked
             .entry(extent)
-            .or_insert_with(|| vec![0; blocks.div_ceil(64) as usize]);
+            .or_insert_with(|| (sequence, vec![0; blocks.div_ceil(64) as usize]));
+        let armed_at = *armed_at;
         self.armed.store(true, Ordering::Release);
-        state.sequence += 1;
-        state.sequence
+        armed_at
     }
 
     /// Stops recording writes to `extent` (its copy is done, or abandoned).
@@ -89,9 +92,19 @@ impl RebuildGuard {
         lock(&self.state).marked.keys().copied().collect()
     }
 
-    /// A write is about to go out to bytes `within..within + len` of `extent`: waits while the
-    /// copier copies an overlapping chunk, then marks the blocks (if the extent is armed).
-    pub(crate) fn note_write(&self, extent: u64, within: u64, len: u64, block_size: u64) {
+    /// A write counted under `sequence` is about to go out to bytes `within..within + len` of
+    /// `extent`: waits while the copier copies an overlapping chunk, then marks the blocks if the
+    /// extent was armed at or before `sequence`. A write counted earlier may have been planned
+    /// under a routing without the target: it is not marked (the copier copies its blocks, after
+    /// waiting for it).
+    pub(crate) fn note_write(
+        &self,
+        extent: u64,
+        within: u64,
+        len: u64,
+        block_size: u64,
+        sequence: u64,
+    ) {
         if !self.armed.load(Ordering::Acquire) || len == 0 {
             return;
         }
@@ -105,7 +118,9 @@ impl RebuildGuard {
                 .wait(state)
                 .unwrap_or_else(PoisonError::into_inner);
         }
-        if let Some(bits) = state.marked.get_mut(&extent) {
+        if let Some((armed_at, bits)) = state.marked.get_mut(&extent)
+            && sequence >= *armed_at
+        {
             let first = within / block_size;
             let last = (within + len).div_ceil(block_size);
             for block in first..last {
@@ -164,7 +179,7 @@ impl RebuildGuard {
     fn begin_chunk(&self, extent: u64, start: u64, len: u64, block_size: u64) -> Vec<(u64, u64)> {
         let mut state = lock(&self.state);
         state.busy = Some((extent, start, start + len));
-        let Some(bits) = state.marked.get(&extent) else {
+        let Some((_, bits)) = state.marked.get(&extent) else {
             return vec![(start, len)];
         };
         let marked = |block: u64| {
@@ -533,13 +548,16 @@ mod tests {
     fn marked_blocks_are_left_out_of_the_copy() {
         let guard = RebuildGuard::default();
         // Unarmed: nothing is recorded, everything is copied.
-        guard.note_write(0, 0, 4096, 512);
+        guard.note_write(0, 0, 4096, 512, 0);
         assert_eq!(guard.begin_chunk(0, 0, 8192, 512), vec![(0, 8192)]);
         guard.end_chunk();
-        guard.arm(0, 2048);
-        guard.note_write(0, 1024, 1024, 512);
-        guard.note_write(0, 7680, 512, 512);
-        guard.note_write(1, 0, 8192, 512);
+        let before = guard.write_started();
+        let armed = guard.arm(0, 2048);
+        guard.note_write(0, 1024, 1024, 512, armed);
+        guard.note_write(0, 7680, 512, 512, armed);
+        guard.note_write(1, 0, 8192, 512, armed);
+        // Counted before the extent was armed: perhaps sent without the target, so not marked.
+        guard.note_write(0, 4096, 512, 512, before);
         assert_eq!(
             guard.begin_chunk(0, 0, 8192, 512),
             vec![(0, 1024), (2048, 5632)]
@@ -552,18 +570,18 @@ mod tests {
     #[test]
     fn a_write_to_the_busy_chunk_waits_for_the_copy() {
         let guard = Arc::new(RebuildGuard::default());
-        guard.arm(3, 2048);
+        let armed = guard.arm(3, 2048);
         assert_eq!(guard.begin_chunk(3, 0, 65536, 512).len(), 1);
         let writer = {
             let guard = Arc::clone(&guard);
             std::thread::spawn(move || {
                 let started = Instant::now();
-                guard.note_write(3, 4096, 4096, 512);
+                guard.note_write(3, 4096, 4096, 512, armed);
                 started.elapsed()
             })
         };
         // A write elsewhere in the extent does not wait.
-        guard.note_write(3, 65536, 4096, 512);
+        guard.note_write(3, 65536, 4096, 512, armed);
         std::thread::sleep(Duration::from_millis(100));
         guard.end_chunk();
         assert!(writer.join().unwrap() >= Duration::from_millis(90));

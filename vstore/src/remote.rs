@@ -38,6 +38,8 @@ const CONNECT_TIMEOUT: Duration = Duration::from_secs(1);
 /// After a failed connection, requests to that peer fail at once for this long before the next
 /// attempt, so a dead peer costs each worker one connect timeout, not one per request.
 pub const RECONNECT_BACKOFF: Duration = Duration::from_millis(500);
+/// How long a ping may take to be answered.
+const PING_TIMEOUT: Duration = Duration::from_secs(1);
 /// How often the reader thread looks for overdue requests while the socket is quiet.
 const READ_POLL: Duration = Duration::from_millis(250);
 
@@ -690,9 +692,38 @@ impl Peers {
         }
     }
 
-    /// Whether `node` can be reached now (connecting if need be; blocks up to a connect timeout).
+    /// Whether `node`'s data service answers now: a ping over a connection of its own, within a
+    /// connect timeout plus [`PING_TIMEOUT`] (a frozen process whose kernel still accepts
+    /// connections does not count as reachable).
     pub fn reachable(&self, node: NodeId) -> bool {
-        self.link(node).is_ok()
+        let address = self
+            .addresses
+            .read()
+            .unwrap_or_else(PoisonError::into_inner)
+            .get(&node)
+            .cloned();
+        let Some(address) = address else {
+            return false;
+        };
+        let ping = || -> io::Result<bool> {
+            let mut connection =
+                crate::replica::ReplicaConnection::connect(&address, CONNECT_TIMEOUT)?;
+            connection
+                .stream_ref()
+                .set_read_timeout(Some(PING_TIMEOUT))?;
+            let request = crate::replica::ReplicaRequest {
+                opcode: Opcode::Ping,
+                volume: crate::VolumeId::nil(),
+                extent: 0,
+                epoch: 0,
+                offset: 0,
+                length: 0,
+                durable: false,
+            };
+            connection.send(&request, &[])?;
+            Ok(connection.receive()?.status == Status::Ok)
+        };
+        ping().unwrap_or(false)
     }
 
     /// The live connection to `node`, opened if need be.

@@ -273,6 +273,9 @@ impl Connection {
         let Kind::Request { flags } = header.kind else {
             return;
         };
+        if header.opcode == Opcode::Ping {
+            return self.reply(&header, Status::Ok, 0, None);
+        }
         let Some(grant) = self
             .directory
             .replica(VolumeId::from_bytes(header.volume), header.extent)
@@ -342,6 +345,7 @@ impl Connection {
                 len: u64::from(header.length),
                 may_unmap: false,
             },
+            Opcode::Ping => return self.reply(&header, Status::Ok, 0, None),
         };
         let tag = self.next_tag;
         self.next_tag += 1;

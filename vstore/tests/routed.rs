@@ -280,6 +280,12 @@ fn an_unreachable_or_silent_replica_fails_the_request_instead_of_hanging() {
         "gave up only after {:?}",
         started.elapsed()
     );
+    // Only a node whose data service answers counts as reachable (a rebuild picks targets by it).
+    assert!(cluster.peers.reachable(2));
+    assert!(!cluster.peers.reachable(9), "nothing listens there");
+    let started = Instant::now();
+    assert!(!cluster.peers.reachable(8), "it accepts but never answers");
+    assert!(started.elapsed() < Duration::from_secs(3));
     drop(silent);
 }
 
