@@ -1,5 +1,6 @@
 //! Vessel's shared test harness: daemons, guests and clients for cross-crate tests and benchmarks.
 
+pub mod bench;
 pub mod blk_client;
 pub mod daemon;
 pub mod guest;

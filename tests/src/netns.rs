@@ -23,6 +23,11 @@ impl NetnsCluster {
     /// Stands up `nodes` nodes named after `name` (unique per test: it names the namespaces): started, joined, and
     /// each with a 1 GiB file disk.
     pub fn up(name: &str, nodes: usize) -> anyhow::Result<NetnsCluster> {
+        Self::up_with(name, nodes, &[])
+    }
+
+    /// [`NetnsCluster::up`] with more `deploy/netns-cluster up` options (e.g. `--disk-size 4G`).
+    pub fn up_with(name: &str, nodes: usize, options: &[&str]) -> anyhow::Result<NetnsCluster> {
         // SAFETY: geteuid has no preconditions.
         if unsafe { libc::geteuid() } != 0 {
             bail!("multi-node tests need root (network namespaces); CI runs them as root");
@@ -37,7 +42,12 @@ impl NetnsCluster {
             bin,
             nodes,
         };
-        cluster.script("up", None, &["--nodes", &nodes.to_string()])?;
+        let nodes = nodes.to_string();
+        cluster.script(
+            "up",
+            None,
+            &[&["--nodes", nodes.as_str()], options].concat(),
+        )?;
         Ok(cluster)
     }
 

@@ -264,6 +264,9 @@ fn a_replicated_volume_survives_a_cut_a_killed_leader_and_a_restarted_holder() {
     eventually("r3 is back to three replicas after the cut", || {
         full_strength(&cluster, holder, "r3")
     });
+    // Back in time, it caught up on what the workload changed (its 128 MiB), not the whole 256 MiB volume.
+    let copied = last_rebuild_bytes(&cluster.log(holder)).expect("a rebuild");
+    assert!(copied <= 128 << 20, "copied {copied} bytes");
     // Every replica holds every write: read back through each node in turn (from its own replica).
     drop(client);
     let order: Vec<usize> = (1..=3).filter(|&n| n != holder).chain([holder]).collect();
@@ -297,6 +300,8 @@ fn a_replicated_volume_survives_a_cut_a_killed_leader_and_a_restarted_holder() {
         "r3 is back to three replicas after the leader's death",
         || full_strength(&cluster, holder, "r3"),
     );
+    let copied = last_rebuild_bytes(&cluster.log(holder)).expect("a rebuild");
+    assert!(copied <= 128 << 20, "copied {copied} bytes");
     assert_eq!(
         verify_models(&mut client, workload(2), &models).unwrap(),
         128 << 20
@@ -319,6 +324,17 @@ fn a_replicated_volume_survives_a_cut_a_killed_leader_and_a_restarted_holder() {
         128 << 20
     );
     assert!(full_strength(&cluster, holder, "r3"));
+}
+
+/// The bytes the last rebuild a node drove copied, from its log.
+fn last_rebuild_bytes(log: &str) -> Option<u64> {
+    log.lines()
+        .rev()
+        .find(|line| line.contains("rebuild done"))?
+        .split_whitespace()
+        .find_map(|field| field.strip_prefix("bytes="))?
+        .parse()
+        .ok()
 }
 
 /// The node `volume` r3 is attached on, as node `asked` sees it (or `asked` itself when it is detached).

@@ -308,3 +308,109 @@ fn full_strength(node: &Daemon, volume: &str) -> bool {
             && run["rebuild_targets"].as_array().is_none_or(Vec::is_empty)
     })
 }
+
+/// Writes `byte` over 4 KiB at `offset` through queue 0 of `client`.
+fn write_block(client: &mut BlkClient, offset: u64, byte: u8) {
+    let mut buffer = client.buffer(4096).unwrap();
+    buffer.slice_mut(0, 4096).fill(byte);
+    let queue = client.queue(0);
+    queue.write(
+        offset,
+        buffer.as_mut_ptr(),
+        4096,
+        0,
+        blkio::ReqFlags::empty(),
+    );
+    vessel_tests::blk_client::complete(queue, 1).unwrap();
+}
+
+/// Reads 4 KiB at `offset` through queue 0 of `client`.
+fn read_block(client: &mut BlkClient, offset: u64) -> Vec<u8> {
+    let buffer = client.buffer(4096).unwrap();
+    let queue = client.queue(0);
+    queue.read(
+        offset,
+        buffer.as_mut_ptr(),
+        4096,
+        0,
+        blkio::ReqFlags::empty(),
+    );
+    vessel_tests::blk_client::complete(queue, 1).unwrap();
+    buffer.slice(0, 4096).to_vec()
+}
+
+#[test]
+fn a_replica_back_in_time_copies_only_what_changed() {
+    let dir = test_dir("replicated_catch_up").unwrap();
+    let mut nodes = cluster_of(&dir, &["a", "b", "c"]);
+    let (mut c, _) = nodes.pop().unwrap();
+    let (b, _) = nodes.pop().unwrap();
+    let (a, _) = nodes.pop().unwrap();
+    a.vessel_ok(&[
+        "volume",
+        "create",
+        "r3",
+        "--size",
+        "256M",
+        "--replicas",
+        "3",
+    ])
+    .unwrap();
+    for node in [&b, &c] {
+        eventually("every node knows r3", || {
+            node.vessel_json(&["volume", "show", "r3"]).is_ok()
+        });
+    }
+    let socket = dir.join("r3.sock");
+    attach(&a, "r3", &socket);
+    let mut client = BlkClient::connect_retrying(&socket, 1, false);
+    // Data everywhere first: a full copy would have to move all of it.
+    for offset in (0..256u64 << 20).step_by(1 << 20) {
+        write_block(&mut client, offset, 0x11);
+    }
+    c.kill().unwrap();
+    // Written while c is away: the first write fails on c and gets it fenced off, the second comes after.
+    write_block(&mut client, 100 << 20, 0x22);
+    eventually("c is fenced off", || {
+        placement(&a, "r3")
+            .iter()
+            .all(|(_, names)| !names.iter().any(|n| n == "c"))
+    });
+    write_block(&mut client, 200 << 20, 0x33);
+    c.restart().unwrap();
+    eventually("r3 is back to three replicas", || full_strength(&a, "r3"));
+    let log = a.log();
+    let done = log
+        .lines()
+        .rev()
+        .find(|line| line.contains("rebuild done"))
+        .expect("a rebuild happened");
+    let bytes: u64 = done
+        .split_whitespace()
+        .find_map(|field| field.strip_prefix("bytes="))
+        .and_then(|value| value.parse().ok())
+        .unwrap();
+    assert!(
+        bytes <= 2 << 20,
+        "copied {bytes} bytes for two changed regions: {done}"
+    );
+    drop(client);
+    a.vessel_ok(&["volume", "detach", "r3"]).unwrap();
+    eventually("c sees r3 detached", || {
+        c.vessel_json(&["volume", "show", "r3"])
+            .is_ok_and(|shown| shown["attachment"].is_null())
+    });
+    attach(&c, "r3", &socket);
+    let mut client = BlkClient::connect_retrying(&socket, 1, false);
+    for (offset, byte) in [
+        (0, 0x11),
+        (100 << 20, 0x22),
+        (200 << 20, 0x33),
+        (150 << 20, 0x11),
+    ] {
+        assert!(
+            read_block(&mut client, offset).iter().all(|b| *b == byte),
+            "c's replica at {offset} lacks {byte:#x}"
+        );
+    }
+}

@@ -638,6 +638,7 @@ impl IoQueue {
                     u64::from(volume.block_size()),
                     sequence,
                 );
+                mark_out(routing, run, extent, within, piece, extent_size);
                 run.members().any(|node| node == routing.me)
             } else {
                 run.nodes.contains(&routing.me)
@@ -741,6 +742,9 @@ impl IoQueue {
                 u64::from(volume.block_size()),
                 sequence,
             );
+            if let Some(run) = routing.routes.lookup(pos / extent_size) {
+                mark_out(routing, run, pos / extent_size, within, piece, extent_size);
+            }
             pos += piece;
         }
         // This node's replicas: its map holds only the extents placed here.
@@ -863,6 +867,16 @@ impl IoQueue {
                     return;
                 }
             } else if let Some(faults) = &routing.faults {
+                // The node misses this write, whatever becomes of it.
+                if let Some(dirty) = &routing.dirty {
+                    dirty.mark(
+                        remote.node,
+                        remote.extent,
+                        remote.within,
+                        u64::from(remote.length),
+                        volume.extent_size(),
+                    );
+                }
                 // Still outstanding: the settlement arrives through the inbox.
                 faults.hold(
                     Fault {
@@ -1373,6 +1387,22 @@ impl Drop for IoQueue {
                 }
             }
             self.process_completions();
+        }
+    }
+}
+
+/// Records a write to bytes `within..within + len` of `extent` for the nodes out of its run.
+fn mark_out(
+    routing: &Routing,
+    run: &crate::remote::RouteRun,
+    extent: u64,
+    within: u64,
+    len: u64,
+    extent_size: u64,
+) {
+    if let Some(dirty) = &routing.dirty {
+        for &node in &run.out {
+            dirty.mark(node, extent, within, len, extent_size);
         }
     }
 }

@@ -292,13 +292,15 @@ impl Copier {
         self.copied
     }
 
-    /// Copies `extent` from `source` to `targets` at the replica set's `epoch`, skipping the
-    /// blocks the guest wrote meanwhile; chunks the source holds only zeroes in are discarded on
-    /// the targets instead. The extent must be armed (see the module docs) by the caller.
+    /// Copies the `regions` of `extent` (a [`crate::remote::region_mask`]; `u64::MAX` for all of
+    /// it) from `source` to `targets` at the replica set's `epoch`, skipping the blocks the guest
+    /// wrote meanwhile; chunks the source holds only zeroes in are discarded on the targets
+    /// instead. The extent must be armed (see the module docs) by the caller.
     pub fn copy_extent(
         &mut self,
         extent: u64,
         epoch: u64,
+        regions: u64,
         source: &Endpoint,
         targets: &[Endpoint],
     ) -> Result<(), CopyError> {
@@ -309,6 +311,10 @@ impl Copier {
         let mut within = 0;
         while within < extent_len {
             let len = CHUNK.min(extent_len - within);
+            if crate::remote::region_mask(within, len, layout.extent_size) & regions == 0 {
+                within += len;
+                continue;
+            }
             self.throttle(len);
             let volume = Arc::clone(&self.volume);
             let guard = volume.rebuild();

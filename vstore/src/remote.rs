@@ -54,6 +54,9 @@ pub struct RouteRun {
     pub nodes: Vec<NodeId>,
     /// Replicas being rebuilt: written to, never read from.
     pub targets: Vec<NodeId>,
+    /// Nodes fenced off from this run that may come back: writes to the run are recorded in
+    /// their [`DirtyMaps`], so that they catch up by copying only what changed.
+    pub out: Vec<NodeId>,
 }
 
 impl RouteRun {
@@ -96,6 +99,133 @@ pub struct Routing {
     pub peers: Arc<Peers>,
     /// Where writes whose replica failed wait for the control plane; `None` fails them at once.
     pub faults: Option<Arc<Faults>>,
+    /// What replicas that failed or were fenced off miss.
+    pub dirty: Option<Arc<DirtyMaps>>,
+}
+
+/// Regions a volume's writes changed while a replica node failed or was out of its replica sets:
+/// what that node misses, so that when it returns in time it catches up by copying only those.
+/// Kept in the memory of the node the volume is attached on (a restart there, or the volume
+/// moving, loses them: the node then gets a full copy). An extent is cut into 64 regions.
+#[derive(Debug, Default)]
+pub struct DirtyMaps {
+    nodes: Mutex<HashMap<NodeId, NodeDirty>>,
+}
+
+/// What one node misses.
+#[derive(Debug, Clone)]
+pub struct NodeDirty {
+    /// When its first write failed.
+    pub since: Instant,
+    /// First extents of the runs it was fenced off from (its replicas of those are stale only
+    /// where marked).
+    pub runs: std::collections::BTreeSet<u64>,
+    /// Changed regions per extent: bit `i` covers the `i`-th 64th of the extent.
+    pub extents: HashMap<u64, u64>,
+    /// The node's boot id before it failed: if it differs when the node returns, the node may
+    /// have lost unflushed writes, and gets a full copy.
+    pub boot_id: Option<BootId>,
+}
+
+impl NodeDirty {
+    fn new() -> Self {
+        Self {
+            since: Instant::now(),
+            runs: std::collections::BTreeSet::new(),
+            extents: HashMap::new(),
+            boot_id: None,
+        }
+    }
+}
+
+/// The bits of the regions bytes `within..within + len` of an extent touch.
+pub fn region_mask(within: u64, len: u64, extent_size: u64) -> u64 {
+    if len == 0 || extent_size == 0 {
+        return 0;
+    }
+    let region = (extent_size / 64).max(1);
+    let first = (within / region).min(63);
+    let last = ((within + len - 1) / region).min(63);
+    let width = last - first + 1;
+    let bits = if width >= 64 {
+        u64::MAX
+    } else {
+        (1u64 << width) - 1
+    };
+    bits << first
+}
+
+impl DirtyMaps {
+    pub fn new() -> Arc<Self> {
+        Arc::new(Self::default())
+    }
+
+    /// Records that `node` misses a write to bytes `within..within + len` of `extent`.
+    pub(crate) fn mark(&self, node: NodeId, extent: u64, within: u64, len: u64, extent_size: u64) {
+        let mask = region_mask(within, len, extent_size);
+        if mask == 0 {
+            return;
+        }
+        let mut nodes = lock(&self.nodes);
+        let dirty = nodes.entry(node).or_insert_with(NodeDirty::new);
+        *dirty.extents.entry(extent).or_default() |= mask;
+    }
+
+    /// Records that `node` (last seen with `boot_id`) is being fenced off from the runs starting
+    /// at `runs`, where it held a complete replica.
+    pub fn record_drop(
+        &self,
+        node: NodeId,
+        runs: impl IntoIterator<Item = u64>,
+        boot_id: Option<BootId>,
+    ) {
+        let mut nodes = lock(&self.nodes);
+        let dirty = nodes.entry(node).or_insert_with(NodeDirty::new);
+        dirty.runs.extend(runs);
+        if dirty.boot_id.is_none() {
+            dirty.boot_id = boot_id;
+        }
+    }
+
+    /// What `node` misses, if it is tracked.
+    pub fn get(&self, node: NodeId) -> Option<NodeDirty> {
+        lock(&self.nodes).get(&node).cloned()
+    }
+
+    /// The changed regions of `extent` `node` misses.
+    pub fn regions(&self, node: NodeId, extent: u64) -> u64 {
+        lock(&self.nodes)
+            .get(&node)
+            .and_then(|dirty| dirty.extents.get(&extent).copied())
+            .unwrap_or(0)
+    }
+
+    /// The nodes tracked, with their runs.
+    pub fn tracked(&self) -> Vec<(NodeId, NodeDirty)> {
+        lock(&self.nodes)
+            .iter()
+            .map(|(node, dirty)| (*node, dirty.clone()))
+            .collect()
+    }
+
+    /// `node` caught up on the run starting at `first` (or will get a full copy of it).
+    pub fn forget_run(&self, node: NodeId, first: u64, count: u64) {
+        let mut nodes = lock(&self.nodes);
+        if let Some(dirty) = nodes.get_mut(&node) {
+            dirty.runs.remove(&first);
+            dirty
+                .extents
+                .retain(|extent, _| !(first..first + count).contains(extent));
+            if dirty.runs.is_empty() {
+                nodes.remove(&node);
+            }
+        }
+    }
+
+    /// Stops tracking `node`.
+    pub fn forget(&self, node: NodeId) {
+        lock(&self.nodes).remove(&node);
+    }
 }
 
 /// A write (or discard, write-zeroes, flush) that a replica failed: the guest's request waits
@@ -343,15 +473,10 @@ impl Drop for Link {
 }
 
 impl Link {
-    fn open(node: NodeId, address: &str) -> io::Result<Self> {
-        let address: SocketAddr = address.parse().map_err(|_| {
-            io::Error::new(
-                io::ErrorKind::InvalidInput,
-                format!("'{address}' is not IP:PORT"),
-            )
-        })?;
-        let stream = TcpStream::connect_timeout(&address, CONNECT_TIMEOUT)?;
-        stream.set_nodelay(true)?;
+    /// Connects and pings; returns the link and the node's boot id.
+    fn open(node: NodeId, address: &str) -> io::Result<(Self, BootId)> {
+        let stream = connect(address)?;
+        let boot_id = ping_stream(&stream)?;
         stream.set_write_timeout(Some(REQUEST_TIMEOUT))?;
         let reader = stream.try_clone()?;
         reader.set_read_timeout(Some(READ_POLL))?;
@@ -365,11 +490,12 @@ impl Link {
             .name(format!("peer-{node}"))
             .spawn(move || receive(reader, &thread_shared))?;
         tracing::debug!(node, %address, "connected to a replica node");
-        Ok(Self {
+        let link = Self {
             writer: Mutex::new(stream),
             next_sequence: AtomicU64::new(1),
             shared,
-        })
+        };
+        Ok((link, boot_id))
     }
 
     /// Sends one request; its outcome reaches `inbox` under `user_data`. An `Err` means the
@@ -425,6 +551,54 @@ impl Link {
             let _ = writer.shutdown(Shutdown::Both);
         }
         Ok(())
+    }
+}
+
+/// A node's kernel boot id (/proc/sys/kernel/random/boot_id), which its replica service sends in
+/// ping replies: a node whose boot id changed may have lost writes it had acknowledged but not yet
+/// flushed, so it does not catch up by copying only what changed.
+pub type BootId = [u8; 16];
+
+fn connect(address: &str) -> io::Result<TcpStream> {
+    let address: SocketAddr = address.parse().map_err(|_| {
+        io::Error::new(
+            io::ErrorKind::InvalidInput,
+            format!("'{address}' is not IP:PORT"),
+        )
+    })?;
+    let stream = TcpStream::connect_timeout(&address, CONNECT_TIMEOUT)?;
+    stream.set_nodelay(true)?;
+    Ok(stream)
+}
+
+/// Pings over a fresh connection (before anything else is sent on it); returns the boot id.
+fn ping_stream(mut stream: &TcpStream) -> io::Result<BootId> {
+    use std::io::{Read, Write};
+    let header = Header {
+        opcode: Opcode::Ping,
+        kind: Kind::Request { flags: 0 },
+        volume: [0; 16],
+        extent: 0,
+        epoch: 0,
+        offset: 0,
+        length: 0,
+        payload: 0,
+        sequence: 0,
+    };
+    stream.set_read_timeout(Some(PING_TIMEOUT))?;
+    stream.write_all(&frame::encode(&header, &[]))?;
+    let mut bytes = [0u8; HEADER_LEN];
+    stream.read_exact(&mut bytes)?;
+    stream.set_read_timeout(None)?;
+    let reply = frame::decode(&bytes)
+        .and_then(|reply| frame::verify(&bytes, &[]).map(|()| reply))
+        .map_err(|error| io::Error::new(io::ErrorKind::InvalidData, error))?;
+    match reply.kind {
+        Kind::Reply { status: Status::Ok } if reply.opcode == Opcode::Ping => Ok(reply.volume),
+        _ => Err(io::Error::new(
+            io::ErrorKind::InvalidData,
+            "unexpected answer to a ping",
+        )),
     }
 }
 
@@ -652,6 +826,8 @@ enum Slot {
 pub struct Peers {
     addresses: RwLock<HashMap<NodeId, String>>,
     links: Mutex<HashMap<NodeId, Slot>>,
+    /// The last boot id each node answered a ping with.
+    boot_ids: Mutex<HashMap<NodeId, BootId>>,
 }
 
 impl std::fmt::Debug for Peers {
@@ -692,38 +868,31 @@ impl Peers {
         }
     }
 
-    /// Whether `node`'s data service answers now: a ping over a connection of its own, within a
-    /// connect timeout plus [`PING_TIMEOUT`] (a frozen process whose kernel still accepts
-    /// connections does not count as reachable).
+    /// Whether `node`'s data service answers now: [`Peers::ping`].
     pub fn reachable(&self, node: NodeId) -> bool {
+        self.ping(node).is_some()
+    }
+
+    /// Pings `node` over a connection of its own; its boot id if it answers within a connect
+    /// timeout plus [`PING_TIMEOUT`] (a frozen process whose kernel still accepts connections does
+    /// not answer).
+    pub fn ping(&self, node: NodeId) -> Option<BootId> {
         let address = self
             .addresses
             .read()
             .unwrap_or_else(PoisonError::into_inner)
             .get(&node)
-            .cloned();
-        let Some(address) = address else {
-            return false;
-        };
-        let ping = || -> io::Result<bool> {
-            let mut connection =
-                crate::replica::ReplicaConnection::connect(&address, CONNECT_TIMEOUT)?;
-            connection
-                .stream_ref()
-                .set_read_timeout(Some(PING_TIMEOUT))?;
-            let request = crate::replica::ReplicaRequest {
-                opcode: Opcode::Ping,
-                volume: crate::VolumeId::nil(),
-                extent: 0,
-                epoch: 0,
-                offset: 0,
-                length: 0,
-                durable: false,
-            };
-            connection.send(&request, &[])?;
-            Ok(connection.receive()?.status == Status::Ok)
-        };
-        ping().unwrap_or(false)
+            .cloned()?;
+        let boot_id = connect(&address)
+            .and_then(|stream| ping_stream(&stream))
+            .ok()?;
+        lock(&self.boot_ids).insert(node, boot_id);
+        Some(boot_id)
+    }
+
+    /// The boot id `node` last answered a ping with (connections ping when they open).
+    pub fn boot_id(&self, node: NodeId) -> Option<BootId> {
+        lock(&self.boot_ids).get(&node).copied()
     }
 
     /// The live connection to `node`, opened if need be.
@@ -751,7 +920,8 @@ impl Peers {
             None => Err("its address is not known".to_owned()),
         };
         match opened {
-            Ok(link) => {
+            Ok((link, boot_id)) => {
+                lock(&self.boot_ids).insert(node, boot_id);
                 let link = Arc::new(link);
                 links.insert(node, Slot::Up(Arc::clone(&link)));
                 Ok(link)
@@ -796,7 +966,28 @@ mod tests {
             epoch,
             nodes: nodes.to_vec(),
             targets: Vec::new(),
+            out: Vec::new(),
         }
+    }
+
+    #[test]
+    fn region_masks_cover_the_regions_a_range_touches() {
+        let extent = 64 << 20;
+        assert_eq!(region_mask(0, 4096, extent), 1);
+        assert_eq!(region_mask((1 << 20) - 512, 1024, extent), 0b11);
+        assert_eq!(region_mask(63 << 20, 1 << 20, extent), 1 << 63);
+        assert_eq!(region_mask(0, extent, extent), u64::MAX);
+        assert_eq!(region_mask(5, 0, extent), 0);
+        let maps = DirtyMaps::default();
+        maps.mark(7, 3, 2 << 20, 4096, extent);
+        maps.mark(7, 3, 0, 4096, extent);
+        assert_eq!(maps.regions(7, 3), 0b101);
+        maps.record_drop(7, [0, 16], None);
+        maps.forget_run(7, 0, 16);
+        assert_eq!(maps.regions(7, 3), 0, "extent 3 is in the run caught up");
+        assert!(maps.get(7).is_some(), "run 16 is still tracked");
+        maps.forget_run(7, 16, 16);
+        assert!(maps.get(7).is_none());
     }
 
     #[test]

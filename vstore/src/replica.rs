@@ -166,6 +166,17 @@ fn read_frames(
     }
 }
 
+/// This machine's kernel boot id (see [`crate::remote::BootId`]); zeroes if it cannot be read.
+fn boot_id() -> [u8; 16] {
+    static BOOT_ID: std::sync::OnceLock<[u8; 16]> = std::sync::OnceLock::new();
+    *BOOT_ID.get_or_init(|| {
+        std::fs::read_to_string("/proc/sys/kernel/random/boot_id")
+            .ok()
+            .and_then(|text| uuid::Uuid::parse_str(text.trim()).ok())
+            .map_or([0; 16], uuid::Uuid::into_bytes)
+    })
+}
+
 /// The I/O side of one connection.
 struct Connection {
     stream: TcpStream,
@@ -274,7 +285,11 @@ impl Connection {
             return;
         };
         if header.opcode == Opcode::Ping {
-            return self.reply(&header, Status::Ok, 0, None);
+            let answer = Header {
+                volume: boot_id(),
+                ..header
+            };
+            return self.reply(&answer, Status::Ok, 0, None);
         }
         let Some(grant) = self
             .directory
@@ -345,7 +360,7 @@ impl Connection {
                 len: u64::from(header.length),
                 may_unmap: false,
             },
-            Opcode::Ping => return self.reply(&header, Status::Ok, 0, None),
+            Opcode::Ping => return,
         };
         let tag = self.next_tag;
         self.next_tag += 1;

@@ -65,9 +65,11 @@ impl Cluster {
                 epoch,
                 nodes: nodes.to_vec(),
                 targets: Vec::new(),
+                out: Vec::new(),
             }]),
             peers: Arc::clone(&self.peers),
             faults: self.faults.clone(),
+            dirty: None,
         })));
         volume
     }
@@ -417,9 +419,11 @@ fn a_read_goes_to_another_replica_when_one_fails() {
             epoch: 1,
             nodes: vec![0, 2],
             targets: Vec::new(),
+            out: Vec::new(),
         }]),
         peers: Arc::clone(&cluster.peers),
         faults: None,
+        dirty: None,
     })));
     assert_eq!(read(&mut queue, &written, 0, data.len()).unwrap(), data);
 }
@@ -452,9 +456,11 @@ fn a_rebuild_copies_under_concurrent_writes_and_misses_none() {
             epoch: 2,
             nodes: vec![ME, 2],
             targets: vec![3],
+            out: Vec::new(),
         }]),
         peers: Arc::clone(&cluster.peers),
         faults: None,
+        dirty: None,
     })));
 
     let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
@@ -495,7 +501,13 @@ fn a_rebuild_copies_under_concurrent_writes_and_misses_none() {
     };
     for extent in 0..4 {
         copier
-            .copy_extent(extent, 2, &Endpoint::Local, std::slice::from_ref(&target))
+            .copy_extent(
+                extent,
+                2,
+                u64::MAX,
+                &Endpoint::Local,
+                std::slice::from_ref(&target),
+            )
             .unwrap();
         volume.rebuild().disarm(extent);
     }

@@ -107,6 +107,8 @@ pub struct LocalNode {
     fault_signal: Arc<tokio::sync::Notify>,
     /// Rebuild copies this node runs.
     copies: Mutex<rebuild::Copies>,
+    /// For the volumes served here: what failed or fenced-off replicas miss.
+    dirty: Mutex<HashMap<VolumeId, Arc<vstore::remote::DirtyMaps>>>,
 }
 
 impl std::fmt::Debug for LocalNode {
@@ -134,6 +136,7 @@ impl LocalNode {
             faults: Mutex::new(HashMap::new()),
             fault_signal: Arc::new(tokio::sync::Notify::new()),
             copies: Mutex::new(rebuild::Copies::default()),
+            dirty: Mutex::new(HashMap::new()),
         }
     }
 

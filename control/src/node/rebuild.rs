@@ -28,6 +28,10 @@ const PROGRESS_INTERVAL: Duration = Duration::from_secs(5);
 const RETRY_AFTER: Duration = Duration::from_secs(5);
 /// How long a copy waits for writes planned before it armed an extent.
 const DRAIN_TIMEOUT: Duration = Duration::from_secs(60);
+/// How long a fenced-off replica node may stay away and still catch up by copying only what changed; after that a
+/// run short of replicas is rebuilt wherever there is room (DESIGN.md: a replica out longer than 10 minutes is
+/// replaced).
+const REPLACE_AFTER: Duration = Duration::from_secs(600);
 
 /// One run's copy: which rebuild it serves (by epoch) and from where it resumes.
 #[derive(Debug, Clone)]
@@ -41,6 +45,12 @@ struct CopyJob {
     sources: Vec<NodeId>,
     /// Whether the volume is attached here (its device's writes must be guarded against).
     attached_here: bool,
+}
+
+/// How one run is copied: everything, or only what a returning node missed.
+enum Scope {
+    Full,
+    CatchUp(Arc<vstore::remote::DirtyMaps>, NodeId),
 }
 
 /// Copies running or failed lately, by (volume, first extent, epoch).
@@ -87,10 +97,21 @@ impl LocalNode {
         }
     }
 
-    /// Proposes a target for every run of `volume` that lacks replicas and has none being built.
+    /// The record of what failed replicas of `volume` miss, if this node keeps one.
+    fn dirty_if_any(&self, volume: VolumeId) -> Option<Arc<vstore::remote::DirtyMaps>> {
+        self.dirty
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .get(&volume)
+            .cloned()
+    }
+
+    /// Proposes a target for every run of `volume` that lacks replicas and has none being built: the node fenced off
+    /// from it, if it answers again within [`REPLACE_AFTER`] (it catches up on what changed), else the candidate with
+    /// the most room.
     async fn start_rebuilds(&self, volume: &Volume) {
         let me = self.control.node_id();
-        let short: Vec<(u64, Vec<NodeId>)> = self.control.read(|state| {
+        let short: Vec<(u64, u64, Vec<NodeId>)> = self.control.read(|state| {
             self.learn_addresses(state);
             volume
                 .placement
@@ -100,11 +121,32 @@ impl LocalNode {
                         && !run.replicas.nodes.is_empty()
                         && run.replicas.nodes.len() < usize::from(volume.replicas)
                 })
-                .map(|(first, _)| (first, state.rebuild_candidates(volume, first)))
+                .map(|(first, run)| (first, run.count, state.rebuild_candidates(volume, first)))
                 .collect()
         });
+        let tracked = self
+            .dirty_if_any(volume.id)
+            .map(|dirty| (dirty.tracked(), dirty));
         let mut targets = Vec::new();
-        for (first, candidates) in short {
+        'runs: for (first, count, candidates) in short {
+            if let Some((tracked, dirty)) = &tracked {
+                for (node, missed) in tracked.iter().filter(|(_, d)| d.runs.contains(&first)) {
+                    if missed.since.elapsed() >= REPLACE_AFTER || !candidates.contains(node) {
+                        dirty.forget_run(*node, first, count);
+                        continue;
+                    }
+                    let peers = Arc::clone(&self.peers);
+                    let node = *node;
+                    let back = tokio::task::spawn_blocking(move || peers.reachable(node))
+                        .await
+                        .unwrap_or(false);
+                    if back {
+                        targets.push((first, node));
+                    }
+                    // Not back yet: the run waits for it rather than copying everything elsewhere.
+                    continue 'runs;
+                }
+            }
             for candidate in candidates {
                 let peers = Arc::clone(&self.peers);
                 let reachable = candidate == me
@@ -206,7 +248,7 @@ impl LocalNode {
         copies.running.remove(&key);
         match outcome {
             Ok(bytes) => {
-                tracing::info!(volume = %job.volume.name, first_extent = job.first, bytes, seconds = started.elapsed().as_secs_f64(), "rebuild done");
+                tracing::info!(volume = %job.volume.name, first_extent = job.first, bytes, seconds = started.elapsed().as_secs_f64(), extents = job.count - job.copied, "rebuild done");
             }
             Err(error) => {
                 tracing::warn!(volume = %job.volume.name, first_extent = job.first, %error, "rebuild stopped; it resumes from its last progress");
@@ -215,9 +257,33 @@ impl LocalNode {
         }
     }
 
+    /// Whether the run's one target may catch up by copying only what it missed: it was fenced off from the run here
+    /// (this node recorded what it misses since) and has not rebooted meanwhile (it may have lost unflushed writes).
+    fn scope(&self, job: &CopyJob) -> Scope {
+        let (Some(dirty), [target]) = (
+            self.dirty_if_any(job.volume.id)
+                .filter(|_| job.attached_here),
+            job.targets.as_slice(),
+        ) else {
+            return Scope::Full;
+        };
+        let Some(missed) = dirty.get(*target).filter(|d| d.runs.contains(&job.first)) else {
+            return Scope::Full;
+        };
+        let now = self.peers.ping(*target);
+        if now.is_some() && now == missed.boot_id {
+            Scope::CatchUp(dirty, *target)
+        } else {
+            tracing::info!(volume = %job.volume.name, first_extent = job.first, "the returning node rebooted: copying the whole run");
+            dirty.forget_run(*target, job.first, job.count);
+            Scope::Full
+        }
+    }
+
     /// Copies the rest of one run and finishes its rebuild; returns the bytes written to targets.
     fn copy_run(&self, handle: &tokio::runtime::Handle, job: &CopyJob) -> Result<u64, String> {
         let me = self.control.node_id();
+        let scope = self.scope(job);
         let open: Arc<LocalVolume> = match self.open_volume_handle(job.volume.id) {
             Some(open) => open,
             None if job.attached_here => return Err("the volume is not open here".to_owned()),
@@ -275,8 +341,13 @@ impl LocalNode {
             let guard = open.rebuild();
             let barrier = guard.arm(extent, blocks);
             let copied = if guard.wait_older_writes(barrier, DRAIN_TIMEOUT) {
+                // Read after the drain: every write the target missed has been recorded by now.
+                let regions = match &scope {
+                    Scope::Full => u64::MAX,
+                    Scope::CatchUp(dirty, node) => dirty.regions(*node, extent),
+                };
                 copier
-                    .copy_extent(extent, job.epoch, source, &targets)
+                    .copy_extent(extent, job.epoch, regions, source, &targets)
                     .map_err(|error| error.to_string())
             } else {
                 Err("writes in flight did not finish".to_owned())
@@ -307,6 +378,9 @@ impl LocalNode {
                 epoch: job.epoch,
             }))
             .map_err(|error| format!("cannot finish: {error}"))?;
+        if let Scope::CatchUp(dirty, node) = &scope {
+            dirty.forget_run(*node, job.first, job.count);
+        }
         Ok(copier.copied_bytes())
     }
 }

@@ -16,7 +16,9 @@ use std::sync::{Arc, PoisonError};
 use std::time::Duration;
 
 use vessel_proto::frame::Status;
-use vstore::remote::{Fault, Faults, RemoteError, RouteRun, Routes, Routing, Settlement};
+use vstore::remote::{
+    DirtyMaps, Fault, Faults, RemoteError, RouteRun, Routes, Routing, Settlement,
+};
 use vstore::{LocalVolume, VolumeId};
 
 use super::LocalNode;
@@ -30,6 +32,7 @@ impl LocalNode {
     /// The routing `volume` needs on this node, or `None` when all its extents are here alone.
     fn routing_for(&self, state: &ClusterState, volume: &Volume) -> Option<Routes> {
         let me = self.control.node_id();
+        let tracked = self.dirty_of(volume.id).tracked();
         let runs: Vec<RouteRun> = volume
             .placement
             .runs()
@@ -39,6 +42,14 @@ impl LocalNode {
                 epoch: run.replicas.epoch,
                 nodes: run.replicas.nodes.clone(),
                 targets: run.replicas.targets().to_vec(),
+                // Fenced-off nodes that may come back and catch up on what changed meanwhile.
+                out: tracked
+                    .iter()
+                    .filter(|(node, dirty)| {
+                        dirty.runs.contains(&first) && !run.replicas.receives(*node)
+                    })
+                    .map(|(node, _)| *node)
+                    .collect(),
             })
             .collect();
         if runs
@@ -74,14 +85,27 @@ impl LocalNode {
         }
         tracing::debug!(volume = %volume.name, runs = routes.as_ref().map_or(0, |r| r.runs().len()), "routing installed");
         let faults = routes.as_ref().map(|_| self.faults_of(volume.id));
+        let dirty = routes.as_ref().map(|_| self.dirty_of(volume.id));
         open.set_routing(routes.map(|routes| {
             Arc::new(Routing {
                 me: self.control.node_id(),
                 routes,
                 peers: Arc::clone(&self.peers),
                 faults,
+                dirty,
             })
         }));
+    }
+
+    /// What failed replicas of a volume served here miss, created on first use.
+    pub(super) fn dirty_of(&self, volume: VolumeId) -> Arc<DirtyMaps> {
+        Arc::clone(
+            self.dirty
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner)
+                .entry(volume)
+                .or_insert_with(DirtyMaps::new),
+        )
     }
 
     /// Brings the routing of every volume served here in line with the state.
@@ -113,6 +137,11 @@ impl LocalNode {
     /// Fails the writes of `volume` that wait for a replica (and any that would later): it stops being served
     /// here, and its device must be able to drain.
     pub(super) fn close_faults(&self, volume: VolumeId, reason: &str) {
+        // Whoever serves it next has no record of what failed replicas miss: they get full copies.
+        self.dirty
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .remove(&volume);
         let desk = self
             .faults
             .lock()
@@ -151,6 +180,23 @@ impl LocalNode {
             .collect();
         for node in failed {
             let name = self.control.read(|state| state.node_label(node));
+            // Where it held complete replicas, it misses only what is written from now on (and the failed writes,
+            // already recorded): remembered before the drop makes the routing record them.
+            let held: Vec<u64> = self.control.read(|state| {
+                state
+                    .volumes
+                    .get(&volume)
+                    .map_or_else(Vec::new, |described| {
+                        described
+                            .placement
+                            .runs()
+                            .filter(|(_, run)| run.replicas.contains(node))
+                            .map(|(first, _)| first)
+                            .collect()
+                    })
+            });
+            self.dirty_of(volume)
+                .record_drop(node, held, self.peers.boot_id(node));
             let dropped = self
                 .control
                 .write(Command::DropReplica {

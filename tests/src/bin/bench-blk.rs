@@ -15,10 +15,8 @@ use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail};
-use blkio::ReqFlags;
 use clap::Parser;
-use rand::{Rng, SeedableRng};
-use vessel_tests::blk_client::{BlkClient, complete, complete_any};
+use vessel_tests::bench::{Figures, Job, Pattern, fill, median, run_job};
 use vessel_tests::daemon::{Daemon, DaemonOptions};
 
 #[derive(Debug, Parser)]
@@ -45,192 +43,6 @@ struct Args {
 
 fn size_arg(text: &str) -> Result<u64, String> {
     vessel_proto::size::parse_size(text).map_err(|error| error.to_string())
-}
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Pattern {
-    RandRead,
-    RandWrite,
-}
-
-#[derive(Debug, Clone, Copy)]
-struct Job {
-    pattern: Pattern,
-    depth: usize,
-    queues: usize,
-}
-
-impl std::fmt::Display for Job {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        let name = match self.pattern {
-            Pattern::RandRead => "randread",
-            Pattern::RandWrite => "randwrite",
-        };
-        write!(f, "4k {name} qd{} x{}q", self.depth, self.queues)
-    }
-}
-
-#[derive(Debug, Clone, Copy, Default)]
-struct Figures {
-    iops: f64,
-    mean_us: f64,
-    p99_us: f64,
-    /// CPU time the serving process spent per request (user + system, all its threads), in µs.
-    cpu_us: f64,
-}
-
-const BLOCK: usize = 4096;
-
-/// Keeps `depth` requests in flight on every queue for `duration`; one thread per queue.
-fn run_job(
-    server: u32,
-    socket: &Path,
-    job: Job,
-    size: u64,
-    duration: Duration,
-) -> anyhow::Result<Figures> {
-    let cpu_before = cpu_time(server)?;
-    let mut client = BlkClient::connect(socket, job.queues)?;
-    let buffer = client.buffer(job.queues * job.depth * BLOCK)?;
-    let mut queues = client.take_queues();
-    let blocks = size / BLOCK as u64;
-    let results: Vec<anyhow::Result<(u64, Vec<u32>)>> = std::thread::scope(|scope| {
-        let handles: Vec<_> = queues
-            .iter_mut()
-            .enumerate()
-            .map(|(index, queue)| {
-                scope.spawn(move || -> anyhow::Result<(u64, Vec<u32>)> {
-                    let mut rng = rand::rngs::StdRng::seed_from_u64(index as u64 + 1);
-                    let base = index * job.depth * BLOCK;
-                    let mut started = vec![Instant::now(); job.depth];
-                    let mut latencies_us: Vec<u32> = Vec::with_capacity(1 << 20);
-                    let mut submit =
-                        |queue: &mut blkio::Blkioq, slot: usize, started: &mut [Instant]| {
-                            let offset = rng.random_range(0..blocks) * BLOCK as u64;
-                            let buf = buffer.as_mut_ptr().wrapping_add(base + slot * BLOCK);
-                            started[slot] = Instant::now();
-                            match job.pattern {
-                                Pattern::RandRead => {
-                                    queue.read(offset, buf, BLOCK, slot, ReqFlags::empty())
-                                }
-                                Pattern::RandWrite => {
-                                    queue.write(offset, buf, BLOCK, slot, ReqFlags::empty())
-                                }
-                            }
-                        };
-                    for slot in 0..job.depth {
-                        submit(queue, slot, &mut started);
-                    }
-                    let end = Instant::now() + duration;
-                    let mut done = 0u64;
-                    let mut in_flight = job.depth;
-                    // After `end`, requests still in flight drain without being counted or replaced.
-                    while in_flight > 0 {
-                        let finished = complete_any(queue, 64)?;
-                        let now = Instant::now();
-                        for slot in finished {
-                            in_flight -= 1;
-                            if now < end {
-                                let micros = now.duration_since(started[slot]).as_micros();
-                                latencies_us.push(u32::try_from(micros).unwrap_or(u32::MAX));
-                                done += 1;
-                                submit(queue, slot, &mut started);
-                                in_flight += 1;
-                            }
-                        }
-                    }
-                    Ok((done, latencies_us))
-                })
-            })
-            .collect();
-        handles
-            .into_iter()
-            .map(|handle| {
-                handle
-                    .join()
-                    .unwrap_or_else(|_| bail!("client thread panicked"))
-            })
-            .collect()
-    });
-    let mut total = 0;
-    let mut latencies = Vec::new();
-    for result in results {
-        let (done, mut lat) = result?;
-        total += done;
-        latencies.append(&mut lat);
-    }
-    latencies.sort_unstable();
-    let mean = latencies.iter().map(|l| f64::from(*l)).sum::<f64>() / latencies.len().max(1) as f64;
-    let p99 = latencies
-        .get(latencies.len() * 99 / 100)
-        .copied()
-        .unwrap_or(0);
-    let cpu = cpu_time(server)?.saturating_sub(cpu_before);
-    Ok(Figures {
-        iops: total as f64 / duration.as_secs_f64(),
-        mean_us: mean,
-        p99_us: f64::from(p99),
-        // The connection's set-up and the drain after `end` are in the CPU time too: a small overestimate for both.
-        cpu_us: cpu.as_secs_f64() * 1e6 / total.max(1) as f64,
-    })
-}
-
-/// User + system CPU time of process `pid` so far, its exited threads included (/proc/PID/stat).
-fn cpu_time(pid: u32) -> anyhow::Result<Duration> {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat"))
-        .with_context(|| format!("reading /proc/{pid}/stat"))?;
-    // The command name (field 2) may hold spaces; the fields after its closing parenthesis start at field 3.
-    let fields: Vec<&str> = stat
-        .rsplit_once(')')
-        .context("malformed /proc stat")?
-        .1
-        .split_whitespace()
-        .collect();
-    let ticks = |field: usize| -> anyhow::Result<u64> {
-        fields
-            .get(field - 3)
-            .context("short /proc stat")?
-            .parse()
-            .context("malformed /proc stat")
-    };
-    let total = ticks(14)? + ticks(15)?;
-    // SAFETY: sysconf has no preconditions.
-    let per_second = u64::try_from(unsafe { libc::sysconf(libc::_SC_CLK_TCK) })
-        .ok()
-        .filter(|&hz| hz > 0)
-        .unwrap_or(100);
-    Ok(Duration::from_micros(total * 1_000_000 / per_second))
-}
-
-/// Writes every byte of the device once (1 MiB requests, 8 in flight), so reads hit allocated blocks.
-fn fill(socket: &Path, size: u64) -> anyhow::Result<()> {
-    const CHUNK: usize = 1 << 20;
-    const DEPTH: usize = 8;
-    let mut client = BlkClient::connect(socket, 1)?;
-    let mut buffer = client.buffer(CHUNK * DEPTH)?;
-    let mut rng = rand::rngs::StdRng::seed_from_u64(7);
-    rng.fill(buffer.slice_mut(0, CHUNK * DEPTH));
-    let queue = client.queue(0);
-    let mut offset = 0u64;
-    while offset < size {
-        let mut issued = 0;
-        while issued < DEPTH && offset < size {
-            let len = CHUNK.min(usize::try_from(size - offset)?);
-            queue.write(
-                offset,
-                buffer.as_mut_ptr().wrapping_add(issued * CHUNK),
-                len,
-                issued,
-                ReqFlags::empty(),
-            );
-            offset += len as u64;
-            issued += 1;
-        }
-        complete(queue, issued)?;
-    }
-    queue.flush(0, ReqFlags::empty());
-    complete(queue, 1)?;
-    Ok(())
 }
 
 struct StorageDaemon {
@@ -274,11 +86,6 @@ impl Drop for StorageDaemon {
         let _ = self.child.kill();
         let _ = self.child.wait();
     }
-}
-
-fn median(values: &mut [f64]) -> f64 {
-    values.sort_by(f64::total_cmp);
-    values[values.len() / 2]
 }
 
 fn main() -> anyhow::Result<()> {
