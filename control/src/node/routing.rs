@@ -104,7 +104,7 @@ impl LocalNode {
                 .lock()
                 .unwrap_or_else(PoisonError::into_inner)
                 .entry(volume)
-                .or_insert_with(DirtyMaps::new),
+                .or_default(),
         )
     }
 
