@@ -490,16 +490,18 @@ fn a_rebuild_copies_under_concurrent_writes_and_misses_none() {
         })
     };
     let mut copier = Copier::new(Arc::clone(&volume), 0).unwrap();
-    assert!(
-        volume
-            .rebuild()
-            .wait_older_writes(2, Duration::from_secs(5))
-    );
     let target = Endpoint::Remote {
         node: 3,
         address: cluster.servers[1].address.clone(),
     };
     for extent in 0..4 {
+        // As the rebuild driver does: arm, wait for the writes planned before, copy, disarm.
+        let barrier = volume.rebuild().arm(extent, EXTENT / 512);
+        assert!(
+            volume
+                .rebuild()
+                .wait_older_writes(barrier, Duration::from_secs(5))
+        );
         copier
             .copy_extent(
                 extent,
@@ -521,6 +523,13 @@ fn a_rebuild_copies_under_concurrent_writes_and_misses_none() {
         let local = read(&mut queue, &volume, extent * EXTENT, EXTENT as usize).unwrap();
         let rebuilt = cluster.read_replica(3, layout, extent * EXTENT, EXTENT as u32);
         let differs = local.iter().zip(&rebuilt).position(|(a, b)| a != b);
+        if let Some(at) = differs {
+            eprintln!(
+                "extent {extent} at {at}: local {:?} rebuilt {:?}",
+                &local[at..at + 8],
+                &rebuilt[at..at + 8]
+            );
+        }
         assert_eq!(
             differs, None,
             "extent {extent} differs on the rebuilt replica ({writes} writes meanwhile)"

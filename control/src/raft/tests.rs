@@ -326,6 +326,13 @@ async fn three_voters_replicate_forward_and_survive_the_leaders_loss() {
     );
     for member in &members[1..] {
         assert_eq!(member.cp.read(ClusterState::clone), leader_state);
+        // The role comes from the metrics, which trail the promotion to voter a little.
+        let deadline = std::time::Instant::now() + Duration::from_secs(5);
+        while member.cp.raft_status().role != RaftRole::Follower
+            && std::time::Instant::now() < deadline
+        {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
         assert_eq!(member.cp.raft_status().role, RaftRole::Follower);
     }
 
