@@ -414,3 +414,77 @@ fn a_replica_back_in_time_copies_only_what_changed() {
         );
     }
 }
+
+#[test]
+fn a_volume_is_taken_over_with_force_only_once_its_holder_is_gone() {
+    let dir = test_dir("replicated_takeover").unwrap();
+    let mut nodes = cluster_of(&dir, &["a", "b", "c"]);
+    let (c, _) = nodes.pop().unwrap();
+    let (b, _) = nodes.pop().unwrap();
+    let (mut a, _) = nodes.pop().unwrap();
+    a.vessel_ok(&[
+        "volume",
+        "create",
+        "r3",
+        "--size",
+        "256M",
+        "--replicas",
+        "3",
+    ])
+    .unwrap();
+    eventually("b knows r3", || {
+        b.vessel_json(&["volume", "show", "r3"]).is_ok()
+    });
+    let socket = dir.join("r3.sock");
+    attach(&a, "r3", &socket);
+    let mut client = BlkClient::connect_retrying(&socket, 1, false);
+    write_block(&mut client, 64 << 20, 0x5a);
+    drop(client);
+    eventually("b sees r3 attached on a", || {
+        b.vessel_json(&["volume", "show", "r3"])
+            .is_ok_and(|shown| !shown["attachment"].is_null())
+    });
+    let on_b = dir.join("r3-b.sock");
+    let on_b = on_b.to_str().unwrap();
+    // While a lives: refused, with and without --force.
+    let refused = b
+        .vessel(&["volume", "attach", "r3", "--vhost-user", on_b])
+        .unwrap();
+    assert_eq!(refused.status.code(), Some(5), "{refused:?}");
+    assert!(
+        String::from_utf8_lossy(&refused.stderr).contains("attach with --force"),
+        "{refused:?}"
+    );
+    let refused = b
+        .vessel(&["volume", "attach", "r3", "--vhost-user", on_b, "--force"])
+        .unwrap();
+    assert_eq!(refused.status.code(), Some(5), "{refused:?}");
+    assert!(
+        String::from_utf8_lossy(&refused.stderr).contains("is alive"),
+        "{refused:?}"
+    );
+    // a dies: b takes the volume over, and a's replica sets move to new epochs.
+    let before = placement(&b, "r3");
+    a.kill().unwrap();
+    b.vessel_ok(&["volume", "attach", "r3", "--vhost-user", on_b, "--force"])
+        .unwrap();
+    let after = placement(&b, "r3");
+    assert!(
+        before
+            .iter()
+            .zip(&after)
+            .all(|((old, _), (new, _))| new > old),
+        "{before:?} -> {after:?}"
+    );
+    let mut client = BlkClient::connect_retrying(Path::new(on_b), 1, false);
+    assert!(
+        read_block(&mut client, 64 << 20)
+            .iter()
+            .all(|byte| *byte == 0x5a)
+    );
+    // a comes back: it no longer serves the volume, and b's writes go on (a is fenced off, then rebuilt).
+    a.restart().unwrap();
+    write_block(&mut client, 65 << 20, 0x6b);
+    assert!(!socket.exists() || std::os::unix::net::UnixStream::connect(&socket).is_err());
+    drop(c);
+}

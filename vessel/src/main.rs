@@ -158,6 +158,9 @@ struct AttachArgs {
     /// Mode of the socket file, in octal (world-writable modes are refused).
     #[arg(long, value_parser = octal_mode, default_value = "600")]
     socket_mode: u32,
+    /// Take the volume over from the node it is attached on, if that node is gone (it is fenced off).
+    #[arg(long)]
+    force: bool,
 }
 
 fn size_arg(text: &str) -> Result<u64, String> {
@@ -302,6 +305,7 @@ async fn volume(client: &mut AdminClient, out: Output, command: VolumeCmd) -> Re
                 queues: args.queues,
                 read_only: args.read_only,
                 socket_mode: args.socket_mode,
+                force: args.force,
             };
             render::volume_changed(out, "attached", &client.volume_attach(request).await?);
         }

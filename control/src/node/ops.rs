@@ -141,6 +141,9 @@ fn store_error(error: StoreError) -> OpError {
     OpError::new(kind, error.to_string())
 }
 
+/// How long an admin operation waits for this node's state to catch up with the leader's.
+pub(super) const SYNC_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
+
 pub(super) fn now_unix() -> i64 {
     SystemTime::now()
         .duration_since(UNIX_EPOCH)
@@ -686,21 +689,60 @@ impl LocalNode {
         if queues > MAX_QUEUES {
             return Err(CommandError::InvalidQueues { queues }.into());
         }
-        self.control.read(|state| {
-            dry_run(
-                state,
-                Command::Attach {
+        // Judged on the state as it is now, not as this node last heard of it (a detach sent to another node a
+        // moment ago, a take-over while this node was away).
+        self.control.sync(SYNC_TIMEOUT).await?;
+        let holder = self.control.read(|state| {
+            state
+                .attachments
+                .get(&volume.id)
+                .map(|a| a.node)
+                .filter(|node| *node != self.control.node_id())
+        });
+        let command = match holder {
+            Some(from) if request.force => {
+                self.check_gone(from).await?;
+                Command::TakeOver {
                     attachment: attachment.clone(),
-                },
-            )
-        })?;
+                    from,
+                }
+            }
+            _ => Command::Attach {
+                attachment: attachment.clone(),
+            },
+        };
+        self.control.read(|state| dry_run(state, command.clone()))?;
         self.serve(pool, &volume, &attachment)?;
-        if let Err(error) = self.commit(Command::Attach { attachment }).await {
+        if let Err(error) = self.commit(command.clone()).await {
             self.unserve(&volume);
             return Err(error);
         }
+        if let Command::TakeOver { from, .. } = command {
+            let name = self.control.read(|state| state.node_label(from));
+            tracing::warn!(volume = %volume.name, from = %name, "volume taken over from a node that is gone; it is fenced off");
+        }
         tracing::info!(volume = %volume.name, id = %volume.id, socket = %request.vhost_user_socket, queues, "volume attached");
         self.volume_view(&volume, false)
+    }
+
+    /// Refuses to take a volume over from `holder` while its data service answers.
+    async fn check_gone(&self, holder: NodeId) -> Result<(), OpError> {
+        self.control.read(|state| self.learn_addresses(state));
+        let peers = Arc::clone(&self.peers);
+        let alive = tokio::task::spawn_blocking(move || peers.reachable(holder))
+            .await
+            .unwrap_or(true);
+        if alive {
+            let name = self.control.read(|state| state.node_label(holder));
+            return Err(OpError::new(
+                ErrorKind::FailedPrecondition,
+                format!(
+                    "node '{name}' holds the volume and is alive (its data service answers); detach the volume there, \
+                     or stop that node before taking the volume over with --force"
+                ),
+            ));
+        }
+        Ok(())
     }
 
     pub async fn volume_detach(
@@ -792,7 +834,7 @@ impl LocalNode {
         Ok(())
     }
 
-    fn unserve(&self, volume: &Volume) {
+    pub(super) fn unserve(&self, volume: &Volume) {
         self.close_faults(
             volume.id,
             &format!(

@@ -123,6 +123,32 @@ impl LocalNode {
         });
     }
 
+    /// Stops serving the volumes whose attachment moved to another node (taken over while this node was cut off):
+    /// their writes would be refused anyway (fenced by epoch), and the guest gets I/O errors rather than a hang.
+    pub(super) fn stop_moved_volumes(&self) {
+        // Not while an admin operation of this node runs: an attach serves the volume before its commit applies.
+        let Ok(_guard) = self.writes.try_lock() else {
+            return;
+        };
+        let me = self.control.node_id();
+        let moved: Vec<Volume> = self.control.read(|state| {
+            self.open_volumes()
+                .iter()
+                .filter(|open| {
+                    state
+                        .attachments
+                        .get(&open.id())
+                        .is_some_and(|attachment| attachment.node != me)
+                })
+                .filter_map(|open| state.volumes.get(&open.id()).cloned())
+                .collect()
+        });
+        for volume in moved {
+            tracing::warn!(volume = %volume.name, "the volume was taken over by another node; no longer serving it here");
+            self.unserve(&volume);
+        }
+    }
+
     /// The faults desk of a volume served here, created on first use.
     fn faults_of(&self, volume: VolumeId) -> Arc<Faults> {
         let mut desks = self.faults.lock().unwrap_or_else(PoisonError::into_inner);

@@ -59,16 +59,9 @@ pub async fn run_node(
     }));
     tracing::info!(node = node.control.node_id(), data_dir = %node.config.data_dir.display(), "vesseld starting");
 
-    if node.control.is_initialized() {
-        node.activate().await?;
-    } else if node.config.standalone() {
-        node.initialize_cluster().await?;
-    } else {
-        tracing::info!(
-            "waiting to become a cluster member: run `vessel cluster init` against this node"
-        );
+    if node.config.standalone() {
+        node.start_up().await?;
     }
-
     let reclaimer = tokio::spawn(reclaim_deleted_volumes(Arc::clone(&node)));
     let router = tokio::spawn(follow_routing(Arc::clone(&node)));
     let settler = tokio::spawn(super::routing::settle_faults(Arc::clone(&node)));
@@ -130,6 +123,12 @@ pub async fn run_node(
         if let Err(error) = std::fs::write(&record, format!("{bound}\n")) {
             tracing::warn!(path = %record.display(), %error, "cannot record the metrics address");
         }
+    }
+    // A --listen node is activated once its servers run: it must take part in Raft (vote, hear the leader) to learn
+    // how current its state is before it restores its attachments. A self-initialising node is complete before it
+    // answers at all.
+    if !node.config.standalone() {
+        node.start_up().await?;
     }
     tracing::info!(socket = %node.config.admin_socket.display(), "admin API ready");
 
@@ -226,8 +225,15 @@ async fn reclaim_deleted_volumes(node: Arc<LocalNode>) {
 /// Keeps the routing of the volumes served here in step with the cluster state.
 async fn follow_routing(node: Arc<LocalNode>) {
     let mut applied = node.control.subscribe();
-    while applied.changed().await.is_ok() {
+    loop {
+        tokio::select! {
+            changed = applied.changed() => if changed.is_err() { return },
+            // A volume taken over elsewhere is also let go when nothing else changes (see stop_moved_volumes).
+            () = tokio::time::sleep(std::time::Duration::from_secs(5)) => {}
+        }
         node.refresh_routing();
+        let stopping = Arc::clone(&node);
+        let _ = tokio::task::spawn_blocking(move || stopping.stop_moved_volumes()).await;
         // Held writes may wait for exactly this change (a replica set's new epoch).
         node.fault_signal.notify_one();
     }
@@ -443,18 +449,30 @@ impl LocalNode {
         }
     }
 
+    /// Activates a member, initialises a self-initialising node, or waits for `cluster init` / `node join`.
+    async fn start_up(&self) -> Result<(), OpError> {
+        if self.control.is_initialized() {
+            self.activate().await
+        } else if self.config.standalone() {
+            self.initialize_cluster().await.map(drop)
+        } else {
+            tracing::info!(
+                "waiting to become a cluster member: run `vessel cluster init` against this node"
+            );
+            Ok(())
+        }
+    }
+
     /// Brings the local pool and devices in line with the cluster state.
     async fn activate(&self) -> Result<(), OpError> {
         if self.pool.get().is_some() {
             return Ok(());
         }
-        let (extent_size, disks, attachments, volumes) = self.control.read(|state| {
+        let (extent_size, disks) = self.control.read(|state| {
             let me = self.control.node_id();
             (
                 state.settings.extent_size,
                 state.disks_on(me).cloned().collect::<Vec<_>>(),
-                state.attachments_on(me).cloned().collect::<Vec<_>>(),
-                state.volumes.clone(),
             )
         });
         let pool = Arc::new(
@@ -487,6 +505,16 @@ impl LocalNode {
         }
         // Space of volumes deleted while this daemon was down (or died between the commit and the freeing).
         self.reclaim_deleted(&pool);
+        // The attachments to restore are those of the cluster's state now, not of this node's last view of it: a
+        // volume taken over while this node was down must not be served (its local replica may be stale).
+        self.sync_for_restore().await;
+        let (attachments, volumes) = self.control.read(|state| {
+            let me = self.control.node_id();
+            (
+                state.attachments_on(me).cloned().collect::<Vec<_>>(),
+                state.volumes.clone(),
+            )
+        });
         let _ = self.pool.set(Arc::clone(&pool));
         for attachment in attachments {
             let Some(volume) = volumes.get(&attachment.volume) else {
@@ -503,6 +531,24 @@ impl LocalNode {
             }
         }
         Ok(())
+    }
+
+    /// Waits (up to a minute) until this node's state has caught up with the leader's; on a node that cannot reach a
+    /// majority, it restores what its own state says, with a warning.
+    async fn sync_for_restore(&self) {
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+        loop {
+            match self.control.sync(std::time::Duration::from_secs(5)).await {
+                Ok(()) => return,
+                Err(error) if std::time::Instant::now() >= deadline => {
+                    self.warn(format!(
+                        "restoring attachments from this node's own view of the cluster state: {error}"
+                    ));
+                    return;
+                }
+                Err(_) => tokio::time::sleep(std::time::Duration::from_millis(200)).await,
+            }
+        }
     }
 
     /// Frees, on this node's disks, the extents of volumes the cluster no longer has, wherever their deletion was

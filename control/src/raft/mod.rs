@@ -350,7 +350,8 @@ impl ControlPlane {
                 }
                 ForwardResponse::Joined { .. }
                 | ForwardResponse::Report(_)
-                | ForwardResponse::Left => {
+                | ForwardResponse::Left
+                | ForwardResponse::ReadIndex(_) => {
                     return Err(unexpected_answer());
                 }
                 ForwardResponse::NotLeader {
@@ -374,7 +375,8 @@ impl ControlPlane {
                         Ok(
                             ForwardResponse::Joined { .. }
                             | ForwardResponse::Report(_)
-                            | ForwardResponse::Left,
+                            | ForwardResponse::Left
+                            | ForwardResponse::ReadIndex(_),
                         ) => {
                             return Err(unexpected_answer());
                         }
@@ -535,6 +537,51 @@ impl ControlPlane {
                 )));
             }
             tokio::time::sleep(RETRY_PAUSE).await;
+        }
+    }
+
+    /// Waits until this node's state is as fresh as the leader's at the time of the call (a
+    /// linearizable follower read): asks the leader for its read index, then waits to apply it.
+    /// Decisions that must not act on a stale state (serving a volume) call this first.
+    pub async fn sync(&self, timeout: Duration) -> Result<(), ControlError> {
+        let deadline = Instant::now() + timeout;
+        let mut last_error = "no leader is known yet".to_owned();
+        // The leader may be changing (the old one just died): ask whoever leads now, until the deadline.
+        let index = loop {
+            let status = self.raft_status();
+            let asked = match status.leader {
+                Some(leader) if leader == self.inner.node_id => {
+                    Some(network::read_index(&self.inner.raft).await)
+                }
+                Some(leader) => match status.addresses.get(&leader) {
+                    Some(address) => Some(
+                        network::forward(address, &ForwardRequest::ReadIndex, FORWARD_TIMEOUT)
+                            .await
+                            .unwrap_or_else(|error| ForwardResponse::Failed(error.to_string())),
+                    ),
+                    None => None,
+                },
+                None => None,
+            };
+            match asked {
+                Some(ForwardResponse::ReadIndex(index)) => break index,
+                Some(ForwardResponse::Failed(reason)) => last_error = reason,
+                _ => {}
+            }
+            if Instant::now() >= deadline {
+                return Err(ControlError::Unavailable(format!(
+                    "cannot tell how current this node's state is: {last_error}"
+                )));
+            }
+            tokio::time::sleep(RETRY_PAUSE).await;
+        };
+        let mut applied = self.subscribe();
+        match tokio::time::timeout(timeout, applied.wait_for(|&applied| applied >= index)).await {
+            Ok(Ok(_)) => Ok(()),
+            _ => Err(ControlError::Unavailable(format!(
+                "this node has not caught up with the cluster state (log index {index}) within {}s",
+                timeout.as_secs()
+            ))),
         }
     }
 

@@ -284,6 +284,9 @@ pub enum ForwardRequest {
     /// Any node asks any other for what only that node knows (its disks' use); answered by every
     /// node, leader or not.
     Report,
+    /// The leader confirms its leadership with a quorum and answers with the log index a node must
+    /// have applied to read the state as of now (a follower read).
+    ReadIndex,
 }
 
 /// What a node knows of itself alone: space is allocated by each node without a Raft commit.
@@ -317,6 +320,8 @@ pub enum ForwardResponse {
     Report(NodeReport),
     /// The node named in [`ForwardRequest::Leave`] is out of the membership.
     Left,
+    /// The answer to [`ForwardRequest::ReadIndex`].
+    ReadIndex(u64),
 }
 
 /// Why [`forward`] failed.
@@ -631,6 +636,7 @@ impl RaftRpc for RaftPeerService {
                     .map(|report| report())
                     .unwrap_or_default(),
             )),
+            ForwardRequest::ReadIndex => reply(&read_index(&self.raft).await),
         }
     }
 }
@@ -641,6 +647,20 @@ fn membership_failure(
     match error {
         RaftError::APIError(ClientWriteError::ForwardToLeader(to)) => redirect(to),
         other => ForwardResponse::Failed(format!("the membership change failed: {other}")),
+    }
+}
+
+/// This node's read index if it is the leader (see [`ForwardRequest::ReadIndex`]).
+pub async fn read_index(raft: &Raft) -> ForwardResponse {
+    match raft
+        .ensure_linearizable(openraft::ReadPolicy::ReadIndex)
+        .await
+    {
+        Ok(read) => ForwardResponse::ReadIndex(read.log_id().index()),
+        Err(RaftError::APIError(openraft::error::LinearizableReadError::ForwardToLeader(to))) => {
+            redirect(to)
+        }
+        Err(other) => ForwardResponse::Failed(format!("cannot confirm the leadership: {other}")),
     }
 }
 

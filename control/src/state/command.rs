@@ -103,6 +103,13 @@ pub enum Command {
         first_extent: u64,
         epoch: u64,
     },
+    /// Moves a volume's attachment lease from `from`, a node that is gone (the proposer checked), to the node
+    /// `attachment` names, bumping the epoch of every replica set of the volume so that nothing `from` still sends
+    /// is accepted.
+    TakeOver {
+        attachment: Attachment,
+        from: NodeId,
+    },
 }
 
 impl fmt::Display for Command {
@@ -162,6 +169,11 @@ impl fmt::Display for Command {
                 f,
                 "rebuild of volume {volume} at extent {first_extent} done"
             ),
+            Self::TakeOver { attachment, from } => write!(
+                f,
+                "take volume {} over from node {from} to node {} at {}",
+                attachment.volume, attachment.node, attachment.socket
+            ),
         }
     }
 }
@@ -201,6 +213,10 @@ impl Command {
                 Row::Volume(attachment.volume),
             ],
             Self::Detach { volume } => vec![Row::Attachment(*volume), Row::Volume(*volume)],
+            Self::TakeOver { attachment, .. } => vec![
+                Row::Attachment(attachment.volume),
+                Row::Volume(attachment.volume),
+            ],
             Self::RemoveNode { id, disks } => std::iter::once(Row::Node(*id))
                 .chain(disks.iter().map(|disk| Row::Disk(*disk)))
                 .collect(),
@@ -239,6 +255,10 @@ pub enum CommandOutcome {
     },
     Attached {
         volume: VolumeId,
+    },
+    TakenOver {
+        volume: VolumeId,
+        from: NodeId,
     },
     Detached {
         attachment: Attachment,
@@ -391,7 +411,10 @@ pub enum CommandError {
 
     #[error("volume '{name}' is attached at {socket}; detach it first")]
     VolumeAttached { name: String, socket: String },
-    #[error("volume '{name}' is already attached at {socket} on node '{node}'; detach it first")]
+    #[error(
+        "volume '{name}' is already attached at {socket} on node '{node}'; detach it there first (if that node is \
+         gone, attach with --force to take the volume over)"
+    )]
     AlreadyAttached {
         name: String,
         socket: String,
@@ -550,7 +573,44 @@ impl ClusterState {
                 first_extent,
                 epoch,
             } => self.finish_rebuild(volume, first_extent, epoch),
+            Command::TakeOver { attachment, from } => self.take_over(attachment, from),
         }
+    }
+
+    fn take_over(
+        &mut self,
+        attachment: Attachment,
+        from: NodeId,
+    ) -> Result<CommandOutcome, CommandError> {
+        let id = attachment.volume;
+        let name = self
+            .volumes
+            .get(&id)
+            .map(|v| v.name.clone())
+            .ok_or_else(|| CommandError::VolumeNotFound {
+                volume: id.to_string(),
+            })?;
+        let previous = self.attachments.get(&id).cloned();
+        match &previous {
+            Some(current) if current.node == from => {}
+            _ => {
+                return Err(CommandError::NotTheHolder {
+                    name,
+                    holder: from,
+                    attached: previous
+                        .map(|a| format!("attached on node {}", self.node_label(a.node))),
+                });
+            }
+        }
+        // Checked like any attachment, as if the old one were gone; the state is unchanged on refusal.
+        let old = self.attachments.remove(&id).expect("matched above");
+        if let Err(error) = self.attach(attachment) {
+            self.attachments.insert(id, old);
+            return Err(error);
+        }
+        let volume = self.volumes.get_mut(&id).expect("checked above");
+        volume.placement.fence_all();
+        Ok(CommandOutcome::TakenOver { volume: id, from })
     }
 
     fn start_rebuild(
@@ -2148,6 +2208,56 @@ mod tests {
     }
 
     #[test]
+    fn a_volume_is_taken_over_only_from_its_holder_and_every_set_is_fenced() {
+        let mut state = cluster();
+        state
+            .apply(Command::AddNode {
+                node: node(2, "n2"),
+            })
+            .unwrap();
+        state.apply(create("db1", 1, GIB)).unwrap();
+        state
+            .apply(Command::Attach {
+                attachment: attachment(vid(1), "/run/db1.sock"),
+            })
+            .unwrap();
+        let before = state.volumes[&vid(1)].replica_set(0).unwrap().epoch;
+        let elsewhere = Attachment {
+            node: 2,
+            socket: "/run/n2.sock".to_owned(),
+            ..attachment(vid(1), "/run/db1.sock")
+        };
+        assert!(
+            refused(
+                &mut state,
+                Command::TakeOver {
+                    attachment: elsewhere.clone(),
+                    from: 2,
+                }
+            )
+            .contains("is not attached on node 2 (it is attached on node n1)")
+        );
+        assert_eq!(
+            state
+                .apply(Command::TakeOver {
+                    attachment: elsewhere,
+                    from: 1,
+                })
+                .unwrap(),
+            CommandOutcome::TakenOver {
+                volume: vid(1),
+                from: 1,
+            }
+        );
+        assert_eq!(state.attachments[&vid(1)].node, 2);
+        assert_eq!(
+            state.volumes[&vid(1)].replica_set(0).unwrap().epoch,
+            before + 1,
+            "the old holder is fenced off"
+        );
+    }
+
+    #[test]
     fn replicated_volumes_span_distinct_nodes_by_free_space() {
         let mut state = cluster();
         for (id, name, capacity) in [
@@ -2453,7 +2563,8 @@ mod tests {
                     attachment: attachment(vid(1), "/run/y.sock")
                 }
             ),
-            "volume 'db1' is already attached at /run/x.sock on node 'n1'; detach it first"
+            "volume 'db1' is already attached at /run/x.sock on node 'n1'; detach it there first (if that node is \
+             gone, attach with --force to take the volume over)"
         );
         assert_eq!(
             refused(

@@ -154,6 +154,13 @@ impl Placement {
         self.runs.get_mut(&first)
     }
 
+    /// Bumps the epoch of every run: whatever was sent at the old epochs is refused.
+    pub fn fence_all(&mut self) {
+        for run in self.runs.values_mut() {
+            run.replicas.epoch += 1;
+        }
+    }
+
     /// Bumps the epoch of every run with a rebuild in progress: whoever copies for it now is
     /// fenced off (the volume changed hands).
     pub fn fence_rebuilds(&mut self) -> u64 {
