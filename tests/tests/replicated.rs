@@ -440,6 +440,13 @@ fn a_volume_is_taken_over_with_force_only_once_its_holder_is_gone() {
     let mut client = BlkClient::connect_retrying(&socket, 1, false);
     write_block(&mut client, 64 << 20, 0x5a);
     drop(client);
+    // The write's extent is in a's activity log, in the cluster state.
+    let shown = a.vessel_json(&["volume", "show", "r3"]).unwrap();
+    assert_eq!(
+        shown["attachment"]["active_extents"],
+        serde_json::json!([1]),
+        "{shown}"
+    );
     eventually("b sees r3 attached on a", || {
         b.vessel_json(&["volume", "show", "r3"])
             .is_ok_and(|shown| !shown["attachment"].is_null())
@@ -475,6 +482,15 @@ fn a_volume_is_taken_over_with_force_only_once_its_holder_is_gone() {
             .zip(&after)
             .all(|((old, _), (new, _))| new > old),
         "{before:?} -> {after:?}"
+    );
+    // b reconciled what a may have left half-written before serving the volume.
+    assert!(b.log().contains("reconciled the replicas"), "{}", b.log());
+    let shown = b.vessel_json(&["volume", "show", "r3"]).unwrap();
+    assert!(
+        shown["attachment"]["active_extents"]
+            .as_array()
+            .is_none_or(Vec::is_empty),
+        "{shown}"
     );
     let mut client = BlkClient::connect_retrying(Path::new(on_b), 1, false);
     assert!(

@@ -21,7 +21,9 @@
 //! - `replica`: serving other nodes' extent I/O (the replica side of the data path).
 //! - `remote`: sending extent I/O to other nodes' replicas (the writer side of the data path).
 //! - `rebuild`: copying extents to a replica being built while the guest writes.
+//! - `activity`: the activity log of a replicated volume (extents with writes in flight).
 
+pub mod activity;
 mod aligned;
 mod disk;
 mod error;

@@ -87,6 +87,27 @@ impl IoRequest<'_> {
             Self::Write { .. } | Self::Discard { .. } | Self::WriteZeroes { .. }
         )
     }
+
+    /// The extents a request that changes data touches (none for others, or when its range
+    /// overflows: it is refused anyway).
+    fn extents(&self, extent_size: u64) -> Vec<u64> {
+        let (offset, len) = match self {
+            Self::Write {
+                offset, segments, ..
+            } => (*offset, segments.iter().map(|s| s.len as u64).sum::<u64>()),
+            Self::Discard { offset, len } | Self::WriteZeroes { offset, len, .. } => {
+                (*offset, *len)
+            }
+            _ => return Vec::new(),
+        };
+        match (len, offset.checked_add(len)) {
+            (0, _) | (_, None) => Vec::new(),
+            (_, Some(end)) if extent_size > 0 => {
+                (offset / extent_size..end.div_ceil(extent_size)).collect()
+            }
+            _ => Vec::new(),
+        }
+    }
 }
 
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -215,6 +236,8 @@ struct Request {
     error: Option<IoError>,
     /// The rebuild guard's sequence number a routed write was counted under (see `submit`).
     write_sequence: Option<u64>,
+    /// Extents a routed write counted in the activity log (see `submit`).
+    active_extents: Vec<u64>,
     /// `ops[..used]` belong to this request; the rest keep their capacity for reuse.
     ops: Vec<SubOp>,
     used: usize,
@@ -487,15 +510,25 @@ impl IoQueue {
         // Held while planning, so that no sub-op failing at once can finish the request midway.
         req.pending = 1;
         let mut routing = if self.routed { volume.routing() } else { None };
+        let mut recorded = Ok(());
         if routing.is_some() && request.writes() {
+            // In the activity log before anything goes out (see `crate::activity`).
+            let extents = request.extents(volume.extent_size());
+            recorded = volume.activity().enter(&extents);
+            if recorded.is_ok() {
+                self.requests[index].active_extents = extents;
+            }
             // Counted before the routing is read: a rebuild that armed an extent since sees this
             // write under the routing it installed first (see `crate::rebuild`).
             self.requests[index].write_sequence = Some(volume.rebuild().write_started());
             routing = volume.routing();
         }
-        let planned = match (request, routing) {
-            (request, None) => self.plan_local(index, volume, request),
-            (request, Some(routing)) => self.plan_routed(index, volume, &routing, request),
+        let planned = match (request, routing, recorded) {
+            (_, _, Err(reason)) => Err(IoError::Io(io::Error::other(format!(
+                "cannot record the write in the activity log: {reason}"
+            )))),
+            (request, None, _) => self.plan_local(index, volume, request),
+            (request, Some(routing), _) => self.plan_routed(index, volume, &routing, request),
         };
         let req = &mut self.requests[index];
         if let Err(error) = planned {
@@ -1347,6 +1380,12 @@ impl IoQueue {
         req.pending = 0;
         if let (Some(sequence), Some(volume)) = (req.write_sequence.take(), &req.volume) {
             volume.rebuild().write_finished(sequence);
+        }
+        if let Some(volume) = &req.volume
+            && !req.active_extents.is_empty()
+        {
+            volume.activity().leave(&req.active_extents);
+            req.active_extents.clear();
         }
         req.volume = None;
         finished.push_back((req.tag, req.error.take().map_or(Ok(()), Err)));

@@ -16,6 +16,7 @@
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError, RwLock, RwLockReadGuard, RwLockWriteGuard};
 
+use crate::activity::ActivityLog;
 use crate::disk::Disk;
 use crate::error::{IoError, StoreError};
 use crate::pool::LocalPool;
@@ -84,6 +85,7 @@ pub struct LocalVolume {
     /// nodes: the device's queues then send each request to the extent's replicas.
     routing: RwLock<Option<Arc<Routing>>>,
     rebuild: RebuildGuard,
+    activity: ActivityLog,
 }
 
 fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -115,6 +117,7 @@ impl LocalVolume {
             stats: VolumeStats::default(),
             routing: RwLock::new(None),
             rebuild: RebuildGuard::default(),
+            activity: ActivityLog::default(),
         }
     }
 
@@ -181,6 +184,11 @@ impl LocalVolume {
     /// What keeps a rebuild's copies from overwriting newer guest writes.
     pub fn rebuild(&self) -> &RebuildGuard {
         &self.rebuild
+    }
+
+    /// The extents this node may have replicated writes in flight on.
+    pub fn activity(&self) -> &ActivityLog {
+        &self.activity
     }
 
     /// The routing in force, if any.

@@ -685,6 +685,7 @@ impl LocalNode {
                 request.socket_mode
             },
             attached_unix: now_unix(),
+            active: std::collections::BTreeSet::new(),
         };
         if queues > MAX_QUEUES {
             return Err(CommandError::InvalidQueues { queues }.into());
@@ -712,14 +713,37 @@ impl LocalNode {
             },
         };
         self.control.read(|state| dry_run(state, command.clone()))?;
-        self.serve(pool, &volume, &attachment)?;
-        if let Err(error) = self.commit(command.clone()).await {
-            self.unserve(&volume);
-            return Err(error);
-        }
         if let Command::TakeOver { from, .. } = command {
+            // The lease first (fencing the old holder), then its unfinished writes are reconciled, then we serve.
+            self.commit(command).await?;
             let name = self.control.read(|state| state.node_label(from));
             tracing::warn!(volume = %volume.name, from = %name, "volume taken over from a node that is gone; it is fenced off");
+            let (volume, attachment) = self
+                .control
+                .read(|state| {
+                    Some((
+                        state.volumes.get(&volume.id)?.clone(),
+                        state.attachments.get(&volume.id)?.clone(),
+                    ))
+                })
+                .ok_or_else(|| OpError::new(ErrorKind::Internal, "the volume vanished"))?;
+            self.reconcile(&volume, &attachment).await?;
+            self.serve(pool, &volume, &attachment).map_err(|error| {
+                OpError::new(
+                    error.kind,
+                    format!(
+                        "volume '{}' was taken over, but cannot be served here: {}; fix that and restart vesseld, \
+                         or detach it",
+                        volume.name, error.message
+                    ),
+                )
+            })?;
+        } else {
+            self.serve(pool, &volume, &attachment)?;
+            if let Err(error) = self.commit(command).await {
+                self.unserve(&volume);
+                return Err(error);
+            }
         }
         tracing::info!(volume = %volume.name, id = %volume.id, socket = %request.vhost_user_socket, queues, "volume attached");
         self.volume_view(&volume, false)
@@ -882,6 +906,7 @@ impl LocalNode {
             allocated_bytes: extents_allocated.saturating_mul(volume.extent_size),
             created_unix: volume.created_unix,
             attachment: attachment.map(|attachment| admin::Attachment {
+                active_extents: attachment.active.iter().copied().collect(),
                 node_id: attachment.node,
                 vhost_user_socket: attachment.socket,
                 queues: u32::from(attachment.queues),

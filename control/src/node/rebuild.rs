@@ -18,7 +18,7 @@ use vstore::rebuild::{Copier, Endpoint};
 
 use super::LocalNode;
 use super::ops::layout;
-use crate::state::{Command, NodeId, Volume, VolumeId};
+use crate::state::{Command, CommandError, NodeId, Volume, VolumeId};
 
 /// How often the driver looks for work when nothing in the state changed.
 const DRIVE_INTERVAL: Duration = Duration::from_secs(2);
@@ -382,5 +382,198 @@ impl LocalNode {
             dirty.forget_run(*node, job.first, job.count);
         }
         Ok(copier.copied_bytes())
+    }
+}
+
+/// How long an extent stays in the activity log after its last write.
+const ACTIVITY_IDLE: Duration = Duration::from_secs(30);
+/// How often the activity logs are swept.
+const ACTIVITY_SWEEP: Duration = Duration::from_secs(10);
+/// How long reconciling one extent keeps retrying (its replicas may still be applying the new epochs).
+const RECONCILE_PATIENCE: Duration = Duration::from_secs(20);
+
+/// Takes extents that went quiet out of the activity logs of the volumes served here.
+pub(super) async fn sweep_activity(node: Arc<LocalNode>) {
+    loop {
+        tokio::time::sleep(ACTIVITY_SWEEP).await;
+        for open in node.open_volumes() {
+            if !open.activity().is_live() {
+                continue;
+            }
+            let swept =
+                tokio::task::spawn_blocking(move || open.activity().sweep(ACTIVITY_IDLE)).await;
+            if let Ok(Err(error)) = swept {
+                tracing::warn!(%error, "cannot shorten an activity log; retrying");
+            }
+        }
+    }
+}
+
+impl LocalNode {
+    /// Makes the activity log of `open` (a replicated volume served here) record its changes in the cluster state.
+    pub(super) fn install_activity(&self, volume: &Volume, open: &LocalVolume, active: Vec<u64>) {
+        if open.activity().is_live() {
+            return;
+        }
+        let Ok(handle) = tokio::runtime::Handle::try_current() else {
+            return;
+        };
+        let control = self.control.clone();
+        let (id, holder) = (volume.id, self.control.node_id());
+        open.activity().install(
+            Box::new(move |extents, active| {
+                // A device starts serving just before its attachment is committed: a first write may race it.
+                let deadline = Instant::now() + Duration::from_secs(5);
+                loop {
+                    let recorded = handle.block_on(control.write(Command::Activity {
+                        volume: id,
+                        holder,
+                        extents: extents.to_vec(),
+                        active,
+                    }));
+                    match recorded {
+                        Ok(_) => return Ok(()),
+                        Err(crate::raft::ControlError::Rejected(CommandError::NotTheHolder {
+                            ..
+                        })) if Instant::now() < deadline => {
+                            std::thread::sleep(Duration::from_millis(50));
+                        }
+                        Err(error) => return Err(error.to_string()),
+                    }
+                }
+            }),
+            active,
+        );
+    }
+
+    /// Reconciles the extents in the activity log of `attachment` — writes may have been in flight there when its
+    /// holder stopped — by copying each from one healthy replica to the others, then empties the log. Done before
+    /// the volume is served again.
+    pub(super) async fn reconcile(
+        &self,
+        volume: &Volume,
+        attachment: &crate::state::Attachment,
+    ) -> Result<(), super::OpError> {
+        use super::{ErrorKind, OpError};
+        if attachment.active.is_empty() {
+            return Ok(());
+        }
+        let me = self.control.node_id();
+        let pool = self
+            .pool()
+            .cloned()
+            .ok_or_else(|| OpError::new(ErrorKind::FailedPrecondition, "no pool yet"))?;
+        let open = pool
+            .open_volume(layout(volume))
+            .map_err(|error| OpError::new(ErrorKind::Internal, error.to_string()))?;
+        // A replica that does not answer cannot be reconciled: it is fenced off first (and rebuilt in full when it
+        // returns), or, if too few would remain, the volume is not served yet.
+        let members: std::collections::BTreeSet<NodeId> = self.control.read(|state| {
+            self.learn_addresses(state);
+            state
+                .volumes
+                .get(&volume.id)
+                .map_or_else(Default::default, |described| {
+                    described
+                        .placement
+                        .runs()
+                        .flat_map(|(_, run)| run.replicas.members().collect::<Vec<_>>())
+                        .filter(|node| *node != me)
+                        .collect()
+                })
+        });
+        for node in members {
+            let peers = Arc::clone(&self.peers);
+            let answers = tokio::task::spawn_blocking(move || peers.reachable(node))
+                .await
+                .unwrap_or(false);
+            if !answers {
+                let name = self.control.read(|state| state.node_label(node));
+                self.control
+                    .write(Command::DropReplica {
+                        volume: volume.id,
+                        node,
+                        holder: me,
+                    })
+                    .await?;
+                tracing::warn!(volume = %volume.name, node = %name, "replica node unreachable while reconciling; fenced it off");
+            }
+        }
+        let mut jobs = Vec::new();
+        self.control.read(|state| {
+            self.learn_addresses(state);
+            let described = state.volumes.get(&volume.id).unwrap_or(volume);
+            for extent in &attachment.active {
+                let Some(set) = described.replica_set(*extent) else {
+                    continue;
+                };
+                let source = if set.contains(me) {
+                    Some(me)
+                } else {
+                    set.nodes.first().copied()
+                };
+                let Some(source) = source else {
+                    continue;
+                };
+                let endpoint = |node: NodeId| -> Option<Endpoint> {
+                    if node == me {
+                        return Some(Endpoint::Local);
+                    }
+                    let address = state.nodes.get(&node)?.address.clone()?;
+                    Some(Endpoint::Remote { node, address })
+                };
+                let targets: Vec<Endpoint> = set
+                    .members()
+                    .filter(|node| *node != source)
+                    .filter_map(endpoint)
+                    .collect();
+                if let Some(source) = endpoint(source)
+                    && !targets.is_empty()
+                {
+                    jobs.push((*extent, set.epoch, source, targets));
+                }
+            }
+        });
+        let count = jobs.len();
+        let copied = tokio::task::spawn_blocking(move || -> Result<u64, String> {
+            let mut copier = Copier::new(open, 0).map_err(|error| error.to_string())?;
+            for (extent, epoch, source, targets) in jobs {
+                let deadline = Instant::now() + RECONCILE_PATIENCE;
+                loop {
+                    let done = copier
+                        .copy_extent(extent, epoch, u64::MAX, &source, &targets)
+                        .and_then(|()| copier.flush(extent, epoch, &targets));
+                    match done {
+                        Ok(()) => break,
+                        Err(error) if Instant::now() >= deadline => {
+                            return Err(format!("extent {extent}: {error}"));
+                        }
+                        Err(_) => std::thread::sleep(Duration::from_millis(200)),
+                    }
+                }
+            }
+            Ok(copier.copied_bytes())
+        })
+        .await
+        .map_err(|error| OpError::new(ErrorKind::Internal, error.to_string()))?
+        .map_err(|error| {
+            OpError::new(
+                ErrorKind::Unavailable,
+                format!(
+                    "cannot reconcile the replicas of volume '{}' where writes were in flight: {error}",
+                    volume.name
+                ),
+            )
+        })?;
+        self.control
+            .write(Command::Activity {
+                volume: volume.id,
+                holder: me,
+                extents: attachment.active.iter().copied().collect(),
+                active: false,
+            })
+            .await?;
+        tracing::info!(volume = %volume.name, extents = count, bytes = copied, "reconciled the replicas of the extents writes were in flight on");
+        Ok(())
     }
 }

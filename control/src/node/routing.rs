@@ -84,6 +84,15 @@ impl LocalNode {
             return;
         }
         tracing::debug!(volume = %volume.name, runs = routes.as_ref().map_or(0, |r| r.runs().len()), "routing installed");
+        if routes.is_some() {
+            let active = state
+                .attachments
+                .get(&volume.id)
+                .filter(|a| a.node == self.control.node_id())
+                .map(|a| a.active.iter().copied().collect())
+                .unwrap_or_default();
+            self.install_activity(volume, open, active);
+        }
         let faults = routes.as_ref().map(|_| self.faults_of(volume.id));
         let dirty = routes.as_ref().map(|_| self.dirty_of(volume.id));
         open.set_routing(routes.map(|routes| {

@@ -66,6 +66,7 @@ pub async fn run_node(
     let router = tokio::spawn(follow_routing(Arc::clone(&node)));
     let settler = tokio::spawn(super::routing::settle_faults(Arc::clone(&node)));
     let rebuilder = tokio::spawn(super::rebuild::drive_rebuilds(Arc::clone(&node)));
+    let sweeper = tokio::spawn(super::rebuild::sweep_activity(Arc::clone(&node)));
     let (stop_servers, servers_stopped) = tokio::sync::watch::channel(false);
     let mut servers = tokio::task::JoinSet::new();
     let admin = crate::api::admin_service(Arc::clone(&node));
@@ -145,6 +146,7 @@ pub async fn run_node(
     router.abort();
     settler.abort();
     rebuilder.abort();
+    sweeper.abort();
     while servers.join_next().await.is_some() {}
     // Devices stop without a Detach: the attachments stay in the state and come back at the next start. Writes
     // waiting for a failed replica cannot be settled any more: they fail, so that the devices can stop.
@@ -520,6 +522,13 @@ impl LocalNode {
             let Some(volume) = volumes.get(&attachment.volume) else {
                 continue;
             };
+            if let Err(error) = self.reconcile(volume, &attachment).await {
+                self.warn(format!(
+                    "attachment of volume '{}' not restored: {error}",
+                    volume.name
+                ));
+                continue;
+            }
             match self.serve(&pool, volume, &attachment) {
                 Ok(()) => {
                     tracing::info!(volume = %volume.name, id = %volume.id, socket = %attachment.socket, "attachment restored")

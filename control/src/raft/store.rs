@@ -904,6 +904,7 @@ mod tests {
                     read_only: false,
                     socket_mode: 0o600,
                     attached_unix: 43,
+                    active: Default::default(),
                 },
             },
             // Refused (duplicate name): must change nothing on disk.

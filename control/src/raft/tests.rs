@@ -128,6 +128,7 @@ async fn single_voter_initialises_writes_and_survives_restart() {
         read_only: false,
         socket_mode: 0o660,
         attached_unix: 1_700_000_001,
+        active: Default::default(),
     };
     cp.write(Command::Attach { attachment }).await.unwrap();
     let before = cp.read(ClusterState::clone);

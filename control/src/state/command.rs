@@ -110,6 +110,14 @@ pub enum Command {
         attachment: Attachment,
         from: NodeId,
     },
+    /// Adds extents to (`active`) or removes them from the activity log of a volume's attachment; only its holder
+    /// may.
+    Activity {
+        volume: VolumeId,
+        holder: NodeId,
+        extents: Vec<u64>,
+        active: bool,
+    },
 }
 
 impl fmt::Display for Command {
@@ -169,6 +177,18 @@ impl fmt::Display for Command {
                 f,
                 "rebuild of volume {volume} at extent {first_extent} done"
             ),
+            Self::Activity {
+                volume,
+                extents,
+                active,
+                ..
+            } => write!(
+                f,
+                "{} {} extent(s) of volume {volume} {} the activity log",
+                if *active { "add" } else { "remove" },
+                extents.len(),
+                if *active { "to" } else { "from" }
+            ),
             Self::TakeOver { attachment, from } => write!(
                 f,
                 "take volume {} over from node {from} to node {} at {}",
@@ -213,6 +233,7 @@ impl Command {
                 Row::Volume(attachment.volume),
             ],
             Self::Detach { volume } => vec![Row::Attachment(*volume), Row::Volume(*volume)],
+            Self::Activity { volume, .. } => vec![Row::Attachment(*volume)],
             Self::TakeOver { attachment, .. } => vec![
                 Row::Attachment(attachment.volume),
                 Row::Volume(attachment.volume),
@@ -259,6 +280,9 @@ pub enum CommandOutcome {
     TakenOver {
         volume: VolumeId,
         from: NodeId,
+    },
+    ActivityRecorded {
+        volume: VolumeId,
     },
     Detached {
         attachment: Attachment,
@@ -574,7 +598,45 @@ impl ClusterState {
                 epoch,
             } => self.finish_rebuild(volume, first_extent, epoch),
             Command::TakeOver { attachment, from } => self.take_over(attachment, from),
+            Command::Activity {
+                volume,
+                holder,
+                extents,
+                active,
+            } => self.record_activity(volume, holder, &extents, active),
         }
+    }
+
+    fn record_activity(
+        &mut self,
+        id: VolumeId,
+        holder: NodeId,
+        extents: &[u64],
+        active: bool,
+    ) -> Result<CommandOutcome, CommandError> {
+        let name = self
+            .volumes
+            .get(&id)
+            .map(|v| v.name.clone())
+            .ok_or_else(|| CommandError::VolumeNotFound {
+                volume: id.to_string(),
+            })?;
+        let attached = self.attachments.get(&id).map(|a| a.node);
+        let Some(attachment) = self.attachments.get_mut(&id).filter(|a| a.node == holder) else {
+            return Err(CommandError::NotTheHolder {
+                name,
+                holder,
+                attached: attached.map(|node| format!("attached on node {node}")),
+            });
+        };
+        for extent in extents {
+            if active {
+                attachment.active.insert(*extent);
+            } else {
+                attachment.active.remove(extent);
+            }
+        }
+        Ok(CommandOutcome::ActivityRecorded { volume: id })
     }
 
     fn take_over(
@@ -602,9 +664,14 @@ impl ClusterState {
                 });
             }
         }
-        // Checked like any attachment, as if the old one were gone; the state is unchanged on refusal.
+        // Checked like any attachment, as if the old one were gone; the state is unchanged on refusal. The old
+        // holder's activity log goes with the lease: its extents are reconciled before the new holder serves them.
         let old = self.attachments.remove(&id).expect("matched above");
-        if let Err(error) = self.attach(attachment) {
+        let inherited = Attachment {
+            active: old.active.clone(),
+            ..attachment
+        };
+        if let Err(error) = self.attach(inherited) {
             self.attachments.insert(id, old);
             return Err(error);
         }
@@ -1500,6 +1567,7 @@ mod tests {
             read_only: false,
             socket_mode: 0o600,
             attached_unix: 1_700_000_100,
+            active: Default::default(),
         }
     }
 

@@ -210,6 +210,9 @@ pub struct Attachment {
     pub socket_mode: u32,
     /// When the attachment was made, seconds since the Unix epoch, as stamped by the proposer.
     pub attached_unix: i64,
+    /// The activity log: extents the holder may have writes in flight on (recorded before they go out). After the
+    /// holder crashed, these are reconciled among their replicas before the volume is served again.
+    pub active: std::collections::BTreeSet<u64>,
 }
 
 /// The replicated cluster metadata.
