@@ -34,7 +34,7 @@ use crate::replica::{Opcode, ReplicaConnection, ReplicaRequest};
 use crate::{IoError, IoQueue, IoRequest, LocalVolume, Segment};
 
 /// Bytes the copier moves at a time; writes overlapping the chunk wait that long at most.
-pub const CHUNK: u64 = 512 << 10;
+pub const CHUNK: u64 = 1 << 20;
 
 /// See the module docs. One per volume, inside [`LocalVolume`].
 #[derive(Debug, Default)]
@@ -51,7 +51,7 @@ struct GuardState {
     /// written since by writes counted at or after it.
     marked: HashMap<u64, (u64, Vec<u64>)>,
     /// The chunk being copied: (extent, start, end) bytes within the extent.
-    busy: Option<(u64, u64, u64)>,
+    busy: Vec<(u64, u64, u64)>,
     /// Writes in flight, by the sequence number current when they were planned.
     in_flight: BTreeMap<u64, u64>,
     /// Bumped by every `arm`.
@@ -111,7 +111,8 @@ impl RebuildGuard {
         let mut state = lock(&self.state);
         while state
             .busy
-            .is_some_and(|(e, start, end)| e == extent && within < end && start < within + len)
+            .iter()
+            .any(|&(e, start, end)| e == extent && within < end && start < within + len)
         {
             state = self
                 .changed
@@ -178,7 +179,7 @@ impl RebuildGuard {
     /// no write marked, which the copier may copy. Call [`RebuildGuard::end_chunk`] after.
     fn begin_chunk(&self, extent: u64, start: u64, len: u64, block_size: u64) -> Vec<(u64, u64)> {
         let mut state = lock(&self.state);
-        state.busy = Some((extent, start, start + len));
+        state.busy.push((extent, start, start + len));
         let Some((_, bits)) = state.marked.get(&extent) else {
             return vec![(start, len)];
         };
@@ -201,8 +202,10 @@ impl RebuildGuard {
         ranges
     }
 
-    fn end_chunk(&self) {
-        lock(&self.state).busy = None;
+    fn end_chunk(&self, extent: u64, start: u64) {
+        lock(&self.state)
+            .busy
+            .retain(|&(e, from, _)| (e, from) != (extent, start));
         self.changed.notify_all();
     }
 }
@@ -320,7 +323,7 @@ impl Copier {
             let guard = volume.rebuild();
             let ranges = guard.begin_chunk(extent, within, len, block);
             let copied = self.copy_ranges(extent, epoch, within, len, &ranges, source, targets);
-            guard.end_chunk();
+            guard.end_chunk(extent, within);
             copied?;
             within += len;
         }
@@ -556,7 +559,7 @@ mod tests {
         // Unarmed: nothing is recorded, everything is copied.
         guard.note_write(0, 0, 4096, 512, 0);
         assert_eq!(guard.begin_chunk(0, 0, 8192, 512), vec![(0, 8192)]);
-        guard.end_chunk();
+        guard.end_chunk(0, 0);
         let before = guard.write_started();
         let armed = guard.arm(0, 2048);
         guard.note_write(0, 1024, 1024, 512, armed);
@@ -568,7 +571,7 @@ mod tests {
             guard.begin_chunk(0, 0, 8192, 512),
             vec![(0, 1024), (2048, 5632)]
         );
-        guard.end_chunk();
+        guard.end_chunk(0, 0);
         guard.disarm(0);
         assert!(guard.armed_extents().is_empty());
     }
@@ -589,10 +592,10 @@ mod tests {
         // A write elsewhere in the extent does not wait.
         guard.note_write(3, 65536, 4096, 512, armed);
         std::thread::sleep(Duration::from_millis(100));
-        guard.end_chunk();
+        guard.end_chunk(3, 0);
         assert!(writer.join().unwrap() >= Duration::from_millis(90));
         assert_eq!(guard.begin_chunk(3, 0, 8192, 512), vec![(0, 4096)]);
-        guard.end_chunk();
+        guard.end_chunk(3, 0);
     }
 
     #[test]

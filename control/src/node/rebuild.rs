@@ -10,6 +10,7 @@
 //! a fresh one from the state.
 
 use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, PoisonError};
 use std::time::{Duration, Instant};
 
@@ -26,6 +27,8 @@ const DRIVE_INTERVAL: Duration = Duration::from_secs(2);
 const PROGRESS_INTERVAL: Duration = Duration::from_secs(5);
 /// How long a copy that failed waits before it is tried again.
 const RETRY_AFTER: Duration = Duration::from_secs(5);
+/// Extents of one run copied at once (each lane reads from the run's healthy replicas in turn).
+const LANES: usize = 4;
 /// How long a copy waits for writes planned before it armed an extent.
 const DRAIN_TIMEOUT: Duration = Duration::from_secs(60);
 /// How long a fenced-off replica node may stay away and still catch up by copying only what changed; after that a
@@ -331,46 +334,85 @@ impl LocalNode {
         if sources.is_empty() {
             return Err("no healthy replica to copy from".to_owned());
         }
-        let mut copier = Copier::new(Arc::clone(&open), self.config.rebuild_rate)
-            .map_err(|error| error.to_string())?;
         let blocks = job.volume.extent_size / u64::from(job.volume.block_size);
-        let mut reported = Instant::now();
-        for index in job.copied..job.count {
-            let extent = job.first + index;
-            let source = &sources[(index as usize) % sources.len()];
-            let guard = open.rebuild();
-            let barrier = guard.arm(extent, blocks);
-            let copied = if guard.wait_older_writes(barrier, DRAIN_TIMEOUT) {
-                // Read after the drain: every write the target missed has been recorded by now.
-                let regions = match &scope {
-                    Scope::Full => u64::MAX,
-                    Scope::CatchUp(dirty, node) => dirty.regions(*node, extent),
+        // Lane `l` copies extents copied + l, copied + l + LANES, ...; `next[l]` is the next it will copy, so every
+        // extent below the smallest of them is done: the progress a restarted copy resumes from.
+        let next: Vec<AtomicU64> = (0..LANES as u64)
+            .map(|lane| AtomicU64::new(job.copied + lane))
+            .collect();
+        let failed = AtomicBool::new(false);
+        let lane_rate = self.config.rebuild_rate / LANES as u64;
+        let copy_lane = |lane: usize| -> Result<u64, String> {
+            let mut copier =
+                Copier::new(Arc::clone(&open), lane_rate).map_err(|error| error.to_string())?;
+            let mut index = job.copied + lane as u64;
+            while index < job.count && !failed.load(Ordering::Relaxed) {
+                let extent = job.first + index;
+                let source = &sources[(index as usize) % sources.len()];
+                let guard = open.rebuild();
+                let barrier = guard.arm(extent, blocks);
+                let copied = if guard.wait_older_writes(barrier, DRAIN_TIMEOUT) {
+                    // Read after the drain: every write the target missed has been recorded by now.
+                    let regions = match &scope {
+                        Scope::Full => u64::MAX,
+                        Scope::CatchUp(dirty, node) => dirty.regions(*node, extent),
+                    };
+                    copier
+                        .copy_extent(extent, job.epoch, regions, source, &targets)
+                        .map_err(|error| error.to_string())
+                } else {
+                    Err("writes in flight did not finish".to_owned())
                 };
-                copier
-                    .copy_extent(extent, job.epoch, regions, source, &targets)
-                    .map_err(|error| error.to_string())
-            } else {
-                Err("writes in flight did not finish".to_owned())
-            };
-            guard.disarm(extent);
-            copied?;
-            if reported.elapsed() >= PROGRESS_INTERVAL {
+                guard.disarm(extent);
+                if let Err(error) = copied {
+                    failed.store(true, Ordering::Relaxed);
+                    return Err(error);
+                }
+                index += LANES as u64;
+                next[lane].store(index.min(job.count), Ordering::Relaxed);
+            }
+            copier
+                .flush(job.first, job.epoch, &targets)
+                .map_err(|error| error.to_string())?;
+            Ok(copier.copied_bytes())
+        };
+        let copied: Result<u64, String> = std::thread::scope(|threads| {
+            let lanes: Vec<_> = (0..LANES)
+                .map(|lane| threads.spawn(move || copy_lane(lane)))
+                .collect();
+            let mut reported = Instant::now();
+            while !lanes.iter().all(|lane| lane.is_finished()) {
+                std::thread::sleep(Duration::from_millis(100));
+                if reported.elapsed() < PROGRESS_INTERVAL || failed.load(Ordering::Relaxed) {
+                    continue;
+                }
                 reported = Instant::now();
+                let done = next
+                    .iter()
+                    .map(|n| n.load(Ordering::Relaxed))
+                    .min()
+                    .unwrap_or(job.copied);
                 let progress = handle.block_on(self.control.write(Command::RebuildProgress {
                     volume: job.volume.id,
                     first_extent: job.first,
                     epoch: job.epoch,
-                    copied_extents: index + 1,
+                    copied_extents: done,
                     reported_unix: super::ops::now_unix(),
                 }));
                 if let Err(error) = progress {
-                    return Err(format!("cannot record progress: {error}"));
+                    failed.store(true, Ordering::Relaxed);
+                    tracing::debug!(%error, "cannot record rebuild progress");
                 }
             }
-        }
-        copier
-            .flush(job.first, job.epoch, &targets)
-            .map_err(|error| error.to_string())?;
+            lanes
+                .into_iter()
+                .map(|lane| {
+                    lane.join()
+                        .unwrap_or_else(|_| Err("a copy lane panicked".to_owned()))
+                })
+                .sum()
+        });
+        let copied = copied?;
         handle
             .block_on(self.control.write(Command::FinishRebuild {
                 volume: job.volume.id,
@@ -381,7 +423,7 @@ impl LocalNode {
         if let Scope::CatchUp(dirty, node) = &scope {
             dirty.forget_run(*node, job.first, job.count);
         }
-        Ok(copier.copied_bytes())
+        Ok(copied)
     }
 }
 

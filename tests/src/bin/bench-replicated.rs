@@ -4,8 +4,8 @@
 //!    the same run, a one-replica volume; both are attached on the same node, which holds a replica of each, so the
 //!    ratio is what sending every write to two more nodes costs. The two alternate, several rounds each; the program
 //!    prints IOPS and mean and p99 latency for each, and the median of the per-round ratios 3 / 1 replicas.
-//! 2. Rebuild throughput: a replica node of the three-replica volume is killed, a write fences it off, and it is
-//!    started again: its replicas are rebuilt from the others (no rate limit). Beside it, the reference: a plain
+//! 2. Rebuild throughput: a replica node of the three-replica volume is killed, a write fences it off, the volume
+//!    is detached and the node started again: its replicas are rebuilt in full from the others (no rate limit). Beside it, the reference: a plain
 //!    O_DIRECT copy (`dd`, 1 MiB blocks) of the same number of bytes between two files on the same disk (all the
 //!    namespace nodes share one disk here). It prints both rates and their ratio.
 //!
@@ -40,9 +40,9 @@ fn size_arg(text: &str) -> Result<u64, String> {
     vessel_proto::size::parse_size(text).map_err(|error| error.to_string())
 }
 
-/// The node numbers holding each run of `volume`.
-fn holders(cluster: &NetnsCluster, volume: &str) -> anyhow::Result<Vec<Vec<usize>>> {
-    let shown = cluster.vessel_json(1, &["volume", "show", volume])?;
+/// The node numbers holding each run of `volume`, as node `asked` sees it.
+fn holders(cluster: &NetnsCluster, asked: usize, volume: &str) -> anyhow::Result<Vec<Vec<usize>>> {
+    let shown = cluster.vessel_json(asked, &["volume", "show", volume])?;
     let runs = shown["placement"].as_array().context("no placement")?;
     Ok(runs
         .iter()
@@ -169,7 +169,7 @@ fn main() -> anyhow::Result<()> {
         ],
     )?;
     // Both attached where the one-replica volume lives (every node holds a replica of the other).
-    let holder = *holders(&cluster, "r1")?
+    let holder = *holders(&cluster, 1, "r1")?
         .first()
         .and_then(|run| run.first())
         .context("r1 has no replica")?;
@@ -288,13 +288,20 @@ fn main() -> anyhow::Result<()> {
     wait_until(
         "the dead node is fenced off",
         Duration::from_secs(30),
-        || holders(&cluster, "r3").is_ok_and(|runs| runs.iter().all(|run| !run.contains(&victim))),
+        || {
+            holders(&cluster, holder, "r3")
+                .is_ok_and(|runs| runs.iter().all(|run| !run.contains(&victim)))
+        },
     )?;
+    // Detached, the volume is rebuilt by the leader, in full: the holder's record of what the node missed (which
+    // would make this a catch-up of a few MiB) goes with the attachment.
+    cluster.vessel_ok(holder, &["volume", "detach", "r3"])?;
     cluster.start(victim)?;
+    let done = |cluster: &NetnsCluster| (1..=3).find_map(|node| rebuild_done(&cluster.log(node)));
     wait_until("the rebuild is done", Duration::from_secs(600), || {
-        rebuild_done(&cluster.log(holder)).is_some()
+        done(&cluster).is_some()
     })?;
-    let (seconds, bytes) = rebuild_done(&cluster.log(holder)).context("no rebuild figures")?;
+    let (seconds, bytes) = done(&cluster).context("no rebuild figures")?;
     let copy_seconds = plain_copy(&cluster.dir().join(format!("n{victim}")), bytes)?;
     let mib = |bytes: u64, seconds: f64| bytes as f64 / f64::from(1 << 20) / seconds;
     println!(
