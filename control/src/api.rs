@@ -73,6 +73,13 @@ impl Admin for AdminApi {
         reply(self.node.node_remove(request.get_ref()).await)
     }
 
+    async fn node_drain(
+        &self,
+        request: Request<admin::NodeRef>,
+    ) -> Result<Response<admin::Node>, Status> {
+        reply(self.node.node_drain(request.get_ref()).await)
+    }
+
     async fn disk_add(
         &self,
         request: Request<admin::DiskAddRequest>,

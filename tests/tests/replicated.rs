@@ -504,3 +504,59 @@ fn a_volume_is_taken_over_with_force_only_once_its_holder_is_gone() {
     assert!(!socket.exists() || std::os::unix::net::UnixStream::connect(&socket).is_err());
     drop(c);
 }
+
+#[test]
+fn a_drained_node_hands_its_replicas_over_and_can_then_be_removed() {
+    let dir = test_dir("replicated_drain").unwrap();
+    let names = ["a", "b", "c", "d"];
+    let nodes = cluster_of(&dir, &names);
+    let node = |name: &str| &nodes[names.iter().position(|n| *n == name).unwrap()].0;
+    node("a")
+        .vessel_ok(&[
+            "volume",
+            "create",
+            "r3",
+            "--size",
+            "256M",
+            "--replicas",
+            "3",
+        ])
+        .unwrap();
+    let socket = dir.join("r3.sock");
+    attach(node("a"), "r3", &socket);
+    let mut client = BlkClient::connect_retrying(&socket, 1, false);
+    for (offset, byte) in [(0, 0x21), (100 << 20, 0x32), (200 << 20, 0x43)] {
+        write_block(&mut client, offset, byte);
+    }
+    // A replica node other than the holder is drained.
+    let holding: Vec<String> = placement(node("a"), "r3")
+        .into_iter()
+        .flat_map(|(_, names)| names)
+        .collect();
+    let drained = ["b", "c", "d"]
+        .into_iter()
+        .find(|name| holding.iter().any(|n| n == name))
+        .unwrap();
+    let said = node("a").vessel_ok(&["node", "drain", drained]).unwrap();
+    assert!(said.contains("is draining"), "{said}");
+    eventually("the drained node holds no replica", || {
+        let runs = placement(node("a"), "r3");
+        runs.iter()
+            .all(|(_, names)| names.len() == 3 && !names.iter().any(|n| n == drained))
+            && full_strength(node("a"), "r3")
+    });
+    let list = node("a").vessel_json(&["node", "list"]).unwrap();
+    assert!(
+        list["nodes"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|n| n["name"] == drained && n["state"] == "draining"),
+        "{list}"
+    );
+    node("a").vessel_ok(&["node", "remove", drained]).unwrap();
+    // The data is all there, on the replicas that remain.
+    for (offset, byte) in [(0, 0x21), (100 << 20, 0x32), (200 << 20, 0x43)] {
+        assert!(read_block(&mut client, offset).iter().all(|b| *b == byte));
+    }
+}

@@ -119,6 +119,7 @@ impl AdminClient {
         node_list(admin::NodeListRequest) -> admin::NodeListReply;
         node_join(admin::NodeJoinRequest) -> admin::NodeJoinReply;
         node_remove(admin::NodeRef) -> admin::Node;
+        node_drain(admin::NodeRef) -> admin::Node;
         cluster_init(admin::ClusterInitRequest) -> admin::ClusterInitReply;
         cluster_status(admin::ClusterStatusRequest) -> admin::ClusterStatusReply;
     }

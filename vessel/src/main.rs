@@ -87,6 +87,12 @@ enum NodeCmd {
         #[arg(value_name = "NODE")]
         node: String,
     },
+    /// Move every replica off a node (name or id): it takes no new ones, and its replicas are rebuilt elsewhere
+    /// and then dropped from it (`volume show` shows the progress); `node remove` works once it holds none.
+    Drain {
+        #[arg(value_name = "NODE")]
+        node: String,
+    },
 }
 
 #[derive(Debug, Subcommand)]
@@ -215,6 +221,10 @@ async fn run(cli: Cli) -> Result<(), CliError> {
         Noun::Node(NodeCmd::Remove { node }) => {
             let removed = client.node_remove(admin::NodeRef { node }).await?;
             render::node_removed(out, &removed);
+        }
+        Noun::Node(NodeCmd::Drain { node }) => {
+            let drained = client.node_drain(admin::NodeRef { node }).await?;
+            render::node_draining(out, &drained);
         }
         Noun::Node(NodeCmd::Join { seed }) => {
             let reply = client.node_join(admin::NodeJoinRequest { seed }).await?;

@@ -92,6 +92,17 @@ pub fn node_removed(out: Output, node: &admin::Node) {
     );
 }
 
+pub fn node_draining(out: Output, node: &admin::Node) {
+    if out == Output::Json {
+        return json(node);
+    }
+    println!(
+        "node '{}' ({}) is draining: its replicas are rebuilt on other nodes, then dropped from it \
+         (`vessel volume show` shows the progress); `vessel node remove {}` works once it holds none",
+        node.name, node.id, node.name
+    );
+}
+
 pub fn node_joined(out: Output, reply: &admin::NodeJoinReply) {
     if out == Output::Json {
         return json(reply);

@@ -16,7 +16,7 @@ use super::{AttachSpec, LocalNode};
 use crate::raft::{ControlError, NodeReport};
 use crate::state::{
     Attachment, ClusterState, Command, CommandError, CommandOutcome, Disk, MAX_QUEUES, NodeId,
-    Volume,
+    NodeState, Volume,
 };
 
 /// How long `node list` and `disk list` wait for a node to report its disks' use before calling it unreachable.
@@ -367,6 +367,37 @@ impl LocalNode {
             name: node.name,
             address: node.address.unwrap_or_default(),
             state: "removed".to_owned(),
+            labels: node.labels.into_iter().collect(),
+            ..admin::Node::default()
+        })
+    }
+
+    pub async fn node_drain(&self, request: &admin::NodeRef) -> Result<admin::Node, OpError> {
+        let _guard = self.writes.lock().await;
+        let key = request.node.trim();
+        let node = self
+            .control
+            .read(|state| state.node_by_name_or_id(key).cloned())
+            .ok_or_else(|| {
+                OpError::new(
+                    ErrorKind::NotFound,
+                    format!("node '{key}' not found; `vessel node list` shows the nodes"),
+                )
+            })?;
+        self.commit(Command::UpdateNode {
+            id: node.id,
+            address: None,
+            labels: None,
+            state: Some(NodeState::Draining),
+        })
+        .await?;
+        let holding = self.control.read(|state| state.volumes_on(node.id).count());
+        tracing::info!(node = node.id, name = %node.name, volumes = holding, "node draining");
+        Ok(admin::Node {
+            id: node.id,
+            name: node.name,
+            address: node.address.unwrap_or_default(),
+            state: NodeState::Draining.to_string(),
             labels: node.labels.into_iter().collect(),
             ..admin::Node::default()
         })

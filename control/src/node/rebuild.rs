@@ -95,8 +95,57 @@ impl LocalNode {
                 .collect()
         });
         for (volume, attached_here) in driven {
+            self.retire_drained(&volume).await;
             self.start_rebuilds(&volume).await;
             self.start_copies(volume.id, attached_here);
+        }
+    }
+
+    /// Drops the replicas of `volume` on draining nodes once every run holding one has its full count elsewhere.
+    async fn retire_drained(&self, volume: &Volume) {
+        let retiring: Vec<NodeId> = self.control.read(|state| {
+            let Some(described) = state.volumes.get(&volume.id) else {
+                return Vec::new();
+            };
+            let mut draining: Vec<NodeId> = described
+                .placement
+                .runs()
+                .flat_map(|(_, run)| run.replicas.nodes.clone())
+                .filter(|node| state.is_draining(*node))
+                .collect();
+            draining.sort_unstable();
+            draining.dedup();
+            draining.retain(|node| {
+                described
+                    .placement
+                    .runs()
+                    .filter(|(_, run)| run.replicas.receives(*node))
+                    .all(|(_, run)| {
+                        run.replicas.rebuild.is_none()
+                            && state.staying(&run.replicas) >= usize::from(described.replicas)
+                    })
+            });
+            draining
+        });
+        let me = self.control.node_id();
+        for node in retiring {
+            let name = self.control.read(|state| state.node_label(node));
+            let dropped = self
+                .control
+                .write(Command::DropReplica {
+                    volume: volume.id,
+                    node,
+                    holder: me,
+                })
+                .await;
+            match dropped {
+                Ok(_) => {
+                    tracing::info!(volume = %volume.name, node = %name, "replicas moved off a draining node")
+                }
+                Err(error) => {
+                    tracing::debug!(volume = %volume.name, node = %name, %error, "cannot retire drained replicas yet")
+                }
+            }
         }
     }
 
@@ -122,7 +171,7 @@ impl LocalNode {
                 .filter(|(_, run)| {
                     run.replicas.rebuild.is_none()
                         && !run.replicas.nodes.is_empty()
-                        && run.replicas.nodes.len() < usize::from(volume.replicas)
+                        && state.staying(&run.replicas) < usize::from(volume.replicas)
                 })
                 .map(|(first, run)| (first, run.count, state.rebuild_candidates(volume, first)))
                 .collect()

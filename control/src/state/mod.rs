@@ -282,6 +282,21 @@ impl ClusterState {
         saturate(self.provisionable_raw(self.capacity_raw()))
     }
 
+    /// Whether `node` is being drained (its replicas move elsewhere).
+    pub fn is_draining(&self, node: NodeId) -> bool {
+        self.nodes
+            .get(&node)
+            .is_some_and(|n| n.state == NodeState::Draining)
+    }
+
+    /// Healthy replicas of `set` on nodes that are not being drained: what counts towards a run's strength.
+    pub fn staying(&self, set: &ReplicaSet) -> usize {
+        set.nodes
+            .iter()
+            .filter(|node| !self.is_draining(**node))
+            .count()
+    }
+
     /// Attachments served by `node`.
     pub fn attachments_on(&self, node: NodeId) -> impl Iterator<Item = &Attachment> {
         self.attachments
