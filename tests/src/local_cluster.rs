@@ -61,3 +61,13 @@ pub fn cluster_of(dir: &Path, names: &[&str]) -> Vec<(Daemon, String)> {
     }
     nodes
 }
+
+/// Whether a `volume show --output json` answer shows every run with `replicas` healthy replicas and no rebuild.
+pub fn at_full_strength(shown: &serde_json::Value, replicas: usize) -> bool {
+    shown["placement"].as_array().is_some_and(|runs| {
+        runs.iter().all(|run| {
+            run["node_names"].as_array().map(Vec::len) == Some(replicas)
+                && run["rebuild_targets"].as_array().is_none_or(Vec::is_empty)
+        })
+    })
+}

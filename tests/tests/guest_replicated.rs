@@ -6,7 +6,7 @@ use std::time::{Duration, Instant};
 
 use vessel_tests::daemon::test_dir;
 use vessel_tests::guest::{Guest, GuestConfig, GuestImage, VhostUserBlkDisk, running_as_root};
-use vessel_tests::local_cluster::cluster_of;
+use vessel_tests::local_cluster::{at_full_strength, cluster_of};
 
 const MINUTE: Duration = Duration::from_secs(60);
 
@@ -97,10 +97,7 @@ fn guest_on_a_replicated_volume_survives_the_loss_of_a_replica() {
     let deadline = Instant::now() + 5 * MINUTE;
     loop {
         let shown = b.vessel_json(&["volume", "show", "vm"]).unwrap();
-        let full = shown["placement"].as_array().unwrap().iter().all(|run| {
-            run["node_names"].as_array().map(Vec::len) == Some(3)
-                && run["rebuild_targets"].as_array().is_none_or(Vec::is_empty)
-        });
+        let full = at_full_strength(&shown, 3);
         if full {
             break;
         }

@@ -7,7 +7,7 @@ use std::path::Path;
 
 use vessel_tests::blk_client::{BlkClient, Workload, run_workload, verify_models};
 use vessel_tests::daemon::{Daemon, test_dir};
-use vessel_tests::local_cluster::{cluster_of, eventually};
+use vessel_tests::local_cluster::{at_full_strength, cluster_of, eventually};
 
 fn attach(node: &Daemon, volume: &str, socket: &Path) {
     node.vessel_ok(&[
@@ -302,11 +302,7 @@ fn writes_go_on_when_a_replica_node_dies_and_it_is_fenced_off() {
 
 /// Whether every run of `volume` has three healthy replicas and no rebuild.
 fn full_strength(node: &Daemon, volume: &str) -> bool {
-    let shown = node.vessel_json(&["volume", "show", volume]).unwrap();
-    shown["placement"].as_array().unwrap().iter().all(|run| {
-        run["node_names"].as_array().map(Vec::len) == Some(3)
-            && run["rebuild_targets"].as_array().is_none_or(Vec::is_empty)
-    })
+    at_full_strength(&node.vessel_json(&["volume", "show", volume]).unwrap(), 3)
 }
 
 /// Writes `byte` over 4 KiB at `offset` through queue 0 of `client`.

@@ -2108,8 +2108,8 @@ mod tests {
         assert_eq!(state.volume_names.get("db1"), Some(&vid(1)));
     }
 
-    #[test]
-    fn a_failed_replica_is_dropped_by_the_holder_down_to_min_replicas() {
+    /// Nodes 1-3 with a disk each, and volume 'r3' (id 1) with three replicas.
+    fn three_nodes_with_r3() -> ClusterState {
         let mut state = cluster();
         for id in 2..=3 {
             state
@@ -2133,6 +2133,12 @@ mod tests {
                 created_unix: 0,
             })
             .unwrap();
+        state
+    }
+
+    #[test]
+    fn a_failed_replica_is_dropped_by_the_holder_down_to_min_replicas() {
+        let mut state = three_nodes_with_r3();
         let drop = |node, holder| Command::DropReplica {
             volume: vid(1),
             node,
@@ -2179,29 +2185,7 @@ mod tests {
 
     #[test]
     fn a_rebuild_adds_a_target_that_becomes_a_replica_when_copied() {
-        let mut state = cluster();
-        for id in 2..=3 {
-            state
-                .apply(Command::AddNode {
-                    node: node(id, &format!("n{id}")),
-                })
-                .unwrap();
-            state
-                .apply(Command::AddDisk {
-                    disk: disk(u128::from(id), id, "/pool/d1", 8 * GIB),
-                })
-                .unwrap();
-        }
-        state
-            .apply(Command::CreateVolume {
-                id: vid(1),
-                name: "r3".to_owned(),
-                size: GIB,
-                block_size: None,
-                replicas: 3,
-                created_unix: 0,
-            })
-            .unwrap();
+        let mut state = three_nodes_with_r3();
         state
             .apply(Command::Attach {
                 attachment: attachment(vid(1), "/run/r3.sock"),
