@@ -14,11 +14,16 @@ pub fn free_addr() -> String {
 
 /// A fresh `--listen` node named `name` with a `rack` label, its data under `dir/name`.
 pub fn listening(dir: &Path, name: &str, rack: &str) -> (Daemon, String) {
+    listening_with(dir, name, rack, "")
+}
+
+/// [`listening`] with more top-level config lines (e.g. `stale_replica_keep = "1s"`).
+pub fn listening_with(dir: &Path, name: &str, rack: &str, config: &str) -> (Daemon, String) {
     let addr = free_addr();
     let options = DaemonOptions {
         // A modest rebuild rate, so that tests can write while a rebuild runs.
         config: Some(format!(
-            "name = \"{name}\"\nrebuild_rate = \"48M\"\n[labels]\nrack = \"{rack}\"\n"
+            "name = \"{name}\"\nrebuild_rate = \"48M\"\n{config}\n[labels]\nrack = \"{rack}\"\n"
         )),
         args: vec!["--listen".to_owned(), addr.clone()],
     };
@@ -37,10 +42,15 @@ pub fn eventually(what: &str, mut check: impl FnMut() -> bool) {
 /// Nodes `names` (racks r1, r2, ...), the first initialising the cluster and the others joining it, each with a
 /// sparse 1 GiB file disk; returns them once every node knows every disk.
 pub fn cluster_of(dir: &Path, names: &[&str]) -> Vec<(Daemon, String)> {
+    cluster_with(dir, names, "")
+}
+
+/// [`cluster_of`] with more top-level config lines for every node.
+pub fn cluster_with(dir: &Path, names: &[&str], config: &str) -> Vec<(Daemon, String)> {
     let nodes: Vec<(Daemon, String)> = names
         .iter()
         .enumerate()
-        .map(|(i, name)| listening(dir, name, &format!("r{}", i + 1)))
+        .map(|(i, name)| listening_with(dir, name, &format!("r{}", i + 1), config))
         .collect();
     nodes[0].0.vessel_ok(&["cluster", "init"]).unwrap();
     for (node, _) in &nodes[1..] {

@@ -93,6 +93,11 @@ impl NetnsCluster {
         format!("10.99.0.{node}:9600")
     }
 
+    /// Node `i`'s network namespace (to run a program there: `ip netns exec NAME ...`).
+    pub fn namespace(&self, node: usize) -> String {
+        format!("vsl-{}-{node}", self.name)
+    }
+
     /// Node `i`'s daemon log.
     pub fn log(&self, node: usize) -> String {
         std::fs::read_to_string(self.dir.join(format!("n{node}/vesseld.log"))).unwrap_or_default()

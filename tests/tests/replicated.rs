@@ -7,7 +7,7 @@ use std::path::Path;
 
 use vessel_tests::blk_client::{BlkClient, Workload, run_workload, verify_models};
 use vessel_tests::daemon::{Daemon, test_dir};
-use vessel_tests::local_cluster::{at_full_strength, cluster_of, eventually};
+use vessel_tests::local_cluster::{at_full_strength, cluster_of, cluster_with, eventually};
 
 fn attach(node: &Daemon, volume: &str, socket: &Path) {
     node.vessel_ok(&[
@@ -502,10 +502,11 @@ fn a_volume_is_taken_over_with_force_only_once_its_holder_is_gone() {
 }
 
 #[test]
-fn a_drained_node_hands_its_replicas_over_and_can_then_be_removed() {
+fn a_drained_node_hands_its_replicas_over_frees_their_space_and_can_then_be_removed() {
     let dir = test_dir("replicated_drain").unwrap();
     let names = ["a", "b", "c", "d"];
-    let nodes = cluster_of(&dir, &names);
+    // Stale replicas are freed a second after a node sees itself out of their sets (15 minutes by default).
+    let nodes = cluster_with(&dir, &names, "stale_replica_keep = \"1s\"");
     let node = |name: &str| &nodes[names.iter().position(|n| *n == name).unwrap()].0;
     node("a")
         .vessel_ok(&[
@@ -550,6 +551,28 @@ fn a_drained_node_hands_its_replicas_over_and_can_then_be_removed() {
             .any(|n| n["name"] == drained && n["state"] == "draining"),
         "{list}"
     );
+    // The drained node's copies are freed (checked every 10 s): its disk is empty again.
+    let disk = format!("{drained}-disk.img");
+    let used = || -> u64 {
+        let list = node(drained).vessel_json(&["disk", "list"]).unwrap();
+        list["disks"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .filter(|d| d["path"].as_str().is_some_and(|p| p.ends_with(&disk)))
+            .map(|d| d["used_bytes"].as_u64().unwrap_or(0))
+            .sum()
+    };
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+    while used() > 0 {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the drained node still uses {} bytes: {}",
+            used(),
+            node(drained).log()
+        );
+        std::thread::sleep(std::time::Duration::from_millis(250));
+    }
     node("a").vessel_ok(&["node", "remove", drained]).unwrap();
     // The data is all there, on the replicas that remain.
     for (offset, byte) in [(0, 0x21), (100 << 20, 0x32), (200 << 20, 0x43)] {

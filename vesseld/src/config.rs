@@ -39,6 +39,9 @@ pub struct Config {
     pub labels: BTreeMap<String, String>,
     /// Most bytes per second one rebuild this node drives copies (binary units, e.g. "256M"); "0" for no limit.
     pub rebuild_rate: String,
+    /// How long a replica this node was fenced off from (it failed, was cut off or drained) stays on its disks
+    /// before its space is freed, e.g. "15m". Shorter than ten minutes takes away a returning node's catch-up.
+    pub stale_replica_keep: String,
 }
 
 impl Default for Config {
@@ -55,6 +58,7 @@ impl Default for Config {
             name: None,
             labels: BTreeMap::new(),
             rebuild_rate: "256M".to_owned(),
+            stale_replica_keep: "15m".to_owned(),
         }
     }
 }
@@ -103,6 +107,15 @@ impl Config {
 
     pub fn rebuild_rate_bytes(&self) -> anyhow::Result<u64> {
         parse_size(&self.rebuild_rate).with_context(|| "rebuild_rate in the config")
+    }
+
+    pub fn stale_replica_keep(&self) -> anyhow::Result<std::time::Duration> {
+        humantime::parse_duration(&self.stale_replica_keep).with_context(|| {
+            format!(
+                "stale_replica_keep '{}' in the config is not a duration (e.g. \"15m\")",
+                self.stale_replica_keep
+            )
+        })
     }
 
     pub fn overcommit_milli(&self) -> anyhow::Result<u32> {

@@ -92,6 +92,7 @@ fn run() -> anyhow::Result<()> {
         name: config.name.clone(),
         labels: config.labels.clone(),
         rebuild_rate: config.rebuild_rate_bytes()?,
+        stale_replica_keep: config.stale_replica_keep()?,
     };
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)

@@ -396,6 +396,18 @@ impl LocalPool {
         Ok(freed)
     }
 
+    /// The extents of `volume` allocated in this pool, sorted.
+    pub fn extents_of(&self, volume: VolumeId) -> Vec<u64> {
+        let mut extents: Vec<u64> = self
+            .read_disks()
+            .iter()
+            .flat_map(|disk| disk.extents_of(volume))
+            .map(|(_, extent)| extent)
+            .collect();
+        extents.sort_unstable();
+        extents
+    }
+
     /// Volumes owning slots in this pool, with their slot counts, sorted by id.
     pub fn volumes_on_disk(&self) -> Vec<(VolumeId, u64)> {
         let mut counts = HashMap::new();

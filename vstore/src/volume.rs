@@ -267,11 +267,9 @@ impl LocalVolume {
     }
 
     /// Frees the given extents (those allocated): afterwards they read as zeroes and their slots
-    /// go back to the pool once no I/O holds them. Returns how many were freed.
-    pub(crate) fn release_extents(
-        &self,
-        indices: impl Iterator<Item = u64>,
-    ) -> Result<u64, StoreError> {
+    /// go back to the pool once no I/O holds them. Returns how many were freed. Discards use it,
+    /// and so does the control plane for a replica this node no longer holds.
+    pub fn release_extents(&self, indices: impl Iterator<Item = u64>) -> Result<u64, StoreError> {
         let change = lock(&self.map_change);
         let mut by_disk: Vec<LeaseGroup> = Vec::new();
         {

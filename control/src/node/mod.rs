@@ -11,6 +11,7 @@
 
 mod ops;
 mod rebuild;
+mod reclaim;
 mod replica;
 mod routing;
 mod startup;
@@ -47,6 +48,9 @@ pub struct NodeConfig {
     pub labels: std::collections::BTreeMap<String, String>,
     /// Most bytes per second one rebuild driven by this node copies; 0 for no limit.
     pub rebuild_rate: u64,
+    /// How long a replica this node was fenced off from stays on its disks before it is freed (it lets the node
+    /// catch up by copying only what it missed, for up to ten minutes).
+    pub stale_replica_keep: std::time::Duration,
 }
 
 impl NodeConfig {
@@ -109,6 +113,10 @@ pub struct LocalNode {
     copies: Mutex<rebuild::Copies>,
     /// For the volumes served here: what failed or fenced-off replicas miss.
     dirty: Mutex<HashMap<VolumeId, Arc<vstore::remote::DirtyMaps>>>,
+    /// Replicas this node no longer belongs to (see `reclaim`); shared with the replica directory.
+    stale: Arc<Mutex<reclaim::Stale>>,
+    /// Held while a local writer reads the replica sets it acts on, and while stale replicas are freed.
+    membership: Mutex<()>,
 }
 
 impl std::fmt::Debug for LocalNode {
@@ -137,6 +145,8 @@ impl LocalNode {
             fault_signal: Arc::new(tokio::sync::Notify::new()),
             copies: Mutex::new(rebuild::Copies::default()),
             dirty: Mutex::new(HashMap::new()),
+            stale: Arc::default(),
+            membership: Mutex::new(()),
         }
     }
 

@@ -852,9 +852,16 @@ impl LocalNode {
             ));
         }
         let open: Arc<LocalVolume> = pool.open_volume(layout(volume)).map_err(store_error)?;
-        // Extents placed on other nodes are reached through their replicas.
-        self.control
-            .read(|state| self.install_routing(state, volume, &open));
+        // Extents placed on other nodes are reached through their replicas. Stale replicas are not freed meanwhile
+        // (see `reclaim`).
+        {
+            let _gate = self
+                .membership
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner);
+            self.control
+                .read(|state| self.install_routing(state, volume, &open));
+        }
         if let Some(parent) = Path::new(&attachment.socket).parent()
             && !parent.exists()
         {

@@ -240,6 +240,11 @@ impl LocalNode {
 
     /// Starts a copier thread for every rebuild of the volume without one.
     fn start_copies(self: &Arc<Self>, id: VolumeId, attached_here: bool) {
+        // Held until the copies are started: stale replicas are not freed meanwhile (see `reclaim`).
+        let _gate = self
+            .membership
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
         let jobs: Vec<CopyJob> = self.control.read(|state| {
             let Some(volume) = state.volumes.get(&id) else {
                 return Vec::new();

@@ -2,7 +2,7 @@
 //! beside the gRPC traffic and are told apart by their first bytes; each is served by [`vstore::replica`] against
 //! this node's pool, fenced by the extent epochs of the Raft state.
 
-use std::sync::Arc;
+use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 
 use tokio::net::TcpStream;
@@ -12,18 +12,29 @@ use vstore::replica::{ReplicaDirectory, ReplicaGrant};
 
 use super::LocalNode;
 use super::ops::layout;
+use super::reclaim::Stale;
 use crate::raft::ControlPlane;
 
 /// How long a new connection may take to send its first bytes before it is handed to gRPC as is.
 const SNIFF_TIMEOUT: Duration = Duration::from_secs(5);
 
-/// The Raft state's answer to "does this node hold that extent, at which epoch".
+/// The Raft state's answer to "does this node hold that extent, at which epoch"; an extent whose stale copy is being
+/// freed right now is refused (`NotReplica`: the sender tries again), see `reclaim`.
 pub(crate) struct StateDirectory {
     control: ControlPlane,
+    stale: Arc<Mutex<Stale>>,
 }
 
 impl ReplicaDirectory for StateDirectory {
     fn replica(&self, volume: VolumeId, extent: u64) -> Option<ReplicaGrant> {
+        if self
+            .stale
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .is_freeing(volume, extent)
+        {
+            return None;
+        }
         let me = self.control.node_id();
         self.control.read(|state| {
             let volume = state.volumes.get(&volume)?;
@@ -80,6 +91,7 @@ impl LocalNode {
         };
         let directory: Arc<dyn ReplicaDirectory> = Arc::new(StateDirectory {
             control: self.control.clone(),
+            stale: Arc::clone(&self.stale),
         });
         let spawned = std::thread::Builder::new()
             .name("replica-conn".to_owned())

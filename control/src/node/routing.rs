@@ -123,6 +123,11 @@ impl LocalNode {
         if open.is_empty() {
             return;
         }
+        // Stale replicas are not freed while the devices learn where to write (see `reclaim`).
+        let _gate = self
+            .membership
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
         self.control.read(|state| {
             for volume in &open {
                 if let Some(described) = state.volumes.get(&volume.id()) {

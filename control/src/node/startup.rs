@@ -62,7 +62,7 @@ pub async fn run_node(
     if node.config.standalone() {
         node.start_up().await?;
     }
-    let reclaimer = tokio::spawn(reclaim_deleted_volumes(Arc::clone(&node)));
+    let reclaimer = tokio::spawn(super::reclaim::reclaim_space(Arc::clone(&node)));
     let router = tokio::spawn(follow_routing(Arc::clone(&node)));
     let settler = tokio::spawn(super::routing::settle_faults(Arc::clone(&node)));
     let rebuilder = tokio::spawn(super::rebuild::drive_rebuilds(Arc::clone(&node)));
@@ -191,36 +191,6 @@ async fn accept(
                 let _ = grpc.send(Ok(stream)).await;
             }
         });
-    }
-}
-
-/// How often the reclaimer looks again when nothing in the state changed (a deleted volume was still open).
-const RECLAIM_RETRY: std::time::Duration = std::time::Duration::from_secs(10);
-
-/// Keeps this node's disks free of deleted volumes' extents: after every change of the cluster state, and
-/// every [`RECLAIM_RETRY`].
-async fn reclaim_deleted_volumes(node: Arc<LocalNode>) {
-    let mut applied = node.control.subscribe();
-    loop {
-        tokio::select! {
-            changed = applied.changed() => if changed.is_err() { return },
-            () = tokio::time::sleep(RECLAIM_RETRY) => {}
-        }
-        let Some(pool) = node.pool().cloned() else {
-            continue;
-        };
-        let missing_disk = !node
-            .unavailable_disks
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner)
-            .is_empty();
-        if missing_disk {
-            // The missing disk's slot tables are unknown: reclaim nothing (as at start-up).
-            continue;
-        }
-        let reclaiming = Arc::clone(&node);
-        // Freeing zeroes space on the disks: off the async threads.
-        let _ = tokio::task::spawn_blocking(move || reclaiming.reclaim_deleted(&pool)).await;
     }
 }
 
@@ -556,44 +526,6 @@ impl LocalNode {
                     return;
                 }
                 Err(_) => tokio::time::sleep(std::time::Duration::from_millis(200)).await,
-            }
-        }
-    }
-
-    /// Frees, on this node's disks, the extents of volumes the cluster no longer has, wherever their deletion was
-    /// sent. A volume still open here (a peer's connection used it a moment ago) is left for a later pass; any
-    /// other failure is reported once.
-    pub(super) fn reclaim_deleted(&self, pool: &LocalPool) {
-        let on_disk = pool.volumes_on_disk();
-        if on_disk.is_empty() {
-            return;
-        }
-        let deleted: Vec<(vstore::VolumeId, u64)> = self.control.read(|state| {
-            on_disk
-                .into_iter()
-                .filter(|(volume, _)| !state.volumes.contains_key(volume))
-                .collect()
-        });
-        for (volume, extents) in deleted {
-            match pool.delete_volume(volume) {
-                Ok(_) => {
-                    tracing::info!(volume = %volume, extents, "reclaimed the space of a deleted volume")
-                }
-                Err(vstore::StoreError::VolumeBusy { .. }) => {
-                    tracing::debug!(volume = %volume, "deleted volume still open here; reclaiming it later")
-                }
-                Err(error) => {
-                    let first = self
-                        .reclaim_failures
-                        .lock()
-                        .unwrap_or_else(std::sync::PoisonError::into_inner)
-                        .insert(volume);
-                    if first {
-                        self.warn(format!(
-                            "cannot reclaim the space of deleted volume {volume}: {error}"
-                        ));
-                    }
-                }
             }
         }
     }
