@@ -5,17 +5,16 @@
 //! nodes over a VXLAN overlay: frames for ports on other nodes travel, behind an 8-byte VXLAN
 //! header, in UDP datagrams between the nodes' VTEPs (their underlay address and VXLAN port).
 //!
-//! The switch core does no I/O and knows nothing of virtio: it is handed a frame and answers
-//! where the frame goes. Those that drive it (not in this crate):
-//! - a **vhost-user-net worker** per queue pair and a **tap worker** per tap queue take frames
-//!   from their port and call [`Switch::port_ingress`]; they deliver the [`Egress::Port`] decisions
-//!   to the ports' receive queues, and pass [`Egress::Vtep`] ones to the underlay socket;
-//! - the **underlay worker** owns the UDP socket: it prepends [`vxlan::encode`] to frames bound for
-//!   a VTEP and sends them (the kernel builds the outer IP and UDP headers), and hands each
-//!   received datagram to [`Switch::underlay_ingress`];
-//! - the **control plane** adds and removes networks and ports, sets each network's VTEP flood
-//!   list, and pushes what it knows of ports on other nodes (MAC→VTEP entries, IP→MAC for the
-//!   ARP responder); a timer calls [`Switch::expire`]; the metrics exporter reads the stats.
+//! The switch core ([`Switch`]) does no I/O and knows nothing of virtio: it is handed a frame and
+//! answers where the frame goes. The [`Datapath`] drives it for tap ports and the underlay: one
+//! thread (the switching core) reads frames from every tap queue and VXLAN datagrams from the
+//! UDP underlay socket, calls [`Switch::port_ingress`] / [`Switch::underlay_ingress`], and writes
+//! each frame where the switch says — to tap queues, or behind [`vxlan::encode`] to other nodes'
+//! VTEPs (the kernel builds the outer IP and UDP headers). Still to come: the vhost-user-net
+//! device, whose workers will call the same two functions. The **control plane** adds and removes
+//! networks and ports, sets each network's VTEP flood list, and pushes what it knows of ports on
+//! other nodes (MAC→VTEP entries, IP→MAC for the ARP responder); the metrics exporter reads the
+//! stats.
 //!
 //! How the switch is shared between those threads, and what each frame costs, is in
 //! [`switch`]'s documentation.
@@ -29,8 +28,11 @@
 //! - [`switch`]: networks, ports, VTEPs, and the forwarding decision.
 //! - [`stats`]: counters, and the reasons frames are dropped.
 //! - [`tap`]: creating or adopting a multiqueue tap device with a virtio-net header.
+//! - [`datapath`]: the switching core: the thread that moves frames between tap queues and the
+//!   VXLAN underlay socket as the switch decides.
 
 pub mod arp;
+pub mod datapath;
 pub mod frame;
 pub mod mac;
 pub mod mac_table;
@@ -41,6 +43,7 @@ pub mod vxlan;
 
 use std::fmt;
 
+pub use datapath::{AddPortError, Datapath};
 pub use mac::{Mac, ParseMacError};
 pub use mac_table::{Location, MacTable};
 pub use stats::{DropReason, NetworkStats, TrafficStats};

@@ -38,11 +38,15 @@ pub enum DropReason {
     /// A frame from a port the switch does not have (any more): a worker racing the removal of
     /// its port. Returned, but counted nowhere.
     UnknownPort,
+    /// The egress would not take the frame: the port's queue was full or gone, or the underlay
+    /// socket refused the datagram. Counted on the egress port (or the underlay) by the worker
+    /// that tried, through [`crate::Switch::delivery_failed`].
+    TxFailed,
 }
 
 impl DropReason {
     /// Number of reasons.
-    pub const COUNT: usize = 12;
+    pub const COUNT: usize = 13;
     /// Every reason, in the order of their indices.
     pub const ALL: [DropReason; Self::COUNT] = [
         Self::Runt,
@@ -57,6 +61,7 @@ impl DropReason {
         Self::UnknownVni,
         Self::UnknownVtep,
         Self::UnknownPort,
+        Self::TxFailed,
     ];
 
     /// A snake_case name for metrics labels and logs.
@@ -74,6 +79,7 @@ impl DropReason {
             Self::UnknownVni => "unknown_vni",
             Self::UnknownVtep => "unknown_vtep",
             Self::UnknownPort => "unknown_port",
+            Self::TxFailed => "tx_failed",
         }
     }
 

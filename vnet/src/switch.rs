@@ -567,6 +567,19 @@ impl Switch {
         }
     }
 
+    /// Counts a frame the worker could not hand to `egress` (its queue was full, the socket
+    /// refused it) as a [`DropReason::TxFailed`] drop of that port or of the underlay.
+    pub fn delivery_failed(&self, egress: Egress) {
+        match egress {
+            Egress::Port(port) => {
+                if let Some(port) = self.ports.get(&port) {
+                    port.counters.dropped(DropReason::TxFailed);
+                }
+            }
+            Egress::Vtep { .. } => self.underlay.dropped(DropReason::TxFailed),
+        }
+    }
+
     /// Sweeps aged MAC entries out of every network's table. Optional for correctness (aged
     /// entries are ignored anyway), but keeps the MAC table size metric true: call it every few
     /// seconds from a timer.

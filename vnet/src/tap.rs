@@ -171,6 +171,63 @@ impl Tap {
         })
     }
 
+    /// A socket for link ioctls, in this thread's network namespace (where the device must be).
+    fn link_socket(&self) -> Result<OwnedFd, TapError> {
+        // SAFETY: socket() takes no pointers; a negative result is checked below.
+        let fd = unsafe { libc::socket(libc::AF_INET, libc::SOCK_DGRAM | libc::SOCK_CLOEXEC, 0) };
+        if fd < 0 {
+            return Err(TapError::Ioctl {
+                name: self.name.clone(),
+                what: "opening a socket for link settings",
+                source: io::Error::last_os_error(),
+            });
+        }
+        // SAFETY: `fd` is a socket we just opened and nothing else owns.
+        Ok(unsafe { OwnedFd::from_raw_fd(fd) })
+    }
+
+    /// Sets the device's MAC address: the source of every frame the kernel sends through it, so
+    /// it must be the port's (port security).
+    pub fn set_mac(&self, mac: crate::Mac) -> Result<(), TapError> {
+        let socket = self.link_socket()?;
+        let mut request = ifreq(&self.name)?;
+        let mut address = libc::sockaddr {
+            sa_family: libc::ARPHRD_ETHER,
+            sa_data: [0; 14],
+        };
+        for (slot, byte) in address.sa_data.iter_mut().zip(mac.0) {
+            *slot = byte as c_char;
+        }
+        request.ifr_ifru.ifru_hwaddr = address;
+        // SAFETY: SIOCSIFHWADDR reads one `struct ifreq`, which `request` is.
+        let rc = unsafe { libc::ioctl(socket.as_raw_fd(), libc::SIOCSIFHWADDR, &request) };
+        if rc < 0 {
+            return Err(TapError::Ioctl {
+                name: self.name.clone(),
+                what: "setting the MAC address",
+                source: io::Error::last_os_error(),
+            });
+        }
+        Ok(())
+    }
+
+    /// Sets the device's MTU (the network's, so the kernel sends no frame the switch must drop).
+    pub fn set_mtu(&self, mtu: u16) -> Result<(), TapError> {
+        let socket = self.link_socket()?;
+        let mut request = ifreq(&self.name)?;
+        request.ifr_ifru.ifru_mtu = c_int::from(mtu);
+        // SAFETY: SIOCSIFMTU reads one `struct ifreq`, which `request` is.
+        let rc = unsafe { libc::ioctl(socket.as_raw_fd(), libc::SIOCSIFMTU, &request) };
+        if rc < 0 {
+            return Err(TapError::Ioctl {
+                name: self.name.clone(),
+                what: "setting the MTU",
+                source: io::Error::last_os_error(),
+            });
+        }
+        Ok(())
+    }
+
     /// Brings the link up or down (what `ip link set NAME up` does).
     pub fn set_up(&self, up: bool) -> Result<(), TapError> {
         let error = |what, source| TapError::Ioctl {
@@ -178,16 +235,7 @@ impl Tap {
             what,
             source,
         };
-        // SAFETY: socket() takes no pointers; a negative result is checked below.
-        let fd = unsafe { libc::socket(libc::AF_INET, libc::SOCK_DGRAM | libc::SOCK_CLOEXEC, 0) };
-        if fd < 0 {
-            return Err(error(
-                "opening a socket for link flags",
-                io::Error::last_os_error(),
-            ));
-        }
-        // SAFETY: `fd` is a socket we just opened and nothing else owns.
-        let socket = unsafe { OwnedFd::from_raw_fd(fd) };
+        let socket = self.link_socket()?;
         let mut request = ifreq(&self.name)?;
         // SAFETY: SIOCGIFFLAGS fills the flags of one `struct ifreq`, which `request` is.
         let rc = unsafe { libc::ioctl(socket.as_raw_fd(), libc::SIOCGIFFLAGS, &mut request) };

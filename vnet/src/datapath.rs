@@ -1,0 +1,431 @@
+//! The switch's I/O on one node: the frames of its tap ports and of its VXLAN underlay socket,
+//! moved through the [`Switch`]'s decisions by one thread, the switching core.
+//!
+//! The core waits in epoll on every tap queue, the underlay socket and a wake-up eventfd, so an
+//! idle switch uses no CPU. For each readable queue it reads up to [`BATCH`] frames, asks the
+//! switch where each goes (one read lock per batch), and writes it there: to a tap queue (a
+//! virtio-net header, then the frame) or to a VTEP (the VXLAN header, then the frame, in one UDP
+//! datagram to the VTEP's address; the kernel adds the outer IP and UDP headers). An ARP request
+//! the switch answers gets its reply written back to the port it came from. A frame an egress
+//! will not take (its queue is full) is counted as a `tx_failed` drop of that egress.
+//!
+//! Ports are added and removed through the [`Datapath`] handle from any thread: the switch learns
+//! of the change at once (so the caller gets its errors), and the core picks up or lets go of the
+//! port's queues at its next wake-up, which the handle triggers.
+//!
+//! Offloads: tap queues are served without them for now. The kernel then hands over frames that
+//! are checksummed and no larger than the interface's MTU, which can go anywhere as they are,
+//! and the header written with each frame is all zeroes ("nothing to do").
+
+use std::collections::HashMap;
+use std::fs::File;
+use std::io::{self, IoSlice, Read, Write};
+use std::net::{SocketAddr, UdpSocket};
+use std::os::fd::AsRawFd;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex, PoisonError, RwLock, RwLockReadGuard, RwLockWriteGuard};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use vmm_sys_util::epoll::{ControlOperation, Epoll, EpollEvent, EventSet};
+use vmm_sys_util::eventfd::{EFD_NONBLOCK, EventFd};
+
+use crate::stats::TrafficStats;
+use crate::switch::{Egress, PortConfig, Switch, SwitchConfig, SwitchError, Verdict};
+use crate::tap::{Tap, VNET_HDR_LEN};
+use crate::{PortId, vxlan};
+
+/// Frames the core takes from one queue before it looks at the others.
+pub const BATCH: usize = 64;
+/// Largest frame the core reads: a jumbo frame with its 802.1Q tag.
+const MAX_FRAME: usize = 9216;
+/// How often aged MAC entries are swept out (for the table-size figures).
+const EXPIRE_INTERVAL: Duration = Duration::from_secs(5);
+
+const TOKEN_WAKE: u64 = 0;
+const TOKEN_UNDERLAY: u64 = 1;
+const FIRST_PORT_TOKEN: u64 = 2;
+
+/// A node's switch with its I/O running. Dropping it stops the core (tap devices made persistent
+/// stay; the others go with their last queue).
+#[derive(Debug)]
+pub struct Datapath {
+    shared: Arc<Shared>,
+    core: Option<JoinHandle<()>>,
+}
+
+#[derive(Debug)]
+struct Shared {
+    switch: RwLock<Switch>,
+    underlay: UdpSocket,
+    wake: EventFd,
+    changes: Mutex<Vec<Change>>,
+    stop: AtomicBool,
+}
+
+#[derive(Debug)]
+enum Change {
+    Add(PortId, Vec<File>),
+    Remove(PortId),
+}
+
+impl Datapath {
+    /// Starts a switch that sends and receives VXLAN on `underlay` (bound by the caller, e.g. to
+    /// the node's address and [`vxlan::DEFAULT_UDP_PORT`]).
+    pub fn start(underlay: UdpSocket, config: SwitchConfig) -> io::Result<Self> {
+        underlay.set_nonblocking(true)?;
+        let shared = Arc::new(Shared {
+            switch: RwLock::new(Switch::new(config)),
+            underlay,
+            wake: EventFd::new(EFD_NONBLOCK)?,
+            changes: Mutex::new(Vec::new()),
+            stop: AtomicBool::new(false),
+        });
+        let epoll = Epoll::new()?;
+        epoll.ctl(
+            ControlOperation::Add,
+            shared.wake.as_raw_fd(),
+            EpollEvent::new(EventSet::IN, TOKEN_WAKE),
+        )?;
+        epoll.ctl(
+            ControlOperation::Add,
+            shared.underlay.as_raw_fd(),
+            EpollEvent::new(EventSet::IN, TOKEN_UNDERLAY),
+        )?;
+        let core = Core {
+            shared: Arc::clone(&shared),
+            epoll,
+            ports: HashMap::new(),
+            tokens: HashMap::new(),
+            next_token: FIRST_PORT_TOKEN,
+            frame: vec![0; VNET_HDR_LEN + MAX_FRAME],
+            datagram: vec![0; vxlan::HEADER_LEN + MAX_FRAME],
+            outgoing: Vec::with_capacity(vxlan::HEADER_LEN + MAX_FRAME),
+            out: Vec::new(),
+        };
+        let core = std::thread::Builder::new()
+            .name("vnet-core".to_owned())
+            .spawn(move || core.run())?;
+        Ok(Datapath {
+            shared,
+            core: Some(core),
+        })
+    }
+
+    /// The switch, to read its configuration and counters.
+    pub fn switch(&self) -> RwLockReadGuard<'_, Switch> {
+        self.shared
+            .switch
+            .read()
+            .unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// The switch, to change networks, VTEPs and static entries (forwarding waits meanwhile).
+    /// Ports are added and removed with [`Datapath::add_tap`] and [`Datapath::remove_port`].
+    pub fn configure(&self) -> RwLockWriteGuard<'_, Switch> {
+        self.shared
+            .switch
+            .write()
+            .unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// The underlay socket's address.
+    pub fn underlay_addr(&self) -> io::Result<SocketAddr> {
+        self.shared.underlay.local_addr()
+    }
+
+    /// Plugs a tap device into the switch as port `config`; its queues are served from now on.
+    pub fn add_tap(&self, config: PortConfig, tap: Tap) -> Result<(), AddPortError> {
+        let queues = tap.into_queues();
+        for queue in &queues {
+            set_nonblocking(queue).map_err(AddPortError::Io)?;
+        }
+        self.configure().add_port(config)?;
+        self.change(Change::Add(config.id, queues));
+        Ok(())
+    }
+
+    /// Unplugs a port; returns its last counters. Its queues are closed by the core.
+    pub fn remove_port(&self, id: PortId) -> Result<TrafficStats, SwitchError> {
+        let stats = self.configure().remove_port(id)?;
+        self.change(Change::Remove(id));
+        Ok(stats)
+    }
+
+    fn change(&self, change: Change) {
+        self.shared
+            .changes
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .push(change);
+        // A full eventfd counter still wakes the core; nothing else can fail here.
+        let _ = self.shared.wake.write(1);
+    }
+}
+
+impl Drop for Datapath {
+    fn drop(&mut self) {
+        self.shared.stop.store(true, Ordering::Relaxed);
+        let _ = self.shared.wake.write(1);
+        if let Some(core) = self.core.take() {
+            let _ = core.join();
+        }
+    }
+}
+
+/// Why a port could not be plugged in.
+#[derive(Debug, thiserror::Error)]
+pub enum AddPortError {
+    #[error(transparent)]
+    Switch(#[from] SwitchError),
+    #[error("cannot prepare the port's queues: {0}")]
+    Io(io::Error),
+}
+
+/// The switching core's own state: the port queues it serves and its buffers.
+struct Core {
+    shared: Arc<Shared>,
+    epoll: Epoll,
+    ports: HashMap<PortId, Vec<(u64, File)>>,
+    tokens: HashMap<u64, (PortId, usize)>,
+    next_token: u64,
+    /// A frame read from a tap: its virtio-net header, then the frame.
+    frame: Vec<u8>,
+    /// A datagram from the underlay: VXLAN header, then the frame.
+    datagram: Vec<u8>,
+    /// A datagram being built for the underlay.
+    outgoing: Vec<u8>,
+    out: Vec<Egress>,
+}
+
+impl Core {
+    fn run(mut self) {
+        let mut events = vec![EpollEvent::default(); 64];
+        let mut swept = Instant::now();
+        let timeout = i32::try_from(EXPIRE_INTERVAL.as_millis()).unwrap_or(i32::MAX);
+        loop {
+            let ready = match self.epoll.wait(timeout, &mut events) {
+                Ok(ready) => ready,
+                Err(error) if error.kind() == io::ErrorKind::Interrupted => continue,
+                Err(error) => {
+                    // Nothing sensible is left to do on a broken epoll: say so and stop.
+                    tracing::error!(%error, "the switching core stops: epoll failed");
+                    return;
+                }
+            };
+            if self.shared.stop.load(Ordering::Relaxed) {
+                return;
+            }
+            for event in &events[..ready] {
+                match event.data() {
+                    TOKEN_WAKE => {
+                        let _ = self.shared.wake.read();
+                        self.apply_changes();
+                    }
+                    TOKEN_UNDERLAY => self.serve_underlay(),
+                    token => self.serve_queue(token),
+                }
+            }
+            if swept.elapsed() >= EXPIRE_INTERVAL {
+                swept = Instant::now();
+                self.shared
+                    .switch
+                    .read()
+                    .unwrap_or_else(PoisonError::into_inner)
+                    .expire(swept);
+            }
+        }
+    }
+
+    fn apply_changes(&mut self) {
+        let changes = std::mem::take(
+            &mut *self
+                .shared
+                .changes
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner),
+        );
+        for change in changes {
+            match change {
+                Change::Add(port, queues) => {
+                    self.drop_port(port);
+                    let mut served = Vec::with_capacity(queues.len());
+                    for (index, queue) in queues.into_iter().enumerate() {
+                        let token = self.next_token;
+                        self.next_token += 1;
+                        match self.epoll.ctl(
+                            ControlOperation::Add,
+                            queue.as_raw_fd(),
+                            EpollEvent::new(EventSet::IN, token),
+                        ) {
+                            Ok(()) => {
+                                self.tokens.insert(token, (port, index));
+                            }
+                            Err(error) => {
+                                tracing::warn!(%port, queue = index, %error, "a port queue cannot be served");
+                            }
+                        }
+                        served.push((token, queue));
+                    }
+                    self.ports.insert(port, served);
+                }
+                Change::Remove(port) => self.drop_port(port),
+            }
+        }
+    }
+
+    fn drop_port(&mut self, port: PortId) {
+        for (token, queue) in self.ports.remove(&port).unwrap_or_default() {
+            self.tokens.remove(&token);
+            let _ = self.epoll.ctl(
+                ControlOperation::Delete,
+                queue.as_raw_fd(),
+                EpollEvent::default(),
+            );
+        }
+    }
+
+    /// Frames from one tap queue, up to a batch.
+    fn serve_queue(&mut self, token: u64) {
+        let Some(&(port, index)) = self.tokens.get(&token) else {
+            return;
+        };
+        let switch = self
+            .shared
+            .switch
+            .read()
+            .unwrap_or_else(PoisonError::into_inner);
+        for _ in 0..BATCH {
+            let Some(queue) = self.ports.get(&port).and_then(|queues| queues.get(index)) else {
+                return;
+            };
+            let len = match (&queue.1).read(&mut self.frame) {
+                Ok(len) => len,
+                Err(error) if error.kind() == io::ErrorKind::WouldBlock => return,
+                Err(error) if error.kind() == io::ErrorKind::Interrupted => continue,
+                Err(error) => {
+                    // The device is gone (deleted from under us): stop polling this queue.
+                    tracing::warn!(%port, queue = index, %error, "a port queue fails; no longer served");
+                    let _ = self.epoll.ctl(
+                        ControlOperation::Delete,
+                        queue.1.as_raw_fd(),
+                        EpollEvent::default(),
+                    );
+                    self.tokens.remove(&token);
+                    return;
+                }
+            };
+            if len < VNET_HDR_LEN {
+                continue;
+            }
+            let frame = &self.frame[VNET_HDR_LEN..len];
+            match switch.port_ingress(port, frame, Instant::now(), &mut self.out) {
+                Verdict::Forward => deliver(
+                    &switch,
+                    &self.ports,
+                    &self.shared.underlay,
+                    &mut self.outgoing,
+                    &self.out,
+                    frame,
+                    index,
+                ),
+                Verdict::Reply(reply) => {
+                    if !write_tap(&self.ports, port, index, reply.as_bytes()) {
+                        switch.delivery_failed(Egress::Port(port));
+                    }
+                }
+                Verdict::Drop(_) => {}
+            }
+        }
+        // More may be waiting: epoll is level-triggered, so the queue comes up again.
+    }
+
+    /// Datagrams from the underlay, up to a batch.
+    fn serve_underlay(&mut self) {
+        let switch = self
+            .shared
+            .switch
+            .read()
+            .unwrap_or_else(PoisonError::into_inner);
+        for _ in 0..BATCH {
+            let (len, source) = match self.shared.underlay.recv_from(&mut self.datagram) {
+                Ok(received) => received,
+                Err(error) if error.kind() == io::ErrorKind::WouldBlock => return,
+                Err(error) if error.kind() == io::ErrorKind::Interrupted => continue,
+                // An ICMP error of an earlier send (a VTEP that is not listening): nothing to read.
+                Err(_) => continue,
+            };
+            let datagram = &self.datagram[..len];
+            if let Verdict::Forward =
+                switch.underlay_ingress(source, datagram, Instant::now(), &mut self.out)
+            {
+                let inner = &datagram[vxlan::HEADER_LEN..];
+                for &egress in &self.out {
+                    if let Egress::Port(port) = egress
+                        && !write_tap(&self.ports, port, 0, inner)
+                    {
+                        switch.delivery_failed(egress);
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// Hands `frame` to every egress in `out`; `queue_hint` picks the tap queue (the ingress queue's
+/// index, so a flow stays on one queue).
+fn deliver(
+    switch: &Switch,
+    ports: &HashMap<PortId, Vec<(u64, File)>>,
+    underlay: &UdpSocket,
+    outgoing: &mut Vec<u8>,
+    out: &[Egress],
+    frame: &[u8],
+    queue_hint: usize,
+) {
+    for &egress in out {
+        let delivered = match egress {
+            Egress::Port(port) => write_tap(ports, port, queue_hint, frame),
+            Egress::Vtep { addr, vni } => {
+                outgoing.clear();
+                outgoing.extend_from_slice(&vxlan::encode(vni));
+                outgoing.extend_from_slice(frame);
+                underlay.send_to(outgoing, addr).is_ok()
+            }
+        };
+        if !delivered {
+            switch.delivery_failed(egress);
+        }
+    }
+}
+
+/// Writes a frame, behind an all-zero virtio-net header, to one of `port`'s queues; false if the
+/// queue would not take it (full, or the port is gone).
+fn write_tap(
+    ports: &HashMap<PortId, Vec<(u64, File)>>,
+    port: PortId,
+    queue_hint: usize,
+    frame: &[u8],
+) -> bool {
+    let Some(queues) = ports.get(&port).filter(|queues| !queues.is_empty()) else {
+        return false;
+    };
+    let (_, queue) = &queues[queue_hint % queues.len()];
+    let header = [0u8; VNET_HDR_LEN];
+    let written = (&*queue).write_vectored(&[IoSlice::new(&header), IoSlice::new(frame)]);
+    // A tap takes a frame whole or not at all.
+    written.is_ok_and(|n| n == VNET_HDR_LEN + frame.len())
+}
+
+fn set_nonblocking(file: &File) -> io::Result<()> {
+    // SAFETY: F_GETFL takes no pointer; the fd is open for the call.
+    let flags = unsafe { libc::fcntl(file.as_raw_fd(), libc::F_GETFL) };
+    if flags < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: F_SETFL takes an int by value; the fd is open for the call.
+    if unsafe { libc::fcntl(file.as_raw_fd(), libc::F_SETFL, flags | libc::O_NONBLOCK) } < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(())
+}

@@ -1,0 +1,344 @@
+//! The switching core end to end, with real tap devices and a real VXLAN underlay, in network
+//! namespaces: "guest" namespaces hold the taps' kernel side (an interface with an address, as a
+//! VM's NIC would be), "node" namespaces hold a switch each. Needs root; without it each test says
+//! so and passes.
+
+use std::io::{Read, Write};
+use std::net::{SocketAddr, TcpListener, TcpStream, UdpSocket};
+use std::os::fd::AsRawFd;
+use std::process::Command;
+use std::str::FromStr;
+use std::time::{Duration, Instant};
+
+use vnet::switch::{NetworkConfig, PortConfig, SwitchConfig};
+use vnet::{Datapath, Mac, NetworkId, PortId, Tap, Vni};
+
+fn is_root() -> bool {
+    // SAFETY: geteuid has no preconditions.
+    let root = unsafe { libc::geteuid() } == 0;
+    if !root {
+        eprintln!("skipped: needs root (network namespaces, tap devices); CI runs it as root");
+    }
+    root
+}
+
+/// Runs a command; panics with its output unless it succeeds.
+fn run(args: &[&str]) -> String {
+    let output = Command::new(args[0])
+        .args(&args[1..])
+        .output()
+        .unwrap_or_else(|error| panic!("cannot run {args:?}: {error}"));
+    assert!(
+        output.status.success(),
+        "{args:?} failed: {}{}",
+        String::from_utf8_lossy(&output.stdout),
+        String::from_utf8_lossy(&output.stderr)
+    );
+    String::from_utf8_lossy(&output.stdout).into_owned()
+}
+
+/// A network namespace, deleted when dropped (also when the test fails).
+struct Netns(String);
+
+impl Netns {
+    fn new(name: String) -> Self {
+        let _ = Command::new("ip").args(["netns", "delete", &name]).output();
+        run(&["ip", "netns", "add", &name]);
+        run(&["ip", "-n", &name, "link", "set", "lo", "up"]);
+        run(&[
+            "ip",
+            "netns",
+            "exec",
+            &name,
+            "sysctl",
+            "-qw",
+            "net.ipv6.conf.all.disable_ipv6=1",
+            "net.ipv6.conf.default.disable_ipv6=1",
+        ]);
+        Netns(name)
+    }
+
+    /// Runs `f` on a thread inside this namespace (sockets and taps it creates live here).
+    fn enter<T: Send>(&self, f: impl FnOnce() -> T + Send) -> T {
+        let path = format!("/run/netns/{}", self.0);
+        std::thread::scope(|scope| {
+            scope
+                .spawn(|| {
+                    let file = std::fs::File::open(&path).expect("namespace file");
+                    // SAFETY: setns takes an open namespace fd and a flag; it changes only this
+                    // thread's network namespace, and this thread ends with the scope.
+                    let rc = unsafe { libc::setns(file.as_raw_fd(), libc::CLONE_NEWNET) };
+                    assert_eq!(rc, 0, "setns: {}", std::io::Error::last_os_error());
+                    f()
+                })
+                .join()
+                .expect("thread in namespace panicked")
+        })
+    }
+}
+
+impl Drop for Netns {
+    fn drop(&mut self) {
+        let _ = Command::new("ip")
+            .args(["netns", "delete", &self.0])
+            .output();
+    }
+}
+
+/// Unique names per test and process (interface names are at most 15 bytes).
+fn names(test: &str) -> impl Fn(&str) -> String {
+    let tag = format!("{}{}", test, std::process::id() % 100_000);
+    move |what: &str| format!("vn{tag}{what}")
+}
+
+const NET_A: NetworkId = NetworkId(1);
+const NET_B: NetworkId = NetworkId(2);
+
+fn mac(last: u8) -> Mac {
+    Mac([0x02, 0, 0, 0, 0, last])
+}
+
+/// A tap made in `node`'s namespace and moved into `guest`'s, where it gets `mac` and `ip`/24.
+fn guest_tap(node: &Netns, guest: &Netns, name: &str, mac: Mac, ip: &str) -> Tap {
+    let tap = node.enter(|| Tap::open(name, 2).expect("tap"));
+    run(&["ip", "-n", &node.0, "link", "set", name, "netns", &guest.0]);
+    run(&[
+        "ip",
+        "-n",
+        &guest.0,
+        "link",
+        "set",
+        name,
+        "address",
+        &mac.to_string(),
+        "mtu",
+        "1450",
+        "up",
+    ]);
+    run(&[
+        "ip",
+        "-n",
+        &guest.0,
+        "addr",
+        "add",
+        &format!("{ip}/24"),
+        "dev",
+        name,
+    ]);
+    tap
+}
+
+fn port(id: u64, network: NetworkId, mac: Mac, ip: &str) -> PortConfig {
+    PortConfig {
+        id: PortId(id),
+        network,
+        mac,
+        ipv4: Some(ip.parse().unwrap()),
+        allow_any_mac: false,
+    }
+}
+
+fn network(id: NetworkId, vni: u32) -> NetworkConfig {
+    NetworkConfig {
+        id,
+        vni: Vni::new(vni).unwrap(),
+        mtu: 1450,
+    }
+}
+
+fn ping(from: &Netns, to: &str) {
+    run(&[
+        "ip", "netns", "exec", &from.0, "busybox", "ping", "-c", "3", "-W", "2", to,
+    ]);
+}
+
+/// Sends `bytes` over TCP from `from` to `to_ip`:5001 in `to`, and checks they arrive intact.
+fn tcp_transfer(from: &Netns, to: &Netns, to_ip: &str, bytes: usize) {
+    let listener = to.enter(|| TcpListener::bind((to_ip, 5001)).expect("listen"));
+    let data: Vec<u8> = (0..bytes).map(|i| (i * 7 + i / 4096) as u8).collect();
+    let address = SocketAddr::from_str(&format!("{to_ip}:5001")).unwrap();
+    std::thread::scope(|scope| {
+        let receiver = scope.spawn(|| {
+            let (mut stream, _) = listener.accept().expect("accept");
+            let mut received = Vec::new();
+            stream.read_to_end(&mut received).expect("receive");
+            received
+        });
+        from.enter(|| {
+            let mut stream =
+                TcpStream::connect_timeout(&address, Duration::from_secs(5)).expect("connect");
+            stream.write_all(&data).expect("send");
+        });
+        let received = receiver.join().unwrap();
+        assert!(
+            received == data,
+            "{} of {bytes} bytes arrived, or different ones",
+            received.len()
+        );
+    });
+}
+
+/// rx packets of an interface in a namespace.
+fn rx_packets(ns: &Netns, ifname: &str) -> u64 {
+    run(&[
+        "ip",
+        "netns",
+        "exec",
+        &ns.0,
+        "cat",
+        &format!("/sys/class/net/{ifname}/statistics/rx_packets"),
+    ])
+    .trim()
+    .parse()
+    .unwrap()
+}
+
+#[test]
+fn two_taps_on_one_switch_ping_and_talk_tcp() {
+    if !is_root() {
+        return;
+    }
+    let name = names("a");
+    let node = Netns::new(name("n"));
+    let (g1, g2) = (Netns::new(name("g1")), Netns::new(name("g2")));
+    let underlay = node.enter(|| UdpSocket::bind("127.0.0.1:0").unwrap());
+    let datapath = Datapath::start(underlay, SwitchConfig::default()).unwrap();
+    datapath
+        .configure()
+        .add_network(network(NET_A, 100))
+        .unwrap();
+    let tap1 = guest_tap(&node, &g1, &name("t1"), mac(1), "10.0.0.1");
+    let tap2 = guest_tap(&node, &g2, &name("t2"), mac(2), "10.0.0.2");
+    datapath
+        .add_tap(port(1, NET_A, mac(1), "10.0.0.1"), tap1)
+        .unwrap();
+    datapath
+        .add_tap(port(2, NET_A, mac(2), "10.0.0.2"), tap2)
+        .unwrap();
+
+    ping(&g1, "10.0.0.2");
+    tcp_transfer(&g1, &g2, "10.0.0.2", 8 << 20);
+    let (one, two) = {
+        let switch = datapath.switch();
+        (
+            switch.port_stats(PortId(1)).unwrap(),
+            switch.port_stats(PortId(2)).unwrap(),
+        )
+    };
+    assert!(
+        one.rx_packets > 100 && two.rx_packets > 100,
+        "{one:?} {two:?}"
+    );
+    assert!(one.rx_bytes > 8 << 20, "{one:?}");
+    // g1's ARP for 10.0.0.2 was answered by the switch: the port's IP is known.
+    assert_eq!(one.total_drops(), 0, "{one:?}");
+
+    // Unplugged, port 2 is unreachable.
+    datapath.remove_port(PortId(2)).unwrap();
+    let failed = Command::new("ip")
+        .args([
+            "netns", "exec", &g1.0, "busybox", "ping", "-c", "1", "-W", "1",
+        ])
+        .arg("10.0.0.2")
+        .output()
+        .unwrap();
+    assert!(!failed.status.success());
+}
+
+#[test]
+fn networks_span_two_nodes_over_vxlan_and_never_mix() {
+    if !is_root() {
+        return;
+    }
+    let name = names("b");
+    let (n1, n2) = (Netns::new(name("n1")), Netns::new(name("n2")));
+    // The underlay: a veth between the two node namespaces.
+    run(&[
+        "ip", "-n", &n1.0, "link", "add", "ul", "type", "veth", "peer", "name", "ul", "netns",
+        &n2.0,
+    ]);
+    for (ns, ip) in [(&n1, "10.200.0.1/24"), (&n2, "10.200.0.2/24")] {
+        run(&["ip", "-n", &ns.0, "addr", "add", ip, "dev", "ul"]);
+        run(&["ip", "-n", &ns.0, "link", "set", "ul", "up"]);
+    }
+    let vtep1: SocketAddr = "10.200.0.1:4789".parse().unwrap();
+    let vtep2: SocketAddr = "10.200.0.2:4789".parse().unwrap();
+    let switch1 = Datapath::start(
+        n1.enter(|| UdpSocket::bind(vtep1).unwrap()),
+        SwitchConfig::default(),
+    )
+    .unwrap();
+    let switch2 = Datapath::start(
+        n2.enter(|| UdpSocket::bind(vtep2).unwrap()),
+        SwitchConfig::default(),
+    )
+    .unwrap();
+    // Two networks with the same MACs and IPs: a and b on node 1, c and d on node 2.
+    let guests: Vec<Netns> = ["ga", "gb", "gc", "gd"]
+        .iter()
+        .map(|g| Netns::new(name(g)))
+        .collect();
+    for (datapath, other) in [(&switch1, vtep2), (&switch2, vtep1)] {
+        let mut switch = datapath.configure();
+        for (net, vni) in [(NET_A, 100), (NET_B, 200)] {
+            switch.add_network(network(net, vni)).unwrap();
+            switch.set_vteps(net, vec![other]).unwrap();
+        }
+    }
+    let plug = |datapath: &Datapath, node: &Netns, guest: &Netns, id, net, last, ip| {
+        let tap = guest_tap(node, guest, &name(&format!("t{id}")), mac(last), ip);
+        datapath.add_tap(port(id, net, mac(last), ip), tap).unwrap();
+    };
+    plug(&switch1, &n1, &guests[0], 1, NET_A, 1, "10.0.0.1");
+    plug(&switch1, &n1, &guests[1], 2, NET_B, 1, "10.0.0.1");
+    plug(&switch2, &n2, &guests[2], 3, NET_A, 2, "10.0.0.2");
+    plug(&switch2, &n2, &guests[3], 4, NET_B, 2, "10.0.0.2");
+    let ifname = |id: u64| name(&format!("t{id}"));
+
+    // Network A's traffic reaches A's other guest only.
+    let quiet_b = rx_packets(&guests[3], &ifname(4));
+    ping(&guests[0], "10.0.0.2");
+    tcp_transfer(&guests[0], &guests[2], "10.0.0.2", 4 << 20);
+    assert_eq!(
+        rx_packets(&guests[3], &ifname(4)),
+        quiet_b,
+        "a frame of network A reached network B"
+    );
+    // And B's, B's.
+    let quiet_a = rx_packets(&guests[2], &ifname(3));
+    ping(&guests[1], "10.0.0.2");
+    tcp_transfer(&guests[3], &guests[1], "10.0.0.1", 1 << 20);
+    assert_eq!(
+        rx_packets(&guests[2], &ifname(3)),
+        quiet_a,
+        "a frame of network B reached network A"
+    );
+
+    // The underlay drops what it cannot place: an unknown VNI, a header without the I flag, a
+    // datagram from an address that is no VTEP of the network.
+    let before = switch2.switch().underlay_stats();
+    n1.enter(|| {
+        let socket = UdpSocket::bind("10.200.0.1:0").unwrap();
+        let mut frame = vec![0u8; 8 + 60];
+        frame[..8].copy_from_slice(&vnet::vxlan::encode(Vni::new(999).unwrap()));
+        socket.send_to(&frame, vtep2).unwrap();
+        frame[0] = 0;
+        socket.send_to(&frame, vtep2).unwrap();
+        socket.send_to(&[1, 2, 3], vtep2).unwrap();
+    });
+    let deadline = Instant::now() + Duration::from_secs(5);
+    loop {
+        let after = switch2.switch().underlay_stats();
+        if after.total_drops() >= before.total_drops() + 3 {
+            use vnet::DropReason::{UnknownVni, VxlanNoVni, VxlanTooShort};
+            for reason in [UnknownVni, VxlanNoVni, VxlanTooShort] {
+                assert_eq!(after.drops(reason), before.drops(reason) + 1, "{reason:?}");
+            }
+            break;
+        }
+        assert!(Instant::now() < deadline, "drops not counted: {after:?}");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    // The switch still forwards afterwards.
+    ping(&guests[0], "10.0.0.2");
+}
