@@ -13,9 +13,12 @@
 //! of the change at once (so the caller gets its errors), and the core picks up or lets go of the
 //! port's queues at its next wake-up, which the handle triggers.
 //!
-//! Offloads: tap queues are served without them for now. The kernel then hands over frames that
-//! are checksummed and no larger than the interface's MTU, which can go anywhere as they are,
-//! and the header written with each frame is all zeroes ("nothing to do").
+//! Offloads: taps are opened with checksum and TCP segmentation offloads (IPv4, IPv6, ECN), so the
+//! kernel hands over frames of up to 64 KiB with partial checksums, described by their virtio-net
+//! header. Between taps the frame and its header pass as they are: nobody segments or checksums
+//! anything. A frame bound for a VTEP is cut into MTU-sized segments, or has its checksum
+//! completed, in software first ([`crate::offload`]); frames from the underlay are complete and go
+//! to taps behind an all-zero header.
 
 use std::collections::HashMap;
 use std::fs::File;
@@ -30,15 +33,18 @@ use std::time::{Duration, Instant};
 use vmm_sys_util::epoll::{ControlOperation, Epoll, EpollEvent, EventSet};
 use vmm_sys_util::eventfd::{EFD_NONBLOCK, EventFd};
 
+use crate::offload::{self, VirtioNetHeader};
 use crate::stats::TrafficStats;
 use crate::switch::{Egress, PortConfig, Switch, SwitchConfig, SwitchError, Verdict};
-use crate::tap::{Tap, VNET_HDR_LEN};
+use crate::tap::{Offloads, Tap, TapError, VNET_HDR_LEN};
 use crate::{PortId, vxlan};
 
 /// Frames the core takes from one queue before it looks at the others.
 pub const BATCH: usize = 64;
-/// Largest frame the core reads: a jumbo frame with its 802.1Q tag.
+/// Largest frame on the underlay: a jumbo frame with its 802.1Q tag.
 const MAX_FRAME: usize = 9216;
+/// Largest frame from a tap: a 64 KiB GSO frame and its Ethernet header.
+const MAX_GSO_FRAME: usize = 65_536 + 64;
 /// How often aged MAC entries are swept out (for the table-size figures).
 const EXPIRE_INTERVAL: Duration = Duration::from_secs(5);
 
@@ -98,9 +104,10 @@ impl Datapath {
             ports: HashMap::new(),
             tokens: HashMap::new(),
             next_token: FIRST_PORT_TOKEN,
-            frame: vec![0; VNET_HDR_LEN + MAX_FRAME],
+            frame: vec![0; VNET_HDR_LEN + MAX_GSO_FRAME],
             datagram: vec![0; vxlan::HEADER_LEN + MAX_FRAME],
-            outgoing: Vec::with_capacity(vxlan::HEADER_LEN + MAX_FRAME),
+            outgoing: Vec::with_capacity(vxlan::HEADER_LEN + MAX_GSO_FRAME),
+            segment: Vec::with_capacity(MAX_FRAME),
             out: Vec::new(),
         };
         let core = std::thread::Builder::new()
@@ -136,6 +143,12 @@ impl Datapath {
 
     /// Plugs a tap device into the switch as port `config`; its queues are served from now on.
     pub fn add_tap(&self, config: PortConfig, tap: Tap) -> Result<(), AddPortError> {
+        tap.set_offloads(Offloads {
+            csum: true,
+            tso4: true,
+            tso6: true,
+            tso_ecn: true,
+        })?;
         let queues = tap.into_queues();
         for queue in &queues {
             set_nonblocking(queue).map_err(AddPortError::Io)?;
@@ -180,6 +193,8 @@ pub enum AddPortError {
     Switch(#[from] SwitchError),
     #[error("cannot prepare the port's queues: {0}")]
     Io(io::Error),
+    #[error(transparent)]
+    Tap(#[from] TapError),
 }
 
 /// The switching core's own state: the port queues it serves and its buffers.
@@ -195,6 +210,8 @@ struct Core {
     datagram: Vec<u8>,
     /// A datagram being built for the underlay.
     outgoing: Vec<u8>,
+    /// A segment being cut from a GSO frame.
+    segment: Vec<u8>,
     out: Vec<Egress>,
 }
 
@@ -315,22 +332,38 @@ impl Core {
                     return;
                 }
             };
-            if len < VNET_HDR_LEN {
+            let Some(header) = VirtioNetHeader::parse(&self.frame[..len]) else {
                 continue;
-            }
+            };
             let frame = &self.frame[VNET_HDR_LEN..len];
-            match switch.port_ingress(port, frame, Instant::now(), &mut self.out) {
-                Verdict::Forward => deliver(
-                    &switch,
-                    &self.ports,
-                    &self.shared.underlay,
-                    &mut self.outgoing,
-                    &self.out,
-                    frame,
-                    index,
-                ),
+            let now = Instant::now();
+            let verdict = if header.is_gso() {
+                switch.port_ingress_gso(port, frame, header.gso_size, now, &mut self.out)
+            } else {
+                switch.port_ingress(port, frame, now, &mut self.out)
+            };
+            match verdict {
+                Verdict::Forward => {
+                    let mut tx = Tx {
+                        ports: &self.ports,
+                        underlay: &self.shared.underlay,
+                        outgoing: &mut self.outgoing,
+                        segment: &mut self.segment,
+                    };
+                    for &egress in &self.out {
+                        if !tx.send(egress, &header, &self.frame[..len], index) {
+                            switch.delivery_failed(egress);
+                        }
+                    }
+                }
                 Verdict::Reply(reply) => {
-                    if !write_tap(&self.ports, port, index, reply.as_bytes()) {
+                    if !write_tap(
+                        &self.ports,
+                        port,
+                        index,
+                        &[0; VNET_HDR_LEN],
+                        reply.as_bytes(),
+                    ) {
                         switch.delivery_failed(Egress::Port(port));
                     }
                 }
@@ -362,7 +395,7 @@ impl Core {
                 let inner = &datagram[vxlan::HEADER_LEN..];
                 for &egress in &self.out {
                     if let Egress::Port(port) = egress
-                        && !write_tap(&self.ports, port, 0, inner)
+                        && !write_tap(&self.ports, port, 0, &[0; VNET_HDR_LEN], inner)
                     {
                         switch.delivery_failed(egress);
                     }
@@ -372,47 +405,69 @@ impl Core {
     }
 }
 
-/// Hands `frame` to every egress in `out`; `queue_hint` picks the tap queue (the ingress queue's
-/// index, so a flow stays on one queue).
-fn deliver(
-    switch: &Switch,
-    ports: &HashMap<PortId, Vec<(u64, File)>>,
-    underlay: &UdpSocket,
-    outgoing: &mut Vec<u8>,
-    out: &[Egress],
-    frame: &[u8],
-    queue_hint: usize,
-) {
-    for &egress in out {
-        let delivered = match egress {
-            Egress::Port(port) => write_tap(ports, port, queue_hint, frame),
+/// What sending a frame from a tap needs.
+struct Tx<'a> {
+    ports: &'a HashMap<PortId, Vec<(u64, File)>>,
+    underlay: &'a UdpSocket,
+    outgoing: &'a mut Vec<u8>,
+    segment: &'a mut Vec<u8>,
+}
+
+impl Tx<'_> {
+    /// Sends `read` (a virtio-net header, then the frame, as read from a tap) to `egress`;
+    /// `queue_hint` picks the tap queue (the ingress queue's index, so a flow stays on one).
+    fn send(
+        &mut self,
+        egress: Egress,
+        header: &VirtioNetHeader,
+        read: &[u8],
+        queue_hint: usize,
+    ) -> bool {
+        let (header_bytes, frame) = read.split_at(VNET_HDR_LEN);
+        match egress {
+            Egress::Port(port) => write_tap(self.ports, port, queue_hint, header_bytes, frame),
             Egress::Vtep { addr, vni } => {
-                outgoing.clear();
-                outgoing.extend_from_slice(&vxlan::encode(vni));
-                outgoing.extend_from_slice(frame);
-                underlay.send_to(outgoing, addr).is_ok()
+                let vxlan = vxlan::encode(vni);
+                if header.is_gso() {
+                    let (outgoing, underlay) = (&mut *self.outgoing, self.underlay);
+                    let mut sent = true;
+                    let cut = offload::segment_tcp(header, frame, self.segment, |segment| {
+                        outgoing.clear();
+                        outgoing.extend_from_slice(&vxlan);
+                        outgoing.extend_from_slice(segment);
+                        sent &= underlay.send_to(outgoing, addr).is_ok();
+                    });
+                    return cut.is_ok() && sent;
+                }
+                self.outgoing.clear();
+                self.outgoing.extend_from_slice(&vxlan);
+                self.outgoing.extend_from_slice(frame);
+                if header.flags & offload::FLAG_NEEDS_CSUM != 0
+                    && offload::complete_checksum(header, &mut self.outgoing[vxlan::HEADER_LEN..])
+                        .is_err()
+                {
+                    return false;
+                }
+                self.underlay.send_to(self.outgoing, addr).is_ok()
             }
-        };
-        if !delivered {
-            switch.delivery_failed(egress);
         }
     }
 }
 
-/// Writes a frame, behind an all-zero virtio-net header, to one of `port`'s queues; false if the
-/// queue would not take it (full, or the port is gone).
+/// Writes a frame, behind its virtio-net header, to one of `port`'s queues; false if the queue
+/// would not take it (full, or the port is gone).
 fn write_tap(
     ports: &HashMap<PortId, Vec<(u64, File)>>,
     port: PortId,
     queue_hint: usize,
+    header: &[u8],
     frame: &[u8],
 ) -> bool {
     let Some(queues) = ports.get(&port).filter(|queues| !queues.is_empty()) else {
         return false;
     };
     let (_, queue) = &queues[queue_hint % queues.len()];
-    let header = [0u8; VNET_HDR_LEN];
-    let written = (&*queue).write_vectored(&[IoSlice::new(&header), IoSlice::new(frame)]);
+    let written = (&*queue).write_vectored(&[IoSlice::new(header), IoSlice::new(frame)]);
     // A tap takes a frame whole or not at all.
     written.is_ok_and(|n| n == VNET_HDR_LEN + frame.len())
 }

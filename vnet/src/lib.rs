@@ -36,6 +36,7 @@ pub mod datapath;
 pub mod frame;
 pub mod mac;
 pub mod mac_table;
+pub mod offload;
 pub mod stats;
 pub mod switch;
 pub mod tap;

@@ -404,6 +404,31 @@ impl Switch {
         now: Instant,
         out: &mut Vec<Egress>,
     ) -> Verdict {
+        self.ingress_from_port(port, frame, None, now, out)
+    }
+
+    /// [`Switch::port_ingress`] for a segmentation-offload (GSO) frame: one of up to 64 KiB that
+    /// stands for segments of at most `gso_size` payload bytes each, which is what must fit the
+    /// network's MTU. Whoever cannot take it whole gets it cut ([`crate::offload`]).
+    pub fn port_ingress_gso(
+        &self,
+        port: PortId,
+        frame: &[u8],
+        gso_size: u16,
+        now: Instant,
+        out: &mut Vec<Egress>,
+    ) -> Verdict {
+        self.ingress_from_port(port, frame, Some(gso_size), now, out)
+    }
+
+    fn ingress_from_port(
+        &self,
+        port: PortId,
+        frame: &[u8],
+        gso_size: Option<u16>,
+        now: Instant,
+        out: &mut Vec<Egress>,
+    ) -> Verdict {
         out.clear();
         // A worker may still hold a frame of a port the control plane has just removed.
         let Some((ingress, network)) = self
@@ -419,7 +444,15 @@ impl Switch {
             counters.dropped(reason);
             Verdict::Drop(reason)
         };
-        let header = match frame::parse(frame, network.config.mtu) {
+        // A GSO frame's segments must fit the MTU; the frame itself only the 64 KiB of IP.
+        let mtu = match gso_size {
+            Some(size) if size == 0 || size > network.config.mtu => {
+                return drop(DropReason::Oversized);
+            }
+            Some(_) => u16::MAX,
+            None => network.config.mtu,
+        };
+        let header = match frame::parse(frame, mtu) {
             Ok(header) => header,
             Err(error) => return drop(error.into()),
         };

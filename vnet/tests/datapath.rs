@@ -225,11 +225,10 @@ fn two_taps_on_one_switch_ping_and_talk_tcp() {
             switch.port_stats(PortId(2)).unwrap(),
         )
     };
-    assert!(
-        one.rx_packets > 100 && two.rx_packets > 100,
-        "{one:?} {two:?}"
-    );
     assert!(one.rx_bytes > 8 << 20, "{one:?}");
+    assert!(two.tx_bytes > 8 << 20 && two.rx_packets > 0, "{two:?}");
+    // With segmentation offload the 8 MiB cross in far fewer frames than 1450-byte ones would be.
+    assert!(one.rx_packets < (8 << 20) / 1450, "{one:?}");
     // g1's ARP for 10.0.0.2 was answered by the switch: the port's IP is known.
     assert_eq!(one.total_drops(), 0, "{one:?}");
 

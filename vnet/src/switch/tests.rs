@@ -947,3 +947,35 @@ proptest! {
         }
     }
 }
+
+#[test]
+fn gso_frames_pass_whole_when_their_segments_fit_the_mtu() {
+    let mut run = Run::new(switch());
+    let mtu = DEFAULT_MTU;
+    let big = frame(MAC_B, MAC_A, IPV4, 60_000);
+    // Learn B's port, so the frame is known unicast.
+    run.port_ingress(P_BLUE_B, &frame(MAC_A, MAC_B, IPV4, 64));
+    let gso = |run: &mut Run, frame: &[u8], size: u16| {
+        run.switch
+            .port_ingress_gso(P_BLUE_A, frame, size, run.now, &mut run.out)
+    };
+    assert_eq!(gso(&mut run, &big, mtu - 40), Verdict::Forward);
+    assert_eq!(run.out, vec![Egress::Port(P_BLUE_B)]);
+    // Segments larger than the MTU, or of no size, are not let through.
+    assert_eq!(
+        gso(&mut run, &big, mtu + 1),
+        Verdict::Drop(DropReason::Oversized)
+    );
+    assert_eq!(gso(&mut run, &big, 0), Verdict::Drop(DropReason::Oversized));
+    // Without the GSO marking the same frame is oversized.
+    assert_eq!(
+        run.port_ingress(P_BLUE_A, &big),
+        Verdict::Drop(DropReason::Oversized)
+    );
+    // Port security holds for GSO frames too.
+    let spoofed = frame(MAC_B, MAC_C, IPV4, 60_000);
+    assert_eq!(
+        gso(&mut run, &spoofed, 1400),
+        Verdict::Drop(DropReason::SpoofedMac)
+    );
+}
