@@ -5,4 +5,5 @@ pub mod blk_client;
 pub mod daemon;
 pub mod guest;
 pub mod local_cluster;
+pub mod namespaces;
 pub mod netns;

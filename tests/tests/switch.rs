@@ -1,89 +1,16 @@
-//! The switching core end to end, with real tap devices and a real VXLAN underlay, in network
-//! namespaces: "guest" namespaces hold the taps' kernel side (an interface with an address, as a
-//! VM's NIC would be), "node" namespaces hold a switch each. Needs root; without it each test says
-//! so and passes.
+//! The switching core (vnet's `Datapath`) end to end, with real tap devices and a real VXLAN
+//! underlay, in network namespaces: "guest" namespaces hold the taps' kernel side (an interface
+//! with an address, as a VM's NIC would be), "node" namespaces hold a switch each. Needs root;
+//! without it each test says so and passes.
 
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream, UdpSocket};
-use std::os::fd::AsRawFd;
 use std::process::Command;
-use std::str::FromStr;
 use std::time::{Duration, Instant};
 
+use vessel_tests::namespaces::{Netns, is_root, veth};
 use vnet::switch::{NetworkConfig, PortConfig, SwitchConfig};
 use vnet::{Datapath, Mac, NetworkId, PortId, Tap, Vni};
-
-fn is_root() -> bool {
-    // SAFETY: geteuid has no preconditions.
-    let root = unsafe { libc::geteuid() } == 0;
-    if !root {
-        eprintln!("skipped: needs root (network namespaces, tap devices); CI runs it as root");
-    }
-    root
-}
-
-/// Runs a command; panics with its output unless it succeeds.
-fn run(args: &[&str]) -> String {
-    let output = Command::new(args[0])
-        .args(&args[1..])
-        .output()
-        .unwrap_or_else(|error| panic!("cannot run {args:?}: {error}"));
-    assert!(
-        output.status.success(),
-        "{args:?} failed: {}{}",
-        String::from_utf8_lossy(&output.stdout),
-        String::from_utf8_lossy(&output.stderr)
-    );
-    String::from_utf8_lossy(&output.stdout).into_owned()
-}
-
-/// A network namespace, deleted when dropped (also when the test fails).
-struct Netns(String);
-
-impl Netns {
-    fn new(name: String) -> Self {
-        let _ = Command::new("ip").args(["netns", "delete", &name]).output();
-        run(&["ip", "netns", "add", &name]);
-        run(&["ip", "-n", &name, "link", "set", "lo", "up"]);
-        run(&[
-            "ip",
-            "netns",
-            "exec",
-            &name,
-            "sysctl",
-            "-qw",
-            "net.ipv6.conf.all.disable_ipv6=1",
-            "net.ipv6.conf.default.disable_ipv6=1",
-        ]);
-        Netns(name)
-    }
-
-    /// Runs `f` on a thread inside this namespace (sockets and taps it creates live here).
-    fn enter<T: Send>(&self, f: impl FnOnce() -> T + Send) -> T {
-        let path = format!("/run/netns/{}", self.0);
-        std::thread::scope(|scope| {
-            scope
-                .spawn(|| {
-                    let file = std::fs::File::open(&path).expect("namespace file");
-                    // SAFETY: setns takes an open namespace fd and a flag; it changes only this
-                    // thread's network namespace, and this thread ends with the scope.
-                    let rc = unsafe { libc::setns(file.as_raw_fd(), libc::CLONE_NEWNET) };
-                    assert_eq!(rc, 0, "setns: {}", std::io::Error::last_os_error());
-                    f()
-                })
-                .join()
-                .expect("thread in namespace panicked")
-        })
-    }
-}
-
-impl Drop for Netns {
-    fn drop(&mut self) {
-        let _ = Command::new("ip")
-            .args(["netns", "delete", &self.0])
-            .output();
-    }
-}
 
 /// Unique names per test and process (interface names are at most 15 bytes).
 fn names(test: &str) -> impl Fn(&str) -> String {
@@ -100,31 +27,11 @@ fn mac(last: u8) -> Mac {
 
 /// A tap made in `node`'s namespace and moved into `guest`'s, where it gets `mac` and `ip`/24.
 fn guest_tap(node: &Netns, guest: &Netns, name: &str, mac: Mac, ip: &str) -> Tap {
-    let tap = node.enter(|| Tap::open(name, 2).expect("tap"));
-    run(&["ip", "-n", &node.0, "link", "set", name, "netns", &guest.0]);
-    run(&[
-        "ip",
-        "-n",
-        &guest.0,
-        "link",
-        "set",
-        name,
-        "address",
-        &mac.to_string(),
-        "mtu",
-        "1450",
-        "up",
-    ]);
-    run(&[
-        "ip",
-        "-n",
-        &guest.0,
-        "addr",
-        "add",
-        &format!("{ip}/24"),
-        "dev",
-        name,
-    ]);
+    let tap = node.enter(|| Tap::open(name, 2).expect("tap")).unwrap();
+    node.give(name, guest).unwrap();
+    guest
+        .configure(name, &format!("{ip}/24"), 1450, Some(&mac.to_string()))
+        .unwrap();
     tap
 }
 
@@ -147,16 +54,17 @@ fn network(id: NetworkId, vni: u32) -> NetworkConfig {
 }
 
 fn ping(from: &Netns, to: &str) {
-    run(&[
-        "ip", "netns", "exec", &from.0, "busybox", "ping", "-c", "3", "-W", "2", to,
-    ]);
+    from.exec(&["busybox", "ping", "-c", "3", "-W", "2", to])
+        .unwrap();
 }
 
 /// Sends `bytes` over TCP from `from` to `to_ip`:5001 in `to`, and checks they arrive intact.
 fn tcp_transfer(from: &Netns, to: &Netns, to_ip: &str, bytes: usize) {
-    let listener = to.enter(|| TcpListener::bind((to_ip, 5001)).expect("listen"));
+    let listener = to
+        .enter(|| TcpListener::bind((to_ip, 5001)).expect("listen"))
+        .unwrap();
     let data: Vec<u8> = (0..bytes).map(|i| (i * 7 + i / 4096) as u8).collect();
-    let address = SocketAddr::from_str(&format!("{to_ip}:5001")).unwrap();
+    let address: SocketAddr = format!("{to_ip}:5001").parse().unwrap();
     std::thread::scope(|scope| {
         let receiver = scope.spawn(|| {
             let (mut stream, _) = listener.accept().expect("accept");
@@ -168,7 +76,8 @@ fn tcp_transfer(from: &Netns, to: &Netns, to_ip: &str, bytes: usize) {
             let mut stream =
                 TcpStream::connect_timeout(&address, Duration::from_secs(5)).expect("connect");
             stream.write_all(&data).expect("send");
-        });
+        })
+        .unwrap();
         let received = receiver.join().unwrap();
         assert!(
             received == data,
@@ -180,14 +89,11 @@ fn tcp_transfer(from: &Netns, to: &Netns, to_ip: &str, bytes: usize) {
 
 /// rx packets of an interface in a namespace.
 fn rx_packets(ns: &Netns, ifname: &str) -> u64 {
-    run(&[
-        "ip",
-        "netns",
-        "exec",
-        &ns.0,
+    ns.exec(&[
         "cat",
         &format!("/sys/class/net/{ifname}/statistics/rx_packets"),
     ])
+    .unwrap()
     .trim()
     .parse()
     .unwrap()
@@ -199,9 +105,14 @@ fn two_taps_on_one_switch_ping_and_talk_tcp() {
         return;
     }
     let name = names("a");
-    let node = Netns::new(name("n"));
-    let (g1, g2) = (Netns::new(name("g1")), Netns::new(name("g2")));
-    let underlay = node.enter(|| UdpSocket::bind("127.0.0.1:0").unwrap());
+    let node = Netns::new(&name("n")).unwrap();
+    let (g1, g2) = (
+        Netns::new(&name("g1")).unwrap(),
+        Netns::new(&name("g2")).unwrap(),
+    );
+    let underlay = node
+        .enter(|| UdpSocket::bind("127.0.0.1:0").unwrap())
+        .unwrap();
     let datapath = Datapath::start(underlay, SwitchConfig::default()).unwrap();
     datapath
         .configure()
@@ -250,32 +161,30 @@ fn networks_span_two_nodes_over_vxlan_and_never_mix() {
         return;
     }
     let name = names("b");
-    let (n1, n2) = (Netns::new(name("n1")), Netns::new(name("n2")));
+    let (n1, n2) = (
+        Netns::new(&name("n1")).unwrap(),
+        Netns::new(&name("n2")).unwrap(),
+    );
     // The underlay: a veth between the two node namespaces.
-    run(&[
-        "ip", "-n", &n1.0, "link", "add", "ul", "type", "veth", "peer", "name", "ul", "netns",
-        &n2.0,
-    ]);
-    for (ns, ip) in [(&n1, "10.200.0.1/24"), (&n2, "10.200.0.2/24")] {
-        run(&["ip", "-n", &ns.0, "addr", "add", ip, "dev", "ul"]);
-        run(&["ip", "-n", &ns.0, "link", "set", "ul", "up"]);
-    }
+    veth(&n1, "ul", &n2, "ul").unwrap();
+    n1.configure("ul", "10.200.0.1/24", 1500, None).unwrap();
+    n2.configure("ul", "10.200.0.2/24", 1500, None).unwrap();
     let vtep1: SocketAddr = "10.200.0.1:4789".parse().unwrap();
     let vtep2: SocketAddr = "10.200.0.2:4789".parse().unwrap();
     let switch1 = Datapath::start(
-        n1.enter(|| UdpSocket::bind(vtep1).unwrap()),
+        n1.enter(|| UdpSocket::bind(vtep1).unwrap()).unwrap(),
         SwitchConfig::default(),
     )
     .unwrap();
     let switch2 = Datapath::start(
-        n2.enter(|| UdpSocket::bind(vtep2).unwrap()),
+        n2.enter(|| UdpSocket::bind(vtep2).unwrap()).unwrap(),
         SwitchConfig::default(),
     )
     .unwrap();
     // Two networks with the same MACs and IPs: a and b on node 1, c and d on node 2.
     let guests: Vec<Netns> = ["ga", "gb", "gc", "gd"]
         .iter()
-        .map(|g| Netns::new(name(g)))
+        .map(|g| Netns::new(&name(g)).unwrap())
         .collect();
     for (datapath, other) in [(&switch1, vtep2), (&switch2, vtep1)] {
         let mut switch = datapath.configure();
@@ -294,7 +203,8 @@ fn networks_span_two_nodes_over_vxlan_and_never_mix() {
     plug(&switch2, &n2, &guests[3], 4, NET_B, 2, "10.0.0.2");
     let ifname = |id: u64| name(&format!("t{id}"));
 
-    // Network A's traffic reaches A's other guest only.
+    // Network A's traffic reaches A's other guest only (TCP is cut into segments for the
+    // underlay: the taps hand over 64 KiB frames).
     let quiet_b = rx_packets(&guests[3], &ifname(4));
     ping(&guests[0], "10.0.0.2");
     tcp_transfer(&guests[0], &guests[2], "10.0.0.2", 4 << 20);
@@ -314,7 +224,7 @@ fn networks_span_two_nodes_over_vxlan_and_never_mix() {
     );
 
     // The underlay drops what it cannot place: an unknown VNI, a header without the I flag, a
-    // datagram from an address that is no VTEP of the network.
+    // datagram too short for a header.
     let before = switch2.switch().underlay_stats();
     n1.enter(|| {
         let socket = UdpSocket::bind("10.200.0.1:0").unwrap();
@@ -324,7 +234,8 @@ fn networks_span_two_nodes_over_vxlan_and_never_mix() {
         frame[0] = 0;
         socket.send_to(&frame, vtep2).unwrap();
         socket.send_to(&[1, 2, 3], vtep2).unwrap();
-    });
+    })
+    .unwrap();
     let deadline = Instant::now() + Duration::from_secs(5);
     loop {
         let after = switch2.switch().underlay_stats();

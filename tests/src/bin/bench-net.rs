@@ -1,0 +1,299 @@
+//! Benchmark: Vessel's switch against the kernel's, with guests in network namespaces.
+//!
+//! 1. One node: two guests joined by Vessel's switch (taps) beside two guests joined by a Linux
+//!    bridge (veths).
+//! 2. Two nodes: a guest on each, joined by Vessel's switches over its VXLAN underlay, beside the
+//!    same joined by Linux bridges and kernel VXLAN devices. Each node is a namespace; the
+//!    underlay is a veth between them.
+//!
+//! For each: TCP throughput (iperf3, one stream) and ICMP round trip (busybox ping, back to back),
+//! Vessel and the reference alternating, several rounds; the program prints the medians and the
+//! ratio Vessel / reference. Then the CPU time the switch used while idle.
+//!
+//! The switch runs in this process (vnet's `Datapath`, as the daemon runs it). Run it as root with
+//! a release build:
+//!     cargo run --release -p vessel-tests --bin bench-net -- [--seconds 5] [--rounds 3]
+
+use std::net::UdpSocket;
+use std::time::{Duration, Instant};
+
+use anyhow::Context;
+use clap::Parser;
+use vessel_tests::bench::median;
+use vessel_tests::namespaces::{Netns, Spawned, is_root, veth};
+use vnet::switch::{NetworkConfig, PortConfig, SwitchConfig};
+use vnet::{Datapath, Mac, NetworkId, PortId, Tap, Vni};
+
+#[derive(Debug, Parser)]
+struct Args {
+    /// Seconds per iperf3 run.
+    #[arg(long, default_value_t = 5)]
+    seconds: u64,
+    /// Rounds per setup (Vessel and the reference alternate).
+    #[arg(long, default_value_t = 3)]
+    rounds: usize,
+    /// Pings per round.
+    #[arg(long, default_value_t = 2000)]
+    pings: u32,
+}
+
+const NET: NetworkId = NetworkId(1);
+
+/// Two guests that can reach each other at 10.9.0.1 and 10.9.0.2, with whatever joins them.
+struct Pair {
+    /// The iperf3 server in `b` (dropped, so killed, first).
+    _server: Spawned,
+    a: Netns,
+    /// The server's namespace (kept for its lifetime).
+    _b: Netns,
+    /// What joins them: namespaces, switches (dropped after the guests).
+    _joint: Vec<Box<dyn std::any::Any>>,
+}
+
+impl Pair {
+    fn new(a: Netns, b: Netns, joint: Vec<Box<dyn std::any::Any>>) -> anyhow::Result<Self> {
+        let server = b.spawn(&["iperf3", "-s", "-B", "10.9.0.2"])?;
+        Ok(Pair {
+            _server: server,
+            a,
+            _b: b,
+            _joint: joint,
+        })
+    }
+
+    /// One iperf3 run from a to b: Gbit/s received.
+    fn throughput(&self, seconds: u64) -> anyhow::Result<f64> {
+        let seconds = seconds.to_string();
+        let deadline = Instant::now() + Duration::from_secs(10);
+        let out = loop {
+            match self
+                .a
+                .exec(&["iperf3", "-c", "10.9.0.2", "-t", &seconds, "-J"])
+            {
+                Ok(out) => break out,
+                // The server may not listen yet.
+                Err(_) if Instant::now() < deadline => {
+                    std::thread::sleep(Duration::from_millis(200));
+                }
+                Err(error) => return Err(error),
+            }
+        };
+        let report: serde_json::Value = serde_json::from_str(&out).context("iperf3's JSON")?;
+        let bits = report["end"]["sum_received"]["bits_per_second"]
+            .as_f64()
+            .context("no throughput in iperf3's report")?;
+        Ok(bits / 1e9)
+    }
+
+    fn ping(&self, count: u32) -> anyhow::Result<f64> {
+        self.a.ping_mean_us("10.9.0.2", count)
+    }
+}
+
+fn mac(last: u8) -> Mac {
+    Mac([0x02, 0, 0, 0, 0x09, last])
+}
+
+/// A tap made in `node` for `guest`, with the guest's address, plugged into `datapath`.
+fn plug(
+    datapath: &Datapath,
+    node: &Netns,
+    guest: &Netns,
+    ifname: &str,
+    id: u64,
+    host: u8,
+    mtu: u16,
+) -> anyhow::Result<()> {
+    let tap = node.enter(|| Tap::open(ifname, 1))??;
+    node.give(ifname, guest)?;
+    guest.configure(
+        ifname,
+        &format!("10.9.0.{host}/24"),
+        mtu,
+        Some(&mac(host).to_string()),
+    )?;
+    datapath.add_tap(
+        PortConfig {
+            id: PortId(id),
+            network: NET,
+            mac: mac(host),
+            ipv4: Some(format!("10.9.0.{host}").parse()?),
+            allow_any_mac: false,
+        },
+        tap,
+    )?;
+    Ok(())
+}
+
+fn switch_in(node: &Netns, bind: &str, mtu: u16) -> anyhow::Result<Datapath> {
+    let socket = node.enter(|| UdpSocket::bind(bind))??;
+    let datapath = Datapath::start(socket, SwitchConfig::default())?;
+    datapath.configure().add_network(NetworkConfig {
+        id: NET,
+        vni: Vni::new(100)?,
+        mtu,
+    })?;
+    Ok(datapath)
+}
+
+/// One node, Vessel: two guests on taps of one switch.
+fn vessel_local() -> anyhow::Result<Pair> {
+    let node = Netns::new("vbn-vl-node")?;
+    let (a, b) = (Netns::new("vbn-vl-a")?, Netns::new("vbn-vl-b")?);
+    let datapath = switch_in(&node, "127.0.0.1:0", 1500)?;
+    plug(&datapath, &node, &a, "vbnvla", 1, 1, 1500)?;
+    plug(&datapath, &node, &b, "vbnvlb", 2, 2, 1500)?;
+    Pair::new(a, b, vec![Box::new(datapath), Box::new(node)])
+}
+
+/// One node, reference: two guests on veths of a Linux bridge.
+fn bridge_local() -> anyhow::Result<Pair> {
+    let hub = Netns::new("vbn-bl-hub")?;
+    let (a, b) = (Netns::new("vbn-bl-a")?, Netns::new("vbn-bl-b")?);
+    hub.ip(&["link", "add", "br0", "type", "bridge"])?;
+    hub.ip(&["link", "set", "br0", "up"])?;
+    for (guest, host) in [(&a, 1), (&b, 2)] {
+        let port = format!("p{host}");
+        veth(&hub, &port, guest, "eth0")?;
+        hub.ip(&["link", "set", &port, "master", "br0", "up"])?;
+        guest.configure("eth0", &format!("10.9.0.{host}/24"), 1500, None)?;
+    }
+    Pair::new(a, b, vec![Box::new(hub)])
+}
+
+/// Two node namespaces joined by a veth underlay (10.8.0.1 and 10.8.0.2).
+fn two_nodes(prefix: &str) -> anyhow::Result<(Netns, Netns)> {
+    let n1 = Netns::new(&format!("{prefix}-n1"))?;
+    let n2 = Netns::new(&format!("{prefix}-n2"))?;
+    veth(&n1, "ul", &n2, "ul")?;
+    n1.configure("ul", "10.8.0.1/24", 1500, None)?;
+    n2.configure("ul", "10.8.0.2/24", 1500, None)?;
+    Ok((n1, n2))
+}
+
+/// Two nodes, Vessel: a guest on each node's switch, the switches joined over VXLAN.
+fn vessel_overlay() -> anyhow::Result<Pair> {
+    let (n1, n2) = two_nodes("vbn-vo")?;
+    let (a, b) = (Netns::new("vbn-vo-a")?, Netns::new("vbn-vo-b")?);
+    let s1 = switch_in(&n1, "10.8.0.1:4789", 1450)?;
+    let s2 = switch_in(&n2, "10.8.0.2:4789", 1450)?;
+    s1.configure()
+        .set_vteps(NET, vec!["10.8.0.2:4789".parse()?])?;
+    s2.configure()
+        .set_vteps(NET, vec!["10.8.0.1:4789".parse()?])?;
+    plug(&s1, &n1, &a, "vbnvoa", 1, 1, 1450)?;
+    plug(&s2, &n2, &b, "vbnvob", 2, 2, 1450)?;
+    Pair::new(
+        a,
+        b,
+        vec![Box::new(s1), Box::new(s2), Box::new(n1), Box::new(n2)],
+    )
+}
+
+/// Two nodes, reference: on each node a Linux bridge joining the guest's veth and a kernel VXLAN
+/// device (VNI 100, UDP 4789) whose remote is the other node.
+fn kernel_overlay() -> anyhow::Result<Pair> {
+    let (n1, n2) = two_nodes("vbn-ko")?;
+    let (a, b) = (Netns::new("vbn-ko-a")?, Netns::new("vbn-ko-b")?);
+    for (node, guest, local, remote, host) in [
+        (&n1, &a, "10.8.0.1", "10.8.0.2", 1),
+        (&n2, &b, "10.8.0.2", "10.8.0.1", 2),
+    ] {
+        node.ip(&["link", "add", "br0", "type", "bridge"])?;
+        node.ip(&[
+            "link", "add", "vx0", "type", "vxlan", "id", "100", "dstport", "4789", "local", local,
+            "remote", remote, "dev", "ul",
+        ])?;
+        node.ip(&["link", "set", "vx0", "master", "br0", "up"])?;
+        node.ip(&["link", "set", "br0", "up"])?;
+        veth(node, "p0", guest, "eth0")?;
+        node.ip(&["link", "set", "p0", "master", "br0", "up"])?;
+        guest.configure("eth0", &format!("10.9.0.{host}/24"), 1450, None)?;
+    }
+    Pair::new(a, b, vec![Box::new(n1), Box::new(n2)])
+}
+
+/// Runs both pairs alternately; prints medians and ratios.
+fn compare(
+    title: &str,
+    reference: &str,
+    vessel: &Pair,
+    other: &Pair,
+    args: &Args,
+) -> anyhow::Result<()> {
+    let (mut ours, mut theirs) = (Vec::new(), Vec::new());
+    let (mut our_ping, mut their_ping) = (Vec::new(), Vec::new());
+    for _ in 0..args.rounds {
+        ours.push(vessel.throughput(args.seconds)?);
+        theirs.push(other.throughput(args.seconds)?);
+        our_ping.push(vessel.ping(args.pings)?);
+        their_ping.push(other.ping(args.pings)?);
+    }
+    let (ours, theirs) = (median(&mut ours), median(&mut theirs));
+    let (our_ping, their_ping) = (median(&mut our_ping), median(&mut their_ping));
+    println!(
+        "{title:<36} {:>10} {reference:>14} {:>7}",
+        "Vessel", "ratio"
+    );
+    println!(
+        "{:<36} {ours:>10.2} {theirs:>14.2} {:>7.2}",
+        "  TCP, one stream (Gbit/s)",
+        ours / theirs
+    );
+    println!(
+        "{:<36} {our_ping:>10.1} {their_ping:>14.1} {:>7.2}",
+        "  ping round trip (µs)",
+        our_ping / their_ping
+    );
+    Ok(())
+}
+
+/// CPU time this process used over `window` while nothing was sent.
+fn idle_cpu(window: Duration) -> anyhow::Result<Duration> {
+    let pid = std::process::id();
+    let before = vessel_tests::bench::cpu_time(pid)?;
+    std::thread::sleep(window);
+    Ok(vessel_tests::bench::cpu_time(pid)?.saturating_sub(before))
+}
+
+fn main() -> anyhow::Result<()> {
+    let args = Args::parse();
+    if !is_root() {
+        anyhow::bail!("bench-net needs root (network namespaces, taps)");
+    }
+    if cfg!(debug_assertions) {
+        eprintln!("warning: this is a debug build; run with --release for meaningful figures");
+    }
+    println!(
+        "iperf3 -t {} (one TCP stream) and {} back-to-back pings per round, {} rounds, medians",
+        args.seconds, args.pings, args.rounds
+    );
+    {
+        let vessel = vessel_local()?;
+        let bridge = bridge_local()?;
+        compare(
+            "two guests on one node",
+            "Linux bridge",
+            &vessel,
+            &bridge,
+            &args,
+        )?;
+    }
+    {
+        let vessel = vessel_overlay()?;
+        let kernel = kernel_overlay()?;
+        compare(
+            "two guests on two nodes (VXLAN)",
+            "kernel VXLAN",
+            &vessel,
+            &kernel,
+            &args,
+        )?;
+        let idle = idle_cpu(Duration::from_secs(5))?;
+        println!(
+            "idle: the two switches used {} ms of CPU in 5 s",
+            idle.as_millis()
+        );
+    }
+    Ok(())
+}
