@@ -149,4 +149,60 @@ impl Admin for AdminApi {
     ) -> Result<Response<admin::Volume>, Status> {
         reply(self.node.volume_detach(request.get_ref()).await)
     }
+
+    async fn network_create(
+        &self,
+        request: Request<admin::NetworkCreateRequest>,
+    ) -> Result<Response<admin::Network>, Status> {
+        reply(self.node.network_create(request.into_inner()).await)
+    }
+
+    async fn network_list(
+        &self,
+        _: Request<admin::NetworkListRequest>,
+    ) -> Result<Response<admin::NetworkListReply>, Status> {
+        Ok(Response::new(self.node.network_list()))
+    }
+
+    async fn network_show(
+        &self,
+        request: Request<admin::NetworkRef>,
+    ) -> Result<Response<admin::Network>, Status> {
+        reply(self.node.network_show(request.get_ref()))
+    }
+
+    async fn network_delete(
+        &self,
+        request: Request<admin::NetworkDeleteRequest>,
+    ) -> Result<Response<admin::NetworkDeleteReply>, Status> {
+        reply(self.node.network_delete(request.get_ref()).await)
+    }
+
+    async fn port_create(
+        &self,
+        request: Request<admin::PortCreateRequest>,
+    ) -> Result<Response<admin::Port>, Status> {
+        reply(self.node.port_create(request.into_inner()).await)
+    }
+
+    async fn port_list(
+        &self,
+        request: Request<admin::PortListRequest>,
+    ) -> Result<Response<admin::PortListReply>, Status> {
+        reply(self.node.port_list(request.get_ref()))
+    }
+
+    async fn port_show(
+        &self,
+        request: Request<admin::PortRef>,
+    ) -> Result<Response<admin::Port>, Status> {
+        reply(self.node.port_show(request.get_ref()))
+    }
+
+    async fn port_delete(
+        &self,
+        request: Request<admin::PortRef>,
+    ) -> Result<Response<admin::Port>, Status> {
+        reply(self.node.port_delete(request.get_ref()).await)
+    }
 }

@@ -4,8 +4,11 @@
 //! - [`raft`]: Raft RPCs between voters, carried on the same gRPC stack as the admin API.
 //! - [`frame`]: the data-path frame replicas exchange (fixed header with CRC32C, raw payload).
 //! - [`size`]: the byte sizes users type (`10G`, `512M`), shared by the CLI and the daemon's config.
+//! - [`net`]: the subnets and MACs users type (`10.0.0.0/24`, `52:54:00:12:34:56`), shared by the CLI and the
+//!   control plane.
 
 pub mod frame;
+pub mod net;
 pub mod size;
 
 /// The admin API, generated from `admin.proto`.

@@ -122,6 +122,14 @@ impl AdminClient {
         node_drain(admin::NodeRef) -> admin::Node;
         cluster_init(admin::ClusterInitRequest) -> admin::ClusterInitReply;
         cluster_status(admin::ClusterStatusRequest) -> admin::ClusterStatusReply;
+        network_create(admin::NetworkCreateRequest) -> admin::Network;
+        network_list(admin::NetworkListRequest) -> admin::NetworkListReply;
+        network_show(admin::NetworkRef) -> admin::Network;
+        network_delete(admin::NetworkDeleteRequest) -> admin::NetworkDeleteReply;
+        port_create(admin::PortCreateRequest) -> admin::Port;
+        port_list(admin::PortListRequest) -> admin::PortListReply;
+        port_show(admin::PortRef) -> admin::Port;
+        port_delete(admin::PortRef) -> admin::Port;
     }
 }
 

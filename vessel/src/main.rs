@@ -10,8 +10,9 @@ mod render;
 use std::path::PathBuf;
 use std::time::Duration;
 
-use clap::{Args, Parser, Subcommand};
+use clap::{ArgGroup, Args, Parser, Subcommand};
 use vessel_proto::admin;
+use vessel_proto::net::{Ipv4Subnet, MacAddress};
 use vessel_proto::size::parse_size;
 
 use crate::client::{AdminClient, Target};
@@ -23,9 +24,12 @@ Sizes take binary suffixes: 512M, 10G, 1T (1G = 1024^3 bytes).
 
 Exit status: 0 success, 1 other error, 2 bad arguments, 3 not found, 4 already exists,
 5 wrong state (e.g. attached, cluster not initialised), 6 out of capacity,
-7 daemon unreachable or cluster unavailable.";
+7 daemon unreachable or cluster unavailable.
 
-/// Administer a Vessel cluster: nodes, disks and volumes.
+PORT (port show/delete) is a port id, a vhost-user socket path (starts with /), or a tap name;
+a path or tap name used on several nodes is ambiguous: give the id.";
+
+/// Administer a Vessel cluster: nodes, disks, volumes, and overlay networks with their ports.
 #[derive(Debug, Parser)]
 #[command(name = "vessel", version, after_help = AFTER_HELP)]
 struct Cli {
@@ -61,6 +65,12 @@ enum Noun {
     /// Thin-provisioned volumes and their vhost-user-blk attachments.
     #[command(subcommand)]
     Volume(VolumeCmd),
+    /// Overlay networks: isolated L2 segments over VXLAN.
+    #[command(subcommand)]
+    Net(NetCmd),
+    /// Ports of networks: guest NICs (vhost-user-net sockets) and tap devices.
+    #[command(subcommand)]
+    Port(PortCmd),
 }
 
 #[derive(Debug, Subcommand)]
@@ -169,6 +179,85 @@ struct AttachArgs {
     force: bool,
 }
 
+#[derive(Debug, Subcommand)]
+enum NetCmd {
+    /// Create a network.
+    Create {
+        name: String,
+        /// VXLAN network identifier, 1 to 16777215, unique in the cluster.
+        #[arg(long, value_name = "N")]
+        vni: u32,
+        /// IPv4 subnet in CIDR form, e.g. 10.0.0.0/24: port addresses must lie in it.
+        #[arg(long, value_name = "CIDR")]
+        subnet: Option<String>,
+        /// Largest packet, 68 to 8950 (default 1450: a 1500-byte underlay less 50 bytes of VXLAN).
+        #[arg(long, value_name = "N")]
+        mtu: Option<u32>,
+    },
+    /// List the networks.
+    List,
+    /// Show a network (name or id) and its ports.
+    Show { network: String },
+    /// Delete a network (name or id); refused while it has ports, unless --force.
+    Delete {
+        network: String,
+        /// Delete the network's ports too.
+        #[arg(long)]
+        force: bool,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+enum PortCmd {
+    /// Create a port of a network on the node this command is sent to.
+    Create(PortCreateArgs),
+    /// List the ports.
+    List {
+        /// Only the ports of this network (name or id).
+        #[arg(long, value_name = "NET")]
+        network: Option<String>,
+    },
+    /// Show a port: PORT is its id, its vhost-user socket path, or its tap name.
+    Show {
+        #[arg(value_name = "PORT")]
+        port: String,
+    },
+    /// Delete a port: PORT is its id, its vhost-user socket path, or its tap name.
+    Delete {
+        #[arg(value_name = "PORT")]
+        port: String,
+    },
+}
+
+#[derive(Debug, Args)]
+#[command(group(ArgGroup::new("kind").required(true).args(["vhost_user", "tap"])))]
+struct PortCreateArgs {
+    /// The network (name or id).
+    #[arg(value_name = "NET")]
+    network: String,
+    /// A guest NIC: the vhost-user-net socket to serve (the daemon listens; QEMU connects).
+    #[arg(long = "vhost-user", value_name = "PATH")]
+    vhost_user: Option<PathBuf>,
+    /// A tap device, created or adopted by name (at most 15 bytes).
+    #[arg(long, value_name = "IFNAME")]
+    tap: Option<String>,
+    /// The port's MAC (default: a random locally administered one); pass the same to QEMU's `mac=`.
+    #[arg(long)]
+    mac: Option<String>,
+    /// The port's IPv4 address (inside the network's subnet, if it has one).
+    #[arg(long, value_name = "ADDR")]
+    ip: Option<String>,
+    /// Number of queue pairs, 1 to 16 (default 1).
+    #[arg(long)]
+    queues: Option<u32>,
+    /// Turn port security off: the port may send from any MAC and claim any IP.
+    #[arg(long)]
+    allow_any_mac: bool,
+    /// Mode of the vhost-user socket file, in octal (default 600; world-writable modes are refused).
+    #[arg(long, value_parser = octal_mode, requires = "vhost_user")]
+    socket_mode: Option<u32>,
+}
+
 fn size_arg(text: &str) -> Result<u64, String> {
     parse_size(text).map_err(|error| error.to_string())
 }
@@ -250,6 +339,99 @@ async fn run(cli: Cli) -> Result<(), CliError> {
             );
         }
         Noun::Volume(command) => volume(&mut client, out, command).await?,
+        Noun::Net(command) => net(&mut client, out, command).await?,
+        Noun::Port(command) => port(&mut client, out, command).await?,
+    }
+    Ok(())
+}
+
+async fn net(client: &mut AdminClient, out: Output, command: NetCmd) -> Result<(), CliError> {
+    match command {
+        NetCmd::Create {
+            name,
+            vni,
+            subnet,
+            mtu,
+        } => {
+            // Checked here too so a typo costs no round trip; the daemon decides.
+            if let Some(subnet) = &subnet {
+                subnet
+                    .parse::<Ipv4Subnet>()
+                    .map_err(|error| CliError::usage(format!("invalid subnet: {error}")))?;
+            }
+            let request = admin::NetworkCreateRequest {
+                name,
+                vni,
+                subnet: subnet.unwrap_or_default(),
+                mtu: mtu.unwrap_or(0),
+            };
+            render::network_created(out, &client.network_create(request).await?);
+        }
+        NetCmd::List => render::networks(
+            out,
+            &client.network_list(admin::NetworkListRequest {}).await?,
+        ),
+        NetCmd::Show { network } => {
+            render::network(
+                out,
+                &client.network_show(admin::NetworkRef { network }).await?,
+            );
+        }
+        NetCmd::Delete { network, force } => {
+            let request = admin::NetworkDeleteRequest { network, force };
+            render::network_deleted(out, &client.network_delete(request).await?);
+        }
+    }
+    Ok(())
+}
+
+async fn port(client: &mut AdminClient, out: Output, command: PortCmd) -> Result<(), CliError> {
+    match command {
+        PortCmd::Create(args) => {
+            if let Some(ip) = &args.ip {
+                ip.parse::<std::net::Ipv4Addr>().map_err(|_| {
+                    CliError::usage(format!(
+                        "'{ip}' is not an IPv4 address; write it as a.b.c.d, e.g. 10.0.0.5"
+                    ))
+                })?;
+            }
+            if let Some(mac) = &args.mac {
+                mac.parse::<MacAddress>()
+                    .map_err(|error| CliError::usage(error.to_string()))?;
+            }
+            let request = admin::PortCreateRequest {
+                network: args.network,
+                vhost_user_socket: args
+                    .vhost_user
+                    .as_deref()
+                    .map(absolute)
+                    .transpose()?
+                    .unwrap_or_default(),
+                tap: args.tap.unwrap_or_default(),
+                mac: args.mac.unwrap_or_default(),
+                ip: args.ip.unwrap_or_default(),
+                queues: args.queues.unwrap_or(0),
+                allow_any_mac: args.allow_any_mac,
+                socket_mode: args.socket_mode.unwrap_or(0),
+            };
+            render::port_changed(out, "created", &client.port_create(request).await?);
+        }
+        PortCmd::List { network } => {
+            let request = admin::PortListRequest {
+                network: network.unwrap_or_default(),
+            };
+            render::ports(out, &client.port_list(request).await?);
+        }
+        PortCmd::Show { port } => {
+            render::port(out, &client.port_show(admin::PortRef { port }).await?)
+        }
+        PortCmd::Delete { port } => {
+            render::port_changed(
+                out,
+                "deleted",
+                &client.port_delete(admin::PortRef { port }).await?,
+            );
+        }
     }
     Ok(())
 }

@@ -514,3 +514,195 @@ fn latency_summary(stats: &admin::VolumeStats) -> String {
         percentile(990)
     )
 }
+
+fn or_dash(text: &str) -> String {
+    if text.is_empty() {
+        "-".to_owned()
+    } else {
+        text.to_owned()
+    }
+}
+
+pub fn network_created(out: Output, network: &admin::Network) {
+    if out == Output::Json {
+        return json(network);
+    }
+    println!(
+        "network {} created (id {}, VNI {}, MTU {}{})",
+        network.name,
+        network.id,
+        network.vni,
+        network.mtu,
+        if network.subnet.is_empty() {
+            String::new()
+        } else {
+            format!(", subnet {}", network.subnet)
+        }
+    );
+}
+
+pub fn network_deleted(out: Output, reply: &admin::NetworkDeleteReply) {
+    if out == Output::Json {
+        return json(reply);
+    }
+    match reply.deleted_ports.len() {
+        0 => println!("network {} deleted", reply.name),
+        ports => println!("network {} deleted with its {ports} port(s)", reply.name),
+    }
+}
+
+pub fn networks(out: Output, reply: &admin::NetworkListReply) {
+    if out == Output::Json {
+        return json(reply);
+    }
+    let rows: Vec<Vec<String>> = reply
+        .networks
+        .iter()
+        .map(|network| {
+            vec![
+                network.name.clone(),
+                network.id.to_string(),
+                network.vni.to_string(),
+                network.mtu.to_string(),
+                or_dash(&network.subnet),
+                network.port_count.to_string(),
+                or_dash(&network.node_names.join(",")),
+            ]
+        })
+        .collect();
+    table(
+        &["NAME", "ID", "VNI", "MTU", "SUBNET", "PORTS", "NODES"],
+        &rows,
+    );
+}
+
+pub fn network(out: Output, network: &admin::Network) {
+    if out == Output::Json {
+        return json(network);
+    }
+    println!("Network {}", network.name);
+    field("id", network.id);
+    field("vni", network.vni);
+    field("mtu", network.mtu);
+    field(
+        "subnet",
+        if network.subnet.is_empty() {
+            "none"
+        } else {
+            &network.subnet
+        },
+    );
+    field("created", timestamp(network.created_unix));
+    field(
+        "nodes",
+        if network.node_names.is_empty() {
+            "none (no ports yet)".to_owned()
+        } else {
+            network.node_names.join(", ")
+        },
+    );
+    field("ports", network.port_count);
+    if !network.ports.is_empty() {
+        println!("Ports");
+        port_table(&network.ports, false);
+    }
+}
+
+/// A port's socket path or tap name: what it is known by on its node.
+fn endpoint(port: &admin::Port) -> &str {
+    if port.tap.is_empty() {
+        &port.vhost_user_socket
+    } else {
+        &port.tap
+    }
+}
+
+fn port_table(ports: &[admin::Port], with_network: bool) {
+    let rows: Vec<Vec<String>> = ports
+        .iter()
+        .map(|port| {
+            let mut row = vec![port.id.to_string()];
+            if with_network {
+                row.push(port.network.clone());
+            }
+            row.extend([
+                port.node.clone(),
+                port.kind.clone(),
+                endpoint(port).to_owned(),
+                port.queues.to_string(),
+                port.mac.clone(),
+                or_dash(&port.ip),
+                if port.allow_any_mac { "yes" } else { "no" }.to_owned(),
+            ]);
+            row
+        })
+        .collect();
+    let mut header = vec!["ID"];
+    if with_network {
+        header.push("NETWORK");
+    }
+    header.extend([
+        "NODE",
+        "KIND",
+        "SOCKET/TAP",
+        "QUEUES",
+        "MAC",
+        "IP",
+        "ANY-MAC",
+    ]);
+    table(&header, &rows);
+}
+
+pub fn ports(out: Output, reply: &admin::PortListReply) {
+    if out == Output::Json {
+        return json(reply);
+    }
+    port_table(&reply.ports, true);
+}
+
+pub fn port_changed(out: Output, verb: &str, port: &admin::Port) {
+    if out == Output::Json {
+        return json(port);
+    }
+    println!(
+        "port {} {verb}: {} {} in network {} on node {} (MAC {}{})",
+        port.id,
+        port.kind,
+        endpoint(port),
+        port.network,
+        port.node,
+        port.mac,
+        if port.ip.is_empty() {
+            String::new()
+        } else {
+            format!(", IP {}", port.ip)
+        }
+    );
+}
+
+pub fn port(out: Output, port: &admin::Port) {
+    if out == Output::Json {
+        return json(port);
+    }
+    println!("Port {}", port.id);
+    field("network", format!("{} ({})", port.network, port.network_id));
+    field("node", format!("{} ({})", port.node, port.node_id));
+    if port.tap.is_empty() {
+        field("vhost-user", &port.vhost_user_socket);
+        field("socket mode", format!("{:04o}", port.socket_mode));
+    } else {
+        field("tap", &port.tap);
+    }
+    field("queues", port.queues);
+    field("mac", &port.mac);
+    field("ip", if port.ip.is_empty() { "none" } else { &port.ip });
+    field(
+        "port security",
+        if port.allow_any_mac {
+            "off (--allow-any-mac)"
+        } else {
+            "on (its own MAC and IP only)"
+        },
+    );
+    field("created", timestamp(port.created_unix));
+}

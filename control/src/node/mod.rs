@@ -9,6 +9,7 @@
 //! done before its command is committed and undone if the commit is refused; a local action that follows a commit
 //! (freeing a deleted volume's space) is redone at start-up if the daemon died in between.
 
+mod networks;
 mod ops;
 mod rebuild;
 mod reclaim;

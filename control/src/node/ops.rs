@@ -55,9 +55,11 @@ impl From<CommandError> for OpError {
     fn from(error: CommandError) -> Self {
         use CommandError as E;
         let kind = match &error {
-            E::NodeNotFound { .. } | E::DiskNotFound { .. } | E::VolumeNotFound { .. } => {
-                ErrorKind::NotFound
-            }
+            E::NodeNotFound { .. }
+            | E::DiskNotFound { .. }
+            | E::VolumeNotFound { .. }
+            | E::NetworkNotFound { .. }
+            | E::PortNotFound { .. } => ErrorKind::NotFound,
             E::AlreadyInitialized { .. }
             | E::NodeExists { .. }
             | E::NodeNameTaken { .. }
@@ -65,7 +67,13 @@ impl From<CommandError> for OpError {
             | E::DiskPathTaken { .. }
             | E::VolumeExists { .. }
             | E::VolumeIdTaken { .. }
-            | E::SocketInUse { .. } => ErrorKind::AlreadyExists,
+            | E::SocketInUse { .. }
+            | E::NetworkExists { .. }
+            | E::VniTaken { .. }
+            | E::TapInUse { .. }
+            | E::SocketUsedByPort { .. }
+            | E::MacInUse { .. }
+            | E::IpInUse { .. } => ErrorKind::AlreadyExists,
             E::NilClusterId
             | E::InvalidSettings { .. }
             | E::InvalidName { .. }
@@ -81,7 +89,16 @@ impl From<CommandError> for OpError {
             | E::SocketPathNotAbsolute { .. }
             | E::InvalidSocketMode { .. }
             | E::WorldWritableSocket { .. }
-            | E::InvalidQueues { .. } => ErrorKind::InvalidArgument,
+            | E::InvalidQueues { .. }
+            | E::InvalidVni { .. }
+            | E::InvalidMtu { .. }
+            | E::InvalidSubnet { .. }
+            | E::InvalidPortQueues { .. }
+            | E::InvalidIfname { .. }
+            | E::InvalidMac { .. }
+            | E::InvalidIp { .. }
+            | E::IpOutsideSubnet { .. }
+            | E::IpReserved { .. } => ErrorKind::InvalidArgument,
             E::NotInitialized
             | E::DiskStillNeeded { .. }
             | E::LastDiskHoldsReplicas { .. }
@@ -94,7 +111,9 @@ impl From<CommandError> for OpError {
             | E::NodeCapacityNeeded { .. }
             | E::NotTheHolder { .. }
             | E::RebuildRefused { .. }
-            | E::TooFewReplicas { .. } => ErrorKind::FailedPrecondition,
+            | E::TooFewReplicas { .. }
+            | E::NetworkHasPorts { .. }
+            | E::NodeServesPorts { .. } => ErrorKind::FailedPrecondition,
             E::NotEnoughNodes { .. } | E::NotEnoughDomains { .. } | E::OverLimit { .. } => {
                 ErrorKind::ResourceExhausted
             }
@@ -180,7 +199,7 @@ impl LocalNode {
         })
     }
 
-    async fn commit(&self, command: Command) -> Result<CommandOutcome, OpError> {
+    pub(super) async fn commit(&self, command: Command) -> Result<CommandOutcome, OpError> {
         tracing::debug!(%command, "committing");
         Ok(self.control.write(command).await?)
     }

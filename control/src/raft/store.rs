@@ -47,7 +47,7 @@ pub mod tables {
     /// Raft metadata: `vote`, `committed`, `last_purged` → log id / vote.
     pub const RAFT_META: TableDefinition<&str, &[u8]> = TableDefinition::new("raft_meta");
     /// State machine metadata: `applied` (log id), `membership` (stored membership), `cluster`
-    /// (cluster id and settings).
+    /// (cluster id and settings), `counters` (the next network and port ids).
     pub const SM_META: TableDefinition<&str, &[u8]> = TableDefinition::new("sm_meta");
     /// Nodes by id.
     pub const NODES: TableDefinition<u64, &[u8]> = TableDefinition::new("sm_nodes");
@@ -57,13 +57,20 @@ pub mod tables {
     pub const VOLUMES: TableDefinition<u128, &[u8]> = TableDefinition::new("sm_volumes");
     /// Attachments by volume id (the UUID as u128).
     pub const ATTACHMENTS: TableDefinition<u128, &[u8]> = TableDefinition::new("sm_attachments");
+    /// Networks by id.
+    pub const NETWORKS: TableDefinition<u64, &[u8]> = TableDefinition::new("sm_networks");
+    /// Ports by id.
+    pub const PORTS: TableDefinition<u64, &[u8]> = TableDefinition::new("sm_ports");
     /// The current snapshot: `meta` (snapshot metadata) and `data` (the encoded cluster state).
     pub const SNAPSHOT: TableDefinition<&str, &[u8]> = TableDefinition::new("snapshot");
     /// This data directory's identity: `node_id`.
     pub const IDENTITY: TableDefinition<&str, u64> = TableDefinition::new("identity");
 }
 
-use tables::{ATTACHMENTS, DISKS, IDENTITY, LOG, NODES, RAFT_META, SM_META, SNAPSHOT, VOLUMES};
+use tables::{
+    ATTACHMENTS, DISKS, IDENTITY, LOG, NETWORKS, NODES, PORTS, RAFT_META, SM_META, SNAPSHOT,
+    VOLUMES,
+};
 
 /// Why the metadata store failed.
 #[derive(Debug, thiserror::Error)]
@@ -157,6 +164,8 @@ impl MetaStore {
         txn.open_table(DISKS)?;
         txn.open_table(VOLUMES)?;
         txn.open_table(ATTACHMENTS)?;
+        txn.open_table(NETWORKS)?;
+        txn.open_table(PORTS)?;
         txn.open_table(SNAPSHOT)?;
         txn.open_table(IDENTITY)?;
         txn.commit()?;
@@ -525,6 +534,21 @@ fn load_applied(db: &Database) -> Result<Applied, StoreError> {
         )?;
         state.attachments.insert(attachment.volume, attachment);
     }
+    if let Some(counters) = get_meta(db, SM_META, "counters")? {
+        state.counters = counters;
+    }
+    for row in txn.open_table(NETWORKS)?.iter()? {
+        let (id, bytes) = row?;
+        let network: crate::state::Network =
+            decode_value(|| format!("network {}", id.value()), bytes.value())?;
+        state.networks.insert(network.id, network);
+    }
+    for row in txn.open_table(PORTS)?.iter()? {
+        let (id, bytes) = row?;
+        let port: crate::state::Port =
+            decode_value(|| format!("port {}", id.value()), bytes.value())?;
+        state.ports.insert(port.id, port);
+    }
     Ok(Applied {
         state,
         last_applied,
@@ -562,6 +586,17 @@ fn encode_row(state: &ClusterState, row: Row) -> Result<Option<Vec<u8>>, StoreEr
             .get(&id)
             .map(|attachment| encode_value("attachment", attachment))
             .transpose(),
+        Row::Counters => encode_value("id counters", &state.counters).map(Some),
+        Row::Network(id) => state
+            .networks
+            .get(&id)
+            .map(|network| encode_value("network", network))
+            .transpose(),
+        Row::Port(id) => state
+            .ports
+            .get(&id)
+            .map(|port| encode_value("port", port))
+            .transpose(),
     }
 }
 
@@ -585,6 +620,9 @@ fn write_row(txn: &WriteTransaction, row: Row, value: Option<&[u8]>) -> Result<(
         Row::Disk(id) => put(txn, DISKS, id.as_u128(), value),
         Row::Volume(id) => put(txn, VOLUMES, id.as_u128(), value),
         Row::Attachment(id) => put(txn, ATTACHMENTS, id.as_u128(), value),
+        Row::Counters => put_meta(txn, SM_META, "counters", value),
+        Row::Network(id) => put(txn, NETWORKS, id, value),
+        Row::Port(id) => put(txn, PORTS, id, value),
     }
 }
 
@@ -630,7 +668,7 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
                 Ok(match entry.payload {
                     EntryPayload::Blank => None,
                     EntryPayload::Normal(command) => {
-                        let touched = command.rows();
+                        let touched = command.rows(&applied.state);
                         let verdict = applied.state.apply(command);
                         if verdict.is_ok() {
                             for row in touched {
@@ -711,6 +749,13 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
                 encode_row(&state, Row::Attachment(*id))?,
             ));
         }
+        rows.push((Row::Counters, encode_row(&state, Row::Counters)?));
+        for id in state.networks.keys() {
+            rows.push((Row::Network(*id), encode_row(&state, Row::Network(*id))?));
+        }
+        for id in state.ports.keys() {
+            rows.push((Row::Port(*id), encode_row(&state, Row::Port(*id))?));
+        }
         let applied_bytes = meta
             .last_log_id
             .as_ref()
@@ -723,6 +768,8 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
             txn.open_table(DISKS)?.retain(|_, _| false)?;
             txn.open_table(VOLUMES)?.retain(|_, _| false)?;
             txn.open_table(ATTACHMENTS)?.retain(|_, _| false)?;
+            txn.open_table(NETWORKS)?.retain(|_, _| false)?;
+            txn.open_table(PORTS)?.retain(|_, _| false)?;
             for (row, value) in &rows {
                 write_row(txn, *row, value.as_deref())?;
             }
@@ -805,7 +852,9 @@ mod tests {
     use tempfile::TempDir;
 
     use super::*;
-    use crate::state::{Attachment, Command, CommandOutcome, Disk, Node, NodeState};
+    use crate::state::{
+        Attachment, Command, CommandOutcome, Disk, NewPort, Node, NodeState, PortKind,
+    };
 
     struct Builder;
 
@@ -870,6 +919,27 @@ mod tests {
             replicas: 1,
             created_unix: 42,
         };
+        let network = |name: &str, vni: u32| Command::CreateNetwork {
+            name: name.to_owned(),
+            vni,
+            mtu: None,
+            subnet: Some("10.0.0.0/24".parse().unwrap()),
+            created_unix: 44,
+        };
+        let port = |network: u64, ifname: &str, mac: u8| Command::CreatePort {
+            port: NewPort {
+                network,
+                node: 1,
+                kind: PortKind::Tap {
+                    ifname: ifname.to_owned(),
+                    queues: 1,
+                },
+                mac: vessel_proto::net::MacAddress([2, 0, 0, 0, 0, mac]),
+                ipv4: Some(std::net::Ipv4Addr::new(10, 0, 0, 5)),
+                allow_any_mac: false,
+                created_unix: 45,
+            },
+        };
         vec![
             Command::InitCluster {
                 cluster_id: Uuid::from_u128(99),
@@ -907,6 +977,11 @@ mod tests {
                     active: Default::default(),
                 },
             },
+            network("blue", 100),
+            network("red", 200),
+            port(2, "tap1", 1),
+            Command::DeleteNetwork { id: 2, force: true },
+            port(1, "tap1", 2),
             // Refused (duplicate name): must change nothing on disk.
             volume(13, "db1"),
         ]
@@ -933,9 +1008,12 @@ mod tests {
                 .await
                 .unwrap();
             let applied = sm.shared().read(Applied::clone);
-            assert_eq!(applied.last_applied, Some(log_id(9)));
+            assert_eq!(applied.last_applied, Some(log_id(14)));
             assert_eq!(applied.state.volumes.len(), 2);
-            assert_eq!(*sm.shared().subscribe().borrow(), 9);
+            assert_eq!(applied.state.networks.len(), 1);
+            assert_eq!(applied.state.ports.keys().copied().collect::<Vec<_>>(), [2]);
+            assert_eq!(applied.state.counters.next_network, 3);
+            assert_eq!(*sm.shared().subscribe().borrow(), 14);
             applied
         };
         // Reopen from disk only.
@@ -944,8 +1022,8 @@ mod tests {
         let reloaded = sm.shared().read(Applied::clone);
         assert_eq!(reloaded.state, expected.state);
         assert_eq!(reloaded.last_applied, expected.last_applied);
-        assert_eq!(sm.applied_state().await.unwrap().0, Some(log_id(9)));
-        assert_eq!(*sm.shared().subscribe().borrow(), 9);
+        assert_eq!(sm.applied_state().await.unwrap().0, Some(log_id(14)));
+        assert_eq!(*sm.shared().subscribe().borrow(), 14);
     }
 
     fn clone_entry(
@@ -1003,7 +1081,7 @@ mod tests {
             .build_snapshot()
             .await
             .unwrap();
-        assert_eq!(snapshot.meta.last_log_id, Some(log_id(10)));
+        assert_eq!(snapshot.meta.last_log_id, Some(log_id(15)));
         assert_eq!(snapshot.meta.last_membership.membership(), &membership);
         assert_eq!(snapshot.snapshot[0], super::super::types::FORMAT_VERSION);
         let current = source_sm.get_current_snapshot().await.unwrap().unwrap();
@@ -1026,6 +1104,28 @@ mod tests {
                 replicas: 1,
                 created_unix: 0,
             });
+            // A network and port the snapshot does not have (port 1 is deleted in the source).
+            stale.push(Command::CreateNetwork {
+                name: "stale".to_owned(),
+                vni: 7,
+                mtu: None,
+                subnet: None,
+                created_unix: 0,
+            });
+            stale.push(Command::CreatePort {
+                port: NewPort {
+                    network: 1,
+                    node: 1,
+                    kind: PortKind::Tap {
+                        ifname: "stale0".to_owned(),
+                        queues: 1,
+                    },
+                    mac: vessel_proto::net::MacAddress([2, 0, 0, 0, 0, 9]),
+                    ipv4: None,
+                    allow_any_mac: false,
+                    created_unix: 0,
+                },
+            });
             let stale: Vec<_> = stale
                 .into_iter()
                 .enumerate()
@@ -1039,8 +1139,8 @@ mod tests {
             let installed = target_sm.shared().read(Applied::clone);
             let original = source_sm.shared().read(Applied::clone);
             assert_eq!(installed.state, original.state);
-            assert_eq!(installed.last_applied, Some(log_id(10)));
-            assert_eq!(*target_sm.shared().subscribe().borrow(), 10);
+            assert_eq!(installed.last_applied, Some(log_id(15)));
+            assert_eq!(*target_sm.shared().subscribe().borrow(), 15);
         }
         let reopened = MetaStore::open(&target_path)
             .unwrap()
@@ -1049,6 +1149,8 @@ mod tests {
         let reloaded = reopened.shared().read(Applied::clone);
         assert_eq!(reloaded.state, source_sm.shared().read(|a| a.state.clone()));
         assert!(!reloaded.state.volumes.contains_key(&Uuid::from_u128(77)));
+        assert!(!reloaded.state.ports.contains_key(&1));
+        assert_eq!(reloaded.state.networks[&1].name, "blue");
         assert_eq!(reloaded.membership.membership(), &membership);
     }
 

@@ -8,15 +8,18 @@
 
 use std::collections::BTreeMap;
 use std::fmt;
+use std::net::Ipv4Addr;
 
 use serde::{Deserialize, Serialize};
 use uuid::Uuid;
+use vessel_proto::net::Ipv4Subnet;
 use vessel_proto::size::HumanSize;
 
+use super::network::{MAX_PORT_QUEUES, MAX_VNI, NewPort, SocketUser};
 use super::{
-    Attachment, Candidate, ClusterState, DOMAIN_LABELS, Disk, DiskId, Node, NodeId, NodeState,
-    PlacementRequest, Settings, Volume, VolumeId, domain_count, extent_count, format_ratio, place,
-    valid_block_size,
+    Attachment, Candidate, ClusterState, DOMAIN_LABELS, Disk, DiskId, MAX_MTU, MIN_MTU, Network,
+    NetworkId, Node, NodeId, NodeState, PlacementRequest, Port, PortId, Settings, Volume, VolumeId,
+    domain_count, extent_count, format_ratio, place, valid_block_size,
 };
 
 /// Largest volume size accepted (1 EiB), far beyond any pool, so size arithmetic never overflows.
@@ -118,6 +121,20 @@ pub enum Command {
         extents: Vec<u64>,
         active: bool,
     },
+    /// Creates a network; the state gives it the next network id. `mtu: None` takes [`super::DEFAULT_MTU`].
+    CreateNetwork {
+        name: String,
+        vni: u32,
+        mtu: Option<u16>,
+        subnet: Option<Ipv4Subnet>,
+        created_unix: i64,
+    },
+    /// Deletes a network; refused while it has ports unless `force`, which deletes them with it.
+    DeleteNetwork { id: NetworkId, force: bool },
+    /// Creates a port; the state gives it the next port id.
+    CreatePort { port: NewPort },
+    /// Deletes a port.
+    DeletePort { id: PortId },
 }
 
 impl fmt::Display for Command {
@@ -194,6 +211,20 @@ impl fmt::Display for Command {
                 "take volume {} over from node {from} to node {} at {}",
                 attachment.volume, attachment.node, attachment.socket
             ),
+            Self::CreateNetwork { name, vni, .. } => {
+                write!(f, "create network '{name}' (VNI {vni})")
+            }
+            Self::DeleteNetwork { id, force } => write!(
+                f,
+                "delete network {id}{}",
+                if *force { " with its ports" } else { "" }
+            ),
+            Self::CreatePort { port } => write!(
+                f,
+                "create a port ({}, MAC {}) in network {} on node {}",
+                port.kind, port.mac, port.network, port.node
+            ),
+            Self::DeletePort { id } => write!(f, "delete port {id}"),
         }
     }
 }
@@ -207,12 +238,25 @@ pub enum Row {
     Disk(DiskId),
     Volume(VolumeId),
     Attachment(VolumeId),
+    /// The id counters of networks and ports.
+    Counters,
+    Network(NetworkId),
+    Port(PortId),
 }
 
 impl Command {
-    /// The rows this command may change when it succeeds.
-    pub fn rows(&self) -> Vec<Row> {
+    /// The rows this command may change when it succeeds, applied to `state` (the state just before it: ids the
+    /// state hands out, and the ports a forced network deletion takes with it, are read from there).
+    pub fn rows(&self, state: &ClusterState) -> Vec<Row> {
         match self {
+            Self::CreateNetwork { .. } => {
+                vec![Row::Counters, Row::Network(state.counters.next_network)]
+            }
+            Self::DeleteNetwork { id, .. } => std::iter::once(Row::Network(*id))
+                .chain(state.ports_in(*id).map(|port| Row::Port(port.id)))
+                .collect(),
+            Self::CreatePort { .. } => vec![Row::Counters, Row::Port(state.counters.next_port)],
+            Self::DeletePort { id } => vec![Row::Port(*id)],
             Self::InitCluster { node, .. } => vec![Row::Cluster, Row::Node(node.id)],
             Self::AddNode { node } => vec![Row::Node(node.id)],
             Self::UpdateNode { id, .. } => vec![Row::Node(*id)],
@@ -306,6 +350,20 @@ pub enum CommandOutcome {
     RebuildFinished {
         volume: VolumeId,
         first_extent: u64,
+    },
+    NetworkCreated {
+        id: NetworkId,
+    },
+    NetworkDeleted {
+        network: Box<Network>,
+        /// The ports deleted with it (a forced deletion).
+        ports: Vec<Port>,
+    },
+    PortCreated {
+        id: PortId,
+    },
+    PortDeleted {
+        port: Port,
     },
 }
 
@@ -518,6 +576,87 @@ pub enum CommandError {
         remaining: usize,
         min_replicas: u8,
     },
+
+    #[error("network '{network}' not found; `vessel net list` shows the networks")]
+    NetworkNotFound { network: String },
+    #[error("network '{name}' already exists; choose another name")]
+    NetworkExists { name: String },
+    #[error("VNI {vni} is out of range; use 1 to {MAX_VNI}")]
+    InvalidVni { vni: u32 },
+    #[error("VNI {vni} is already used by network '{network}'; choose another VNI")]
+    VniTaken { vni: u32, network: String },
+    #[error(
+        "MTU {mtu} is out of range; use {MIN_MTU} to {MAX_MTU} (the underlay's MTU less 50 bytes of VXLAN)"
+    )]
+    InvalidMtu { mtu: u16 },
+    #[error("invalid subnet: {reason}")]
+    InvalidSubnet { reason: String },
+    #[error(
+        "network '{name}' still has {ports} port(s); delete them first (`vessel port list --network {name}`), or \
+         delete the network with --force to delete them too"
+    )]
+    NetworkHasPorts { name: String, ports: usize },
+    #[error("port '{port}' not found; `vessel port list` shows the ports")]
+    PortNotFound { port: String },
+    #[error("{queues} queues is out of range for a port; use 1 to {MAX_PORT_QUEUES}")]
+    InvalidPortQueues { queues: u16 },
+    #[error("'{ifname}' is not a valid tap device name: {reason}")]
+    InvalidIfname { ifname: String, reason: String },
+    #[error(
+        "tap '{ifname}' on node '{node}' is already port {port} of network '{network}'; choose another name"
+    )]
+    TapInUse {
+        ifname: String,
+        node: String,
+        port: PortId,
+        network: String,
+    },
+    #[error(
+        "vhost-user socket {socket} on node '{node}' is already used by port {port} of network '{network}'; \
+         choose another path"
+    )]
+    SocketUsedByPort {
+        socket: String,
+        node: String,
+        port: PortId,
+        network: String,
+    },
+    #[error(
+        "MAC {mac} is a multicast or all-zero address; give a unicast MAC, or none to generate one"
+    )]
+    InvalidMac { mac: String },
+    #[error(
+        "MAC {mac} is already used by port {port} of network '{network}'; give another MAC, or none to generate one"
+    )]
+    MacInUse {
+        mac: String,
+        network: String,
+        port: PortId,
+    },
+    #[error("{ip} is not a valid port address: {reason}")]
+    InvalidIp { ip: Ipv4Addr, reason: String },
+    #[error("{ip} is outside network '{network}''s subnet {subnet}; give an address in {subnet}")]
+    IpOutsideSubnet {
+        ip: Ipv4Addr,
+        network: String,
+        subnet: Ipv4Subnet,
+    },
+    #[error(
+        "{ip} is the network or broadcast address of network '{network}''s subnet {subnet}; give a host address"
+    )]
+    IpReserved {
+        ip: Ipv4Addr,
+        network: String,
+        subnet: Ipv4Subnet,
+    },
+    #[error("{ip} is already used by port {port} of network '{network}'; give another address")]
+    IpInUse {
+        ip: Ipv4Addr,
+        network: String,
+        port: PortId,
+    },
+    #[error("node '{node}' serves port(s) {ports}; delete them first with `vessel port delete`")]
+    NodeServesPorts { node: String, ports: String },
 }
 
 fn not_enough_nodes(name: &str, replicas: u8, available: usize) -> String {
@@ -604,6 +743,16 @@ impl ClusterState {
                 extents,
                 active,
             } => self.record_activity(volume, holder, &extents, active),
+            Command::CreateNetwork {
+                name,
+                vni,
+                mtu,
+                subnet,
+                created_unix,
+            } => self.create_network(name, vni, mtu, subnet, created_unix),
+            Command::DeleteNetwork { id, force } => self.delete_network(id, force),
+            Command::CreatePort { port } => self.create_port(port),
+            Command::DeletePort { id } => self.delete_port(id),
         }
     }
 
@@ -984,6 +1133,13 @@ impl ClusterState {
                 volumes: served.join(", "),
             });
         }
+        let ports: Vec<String> = self.ports_on(id).map(|port| port.id.to_string()).collect();
+        if !ports.is_empty() {
+            return Err(CommandError::NodeServesPorts {
+                node,
+                ports: ports.join(", "),
+            });
+        }
         let mut held: Vec<String> = self
             .volumes_on(id)
             .map(|v| format!("'{}'", v.name))
@@ -1276,34 +1432,24 @@ impl ClusterState {
                 queues: attachment.queues,
             });
         }
-        if !attachment.socket.starts_with('/') || attachment.socket.contains('\0') {
-            return Err(CommandError::SocketPathNotAbsolute {
-                socket: attachment.socket,
-            });
-        }
-        if attachment.socket_mode & !0o777 != 0 {
-            return Err(CommandError::InvalidSocketMode {
-                mode: attachment.socket_mode,
-            });
-        }
-        if attachment.socket_mode & 0o002 != 0 {
-            return Err(CommandError::WorldWritableSocket {
-                mode: attachment.socket_mode,
-            });
-        }
-        if let Some(other) = self
-            .attachments_on(attachment.node)
-            .find(|a| a.socket == attachment.socket)
-        {
-            let other = self
-                .volumes
-                .get(&other.volume)
-                .map_or_else(|| other.volume.to_string(), |v| v.name.clone());
-            return Err(CommandError::SocketInUse {
-                socket: attachment.socket,
-                node: self.node_label(attachment.node),
-                other,
-            });
+        super::network::check_socket(&attachment.socket, attachment.socket_mode)?;
+        match self.socket_user(attachment.node, &attachment.socket) {
+            None => {}
+            Some(SocketUser::Volume(other)) => {
+                return Err(CommandError::SocketInUse {
+                    socket: attachment.socket,
+                    node: self.node_label(attachment.node),
+                    other,
+                });
+            }
+            Some(SocketUser::Port { id, network }) => {
+                return Err(CommandError::SocketUsedByPort {
+                    socket: attachment.socket,
+                    node: self.node_label(attachment.node),
+                    port: id,
+                    network,
+                });
+            }
         }
         let volume = attachment.volume;
         self.attachments.insert(volume, attachment);
@@ -1468,7 +1614,7 @@ fn exact_size(bytes: u64) -> String {
 
 /// Names of nodes and volumes: 1 to 63 characters of `A-Z a-z 0-9 . _ -`, starting with a letter or
 /// digit, and not a UUID (which would be ambiguous with ids on the command line).
-fn validate_name(kind: &str, name: &str) -> Result<(), CommandError> {
+pub(super) fn validate_name(kind: &str, name: &str) -> Result<(), CommandError> {
     let refuse = |reason: &str| {
         Err(CommandError::InvalidName {
             kind: kind.to_owned(),
@@ -1569,6 +1715,21 @@ mod tests {
             socket_mode: 0o600,
             attached_unix: 1_700_000_100,
             active: Default::default(),
+        }
+    }
+
+    fn tap_port(network: NetworkId, node: NodeId, ifname: &str, mac: u8) -> NewPort {
+        NewPort {
+            network,
+            node,
+            kind: crate::state::PortKind::Tap {
+                ifname: ifname.to_owned(),
+                queues: 1,
+            },
+            mac: vessel_proto::net::MacAddress([0x02, 0, 0, 0, 0, mac]),
+            ipv4: None,
+            allow_any_mac: false,
+            created_unix: 3,
         }
     }
 
@@ -2714,10 +2875,39 @@ mod tests {
             Command::RemoveDisk {
                 id: Uuid::from_u128(2),
             },
+            Command::CreateNetwork {
+                name: "blue".to_owned(),
+                vni: 100,
+                mtu: None,
+                subnet: None,
+                created_unix: 1,
+            },
+            Command::CreateNetwork {
+                name: "red".to_owned(),
+                vni: 200,
+                mtu: Some(1400),
+                subnet: None,
+                created_unix: 2,
+            },
+            Command::CreatePort {
+                port: tap_port(1, 1, "tap1", 1),
+            },
+            Command::CreatePort {
+                port: tap_port(1, 2, "tap2", 2),
+            },
+            Command::CreatePort {
+                port: tap_port(2, 1, "tap3", 3),
+            },
+            Command::DeletePort { id: 3 },
+            Command::DeleteNetwork { id: 1, force: true },
+            Command::DeleteNetwork {
+                id: 2,
+                force: false,
+            },
         ];
         for command in commands {
             let before = state.clone();
-            let rows = command.rows();
+            let rows = command.rows(&before);
             state
                 .apply(command.clone())
                 .unwrap_or_else(|e| panic!("{command}: {e}"));
@@ -2743,6 +2933,19 @@ mod tests {
             for id in before.attachments.keys().chain(state.attachments.keys()) {
                 if before.attachments.get(id) != state.attachments.get(id) {
                     changed.push(Row::Attachment(*id));
+                }
+            }
+            if before.counters != state.counters {
+                changed.push(Row::Counters);
+            }
+            for id in before.networks.keys().chain(state.networks.keys()) {
+                if before.networks.get(id) != state.networks.get(id) {
+                    changed.push(Row::Network(*id));
+                }
+            }
+            for id in before.ports.keys().chain(state.ports.keys()) {
+                if before.ports.get(id) != state.ports.get(id) {
+                    changed.push(Row::Port(*id));
                 }
             }
             changed.sort();

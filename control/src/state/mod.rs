@@ -1,4 +1,5 @@
-//! What the cluster knows: nodes, disks, volumes with their extent placement, and attachments.
+//! What the cluster knows: nodes, disks, volumes with their extent placement, attachments, and overlay
+//! networks with their ports ([`network`]).
 //!
 //! [`ClusterState`] is the Raft state machine's value. It changes only through
 //! [`ClusterState::apply`] with a typed [`Command`], which validates first and mutates second, so a
@@ -13,6 +14,7 @@
 //! admin API and the daemon; it knows nothing of openraft.
 
 mod command;
+pub mod network;
 mod placement;
 
 use std::collections::BTreeMap;
@@ -22,6 +24,10 @@ use serde::{Deserialize, Serialize};
 use uuid::Uuid;
 
 pub use command::{Command, CommandError, CommandOutcome, MAX_QUEUES, MAX_VOLUME_SIZE, Row};
+pub use network::{
+    DEFAULT_MTU, IdCounters, MAX_MTU, MAX_PORT_QUEUES, MAX_VNI, MIN_MTU, Network, NetworkId,
+    NewPort, Port, PortId, PortKind, PortMatch,
+};
 pub use placement::{
     Candidate, DOMAIN_LABELS, MAX_RUNS_PER_PLACEMENT, MIN_RUN_EXTENTS, Placement, PlacementRequest,
     PlacementRun, ReplicaSet, domain_count, place, run_bytes,
@@ -227,6 +233,10 @@ pub struct ClusterState {
     /// Index of `volumes` by name; always consistent with it.
     pub volume_names: BTreeMap<String, VolumeId>,
     pub attachments: BTreeMap<VolumeId, Attachment>,
+    pub networks: BTreeMap<NetworkId, Network>,
+    pub ports: BTreeMap<PortId, Port>,
+    /// The next network and port ids.
+    pub counters: IdCounters,
 }
 
 impl ClusterState {
