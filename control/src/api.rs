@@ -189,14 +189,14 @@ impl Admin for AdminApi {
         &self,
         request: Request<admin::PortListRequest>,
     ) -> Result<Response<admin::PortListReply>, Status> {
-        reply(self.node.port_list(request.get_ref()))
+        reply(self.node.port_list(request.get_ref()).await)
     }
 
     async fn port_show(
         &self,
         request: Request<admin::PortRef>,
     ) -> Result<Response<admin::Port>, Status> {
-        reply(self.node.port_show(request.get_ref()))
+        reply(self.node.port_show(request.get_ref()).await)
     }
 
     async fn port_delete(

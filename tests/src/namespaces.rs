@@ -38,13 +38,20 @@ pub fn run(args: &[&str]) -> anyhow::Result<String> {
 
 /// A network namespace with its loopback up and IPv6 off (no autoconfiguration chatter).
 #[derive(Debug)]
-pub struct Netns(pub String);
+pub struct Netns(pub String, Owned);
+
+/// Whether dropping a [`Netns`] deletes the namespace.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Owned {
+    Yes,
+    No,
+}
 
 impl Netns {
     pub fn new(name: &str) -> anyhow::Result<Self> {
         let _ = Command::new("ip").args(["netns", "delete", name]).output();
         run(&["ip", "netns", "add", name])?;
-        let netns = Netns(name.to_owned());
+        let netns = Netns(name.to_owned(), Owned::Yes);
         netns.ip(&["link", "set", "lo", "up"])?;
         netns.exec(&[
             "sysctl",
@@ -53,6 +60,11 @@ impl Netns {
             "net.ipv6.conf.default.disable_ipv6=1",
         ])?;
         Ok(netns)
+    }
+
+    /// A namespace someone else made (e.g. a node of `deploy/netns-cluster`): used, never deleted.
+    pub fn existing(name: &str) -> Self {
+        Netns(name.to_owned(), Owned::No)
     }
 
     /// `ip -n NAME ARGS...`
@@ -142,9 +154,11 @@ impl Netns {
 
 impl Drop for Netns {
     fn drop(&mut self) {
-        let _ = Command::new("ip")
-            .args(["netns", "delete", &self.0])
-            .output();
+        if self.1 == Owned::Yes {
+            let _ = Command::new("ip")
+                .args(["netns", "delete", &self.0])
+                .output();
+        }
     }
 }
 

@@ -634,6 +634,14 @@ fn port_table(ports: &[admin::Port], with_network: bool) {
                 or_dash(&port.ip),
                 if port.allow_any_mac { "yes" } else { "no" }.to_owned(),
             ]);
+            match &port.counters {
+                Some(c) => row.extend([
+                    c.rx_packets.to_string(),
+                    c.tx_packets.to_string(),
+                    c.drops.values().sum::<u64>().to_string(),
+                ]),
+                None => row.extend(["-".to_owned(), "-".to_owned(), "-".to_owned()]),
+            }
             row
         })
         .collect();
@@ -649,6 +657,9 @@ fn port_table(ports: &[admin::Port], with_network: bool) {
         "MAC",
         "IP",
         "ANY-MAC",
+        "RX PKTS",
+        "TX PKTS",
+        "DROPS",
     ]);
     table(&header, &rows);
 }
@@ -705,4 +716,31 @@ pub fn port(out: Output, port: &admin::Port) {
         },
     );
     field("created", timestamp(port.created_unix));
+    match &port.counters {
+        Some(c) => {
+            field(
+                "rx",
+                format!("{} packets, {} bytes", c.rx_packets, c.rx_bytes),
+            );
+            field(
+                "tx",
+                format!("{} packets, {} bytes", c.tx_packets, c.tx_bytes),
+            );
+            let mut drops: Vec<(&String, &u64)> = c.drops.iter().collect();
+            drops.sort();
+            field(
+                "drops",
+                if drops.is_empty() {
+                    "none".to_owned()
+                } else {
+                    drops
+                        .iter()
+                        .map(|(reason, count)| format!("{reason} {count}"))
+                        .collect::<Vec<_>>()
+                        .join(", ")
+                },
+            );
+        }
+        None => field("traffic", "not served by its node's switch (yet)"),
+    }
 }

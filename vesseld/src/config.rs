@@ -42,6 +42,9 @@ pub struct Config {
     /// How long a replica this node was fenced off from (it failed, was cut off or drained) stays on its disks
     /// before its space is freed, e.g. "15m". Shorter than ten minutes takes away a returning node's catch-up.
     pub stale_replica_keep: String,
+    /// IP:PORT this node's switch sends and receives VXLAN on (the other nodes reach its networks there).
+    /// Default: the --listen IP with UDP port 4789 (127.0.0.1:4789 without --listen). Port 0 picks a free port.
+    pub underlay: Option<String>,
 }
 
 impl Default for Config {
@@ -59,6 +62,7 @@ impl Default for Config {
             labels: BTreeMap::new(),
             rebuild_rate: "256M".to_owned(),
             stale_replica_keep: "15m".to_owned(),
+            underlay: None,
         }
     }
 }
@@ -116,6 +120,19 @@ impl Config {
                 self.stale_replica_keep
             )
         })
+    }
+
+    pub fn underlay_addr(&self) -> anyhow::Result<Option<SocketAddr>> {
+        self.underlay
+            .as_deref()
+            .map(|text| {
+                text.parse().with_context(|| {
+                    format!(
+                        "underlay '{text}' in the config is not IP:PORT (e.g. \"10.0.0.5:4789\")"
+                    )
+                })
+            })
+            .transpose()
     }
 
     pub fn overcommit_milli(&self) -> anyhow::Result<u32> {

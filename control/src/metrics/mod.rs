@@ -151,7 +151,93 @@ pub fn render(node: &LocalNode) -> String {
     }
 
     render_io(&mut family, node, &volumes);
+    render_switch(&mut family, node);
     out
+}
+
+/// The switch: traffic and drops of the ports this node serves, and its networks' MAC tables.
+fn render_switch(family: &mut Family<'_>, node: &LocalNode) {
+    let ports = node.port_counters();
+    let names = node.control().read(|state| {
+        ports
+            .keys()
+            .filter_map(|id| {
+                let port = state.ports.get(id)?;
+                Some((
+                    *id,
+                    (
+                        state.network_label(port.network),
+                        port.kind.endpoint().to_owned(),
+                    ),
+                ))
+            })
+            .collect::<std::collections::HashMap<_, _>>()
+    });
+    let port_labels = |id: &u64| {
+        let (network, endpoint) = names.get(id).cloned().unwrap_or_default();
+        format!(
+            "port=\"{id}\",network=\"{}\",endpoint=\"{}\"",
+            label(&network),
+            label(&endpoint)
+        )
+    };
+    type PortCounter = (
+        &'static str,
+        &'static str,
+        fn(&crate::raft::PortCounters) -> u64,
+    );
+    let counters: [PortCounter; 4] = [
+        (
+            "vessel_port_rx_packets_total",
+            "Frames a port sent into the switch.",
+            |c| c.rx_packets,
+        ),
+        (
+            "vessel_port_rx_bytes_total",
+            "Bytes a port sent into the switch.",
+            |c| c.rx_bytes,
+        ),
+        (
+            "vessel_port_tx_packets_total",
+            "Frames the switch handed to a port.",
+            |c| c.tx_packets,
+        ),
+        (
+            "vessel_port_tx_bytes_total",
+            "Bytes the switch handed to a port.",
+            |c| c.tx_bytes,
+        ),
+    ];
+    for (name, help, read) in counters {
+        family.header(name, "counter", help);
+        for (id, port) in &ports {
+            family.sample(name, &port_labels(id), read(port));
+        }
+    }
+    family.header(
+        "vessel_port_drops_total",
+        "counter",
+        "Frames of a port dropped by the switch, by reason.",
+    );
+    for (id, port) in &ports {
+        for (reason, count) in &port.drops {
+            let labels = format!("{},reason=\"{}\"", port_labels(id), label(reason));
+            family.sample("vessel_port_drops_total", &labels, count);
+        }
+    }
+    family.header(
+        "vessel_network_mac_entries",
+        "gauge",
+        "MAC addresses a network's MAC table on this node holds (learned and static).",
+    );
+    for (id, stats) in node.network_stats() {
+        let network = node.control().read(|state| state.network_label(id));
+        family.sample(
+            "vessel_network_mac_entries",
+            &format!("network=\"{}\"", label(&network)),
+            stats.mac_entries,
+        );
+    }
 }
 
 /// A per-volume counter family: name, help text, and how to read it from a snapshot.

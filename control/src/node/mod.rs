@@ -16,6 +16,7 @@ mod reclaim;
 mod replica;
 mod routing;
 mod startup;
+mod switch;
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
@@ -52,6 +53,8 @@ pub struct NodeConfig {
     /// How long a replica this node was fenced off from stays on its disks before it is freed (it lets the node
     /// catch up by copying only what it missed, for up to ten minutes).
     pub stale_replica_keep: std::time::Duration,
+    /// IP:PORT the switch's VXLAN socket binds to; `None`: the `--listen` IP (or 127.0.0.1) and port 4789.
+    pub underlay: Option<SocketAddr>,
 }
 
 impl NodeConfig {
@@ -118,6 +121,8 @@ pub struct LocalNode {
     stale: Arc<Mutex<reclaim::Stale>>,
     /// Held while a local writer reads the replica sets it acts on, and while stale replicas are freed.
     membership: Mutex<()>,
+    /// This node's virtual switch, following the networks and ports of the state.
+    switch: Mutex<switch::NodeSwitch>,
 }
 
 impl std::fmt::Debug for LocalNode {
@@ -148,6 +153,7 @@ impl LocalNode {
             dirty: Mutex::new(HashMap::new()),
             stale: Arc::default(),
             membership: Mutex::new(()),
+            switch: Mutex::default(),
         }
     }
 

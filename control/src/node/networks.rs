@@ -221,7 +221,7 @@ impl LocalNode {
         self.port_view(id)
     }
 
-    pub fn port_list(
+    pub async fn port_list(
         &self,
         request: &admin::PortListRequest,
     ) -> Result<admin::PortListReply, OpError> {
@@ -237,12 +237,37 @@ impl LocalNode {
                 .map(|port| port_view(state, port))
                 .collect()
         });
-        Ok(admin::PortListReply { ports })
+        Ok(admin::PortListReply {
+            ports: self.with_counters(ports).await,
+        })
     }
 
-    pub fn port_show(&self, request: &admin::PortRef) -> Result<admin::Port, OpError> {
+    pub async fn port_show(&self, request: &admin::PortRef) -> Result<admin::Port, OpError> {
         let port = self.resolve_port(&request.port)?;
-        self.port_view(port.id)
+        let view = self.port_view(port.id)?;
+        Ok(self.with_counters(vec![view]).await.remove(0))
+    }
+
+    /// The ports' traffic counters, asked of the nodes that serve them (this one from its own switch).
+    async fn with_counters(&self, mut ports: Vec<admin::Port>) -> Vec<admin::Port> {
+        let me = self.control.node_id();
+        let mut counters: std::collections::HashMap<PortId, crate::raft::PortCounters> =
+            self.port_counters().into_iter().collect();
+        if ports.iter().any(|port| port.node_id != me) {
+            for report in self.reports().await.into_values().flatten() {
+                counters.extend(report.ports);
+            }
+        }
+        for port in &mut ports {
+            port.counters = counters.remove(&port.id).map(|c| admin::PortCounters {
+                rx_packets: c.rx_packets,
+                rx_bytes: c.rx_bytes,
+                tx_packets: c.tx_packets,
+                tx_bytes: c.tx_bytes,
+                drops: c.drops.into_iter().collect(),
+            });
+        }
+        ports
     }
 
     pub async fn port_delete(&self, request: &admin::PortRef) -> Result<admin::Port, OpError> {
@@ -356,5 +381,6 @@ fn port_view(state: &ClusterState, port: &Port) -> admin::Port {
         allow_any_mac: port.allow_any_mac,
         created_unix: port.created_unix,
         socket_mode,
+        counters: None,
     }
 }

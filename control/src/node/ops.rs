@@ -298,7 +298,7 @@ impl LocalNode {
 
     /// What every node reports of itself (asked over the network, in parallel); `None` for a node that did not
     /// answer in time or has no address.
-    async fn reports(&self) -> HashMap<NodeId, Option<NodeReport>> {
+    pub(super) async fn reports(&self) -> HashMap<NodeId, Option<NodeReport>> {
         let me = self.control.node_id();
         let peers: Vec<(NodeId, Option<String>)> = self.control.read(|state| {
             state
@@ -333,6 +333,7 @@ impl LocalNode {
                         .collect()
                 })
                 .unwrap_or_default(),
+            ports: self.port_counters(),
         }
     }
 

@@ -67,6 +67,7 @@ pub async fn run_node(
     let settler = tokio::spawn(super::routing::settle_faults(Arc::clone(&node)));
     let rebuilder = tokio::spawn(super::rebuild::drive_rebuilds(Arc::clone(&node)));
     let sweeper = tokio::spawn(super::rebuild::sweep_activity(Arc::clone(&node)));
+    let switcher = tokio::spawn(super::switch::follow_networks(Arc::clone(&node)));
     let (stop_servers, servers_stopped) = tokio::sync::watch::channel(false);
     let mut servers = tokio::task::JoinSet::new();
     let admin = crate::api::admin_service(Arc::clone(&node));
@@ -147,6 +148,7 @@ pub async fn run_node(
     settler.abort();
     rebuilder.abort();
     sweeper.abort();
+    switcher.abort();
     while servers.join_next().await.is_some() {}
     // Devices stop without a Detach: the attachments stay in the state and come back at the next start. Writes
     // waiting for a failed replica cannot be settled any more: they fail, so that the devices can stop.
@@ -323,6 +325,7 @@ impl LocalNode {
             address: self.config.listen.map(|address| address.to_string()),
             labels: self.config.labels.clone(),
             state: NodeState::Active,
+            underlay: None,
         };
         let initialized = self.control.initialize(settings, node).await?;
         if initialized {
@@ -404,6 +407,7 @@ impl LocalNode {
             address: self.config.listen.map(|address| address.to_string()),
             labels: self.config.labels.clone(),
             state: NodeState::Active,
+            underlay: None,
         };
         match self.control.write(Command::AddNode { node }).await {
             // Recorded by an earlier attempt whose answer was lost.

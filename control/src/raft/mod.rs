@@ -37,7 +37,9 @@ use uuid::Uuid;
 pub use vessel_proto::raft::raft_server::RaftServer;
 
 use self::network::{ForwardError, ForwardRequest, ForwardResponse, PeerNetwork, propose_locally};
-pub use self::network::{MAX_MESSAGE_BYTES, NodeReport, RaftPeerService, Reporter, WIRE_VERSION};
+pub use self::network::{
+    MAX_MESSAGE_BYTES, NodeReport, PortCounters, RaftPeerService, Reporter, WIRE_VERSION,
+};
 use self::store::{MetaStore, SharedState, StoreError};
 use self::types::{Raft, TypeConfig};
 use crate::state::{ClusterState, Command, CommandError, CommandOutcome, Node, NodeId, Settings};

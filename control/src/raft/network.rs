@@ -294,6 +294,18 @@ pub enum ForwardRequest {
 pub struct NodeReport {
     /// Bytes allocated on each of its open disks.
     pub disk_used: BTreeMap<uuid::Uuid, u64>,
+    /// Counters of the ports its switch serves: rx packets and bytes, tx packets and bytes, drops by reason.
+    pub ports: BTreeMap<u64, PortCounters>,
+}
+
+/// One port's traffic, as its node's switch counts it.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PortCounters {
+    pub rx_packets: u64,
+    pub rx_bytes: u64,
+    pub tx_packets: u64,
+    pub tx_bytes: u64,
+    pub drops: BTreeMap<String, u64>,
 }
 
 /// Produces this node's [`NodeReport`]; set by the node runtime once its pool exists.

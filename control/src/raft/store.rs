@@ -910,6 +910,7 @@ mod tests {
             address: None,
             labels: BTreeMap::new(),
             state: NodeState::Active,
+            underlay: None,
         };
         let volume = |n: u128, name: &str| Command::CreateVolume {
             id: Uuid::from_u128(n),

@@ -25,6 +25,7 @@ fn node(name: &str, address: Option<String>) -> Node {
         address,
         labels: BTreeMap::new(),
         state: NodeState::Active,
+        underlay: None,
     }
 }
 

@@ -46,6 +46,11 @@ pub enum Command {
         labels: Option<BTreeMap<String, String>>,
         state: Option<NodeState>,
     },
+    /// Records where a node's switch sends and receives VXLAN (its VTEP), or that it has none.
+    SetUnderlay {
+        node: NodeId,
+        underlay: Option<String>,
+    },
     /// Adds a disk to a node's pool.
     AddDisk { disk: Disk },
     /// Removes a disk from the pool, if the remaining pool still covers what is provisioned.
@@ -151,6 +156,9 @@ impl fmt::Display for Command {
             }
             Self::AddNode { node } => write!(f, "add node '{}' ({})", node.name, node.id),
             Self::UpdateNode { id, .. } => write!(f, "update node {id}"),
+            Self::SetUnderlay { node, underlay } => {
+                write!(f, "set the underlay of node {node} to {underlay:?}")
+            }
             Self::AddDisk { disk } => write!(
                 f,
                 "add disk {} at {} on node {}",
@@ -259,7 +267,9 @@ impl Command {
             Self::DeletePort { id } => vec![Row::Port(*id)],
             Self::InitCluster { node, .. } => vec![Row::Cluster, Row::Node(node.id)],
             Self::AddNode { node } => vec![Row::Node(node.id)],
-            Self::UpdateNode { id, .. } => vec![Row::Node(*id)],
+            Self::UpdateNode { id, .. } | Self::SetUnderlay { node: id, .. } => {
+                vec![Row::Node(*id)]
+            }
             Self::AddDisk { disk } => vec![Row::Disk(disk.id)],
             Self::RemoveDisk { id } => vec![Row::Disk(*id)],
             Self::CreateVolume { id, .. }
@@ -698,6 +708,16 @@ impl ClusterState {
                 labels,
                 state,
             } => self.update_node(id, address, labels, state),
+            Command::SetUnderlay { node, underlay } => {
+                let found =
+                    self.nodes
+                        .get_mut(&node)
+                        .ok_or_else(|| CommandError::NodeNotFound {
+                            node: node.to_string(),
+                        })?;
+                found.underlay = underlay;
+                Ok(CommandOutcome::NodeUpdated { id: node })
+            }
             Command::AddDisk { disk } => self.add_disk(disk),
             Command::RemoveDisk { id } => self.remove_disk(id),
             Command::CreateVolume {
@@ -1659,6 +1679,7 @@ mod tests {
             address: None,
             labels: BTreeMap::new(),
             state: NodeState::Active,
+            underlay: None,
         }
     }
 

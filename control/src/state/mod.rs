@@ -141,6 +141,8 @@ pub struct Node {
     /// Free-form labels (rack, zone, ...), for placement by failure domain in a later issue.
     pub labels: BTreeMap<String, String>,
     pub state: NodeState,
+    /// Where the node's switch sends and receives VXLAN (IP:PORT), once it serves a port.
+    pub underlay: Option<String>,
 }
 
 /// A disk of a node's pool: a file or a block device.

@@ -547,6 +547,7 @@ mod tests {
             address: None,
             labels: BTreeMap::new(),
             state: NodeState::Active,
+            underlay: None,
         }
     }
 

@@ -1,0 +1,151 @@
+//! Overlay networks through the daemon, on two nodes in network namespaces (`deploy/netns-cluster`): networks and
+//! tap ports made with the CLI, traffic between nodes over VXLAN, counters, a node's restart, a port's deletion.
+//! Needs root (CI runs it as root); without it, it says so and passes.
+
+use std::io::{Read, Write};
+use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::time::{Duration, Instant};
+
+use vessel_tests::namespaces::{Netns, is_root};
+use vessel_tests::netns::NetnsCluster;
+
+/// Retries `check` for up to `seconds`.
+fn eventually(what: &str, seconds: u64, mut check: impl FnMut() -> bool) {
+    let deadline = Instant::now() + Duration::from_secs(seconds);
+    while !check() {
+        assert!(Instant::now() < deadline, "timed out waiting until {what}");
+        std::thread::sleep(Duration::from_millis(200));
+    }
+}
+
+fn pings(from: &Netns, ip: &str) -> bool {
+    from.exec(&["busybox", "ping", "-c", "1", "-W", "1", ip])
+        .is_ok()
+}
+
+/// Sends `bytes` over TCP from `from` to `to_ip`:5002 in `to`; checks they arrive intact.
+fn tcp_transfer(from: &Netns, to: &Netns, to_ip: &str, bytes: usize) {
+    let listener = to
+        .enter(|| TcpListener::bind((to_ip, 5002)).expect("listen"))
+        .unwrap();
+    let data: Vec<u8> = (0..bytes).map(|i| (i * 13 + i / 1000) as u8).collect();
+    let address: SocketAddr = format!("{to_ip}:5002").parse().unwrap();
+    std::thread::scope(|scope| {
+        let receiver = scope.spawn(|| {
+            let (mut stream, _) = listener.accept().expect("accept");
+            let mut received = Vec::new();
+            stream.read_to_end(&mut received).expect("receive");
+            received
+        });
+        from.enter(|| {
+            let mut stream =
+                TcpStream::connect_timeout(&address, Duration::from_secs(5)).expect("connect");
+            stream.write_all(&data).expect("send");
+        })
+        .unwrap();
+        assert!(receiver.join().unwrap() == data, "the data arrived changed");
+    });
+}
+
+#[test]
+fn taps_on_two_nodes_talk_over_the_overlay_and_after_a_restart() {
+    if !is_root() {
+        return;
+    }
+    let cluster = NetnsCluster::up("nets", 2).unwrap();
+    let (ns1, ns2) = (
+        Netns::existing(&cluster.namespace(1)),
+        Netns::existing(&cluster.namespace(2)),
+    );
+    cluster
+        .vessel_ok(
+            1,
+            &[
+                "net",
+                "create",
+                "blue",
+                "--vni",
+                "100",
+                "--subnet",
+                "10.0.0.0/24",
+            ],
+        )
+        .unwrap();
+    // Each node's switch creates its tap in its own namespace; the node's kernel is the "guest" here.
+    cluster
+        .vessel_ok(
+            1,
+            &["port", "create", "blue", "--tap", "vt1", "--ip", "10.0.0.1"],
+        )
+        .unwrap();
+    cluster
+        .vessel_ok(
+            2,
+            &["port", "create", "blue", "--tap", "vt2", "--ip", "10.0.0.2"],
+        )
+        .unwrap();
+    for (ns, ifname, ip) in [(&ns1, "vt1", "10.0.0.1/24"), (&ns2, "vt2", "10.0.0.2/24")] {
+        eventually(&format!("{ifname} exists and is up"), 20, || {
+            ns.ip(&["link", "show", ifname])
+                .is_ok_and(|out| out.contains("UP"))
+        });
+        ns.ip(&["addr", "add", ip, "dev", ifname]).unwrap();
+    }
+    // The MTU is the network's (1450 by default).
+    assert!(
+        ns1.ip(&["link", "show", "vt1"])
+            .unwrap()
+            .contains("mtu 1450")
+    );
+    eventually("node 1 reaches node 2 over the overlay", 30, || {
+        pings(&ns1, "10.0.0.2")
+    });
+    tcp_transfer(&ns1, &ns2, "10.0.0.2", 4 << 20);
+    tcp_transfer(&ns2, &ns1, "10.0.0.1", 1 << 20);
+
+    // Counters: node 1 answers for node 2's port too.
+    let list = cluster
+        .vessel_json(1, &["port", "list", "--network", "blue"])
+        .unwrap();
+    let ports = list["ports"].as_array().unwrap();
+    assert_eq!(ports.len(), 2, "{list}");
+    for port in ports {
+        let rx: u64 = port["counters"]["rx_bytes"].as_u64().unwrap_or(0);
+        let tx: u64 = port["counters"]["tx_bytes"].as_u64().unwrap_or(0);
+        assert!(rx > 1 << 20 && tx > 1 << 20, "{port}");
+    }
+    let metrics = ns1
+        .exec(&[
+            "busybox",
+            "wget",
+            "-q",
+            "-O",
+            "-",
+            "http://10.99.0.1:9650/metrics",
+        ])
+        .unwrap();
+    assert!(
+        metrics.contains("vessel_port_rx_bytes_total{port=")
+            && metrics.contains("vessel_network_mac_entries{network=\"blue\"}"),
+        "{metrics}"
+    );
+
+    // Node 2's daemon restarts: its tap outlives it (persistent, with its address), traffic resumes.
+    cluster.kill(2).unwrap();
+    assert!(
+        !pings(&ns1, "10.0.0.2"),
+        "answered while node 2's switch is down"
+    );
+    cluster.start(2).unwrap();
+    eventually("traffic resumes after node 2's restart", 30, || {
+        pings(&ns1, "10.0.0.2")
+    });
+    tcp_transfer(&ns1, &ns2, "10.0.0.2", 1 << 20);
+
+    // Deleting the port removes its tap.
+    cluster.vessel_ok(1, &["port", "delete", "vt2"]).unwrap();
+    eventually("vt2 is gone", 20, || {
+        ns2.ip(&["link", "show", "vt2"]).is_err()
+    });
+    assert!(!pings(&ns1, "10.0.0.2"));
+}
