@@ -76,6 +76,8 @@ pub struct DaemonOptions {
     pub config: Option<String>,
     /// Extra command-line arguments.
     pub args: Vec<String>,
+    /// A network namespace to run it in (`ip netns exec`), so that the taps it creates vanish with the namespace.
+    pub netns: Option<String>,
 }
 
 impl Default for DaemonOptions {
@@ -84,6 +86,7 @@ impl Default for DaemonOptions {
         DaemonOptions {
             config: Some("default_disk_size = \"4G\"\nextent_size = \"4M\"\n".to_owned()),
             args: Vec::new(),
+            netns: None,
         }
     }
 }
@@ -140,7 +143,17 @@ impl Daemon {
 
     fn spawn(&mut self) -> anyhow::Result<()> {
         std::fs::create_dir_all(&self.dir)?;
-        let mut command = Command::new(binary("vesseld")?);
+        let mut command = match &self.options.netns {
+            Some(netns) => {
+                // `ip netns exec` execs vesseld: the child's pid is the daemon's.
+                let mut command = Command::new("ip");
+                command
+                    .args(["netns", "exec", netns])
+                    .arg(binary("vesseld")?);
+                command
+            }
+            None => Command::new(binary("vesseld")?),
+        };
         command
             .arg("--data-dir")
             .arg(self.data_dir())

@@ -21,6 +21,7 @@ pub fn listening(dir: &Path, name: &str, rack: &str) -> (Daemon, String) {
 pub fn listening_with(dir: &Path, name: &str, rack: &str, config: &str) -> (Daemon, String) {
     let addr = free_addr();
     let options = DaemonOptions {
+        netns: None,
         // A modest rebuild rate, so that tests can write while a rebuild runs.
         config: Some(format!(
             "name = \"{name}\"\nrebuild_rate = \"48M\"\n{config}\n[labels]\nrack = \"{rack}\"\n"

@@ -108,6 +108,7 @@ fn main() -> anyhow::Result<()> {
     let daemon = Daemon::start(
         &base.join("vessel"),
         DaemonOptions {
+            netns: None,
             config: Some(config),
             args: Vec::new(),
         },
