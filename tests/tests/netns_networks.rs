@@ -149,3 +149,115 @@ fn taps_on_two_nodes_talk_over_the_overlay_and_after_a_restart() {
     });
     assert!(!pings(&ns1, "10.0.0.2"));
 }
+
+/// rx packets of an interface in a namespace.
+fn rx_packets(ns: &Netns, ifname: &str) -> u64 {
+    ns.exec(&[
+        "cat",
+        &format!("/sys/class/net/{ifname}/statistics/rx_packets"),
+    ])
+    .unwrap()
+    .trim()
+    .parse()
+    .unwrap()
+}
+
+#[test]
+fn guests_on_one_node_stay_in_their_network_and_a_mac_moves_between_nodes() {
+    if !is_root() {
+        return;
+    }
+    let cluster = NetnsCluster::up("netm", 2).unwrap();
+    let (ns1, ns2) = (
+        Netns::existing(&cluster.namespace(1)),
+        Netns::existing(&cluster.namespace(2)),
+    );
+    for (name, vni) in [("blue", "100"), ("red", "200")] {
+        cluster
+            .vessel_ok(1, &["net", "create", name, "--vni", vni])
+            .unwrap();
+    }
+    // Two networks on node 1 with the same MACs and IPs; each tap's kernel side goes to a guest namespace of its
+    // own (the daemon created it in its namespace with the port's MAC and the network's MTU).
+    let mac = |n: u8| format!("02:00:00:00:01:{n:02x}");
+    let pid = std::process::id() % 100_000;
+    let mut guests = Vec::new();
+    for (network, tap, n) in [
+        ("blue", "ba", 1),
+        ("blue", "bb", 2),
+        ("red", "ra", 1),
+        ("red", "rb", 2),
+    ] {
+        let ip = format!("10.0.0.{n}");
+        cluster
+            .vessel_ok(
+                1,
+                &[
+                    "port",
+                    "create",
+                    network,
+                    "--tap",
+                    tap,
+                    "--ip",
+                    &ip,
+                    "--mac",
+                    &mac(n),
+                ],
+            )
+            .unwrap();
+        eventually(&format!("{tap} exists"), 20, || {
+            ns1.ip(&["link", "show", tap]).is_ok()
+        });
+        let guest = Netns::new(&format!("vsl-g{tap}-{pid}")).unwrap();
+        ns1.give(tap, &guest).unwrap();
+        guest
+            .configure(tap, &format!("{ip}/24"), 1450, None)
+            .unwrap();
+        guests.push(guest);
+    }
+    let (blue_a, blue_b, red_a, red_b) = (&guests[0], &guests[1], &guests[2], &guests[3]);
+    let quiet_red = rx_packets(red_b, "rb");
+    eventually("blue's guests reach each other", 20, || {
+        pings(blue_a, "10.0.0.2")
+    });
+    tcp_transfer(blue_a, blue_b, "10.0.0.2", 2 << 20);
+    assert_eq!(
+        rx_packets(red_b, "rb"),
+        quiet_red,
+        "blue's frames reached red"
+    );
+    eventually("red's guests reach each other", 20, || {
+        pings(red_a, "10.0.0.2")
+    });
+
+    // Blue's 10.0.0.2 moves to node 2: the port is deleted on node 1 and made again, same MAC and IP, on node 2.
+    // Blue's guest on node 1 keeps its ARP entry, so its frames go to the MAC, which node 1 now sends over VXLAN.
+    cluster.vessel_ok(1, &["port", "delete", "bb"]).unwrap();
+    cluster
+        .vessel_ok(
+            2,
+            &[
+                "port",
+                "create",
+                "blue",
+                "--tap",
+                "bb2",
+                "--ip",
+                "10.0.0.2",
+                "--mac",
+                &mac(2),
+            ],
+        )
+        .unwrap();
+    eventually("bb2 exists", 20, || {
+        ns2.ip(&["link", "show", "bb2"]).is_ok()
+    });
+    ns2.ip(&["addr", "add", "10.0.0.2/24", "dev", "bb2"])
+        .unwrap();
+    eventually("blue's 10.0.0.2 answers from node 2", 30, || {
+        pings(blue_a, "10.0.0.2")
+    });
+    tcp_transfer(blue_a, &ns2, "10.0.0.2", 1 << 20);
+    assert!(rx_packets(&ns2, "bb2") > 0);
+    assert!(rx_packets(red_b, "rb") > quiet_red, "red's traffic went missing");
+}
