@@ -47,6 +47,14 @@ pub trait VhostUserDevice: Send + Sync + 'static {
     /// The frontend writes `data` at `offset` of the config space (SET_CONFIG).
     fn write_config(&self, offset: u32, data: &[u8]) -> Result<(), Self::Error>;
 
+    /// VHOST_USER_NET_SET_MTU: the MTU the frontend shows the guest (QEMU's `host_mtu=`). The
+    /// handler calls it only when the device offers and the frontend acknowledged the MTU
+    /// protocol feature (see [`VhostUserDevice::protocol_features`]); an error is NACKed, and
+    /// QEMU then refuses to start the NIC.
+    fn set_mtu(&self, _mtu: u16) -> Result<(), Self::Error> {
+        Ok(())
+    }
+
     /// State to keep across a crash of this process but not across a device reset (e.g. the cache mode the
     /// guest chose); the handler saves it in the frontend-held inflight region after every config write. At most
     /// [`crate::inflight::MAX_DEVICE_STATE`] bytes.

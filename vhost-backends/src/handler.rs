@@ -100,6 +100,9 @@ pub enum HandlerError {
         len: usize,
         reason: String,
     },
+    /// The device refused the MTU of VHOST_USER_NET_SET_MTU.
+    #[error("MTU {mtu} refused: {reason}")]
+    Mtu { mtu: u64, reason: String },
     /// Feature not supported by this backend.
     #[error("{0} is not supported by this backend")]
     Unsupported(&'static str),
@@ -217,6 +220,24 @@ impl<D: VhostUserDevice> VhostUserHandler<D> {
     /// Virtio features acknowledged by the frontend.
     pub fn acked_features(&self) -> u64 {
         self.acked_features
+    }
+
+    /// VHOST_USER_NET_SET_MTU. The `vhost` crate does not dispatch this request, so the server
+    /// reads it off the socket and calls this; refused unless the MTU protocol feature was
+    /// negotiated.
+    pub fn net_set_mtu(&mut self, mtu: u64) -> Result<(), HandlerError> {
+        if !self.acked_protocol.contains(VhostUserProtocolFeatures::MTU) {
+            return Err(HandlerError::Unsupported(
+                "NET_SET_MTU without the MTU protocol feature",
+            ));
+        }
+        let refused = |reason: String| HandlerError::Mtu { mtu, reason };
+        let value = u16::try_from(mtu).map_err(|_| refused("larger than 65535".into()))?;
+        self.device
+            .set_mtu(value)
+            .map_err(|e| refused(e.to_string()))?;
+        info!(parent: &self.span, mtu, "frontend set the MTU");
+        Ok(())
     }
 
     /// Number of rings with a running worker.

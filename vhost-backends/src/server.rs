@@ -312,12 +312,20 @@ fn serve<D: VhostUserDevice>(stream: UnixStream, device: &Arc<D>, shared: &Share
     let handler = Arc::new(Mutex::new(VhostUserHandler::new(Arc::clone(device))));
     let mut requests = BackendReqHandler::from_stream(stream, Arc::clone(&handler));
     let set_backend_req_fd = u32::from(FrontendReq::SET_BACKEND_REQ_FD);
+    let net_set_mtu = u32::from(FrontendReq::NET_SET_MTU);
     let reason = loop {
         let peeked = match peek_request(&peek) {
             Ok(Some(p)) => p,
             Ok(None) => break "frontend closed the connection".to_string(),
             Err(e) => break format!("connection error: {e}"),
         };
+        if peeked.code == Some(net_set_mtu) {
+            // Not dispatched by the `vhost` crate (it would close the connection).
+            match answer_net_set_mtu(&peek, &handler) {
+                Ok(()) => continue,
+                Err(e) => break format!("NET_SET_MTU: {e}"),
+            }
+        }
         let channel_request = peeked.code == Some(set_backend_req_fd);
         if channel_request {
             // Installed before the crate handles the message: its REPLY_ACK tells the frontend
@@ -406,6 +414,51 @@ fn send_config_change(ch: &mut BackendChannel) -> io::Result<()> {
         return Err(io::Error::other(
             "the frontend reported a failure handling the config change",
         ));
+    }
+    Ok(())
+}
+
+/// Reads VHOST_USER_NET_SET_MTU (header + u64) off the socket, hands the MTU to the handler and,
+/// when the frontend asked for it with REPLY_ACK negotiated, replies 0 (accepted) or 1 (refused:
+/// QEMU then fails to start the NIC). An error means the message was malformed or the socket
+/// failed: the connection is closed, as the crate does for malformed messages.
+fn answer_net_set_mtu<D: VhostUserDevice>(
+    mut sock: &UnixStream,
+    handler: &Mutex<VhostUserHandler<D>>,
+) -> io::Result<()> {
+    const VERSION_1: u32 = 0x1;
+    const REPLY: u32 = 0x4;
+    const NEED_REPLY: u32 = 0x8;
+    let mut header = [0u8; 12];
+    sock.read_exact(&mut header)?;
+    let word =
+        |i: usize| u32::from_le_bytes([header[i], header[i + 1], header[i + 2], header[i + 3]]);
+    let (code, flags, size) = (word(0), word(4), word(8));
+    if size != 8 {
+        return Err(io::Error::new(
+            io::ErrorKind::InvalidData,
+            format!("body of {size} bytes, expected 8"),
+        ));
+    }
+    let mut body = [0u8; 8];
+    sock.read_exact(&mut body)?;
+    let mtu = u64::from_le_bytes(body);
+    let mut handler = lock(handler);
+    let result = handler.net_set_mtu(mtu);
+    if let Err(e) = &result {
+        warn!(request = ?FrontendReq::NET_SET_MTU, "request refused: {e}");
+    }
+    let reply_ack = handler
+        .acked_protocol_features()
+        .contains(VhostUserProtocolFeatures::REPLY_ACK);
+    drop(handler);
+    if flags & NEED_REPLY != 0 && reply_ack {
+        let mut reply = [0u8; 20];
+        reply[0..4].copy_from_slice(&code.to_le_bytes());
+        reply[4..8].copy_from_slice(&(VERSION_1 | REPLY).to_le_bytes());
+        reply[8..12].copy_from_slice(&8u32.to_le_bytes());
+        reply[12..20].copy_from_slice(&u64::from(result.is_err()).to_le_bytes());
+        sock.write_all(&reply)?;
     }
     Ok(())
 }

@@ -14,7 +14,9 @@ use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex};
 
 use virtio_queue::{Queue, QueueT};
-use vm_memory::{GuestAddress, GuestAddressSpace, GuestMemoryAtomic, GuestMemoryMmap};
+use vm_memory::{
+    Address, Bytes, GuestAddress, GuestAddressSpace, GuestMemoryAtomic, GuestMemoryMmap,
+};
 use vmm_sys_util::eventfd::EventFd;
 
 use crate::chain::{ChainError, Descriptor, read_chain};
@@ -70,6 +72,9 @@ pub struct Vring {
     resubmit: VecDeque<u16>,
     indirect: bool,
     overrun_reported: bool,
+    /// `next_used` when the driver was last considered for an interrupt: EVENT_IDX asks whether
+    /// `used_event` lies in what was published since.
+    considered_used: u16,
 }
 
 impl Vring {
@@ -82,6 +87,7 @@ impl Vring {
         call: Arc<EventSlot>,
         indirect: bool,
     ) -> Self {
+        let considered_used = queue.next_used();
         Vring {
             index,
             queue,
@@ -92,6 +98,7 @@ impl Vring {
             resubmit: VecDeque::new(),
             indirect,
             overrun_reported: false,
+            considered_used,
         }
     }
 
@@ -202,17 +209,92 @@ impl Vring {
         Ok(())
     }
 
+    /// Returns several heads at once, `(head, bytes written)` in order, behind a single store of
+    /// the used idx: the driver sees all of them or none. A vhost-user-net frame spread over
+    /// several receive buffers (MRG_RXBUF) needs that, or the driver may find the first buffer
+    /// announcing `num_buffers` before the rest are there. The inflight region is kept in step
+    /// as one batch (every head is linked from `last_batch_head` before the idx moves, so a
+    /// crash in between is repaired on restart).
+    pub fn complete_batch(
+        &mut self,
+        mem: &GuestMemoryMmap,
+        used: &[(u16, u32)],
+    ) -> Result<(), virtio_queue::Error> {
+        let Some((&(last_head, last_len), rest)) = used.split_last() else {
+            return Ok(());
+        };
+        let size = self.queue.size();
+        if used.len() > usize::from(size) || used.iter().any(|&(head, _)| head >= size) {
+            return Err(virtio_queue::Error::InvalidDescriptorIndex);
+        }
+        if let Some(inflight) = self.inflight.as_ref() {
+            for &(head, _) in used {
+                inflight.begin_complete(head);
+            }
+        }
+        let start = self.queue.next_used();
+        let ring = GuestAddress(self.queue.used_ring());
+        for (i, &(head, len)) in rest.iter().enumerate() {
+            // Slots past the published idx: the driver does not look at them yet.
+            let slot = u64::from(start.wrapping_add(i as u16) % size);
+            let at = ring
+                .checked_add(4 + 8 * slot)
+                .ok_or(virtio_queue::Error::AddressOverflow)?;
+            let mut elem = [0u8; 8];
+            elem[..4].copy_from_slice(&u32::from(head).to_le_bytes());
+            elem[4..].copy_from_slice(&len.to_le_bytes());
+            mem.write_slice(&elem, at)
+                .map_err(virtio_queue::Error::GuestMemory)?;
+        }
+        // `rest.len() < size <= u16::MAX`.
+        self.queue
+            .set_next_used(start.wrapping_add(rest.len() as u16));
+        if let Err(e) = self.queue.add_used(mem, last_head, last_len) {
+            self.queue.set_next_used(start);
+            return Err(e);
+        }
+        if let Some(inflight) = self.inflight.as_ref() {
+            // The region's used idx moves last, so a crash before it is a batch to repair.
+            for &(head, _) in rest {
+                inflight.finish_complete(head, start);
+            }
+            inflight.finish_complete(last_head, self.queue.next_used());
+        }
+        Ok(())
+    }
+
     /// Signals the call eventfd if the driver wants an interrupt for what was completed since
     /// the last call (EVENT_IDX aware). Returns whether it signalled.
     pub fn notify(&mut self, mem: &GuestMemoryMmap) -> bool {
-        match self.queue.needs_notification(mem) {
-            Ok(false) => false,
-            // On a guest memory error, err on the side of waking the driver.
-            Ok(true) | Err(_) => {
-                self.call.signal();
-                true
+        let now = self.queue.next_used();
+        let since = std::mem::replace(&mut self.considered_used, now);
+        let wanted = if self.queue.event_idx_enabled() {
+            // Every used entry must be visible before used_event is read (virtio 1.2 2.7.10).
+            std::sync::atomic::fence(Ordering::SeqCst);
+            match self.used_event(mem) {
+                // Interrupt iff used_event is among the entries published since `since`.
+                Some(event) => now.wrapping_sub(event).wrapping_sub(1) < now.wrapping_sub(since),
+                // On a guest memory error, err on the side of waking the driver.
+                None => true,
             }
+        } else {
+            // Without EVENT_IDX every batch interrupts (VRING_AVAIL_F_NO_INTERRUPT is only a
+            // hint; virtio-queue ignores it too).
+            true
+        };
+        if wanted {
+            self.call.signal();
         }
+        wanted
+    }
+
+    /// The driver's `used_event` (the word after the available ring).
+    fn used_event(&self, mem: &GuestMemoryMmap) -> Option<u16> {
+        let at = GuestAddress(self.queue.avail_ring())
+            .checked_add(4 + 2 * u64::from(self.queue.size()))?;
+        mem.load::<u16>(at, Ordering::Relaxed)
+            .ok()
+            .map(u16::from_le)
     }
 
     /// Asks the driver not to kick while the worker drains the ring.
