@@ -259,5 +259,8 @@ fn guests_on_one_node_stay_in_their_network_and_a_mac_moves_between_nodes() {
     });
     tcp_transfer(blue_a, &ns2, "10.0.0.2", 1 << 20);
     assert!(rx_packets(&ns2, "bb2") > 0);
-    assert!(rx_packets(red_b, "rb") > quiet_red, "red's traffic went missing");
+    assert!(
+        rx_packets(red_b, "rb") > quiet_red,
+        "red's traffic went missing"
+    );
 }
