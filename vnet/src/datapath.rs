@@ -2,10 +2,10 @@
 //! moved through the [`Switch`]'s decisions by one thread, the switching core.
 //!
 //! The core waits in epoll on every tap queue, the underlay socket and a wake-up eventfd, so an
-//! idle switch uses no CPU. For each readable queue it reads up to [`BATCH`] frames, asks the
+//! idle switch uses no CPU. For each readable tap queue it reads up to [`BATCH`] frames, asks the
 //! switch where each goes (one read lock per batch), and writes it there: to a tap queue (a
-//! virtio-net header, then the frame) or to a VTEP (the VXLAN header, then the frame, in one UDP
-//! datagram to the VTEP's address; the kernel adds the outer IP and UDP headers). An ARP request
+//! virtio-net header, then the frame) or to a VTEP (the VXLAN header, then the frame, in UDP
+//! datagrams to the VTEP's address; the kernel adds the outer IP and UDP headers). An ARP request
 //! the switch answers gets its reply written back to the port it came from. A frame an egress
 //! will not take (its queue is full) is counted as a `tx_failed` drop of that egress.
 //!
@@ -16,9 +16,24 @@
 //! Offloads: taps are opened with checksum and TCP segmentation offloads (IPv4, IPv6, ECN), so the
 //! kernel hands over frames of up to 64 KiB with partial checksums, described by their virtio-net
 //! header. Between taps the frame and its header pass as they are: nobody segments or checksums
-//! anything. A frame bound for a VTEP is cut into MTU-sized segments, or has its checksum
-//! completed, in software first ([`crate::offload`]); frames from the underlay are complete and go
-//! to taps behind an all-zero header.
+//! anything. The overlay carries MTU-sized frames, and moves them in bulk both ways:
+//! - To a VTEP, a GSO frame is cut into segments in software ([`offload::segment_tcp_into`]),
+//!   each laid behind its VXLAN header back to back in one buffer, and the run goes to the kernel
+//!   in one `sendmsg` with UDP GSO ([`crate::underlay::send_segments`]), which makes the
+//!   datagrams. If the kernel or route refuses UDP GSO, the core says so once and sends one
+//!   datagram per call from then on. A frame with only a partial checksum has it completed and
+//!   goes as one datagram.
+//! - From the underlay, the socket has UDP GRO on: one read may return a run of datagrams of one
+//!   sender, which the core cuts up again ([`crate::underlay::datagrams`]). Every datagram gets
+//!   its own switch decision (learning, counters, isolation, drops). Those the switch sends to a
+//!   single port go through a [`Coalescer`]: consecutive TCP segments of a flow are merged into one
+//!   64 KiB frame, written to the tap once behind a GSO header, as the kernel's own GRO would
+//!   hand it up; everything else is written as it came behind an all-zero header. Nothing is held
+//!   past the end of a batch. A read that cannot be cut up (its segment size is zero or larger
+//!   than what was read, or it was truncated) is counted as one `vxlan_too_short` drop.
+//!
+//! The underlay socket's buffers are enlarged ([`crate::underlay::SOCKET_BUFFER_LEN`]): a run
+//! takes 64 KiB of them, and the kernel's default holds only a few.
 
 use std::collections::HashMap;
 use std::fs::File;
@@ -33,13 +48,15 @@ use std::time::{Duration, Instant};
 use vmm_sys_util::epoll::{ControlOperation, Epoll, EpollEvent, EventSet};
 use vmm_sys_util::eventfd::{EFD_NONBLOCK, EventFd};
 
+use crate::gro::{Coalesced, Coalescer};
 use crate::offload::{self, VirtioNetHeader};
 use crate::stats::TrafficStats;
 use crate::switch::{Egress, PortConfig, Switch, SwitchConfig, SwitchError, Verdict};
 use crate::tap::{Offloads, Tap, TapError, VNET_HDR_LEN};
-use crate::{PortId, vxlan};
+use crate::{PortId, underlay, vxlan};
 
-/// Frames the core takes from one queue before it looks at the others.
+/// Frames (or, from the underlay, runs of coalesced datagrams) the core takes from one queue
+/// before it looks at the others.
 pub const BATCH: usize = 64;
 /// Largest frame on the underlay: a jumbo frame with its 802.1Q tag.
 const MAX_FRAME: usize = 9216;
@@ -80,6 +97,19 @@ impl Datapath {
     /// the node's address and [`vxlan::DEFAULT_UDP_PORT`]).
     pub fn start(underlay: UdpSocket, config: SwitchConfig) -> io::Result<Self> {
         underlay.set_nonblocking(true)?;
+        let gso = underlay::gso_supported(&underlay);
+        if let Err(error) = underlay::enlarge_buffers(&underlay) {
+            tracing::info!(%error, "the underlay socket keeps its buffer sizes");
+        }
+        if let Err(error) = underlay::enable_gro(&underlay) {
+            // Datagrams then come one at a time: slower, not wrong.
+            tracing::info!(%error, "the underlay socket does not coalesce received datagrams (UDP_GRO)");
+        }
+        if !gso {
+            tracing::info!(
+                "the kernel lacks UDP_SEGMENT: segments go to VTEPs one datagram at a time"
+            );
+        }
         let shared = Arc::new(Shared {
             switch: RwLock::new(Switch::new(config)),
             underlay,
@@ -105,9 +135,12 @@ impl Datapath {
             tokens: HashMap::new(),
             next_token: FIRST_PORT_TOKEN,
             frame: vec![0; VNET_HDR_LEN + MAX_GSO_FRAME],
-            datagram: vec![0; vxlan::HEADER_LEN + MAX_FRAME],
-            outgoing: Vec::with_capacity(vxlan::HEADER_LEN + MAX_GSO_FRAME),
-            segment: Vec::with_capacity(MAX_FRAME),
+            received: vec![0; underlay::RECEIVE_BUFFER_LEN],
+            outgoing: Vec::with_capacity(
+                underlay::MAX_SEGMENTS_LEN + vxlan::HEADER_LEN + MAX_FRAME,
+            ),
+            gso,
+            coalescer: Coalescer::new(),
             out: Vec::new(),
         };
         let core = std::thread::Builder::new()
@@ -206,12 +239,16 @@ struct Core {
     next_token: u64,
     /// A frame read from a tap: its virtio-net header, then the frame.
     frame: Vec<u8>,
-    /// A datagram from the underlay: VXLAN header, then the frame.
-    datagram: Vec<u8>,
-    /// A datagram being built for the underlay.
+    /// What one read from the underlay gave: a datagram (VXLAN header, then the frame), or a run
+    /// of them the kernel coalesced.
+    received: Vec<u8>,
+    /// Datagrams being built for the underlay: one, or a run of segments sent at once.
     outgoing: Vec<u8>,
-    /// A segment being cut from a GSO frame.
-    segment: Vec<u8>,
+    /// Whether runs of segments go to the underlay in one send (UDP GSO); cleared for good the
+    /// first time the kernel refuses one.
+    gso: bool,
+    /// TCP segments from the underlay, merged per flow before they go to a tap.
+    coalescer: Coalescer<PortId>,
     out: Vec<Egress>,
 }
 
@@ -348,7 +385,7 @@ impl Core {
                         ports: &self.ports,
                         underlay: &self.shared.underlay,
                         outgoing: &mut self.outgoing,
-                        segment: &mut self.segment,
+                        gso: &mut self.gso,
                     };
                     for &egress in &self.out {
                         if !tx.send(egress, &header, &self.frame[..len], index) {
@@ -373,35 +410,69 @@ impl Core {
         // More may be waiting: epoll is level-triggered, so the queue comes up again.
     }
 
-    /// Datagrams from the underlay, up to a batch.
+    /// Datagrams from the underlay, up to a batch of reads. Each datagram gets its own switch
+    /// decision; TCP segments of one flow that go to one port are merged before they are written
+    /// (see [`crate::gro`]), and what is held is written before the batch ends.
     fn serve_underlay(&mut self) {
-        let switch = self
-            .shared
-            .switch
-            .read()
-            .unwrap_or_else(PoisonError::into_inner);
+        let Core {
+            shared,
+            ports,
+            received: buffer,
+            coalescer,
+            out,
+            ..
+        } = self;
+        let switch = shared.switch.read().unwrap_or_else(PoisonError::into_inner);
+        let mut deliver = |port: PortId, coalesced: Coalesced<'_>| {
+            let header = coalesced.header.to_bytes();
+            if !write_tap(ports, port, 0, &header, coalesced.frame) {
+                for _ in 0..coalesced.segments {
+                    switch.delivery_failed(Egress::Port(port));
+                }
+            }
+        };
         for _ in 0..BATCH {
-            let (len, source) = match self.shared.underlay.recv_from(&mut self.datagram) {
+            let received = match underlay::receive(&shared.underlay, buffer) {
                 Ok(received) => received,
-                Err(error) if error.kind() == io::ErrorKind::WouldBlock => return,
+                Err(error) if error.kind() == io::ErrorKind::WouldBlock => break,
                 Err(error) if error.kind() == io::ErrorKind::Interrupted => continue,
                 // An ICMP error of an earlier send (a VTEP that is not listening): nothing to read.
                 Err(_) => continue,
             };
-            let datagram = &self.datagram[..len];
-            if let Verdict::Forward =
-                switch.underlay_ingress(source, datagram, Instant::now(), &mut self.out)
-            {
-                let inner = &datagram[vxlan::HEADER_LEN..];
-                for &egress in &self.out {
-                    if let Egress::Port(port) = egress
-                        && !write_tap(&self.ports, port, 0, &[0; VNET_HDR_LEN], inner)
-                    {
-                        switch.delivery_failed(egress);
+            let now = Instant::now();
+            let read = &buffer[..received.len];
+            let datagrams = match underlay::datagrams(read, received.segment_size) {
+                Ok(datagrams) if !received.truncated => datagrams,
+                // Nothing in it can be trusted to be a whole datagram: the switch counts it as a
+                // datagram too short for its VXLAN header, and drops it.
+                _ => {
+                    switch.underlay_ingress(received.source, &[], now, out);
+                    continue;
+                }
+            };
+            for datagram in datagrams {
+                if let Verdict::Forward =
+                    switch.underlay_ingress(received.source, datagram, now, out)
+                {
+                    let inner = &datagram[vxlan::HEADER_LEN..];
+                    if let [Egress::Port(port)] = out[..] {
+                        coalescer.push(port, inner, &mut deliver);
+                        continue;
+                    }
+                    // A flooded frame may belong to a flow held for one of its ports: what is
+                    // held goes first, so no flow's frames pass each other.
+                    coalescer.flush(&mut deliver);
+                    for &egress in out.iter() {
+                        if let Egress::Port(port) = egress
+                            && !write_tap(ports, port, 0, &[0; VNET_HDR_LEN], inner)
+                        {
+                            switch.delivery_failed(egress);
+                        }
                     }
                 }
             }
         }
+        coalescer.flush(&mut deliver);
     }
 }
 
@@ -410,7 +481,7 @@ struct Tx<'a> {
     ports: &'a HashMap<PortId, Vec<(u64, File)>>,
     underlay: &'a UdpSocket,
     outgoing: &'a mut Vec<u8>,
-    segment: &'a mut Vec<u8>,
+    gso: &'a mut bool,
 }
 
 impl Tx<'_> {
@@ -429,15 +500,7 @@ impl Tx<'_> {
             Egress::Vtep { addr, vni } => {
                 let vxlan = vxlan::encode(vni);
                 if header.is_gso() {
-                    let (outgoing, underlay) = (&mut *self.outgoing, self.underlay);
-                    let mut sent = true;
-                    let cut = offload::segment_tcp(header, frame, self.segment, |segment| {
-                        outgoing.clear();
-                        outgoing.extend_from_slice(&vxlan);
-                        outgoing.extend_from_slice(segment);
-                        sent &= underlay.send_to(outgoing, addr).is_ok();
-                    });
-                    return cut.is_ok() && sent;
+                    return self.send_segments(addr, &vxlan, header, frame);
                 }
                 self.outgoing.clear();
                 self.outgoing.extend_from_slice(&vxlan);
@@ -452,6 +515,74 @@ impl Tx<'_> {
             }
         }
     }
+
+    /// Cuts a GSO frame into segments and sends each, behind `vxlan`, to `addr`: laid back to
+    /// back in runs of at most [`underlay::MAX_SEGMENTS`] that go in one send each (UDP GSO).
+    fn send_segments(
+        &mut self,
+        addr: SocketAddr,
+        vxlan: &[u8; vxlan::HEADER_LEN],
+        header: &VirtioNetHeader,
+        frame: &[u8],
+    ) -> bool {
+        let Tx {
+            underlay,
+            outgoing,
+            gso,
+            ..
+        } = self;
+        outgoing.clear();
+        let (mut size, mut count, mut sent) = (0, 0, true);
+        let cut = offload::segment_tcp_into(header, frame, vxlan, outgoing, |run| {
+            count += 1;
+            if count == 1 {
+                // The first datagram is full-sized, unless it is the only one.
+                size = run.len();
+            }
+            if count == underlay::MAX_SEGMENTS || run.len() + size > underlay::MAX_SEGMENTS_LEN {
+                sent &= send_run(underlay, addr, run, size, gso);
+                run.clear();
+                count = 0;
+            }
+        });
+        if !outgoing.is_empty() {
+            sent &= send_run(underlay, addr, outgoing, size, gso);
+        }
+        cut.is_ok() && sent
+    }
+}
+
+/// Sends `run`, datagrams of `size` bytes back to back (the last may be shorter), to `addr`: in
+/// one send if `gso` allows, else one at a time. A kernel or route that refuses UDP GSO clears
+/// `gso` for good (the run then goes one datagram at a time).
+fn send_run(
+    underlay: &UdpSocket,
+    addr: SocketAddr,
+    run: &[u8],
+    size: usize,
+    gso: &mut bool,
+) -> bool {
+    if *gso && run.len() > size {
+        match underlay::send_segments(underlay, addr, run, size as u16) {
+            Ok(()) => return true,
+            Err(error)
+                if matches!(
+                    error.raw_os_error(),
+                    Some(libc::EIO | libc::EINVAL | libc::ENOPROTOOPT)
+                ) =>
+            {
+                tracing::warn!(%error, %addr, "UDP GSO refused on the underlay: segments go one datagram at a time from now on");
+                *gso = false;
+            }
+            Err(_) => return false,
+        }
+    }
+    // Every datagram is tried, whether or not an earlier one was refused.
+    let refused = run
+        .chunks(size.max(1))
+        .filter(|datagram| underlay.send_to(datagram, addr).is_err())
+        .count();
+    refused == 0
 }
 
 /// Writes a frame, behind its virtio-net header, to one of `port`'s queues; false if the queue

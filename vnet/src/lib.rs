@@ -28,18 +28,23 @@
 //! - [`switch`]: networks, ports, VTEPs, and the forwarding decision.
 //! - [`stats`]: counters, and the reasons frames are dropped.
 //! - [`tap`]: creating or adopting a multiqueue tap device with a virtio-net header.
+//! - [`offload`]: the virtio-net header; TCP segmentation and checksums in software.
+//! - [`gro`]: merging received TCP segments of a flow into one large frame for a tap.
+//! - [`underlay`]: UDP GSO and GRO on the underlay socket.
 //! - [`datapath`]: the switching core: the thread that moves frames between tap queues and the
 //!   VXLAN underlay socket as the switch decides.
 
 pub mod arp;
 pub mod datapath;
 pub mod frame;
+pub mod gro;
 pub mod mac;
 pub mod mac_table;
 pub mod offload;
 pub mod stats;
 pub mod switch;
 pub mod tap;
+pub mod underlay;
 pub mod vxlan;
 
 use std::fmt;

@@ -1,16 +1,20 @@
 //! Offloads done in software where a path cannot carry them: the virtio-net header, TCP
-//! segmentation of a GSO frame, and completing a checksum the sender left partial.
+//! segmentation of a GSO frame, completing a checksum the sender left partial, and the Internet
+//! checksum itself.
 //!
 //! A port that negotiated offloads (a tap with `TUNSETOFFLOAD`, later a vhost-user-net guest with
 //! TSO) hands the switch frames of up to 64 KiB whose virtio-net header says "cut me into
 //! `gso_size` segments" and/or "my checksum is partial". Between two such ports the header travels
 //! with the frame and nobody segments anything. The underlay cannot carry a header: a frame bound
-//! for a VTEP is cut into MTU-sized segments ([`segment_tcp`]) or has its checksum completed
-//! ([`complete_checksum`]) first, and goes out as ordinary frames.
+//! for a VTEP is cut into MTU-sized segments ([`segment_tcp`], or [`segment_tcp_into`] to lay
+//! them out behind a VXLAN header in one buffer for a UDP GSO send) or has its checksum completed
+//! ([`complete_checksum`]) first, and goes out as ordinary frames. The way back, merging segments
+//! into one such frame for a tap, is [`crate::gro`]'s.
 //!
 //! Only TCP over IPv4 and IPv6 (without extension headers) is segmented: those are the offloads
 //! Vessel enables on its ports. Anything else marked for segmentation is refused (the caller drops
-//! and counts it).
+//! and counts it). Checksums are summed eight bytes at a time; every segment's are computed in
+//! full, so a segment is valid on its own whoever receives it.
 
 use std::net::{Ipv4Addr, Ipv6Addr};
 
@@ -69,6 +73,18 @@ impl VirtioNetHeader {
     pub fn is_gso(&self) -> bool {
         self.gso_type & !GSO_ECN != GSO_NONE
     }
+
+    /// The header's bytes, as written before a frame on a tap queue (`num_buffers` zero).
+    pub fn to_bytes(&self) -> [u8; HEADER_LEN] {
+        let mut bytes = [0; HEADER_LEN];
+        bytes[0] = self.flags;
+        bytes[1] = self.gso_type;
+        bytes[2..4].copy_from_slice(&self.hdr_len.to_le_bytes());
+        bytes[4..6].copy_from_slice(&self.gso_size.to_le_bytes());
+        bytes[6..8].copy_from_slice(&self.csum_start.to_le_bytes());
+        bytes[8..10].copy_from_slice(&self.csum_offset.to_le_bytes());
+        bytes
+    }
 }
 
 /// Why a frame could not be turned into plain frames.
@@ -84,22 +100,57 @@ pub enum OffloadError {
     BadChecksumRange,
 }
 
-/// One's complement sum of `data` (as 16-bit big-endian words) added to `sum`.
-fn add_words(mut sum: u32, data: &[u8]) -> u32 {
-    let mut chunks = data.chunks_exact(2);
-    for word in &mut chunks {
-        sum = sum.wrapping_add(u32::from(u16::from_be_bytes([word[0], word[1]])));
-        if sum > 0xffff_0000 {
-            sum = (sum & 0xffff) + (sum >> 16);
-        }
+/// One's complement sum of `data` (as 16-bit big-endian words) added to `sum`, not yet folded
+/// to 16 bits. `data` of odd length counts as if padded with a zero byte, so only the last slice
+/// of a chain of calls may be odd.
+pub(crate) fn add_words(sum: u32, data: &[u8]) -> u32 {
+    // Native-endian 64-bit words added with end-around carry, in two chains the CPU runs side by
+    // side: the one's complement sum does not depend on word width or byte order, up to one
+    // byte swap at the end (RFC 1071, 2.B).
+    let add = |total: u64, word: u64| {
+        let (total, carry) = total.overflowing_add(word);
+        total + u64::from(carry)
+    };
+    let (mut even, mut odd) = (0u64, 0u64);
+    let mut blocks = data.chunks_exact(16);
+    for block in &mut blocks {
+        let (first, second) = block.split_at(8);
+        even = add(
+            even,
+            u64::from_ne_bytes(first.try_into().unwrap_or_default()),
+        );
+        odd = add(
+            odd,
+            u64::from_ne_bytes(second.try_into().unwrap_or_default()),
+        );
     }
-    if let [last] = chunks.remainder() {
-        sum = sum.wrapping_add(u32::from(*last) << 8);
+    let mut native = add(even, odd);
+    let mut words = blocks.remainder().chunks_exact(4);
+    for word in &mut words {
+        native = add(
+            native,
+            u64::from(u32::from_ne_bytes([word[0], word[1], word[2], word[3]])),
+        );
     }
-    sum
+    while native > 0xffff {
+        native = (native & 0xffff) + (native >> 16);
+    }
+    let native = native as u16;
+    let mut wide = u64::from(sum) + u64::from(u16::from_be_bytes(native.to_ne_bytes()));
+    match *words.remainder() {
+        [a, b, c] => wide += u64::from(u16::from_be_bytes([a, b])) + (u64::from(c) << 8),
+        [a, b] => wide += u64::from(u16::from_be_bytes([a, b])),
+        [a] => wide += u64::from(a) << 8,
+        _ => {}
+    }
+    while wide > u64::from(u32::MAX) {
+        wide = (wide & u64::from(u32::MAX)) + (wide >> 32);
+    }
+    wide as u32
 }
 
-fn fold(mut sum: u32) -> u16 {
+/// `sum` folded to 16 bits (not complemented).
+pub(crate) fn fold(mut sum: u32) -> u16 {
     while sum > 0xffff {
         sum = (sum & 0xffff) + (sum >> 16);
     }
@@ -121,17 +172,20 @@ pub fn complete_checksum(header: &VirtioNetHeader, frame: &mut [u8]) -> Result<(
 }
 
 /// Where the headers of a TCP frame are.
-struct TcpLayout {
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct TcpLayout {
     /// Offset of the IP header.
-    l3: usize,
+    pub l3: usize,
     /// Offset of the TCP header.
-    l4: usize,
+    pub l4: usize,
     /// Offset of the payload.
-    payload: usize,
-    v6: bool,
+    pub payload: usize,
+    pub v6: bool,
 }
 
-fn tcp_layout(frame: &[u8]) -> Option<TcpLayout> {
+/// The layout of a TCP frame over IPv4 (any options) or IPv6 (no extension headers), untagged or
+/// with one 802.1Q tag; `None` for anything else or a frame cut short inside its headers.
+pub(crate) fn tcp_layout(frame: &[u8]) -> Option<TcpLayout> {
     let word = |at: usize| -> Option<u16> {
         Some(u16::from_be_bytes([*frame.get(at)?, *frame.get(at + 1)?]))
     };
@@ -176,6 +230,24 @@ pub fn segment_tcp(
     scratch: &mut Vec<u8>,
     mut emit: impl FnMut(&[u8]),
 ) -> Result<(), OffloadError> {
+    scratch.clear();
+    segment_tcp_into(header, frame, &[], scratch, |segment| {
+        emit(segment);
+        segment.clear();
+    })
+}
+
+/// [`segment_tcp`] for a caller that lays segments out itself: each segment is appended to
+/// `buffer` behind `prefix` (a VXLAN header, say), and `appended` is called with the buffer after
+/// each; it may take what the buffer holds and clear it. All segments but the last carry
+/// `gso_size` bytes of payload. Nothing is appended when the frame is refused.
+pub fn segment_tcp_into(
+    header: &VirtioNetHeader,
+    frame: &[u8],
+    prefix: &[u8],
+    buffer: &mut Vec<u8>,
+    mut appended: impl FnMut(&mut Vec<u8>),
+) -> Result<(), OffloadError> {
     let kind = header.gso_type & !GSO_ECN;
     if kind != GSO_TCPV4 && kind != GSO_TCPV6 {
         return Err(OffloadError::UnsupportedGso(header.gso_type));
@@ -203,10 +275,11 @@ pub fn segment_tcp(
         .chain(payload.is_empty().then_some(&[][..]))
         .enumerate()
     {
-        scratch.clear();
-        scratch.extend_from_slice(headers);
-        scratch.extend_from_slice(chunk);
-        let segment = scratch.as_mut_slice();
+        buffer.extend_from_slice(prefix);
+        let start = buffer.len();
+        buffer.extend_from_slice(headers);
+        buffer.extend_from_slice(chunk);
+        let segment = &mut buffer[start..];
         let tcp_len = segment.len() - layout.l4;
         let offset = u32::try_from(index * mss).unwrap_or(0);
         // Sequence number, and the flags that belong to the first or the last segment only.
@@ -220,9 +293,10 @@ pub fn segment_tcp(
             segment_flags &= !TCP_CWR;
         }
         segment[layout.l4 + 13] = segment_flags;
-        // IP lengths (and, for IPv4, the id and header checksum); then the TCP checksum.
+        // IP lengths (and, for IPv4, the id and header checksum); then the TCP checksum. Every
+        // length fits in 16 bits: a segment is at most 65535 bytes, as `mss` was bounded above.
         let pseudo = if layout.v6 {
-            let payload_len = u16::try_from(tcp_len).map_err(|_| OffloadError::Malformed)?;
+            let payload_len = tcp_len as u16;
             segment[layout.l3 + 4..layout.l3 + 6].copy_from_slice(&payload_len.to_be_bytes());
             let addresses = &segment[layout.l3 + 8..layout.l3 + 40];
             add_words(
@@ -239,8 +313,7 @@ pub fn segment_tcp(
                 ],
             )
         } else {
-            let total =
-                u16::try_from(segment.len() - layout.l3).map_err(|_| OffloadError::Malformed)?;
+            let total = (segment.len() - layout.l3) as u16;
             segment[layout.l3 + 2..layout.l3 + 4].copy_from_slice(&total.to_be_bytes());
             let id = ip_id.wrapping_add(index as u16);
             segment[layout.l3 + 4..layout.l3 + 6].copy_from_slice(&id.to_be_bytes());
@@ -256,7 +329,7 @@ pub fn segment_tcp(
         segment[layout.l4 + 16..layout.l4 + 18].fill(0);
         let tcp_checksum = !fold(add_words(pseudo, &segment[layout.l4..]));
         segment[layout.l4 + 16..layout.l4 + 18].copy_from_slice(&tcp_checksum.to_be_bytes());
-        emit(segment);
+        appended(buffer);
     }
     Ok(())
 }
