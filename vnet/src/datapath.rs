@@ -13,6 +13,12 @@
 //! of the change at once (so the caller gets its errors), and the core picks up or lets go of the
 //! port's queues at its next wake-up, which the handle triggers.
 //!
+//! Besides taps, a port may be *virtual*: frames from it arrive in a [`PortInbox`] that another
+//! thread fills (a vhost-user-net queue worker with what its guest transmits) and wakes the core
+//! through; frames to it go to its [`FrameSink`] (that worker's receive queue). The core treats
+//! an inbox like a tap queue. A GSO frame for a sink that cannot take one (its guest did not
+//! negotiate TSO) is cut into segments first.
+//!
 //! Offloads: taps are opened with checksum and TCP segmentation offloads (IPv4, IPv6, ECN), so the
 //! kernel hands over frames of up to 64 KiB with partial checksums, described by their virtio-net
 //! header. Between taps the frame and its header pass as they are: nobody segments or checksums
@@ -86,10 +92,84 @@ struct Shared {
     stop: AtomicBool,
 }
 
-#[derive(Debug)]
 enum Change {
     Add(PortId, Vec<File>),
+    AddVirtual(PortId, Arc<PortInbox>, Arc<dyn FrameSink>),
     Remove(PortId),
+}
+
+impl std::fmt::Debug for Change {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Change::Add(port, queues) => write!(f, "add tap port {port} ({} queues)", queues.len()),
+            Change::AddVirtual(port, ..) => write!(f, "add virtual port {port}"),
+            Change::Remove(port) => write!(f, "remove port {port}"),
+        }
+    }
+}
+
+/// Where the frames a virtual port receives go (e.g. a vhost-user-net guest's receive queue).
+/// Called on the switching core: must not block.
+pub trait FrameSink: Send + Sync + 'static {
+    /// Takes one frame and its virtio-net header (copied; the slices are valid only during the
+    /// call); false if it could not (full, closed), which is counted as a `tx_failed` drop.
+    fn push(&self, header: &VirtioNetHeader, frame: &[u8]) -> bool;
+    /// Whether GSO frames may be pushed whole; if not, the core pushes their segments.
+    fn accepts_gso(&self) -> bool;
+}
+
+/// Frames a virtual port sends into the switch, waiting for the core. Bounded: a full inbox
+/// refuses more (the pusher counts the drop).
+#[derive(Debug)]
+pub struct PortInbox {
+    frames: Mutex<std::collections::VecDeque<(VirtioNetHeader, Vec<u8>)>>,
+    capacity: usize,
+    wake: EventFd,
+}
+
+impl PortInbox {
+    /// An inbox holding at most `capacity` frames.
+    pub fn new(capacity: usize) -> io::Result<Self> {
+        Ok(PortInbox {
+            frames: Mutex::new(std::collections::VecDeque::with_capacity(
+                capacity.min(4096),
+            )),
+            capacity: capacity.max(1),
+            wake: EventFd::new(EFD_NONBLOCK)?,
+        })
+    }
+
+    /// Queues a frame (copied); false if the inbox is full or the frame larger than a GSO frame
+    /// can be. Call [`PortInbox::wake`] after a batch.
+    pub fn push(&self, header: &VirtioNetHeader, frame: &[u8]) -> bool {
+        if frame.len() > MAX_GSO_FRAME {
+            return false;
+        }
+        let mut frames = self.frames.lock().unwrap_or_else(PoisonError::into_inner);
+        if frames.len() >= self.capacity {
+            return false;
+        }
+        frames.push_back((*header, frame.to_vec()));
+        true
+    }
+
+    /// Tells the core that frames wait.
+    pub fn wake(&self) {
+        // A full counter still leaves the core a wake-up pending.
+        let _ = self.wake.write(1);
+    }
+
+    /// Up to `max` frames, oldest first; the core is woken again if more remain.
+    fn take(&self, max: usize) -> Vec<(VirtioNetHeader, Vec<u8>)> {
+        let _ = self.wake.read();
+        let mut frames = self.frames.lock().unwrap_or_else(PoisonError::into_inner);
+        let count = frames.len().min(max);
+        let taken: Vec<_> = frames.drain(..count).collect();
+        if !frames.is_empty() {
+            let _ = self.wake.write(1);
+        }
+        taken
+    }
 }
 
 impl Datapath {
@@ -191,6 +271,19 @@ impl Datapath {
         Ok(())
     }
 
+    /// Plugs a virtual port into the switch as `config`: its frames come from `inbox` (which
+    /// wakes the core), frames for it go to `sink`.
+    pub fn add_virtual_port(
+        &self,
+        config: PortConfig,
+        inbox: Arc<PortInbox>,
+        sink: Arc<dyn FrameSink>,
+    ) -> Result<(), AddPortError> {
+        self.configure().add_port(config)?;
+        self.change(Change::AddVirtual(config.id, inbox, sink));
+        Ok(())
+    }
+
     /// Unplugs a port; returns its last counters. Its queues are closed by the core.
     pub fn remove_port(&self, id: PortId) -> Result<TrafficStats, SwitchError> {
         let stats = self.configure().remove_port(id)?;
@@ -230,11 +323,27 @@ pub enum AddPortError {
     Tap(#[from] TapError),
 }
 
+/// How the core reaches a port.
+enum PortIo {
+    /// A tap's queues, each with its epoll token.
+    Tap(Vec<(u64, File)>),
+    /// A virtual port: its inbox (with its epoll token) and its sink.
+    Virtual {
+        token: u64,
+        inbox: Arc<PortInbox>,
+        sink: Arc<dyn FrameSink>,
+    },
+}
+
+/// The queue index [`Core::tokens`] gives a virtual port's inbox.
+const INBOX: usize = usize::MAX;
+
 /// The switching core's own state: the port queues it serves and its buffers.
 struct Core {
     shared: Arc<Shared>,
     epoll: Epoll,
-    ports: HashMap<PortId, Vec<(u64, File)>>,
+    ports: HashMap<PortId, PortIo>,
+    /// Epoll token → port and queue index ([`INBOX`] for a virtual port's inbox).
     tokens: HashMap<u64, (PortId, usize)>,
     next_token: u64,
     /// A frame read from a tap: its virtio-net header, then the frame.
@@ -321,7 +430,26 @@ impl Core {
                         }
                         served.push((token, queue));
                     }
-                    self.ports.insert(port, served);
+                    self.ports.insert(port, PortIo::Tap(served));
+                }
+                Change::AddVirtual(port, inbox, sink) => {
+                    self.drop_port(port);
+                    let token = self.next_token;
+                    self.next_token += 1;
+                    match self.epoll.ctl(
+                        ControlOperation::Add,
+                        inbox.wake.as_raw_fd(),
+                        EpollEvent::new(EventSet::IN, token),
+                    ) {
+                        Ok(()) => {
+                            self.tokens.insert(token, (port, INBOX));
+                        }
+                        Err(error) => {
+                            tracing::warn!(%port, %error, "a virtual port's inbox cannot be served");
+                        }
+                    }
+                    self.ports
+                        .insert(port, PortIo::Virtual { token, inbox, sink });
                 }
                 Change::Remove(port) => self.drop_port(port),
             }
@@ -329,28 +457,56 @@ impl Core {
     }
 
     fn drop_port(&mut self, port: PortId) {
-        for (token, queue) in self.ports.remove(&port).unwrap_or_default() {
-            self.tokens.remove(&token);
-            let _ = self.epoll.ctl(
-                ControlOperation::Delete,
-                queue.as_raw_fd(),
-                EpollEvent::default(),
-            );
+        match self.ports.remove(&port) {
+            Some(PortIo::Tap(queues)) => {
+                for (token, queue) in queues {
+                    self.tokens.remove(&token);
+                    let _ = self.epoll.ctl(
+                        ControlOperation::Delete,
+                        queue.as_raw_fd(),
+                        EpollEvent::default(),
+                    );
+                }
+            }
+            Some(PortIo::Virtual { token, inbox, .. }) => {
+                self.tokens.remove(&token);
+                let _ = self.epoll.ctl(
+                    ControlOperation::Delete,
+                    inbox.wake.as_raw_fd(),
+                    EpollEvent::default(),
+                );
+            }
+            None => {}
         }
     }
 
-    /// Frames from one tap queue, up to a batch.
+    /// Frames from one tap queue or virtual port inbox, up to a batch.
     fn serve_queue(&mut self, token: u64) {
         let Some(&(port, index)) = self.tokens.get(&token) else {
             return;
         };
-        let switch = self
-            .shared
-            .switch
-            .read()
-            .unwrap_or_else(PoisonError::into_inner);
+        let shared = Arc::clone(&self.shared);
+        let switch = shared.switch.read().unwrap_or_else(PoisonError::into_inner);
+        if index == INBOX {
+            let Some(PortIo::Virtual { inbox, .. }) = self.ports.get(&port) else {
+                return;
+            };
+            for (header, frame) in inbox.take(BATCH) {
+                let len = VNET_HDR_LEN + frame.len();
+                if len > self.frame.len() {
+                    continue;
+                }
+                self.frame[..VNET_HDR_LEN].copy_from_slice(&header.to_bytes());
+                self.frame[VNET_HDR_LEN..len].copy_from_slice(&frame);
+                self.forward(&switch, port, 0, len);
+            }
+            return;
+        }
         for _ in 0..BATCH {
-            let Some(queue) = self.ports.get(&port).and_then(|queues| queues.get(index)) else {
+            let Some(PortIo::Tap(queues)) = self.ports.get(&port) else {
+                return;
+            };
+            let Some(queue) = queues.get(index) else {
                 return;
             };
             let len = match (&queue.1).read(&mut self.frame) {
@@ -369,45 +525,51 @@ impl Core {
                     return;
                 }
             };
-            let Some(header) = VirtioNetHeader::parse(&self.frame[..len]) else {
-                continue;
-            };
-            let frame = &self.frame[VNET_HDR_LEN..len];
-            let now = Instant::now();
-            let verdict = if header.is_gso() {
-                switch.port_ingress_gso(port, frame, header.gso_size, now, &mut self.out)
-            } else {
-                switch.port_ingress(port, frame, now, &mut self.out)
-            };
-            match verdict {
-                Verdict::Forward => {
-                    let mut tx = Tx {
-                        ports: &self.ports,
-                        underlay: &self.shared.underlay,
-                        outgoing: &mut self.outgoing,
-                        gso: &mut self.gso,
-                    };
-                    for &egress in &self.out {
-                        if !tx.send(egress, &header, &self.frame[..len], index) {
-                            switch.delivery_failed(egress);
-                        }
-                    }
-                }
-                Verdict::Reply(reply) => {
-                    if !write_tap(
-                        &self.ports,
-                        port,
-                        index,
-                        &[0; VNET_HDR_LEN],
-                        reply.as_bytes(),
-                    ) {
-                        switch.delivery_failed(Egress::Port(port));
-                    }
-                }
-                Verdict::Drop(_) => {}
-            }
+            self.forward(&switch, port, index, len);
         }
         // More may be waiting: epoll is level-triggered, so the queue comes up again.
+    }
+
+    /// Forwards the frame in `self.frame[..len]` (a virtio-net header, then the frame) that
+    /// `port` sent on queue `index`, as the switch decides.
+    fn forward(&mut self, switch: &Switch, port: PortId, index: usize, len: usize) {
+        let Some(header) = VirtioNetHeader::parse(&self.frame[..len]) else {
+            return;
+        };
+        let frame = &self.frame[VNET_HDR_LEN..len];
+        let now = Instant::now();
+        let verdict = if header.is_gso() {
+            switch.port_ingress_gso(port, frame, header.gso_size, now, &mut self.out)
+        } else {
+            switch.port_ingress(port, frame, now, &mut self.out)
+        };
+        match verdict {
+            Verdict::Forward => {
+                let mut tx = Tx {
+                    ports: &self.ports,
+                    underlay: &self.shared.underlay,
+                    outgoing: &mut self.outgoing,
+                    gso: &mut self.gso,
+                };
+                for &egress in &self.out {
+                    if !tx.send(egress, &header, &self.frame[..len], index) {
+                        switch.delivery_failed(egress);
+                    }
+                }
+            }
+            Verdict::Reply(reply) => {
+                if !write_port(
+                    &self.ports,
+                    port,
+                    index,
+                    &[0; VNET_HDR_LEN],
+                    reply.as_bytes(),
+                ) {
+                    switch.delivery_failed(Egress::Port(port));
+                }
+            }
+            Verdict::Drop(_) => {}
+        }
     }
 
     /// Datagrams from the underlay, up to a batch of reads. Each datagram gets its own switch
@@ -425,7 +587,7 @@ impl Core {
         let switch = shared.switch.read().unwrap_or_else(PoisonError::into_inner);
         let mut deliver = |port: PortId, coalesced: Coalesced<'_>| {
             let header = coalesced.header.to_bytes();
-            if !write_tap(ports, port, 0, &header, coalesced.frame) {
+            if !write_port(ports, port, 0, &header, coalesced.frame) {
                 for _ in 0..coalesced.segments {
                     switch.delivery_failed(Egress::Port(port));
                 }
@@ -464,7 +626,7 @@ impl Core {
                     coalescer.flush(&mut deliver);
                     for &egress in out.iter() {
                         if let Egress::Port(port) = egress
-                            && !write_tap(ports, port, 0, &[0; VNET_HDR_LEN], inner)
+                            && !write_port(ports, port, 0, &[0; VNET_HDR_LEN], inner)
                         {
                             switch.delivery_failed(egress);
                         }
@@ -478,7 +640,7 @@ impl Core {
 
 /// What sending a frame from a tap needs.
 struct Tx<'a> {
-    ports: &'a HashMap<PortId, Vec<(u64, File)>>,
+    ports: &'a HashMap<PortId, PortIo>,
     underlay: &'a UdpSocket,
     outgoing: &'a mut Vec<u8>,
     gso: &'a mut bool,
@@ -496,7 +658,7 @@ impl Tx<'_> {
     ) -> bool {
         let (header_bytes, frame) = read.split_at(VNET_HDR_LEN);
         match egress {
-            Egress::Port(port) => write_tap(self.ports, port, queue_hint, header_bytes, frame),
+            Egress::Port(port) => write_port(self.ports, port, queue_hint, header_bytes, frame),
             Egress::Vtep { addr, vni } => {
                 let vxlan = vxlan::encode(vni);
                 if header.is_gso() {
@@ -585,22 +747,41 @@ fn send_run(
     refused == 0
 }
 
-/// Writes a frame, behind its virtio-net header, to one of `port`'s queues; false if the queue
-/// would not take it (full, or the port is gone).
-fn write_tap(
-    ports: &HashMap<PortId, Vec<(u64, File)>>,
+/// Hands a frame, behind its virtio-net header, to `port`: written to one of a tap's queues, or
+/// pushed to a virtual port's sink (cut into segments first if it is a GSO frame the sink cannot
+/// take). False if the port would not take it (full, or gone).
+fn write_port(
+    ports: &HashMap<PortId, PortIo>,
     port: PortId,
     queue_hint: usize,
     header: &[u8],
     frame: &[u8],
 ) -> bool {
-    let Some(queues) = ports.get(&port).filter(|queues| !queues.is_empty()) else {
-        return false;
-    };
-    let (_, queue) = &queues[queue_hint % queues.len()];
-    let written = (&*queue).write_vectored(&[IoSlice::new(header), IoSlice::new(frame)]);
-    // A tap takes a frame whole or not at all.
-    written.is_ok_and(|n| n == VNET_HDR_LEN + frame.len())
+    match ports.get(&port) {
+        Some(PortIo::Tap(queues)) if !queues.is_empty() => {
+            let (_, queue) = &queues[queue_hint % queues.len()];
+            let written = (&*queue).write_vectored(&[IoSlice::new(header), IoSlice::new(frame)]);
+            // A tap takes a frame whole or not at all.
+            written.is_ok_and(|n| n == VNET_HDR_LEN + frame.len())
+        }
+        Some(PortIo::Virtual { sink, .. }) => {
+            let Some(header) = VirtioNetHeader::parse(header) else {
+                return false;
+            };
+            if !header.is_gso() || sink.accepts_gso() {
+                return sink.push(&header, frame);
+            }
+            let plain = VirtioNetHeader::default();
+            let mut scratch = Vec::new();
+            let mut pushed = true;
+            offload::segment_tcp(&header, frame, &mut scratch, |segment| {
+                pushed &= sink.push(&plain, segment);
+            })
+            .is_ok()
+                && pushed
+        }
+        _ => false,
+    }
 }
 
 fn set_nonblocking(file: &File) -> io::Result<()> {
