@@ -6,4 +6,5 @@ pub mod daemon;
 pub mod guest;
 pub mod local_cluster;
 pub mod namespaces;
+pub mod net_driver;
 pub mod netns;

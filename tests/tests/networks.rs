@@ -479,13 +479,18 @@ fn port_lifecycle_errors_and_json() {
         assert_eq!(output.status.code(), Some(2), "{args:?}");
     }
 
-    // Lists: a table and JSON. As root, the tap is plugged into the switch a moment after the commit.
+    // Lists: a table and JSON. As root, the ports are plugged into the switch a moment after the commit.
     if is_root() {
         let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
-        while daemon.vessel_json(&["port", "show", "vtap1"]).unwrap()["counters"].is_null() {
+        while daemon.vessel_json(&["port", "list"]).unwrap()["ports"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|port| port["counters"].is_null())
+        {
             assert!(
                 std::time::Instant::now() < deadline,
-                "vtap1 is never served"
+                "the ports are never served"
             );
             std::thread::sleep(std::time::Duration::from_millis(100));
         }
@@ -499,11 +504,14 @@ fn port_lifecycle_errors_and_json() {
         listed[0][3..9],
         ["tap", "vtap1", "1", "52:54:00:12:34:56", "10.0.0.5", "no"]
     );
-    // Traffic counters: none yet on a tap the switch serves (as root), "-" where it does not (the vhost-user port;
-    // the tap too without root, which tap devices need).
-    let served = if is_root() { "0" } else { "-" };
-    assert_eq!(listed[0][9..], [served, served, served], "{table}");
-    assert_eq!(listed[1][9..], ["-", "-", "-"], "{table}");
+    // Traffic counters: none yet on ports the switch serves (as root); "-" for a port it does not serve (a tap,
+    // without root).
+    if is_root() {
+        assert_eq!(listed[0][9..], ["0", "0", "0"], "{table}");
+        assert_eq!(listed[1][9..], ["0", "0", "0"], "{table}");
+    } else {
+        assert_eq!(listed[0][9..], ["-", "-", "-"], "{table}");
+    }
     assert_eq!(listed[1][3..6], ["vhost-user", vm1, "4"]);
     assert_eq!(listed[2][1], "red");
     assert_eq!(listed[2][8], "yes");
@@ -656,4 +664,129 @@ fn networks_and_ports_survive_a_restart() {
         4,
         "already used by port 1",
     );
+}
+
+/// A 42-byte ARP request from `mac`/`ip` for `target`.
+fn arp_request(mac: [u8; 6], ip: [u8; 4], target: [u8; 4]) -> Vec<u8> {
+    let mut frame = vec![0xff; 6];
+    frame.extend_from_slice(&mac);
+    frame.extend_from_slice(&[0x08, 0x06, 0, 1, 0x08, 0x00, 6, 4, 0, 1]);
+    frame.extend_from_slice(&mac);
+    frame.extend_from_slice(&ip);
+    frame.extend_from_slice(&[0; 6]);
+    frame.extend_from_slice(&target);
+    frame
+}
+
+#[test]
+fn a_guest_nic_on_a_vhost_user_port_talks_to_a_tap() {
+    if !is_root() {
+        eprintln!("skipped: needs root (tap devices, a network namespace); CI runs it as root");
+        return;
+    }
+    let dir = test_dir("net_vhost").unwrap();
+    let (netns, options) = isolated("netvhost");
+    let netns = netns.unwrap();
+    let daemon = Daemon::start(&dir, options).unwrap();
+    daemon
+        .vessel_ok(&[
+            "net",
+            "create",
+            "blue",
+            "--vni",
+            "100",
+            "--subnet",
+            "10.0.0.0/24",
+        ])
+        .unwrap();
+    let socket = dir.join("vm1.sock");
+    let (guest_mac, tap_mac) = ([2, 0, 0, 0, 0, 1], [2, 0, 0, 0, 0, 2]);
+    daemon
+        .vessel_ok(&[
+            "port",
+            "create",
+            "blue",
+            "--vhost-user",
+            socket.to_str().unwrap(),
+            "--ip",
+            "10.0.0.1",
+            "--mac",
+            "02:00:00:00:00:01",
+        ])
+        .unwrap();
+    daemon
+        .vessel_ok(&[
+            "port",
+            "create",
+            "blue",
+            "--tap",
+            "vt2",
+            "--ip",
+            "10.0.0.2",
+            "--mac",
+            "02:00:00:00:00:02",
+        ])
+        .unwrap();
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+    while netns.ip(&["link", "show", "vt2"]).is_err() {
+        assert!(std::time::Instant::now() < deadline, "vt2 never appeared");
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    }
+    netns
+        .ip(&["addr", "add", "10.0.0.2/24", "dev", "vt2"])
+        .unwrap();
+    let mut nic = vessel_tests::net_driver::NetDriver::connect(&socket).unwrap();
+    let wait = std::time::Duration::from_secs(5);
+
+    // The guest's ARP for the tap's IP is answered by the switch, which knows the port's address.
+    nic.send(&arp_request(guest_mac, [10, 0, 0, 1], [10, 0, 0, 2]))
+        .unwrap();
+    let reply = loop {
+        let frame = nic.receive(wait).unwrap().expect("no ARP reply");
+        if frame.len() >= 42 && frame[12..14] == [0x08, 0x06] && frame[20..22] == [0, 2] {
+            break frame;
+        }
+    };
+    assert_eq!(reply[22..28], tap_mac, "the reply names the tap's MAC");
+    assert_eq!(reply[28..32], [10, 0, 0, 2]);
+
+    // An echo request reaches the tap's kernel, whose reply comes back to the guest.
+    let mut echo = Vec::new();
+    etherparse::PacketBuilder::ethernet2(guest_mac, tap_mac)
+        .ipv4([10, 0, 0, 1], [10, 0, 0, 2], 64)
+        .icmpv4_echo_request(9, 1)
+        .write(&mut echo, b"vessel over vhost-user")
+        .unwrap();
+    nic.send(&echo).unwrap();
+    loop {
+        let frame = nic.receive(wait).unwrap().expect("no echo reply");
+        let Ok(packet) = etherparse::SlicedPacket::from_ethernet(&frame) else {
+            continue;
+        };
+        if let Some(etherparse::TransportSlice::Icmpv4(icmp)) = &packet.transport
+            && matches!(icmp.icmp_type(), etherparse::Icmpv4Type::EchoReply(e) if e.id == 9)
+        {
+            assert_eq!(frame[..6], guest_mac);
+            break;
+        }
+    }
+    let shown = daemon
+        .vessel_json(&["port", "show", socket.to_str().unwrap()])
+        .unwrap();
+    let counters = &shown["counters"];
+    assert!(
+        counters["rx_packets"].as_u64().unwrap_or(0) >= 2
+            && counters["tx_packets"].as_u64().unwrap_or(0) >= 2,
+        "{shown}"
+    );
+    // Deleting the port stops its device: the socket goes.
+    drop(nic);
+    daemon
+        .vessel_ok(&["port", "delete", socket.to_str().unwrap()])
+        .unwrap();
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    while socket.exists() {
+        assert!(std::time::Instant::now() < deadline, "the socket stays");
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    }
 }

@@ -269,7 +269,7 @@ impl FrameSink for Recorder {
         true
     }
 
-    fn accepts_gso(&self) -> bool {
+    fn accepts_gso(&self, _header: &VirtioNetHeader) -> bool {
         false
     }
 }

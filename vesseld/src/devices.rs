@@ -1,19 +1,92 @@
-//! The node's running vhost-user-blk devices, one per attached volume, behind the control plane's `DeviceHost`.
+//! The node's running vhost-user devices behind the control plane's `DeviceHost`: a vhost-user-blk device per
+//! attached volume, a vhost-user-net device per vhost-user port, the latter joined to the switch by two adapters
+//! ([`ToSwitch`], [`ToGuest`]) — the wiring between `vhost-backends` and `vnet`, which know nothing of each other.
 
 use std::collections::HashMap;
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex, PoisonError};
 
-use vessel_control::node::{AttachSpec, DeviceHost};
+use vessel_control::node::{AttachSpec, DeviceHost, NetSpec};
 use vhost_backends::blk::{BlkConfig, BlkDevice};
+use vhost_backends::net::{NetBackend, NetConfig, NetDevice, NetPort};
 use vstore::{LocalVolume, VolumeId};
 
 #[derive(Debug, Default)]
-pub struct BlkDevices {
+pub struct Devices {
     running: Mutex<HashMap<VolumeId, BlkDevice>>,
+    nets: Mutex<HashMap<u64, NetDevice>>,
 }
 
-impl DeviceHost for BlkDevices {
+/// The two crates' virtio-net headers are the same 12 bytes (`virtio_net_hdr_v1`).
+fn to_vnet(header: &vhost_backends::net::VirtioNetHeader) -> vnet::offload::VirtioNetHeader {
+    vnet::offload::VirtioNetHeader {
+        flags: header.flags,
+        gso_type: header.gso_type,
+        hdr_len: header.hdr_len,
+        gso_size: header.gso_size,
+        csum_start: header.csum_start,
+        csum_offset: header.csum_offset,
+    }
+}
+
+fn to_guest(header: &vnet::offload::VirtioNetHeader) -> vhost_backends::net::VirtioNetHeader {
+    vhost_backends::net::VirtioNetHeader {
+        flags: header.flags,
+        gso_type: header.gso_type,
+        hdr_len: header.hdr_len,
+        gso_size: header.gso_size,
+        csum_start: header.csum_start,
+        csum_offset: header.csum_offset,
+        num_buffers: 0,
+    }
+}
+
+/// What a guest transmits goes into the port's inbox in the switch; the core is woken once per batch.
+struct ToSwitch(Arc<vnet::PortInbox>);
+
+impl NetPort for ToSwitch {
+    fn transmit(
+        &self,
+        _queue_pair: u16,
+        header: &vhost_backends::net::VirtioNetHeader,
+        frame: &[u8],
+    ) -> bool {
+        self.0.push(&to_vnet(header), frame)
+    }
+
+    fn flush(&self, _queue_pair: u16) {
+        self.0.wake();
+    }
+}
+
+/// What the switch sends the port goes to one of the device's receive queues: a flow (by its addresses) keeps to
+/// one queue pair, among those the guest has open.
+struct ToGuest(Arc<NetBackend>);
+
+impl vnet::FrameSink for ToGuest {
+    fn push(&self, header: &vnet::offload::VirtioNetHeader, frame: &[u8]) -> bool {
+        let pairs = self.0.queue_pairs();
+        // Ethertype and the IPv4 addresses, or whatever lies there: enough to spread flows.
+        let flow = frame
+            .get(12..34)
+            .unwrap_or_default()
+            .iter()
+            .fold(0u32, |hash, byte| {
+                hash.wrapping_mul(31).wrapping_add(u32::from(*byte))
+            });
+        let first = u16::try_from(flow % u32::from(pairs.max(1))).unwrap_or(0);
+        let open = (0..pairs)
+            .map(|i| (first + i) % pairs)
+            .find_map(|pair| self.0.rx_queue(pair).filter(|queue| queue.is_open()));
+        open.is_some_and(|queue| queue.push(&to_guest(header), frame))
+    }
+
+    fn accepts_gso(&self, header: &vnet::offload::VirtioNetHeader) -> bool {
+        self.0.guest_offloads().accepts_gso(&to_guest(header))
+    }
+}
+
+impl DeviceHost for Devices {
     fn attach(&self, volume: Arc<LocalVolume>, spec: &AttachSpec) -> Result<(), String> {
         let id = volume.layout().id;
         let mut running = self.running.lock().unwrap_or_else(PoisonError::into_inner);
@@ -60,7 +133,55 @@ impl DeviceHost for BlkDevices {
         running.get(&volume).map(BlkDevice::write_back)
     }
 
+    fn start_net(
+        &self,
+        port: u64,
+        spec: &NetSpec,
+        inbox: Arc<vnet::PortInbox>,
+    ) -> Result<Arc<dyn vnet::FrameSink>, String> {
+        let mut nets = self.nets.lock().unwrap_or_else(PoisonError::into_inner);
+        if nets.contains_key(&port) {
+            return Err(format!("port {port} is already served on this node"));
+        }
+        let config = NetConfig {
+            queue_pairs: spec.queues,
+            mtu: spec.mtu,
+            socket_mode: spec.socket_mode,
+            ..NetConfig::new(
+                format!("port {port}"),
+                PathBuf::from(&spec.socket),
+                spec.mac,
+            )
+        };
+        let device = NetDevice::start(config, Arc::new(ToSwitch(inbox)))
+            .map_err(|error| error.to_string())?;
+        let sink = Arc::new(ToGuest(Arc::clone(device.backend())));
+        nets.insert(port, device);
+        Ok(sink)
+    }
+
+    fn stop_net(&self, port: u64) {
+        let device = self
+            .nets
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .remove(&port);
+        if let Some(device) = device {
+            device.stop();
+        }
+    }
+
     fn detach_all(&self) {
+        let nets: Vec<NetDevice> = self
+            .nets
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .drain()
+            .map(|(_, device)| device)
+            .collect();
+        for device in nets {
+            device.stop();
+        }
         let devices: Vec<BlkDevice> = self
             .running
             .lock()

@@ -15,7 +15,7 @@ use tracing_subscriber::EnvFilter;
 use vessel_control::node::{NodeConfig, run_node};
 
 use crate::config::Config;
-use crate::devices::BlkDevices;
+use crate::devices::Devices;
 
 /// The Vessel node daemon. With no arguments it runs a single-node cluster with its data (metadata, a file-backed
 /// disk pool, the admin socket) in ./vessel-data.
@@ -102,7 +102,7 @@ fn run() -> anyhow::Result<()> {
         .build()
         .context("starting the async runtime")?;
     runtime.block_on(async {
-        let devices = Arc::new(BlkDevices::default());
+        let devices = Arc::new(Devices::default());
         run_node(node, devices, shutdown_signal())
             .await
             .map_err(anyhow::Error::from)

@@ -114,8 +114,9 @@ pub trait FrameSink: Send + Sync + 'static {
     /// Takes one frame and its virtio-net header (copied; the slices are valid only during the
     /// call); false if it could not (full, closed), which is counted as a `tx_failed` drop.
     fn push(&self, header: &VirtioNetHeader, frame: &[u8]) -> bool;
-    /// Whether GSO frames may be pushed whole; if not, the core pushes their segments.
-    fn accepts_gso(&self) -> bool;
+    /// Whether a GSO frame with `header` may be pushed whole (the port negotiated that kind of
+    /// segmentation offload); if not, the core pushes its segments.
+    fn accepts_gso(&self, header: &VirtioNetHeader) -> bool;
 }
 
 /// Frames a virtual port sends into the switch, waiting for the core. Bounded: a full inbox
@@ -768,7 +769,7 @@ fn write_port(
             let Some(header) = VirtioNetHeader::parse(header) else {
                 return false;
             };
-            if !header.is_gso() || sink.accepts_gso() {
+            if !header.is_gso() || sink.accepts_gso(&header) {
                 return sink.push(&header, frame);
             }
             let plain = VirtioNetHeader::default();

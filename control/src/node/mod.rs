@@ -73,8 +73,20 @@ pub struct AttachSpec {
     pub socket_mode: u32,
 }
 
-/// The devices a node serves volumes through; the daemon implements it with vhost-user-blk. The control plane
-/// decides *what* is attached; this does the serving.
+/// How a vhost-user-net port is served.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct NetSpec {
+    pub socket: String,
+    pub socket_mode: u32,
+    /// Queue pairs.
+    pub queues: u16,
+    pub mac: [u8; 6],
+    /// The network's MTU: the most the guest may set.
+    pub mtu: u16,
+}
+
+/// The devices a node serves volumes and guest NICs through; the daemon implements it with vhost-user-blk and
+/// vhost-user-net. The control plane decides *what* is served; this does the serving.
 pub trait DeviceHost: Send + Sync + std::fmt::Debug + 'static {
     /// Starts serving `volume`; the error is a user-facing sentence.
     fn attach(&self, volume: Arc<LocalVolume>, spec: &AttachSpec) -> Result<(), String>;
@@ -88,6 +100,21 @@ pub trait DeviceHost: Send + Sync + std::fmt::Debug + 'static {
     fn write_back(&self, volume: VolumeId) -> Option<bool>;
     /// Stops every device (daemon shutdown).
     fn detach_all(&self);
+    /// Starts serving port `port` as a vhost-user-net device: frames its guest sends go into `inbox`; the returned
+    /// sink takes the frames for the guest. The error is a user-facing sentence.
+    fn start_net(
+        &self,
+        port: u64,
+        spec: &NetSpec,
+        inbox: Arc<vnet::PortInbox>,
+    ) -> Result<Arc<dyn vnet::FrameSink>, String> {
+        let _ = (port, spec, inbox);
+        Err("this daemon serves no vhost-user-net devices".to_owned())
+    }
+    /// Stops serving port `port` (nothing if it is not served).
+    fn stop_net(&self, port: u64) {
+        let _ = port;
+    }
 }
 
 /// Everything a node's admin API, metrics and start-up share.

@@ -8,7 +8,9 @@
 //! - A tap port's device is created (or adopted, if it exists) and made persistent, so that it and whatever the
 //!   operator configured on it (a namespace, addresses) outlive a daemon restart; it gets the port's MAC, the
 //!   network's MTU and is brought up. Deleting the port removes the device.
-//! - vhost-user-net ports are not served yet: they are skipped with a warning.
+//! - A vhost-user-net port is served by a device the daemon starts (`DeviceHost::start_net`) on the port's socket:
+//!   what its guest sends goes into the port's inbox in the switch, what the switch sends it goes to the device's
+//!   receive queues. Deleting the port stops the device.
 //! - Reconciling is idempotent and runs after every change of the state (and at start-up): what the switch
 //!   holds is compared with what the state says, and only the difference is applied.
 
@@ -41,8 +43,8 @@ struct Running {
     datapath: Datapath,
     underlay: SocketAddr,
     networks: HashMap<u64, NetworkConfig>,
-    /// Plugged ports, with their tap's name.
-    ports: HashMap<u64, String>,
+    /// Plugged ports.
+    ports: HashMap<u64, Plugged>,
     /// Per network: VTEPs, and the remote MACs (with their VTEP) and IPs pushed.
     vteps: HashMap<u64, Vec<SocketAddr>>,
     remote_macs: HashMap<u64, BTreeMap<Mac, SocketAddr>>,
@@ -57,6 +59,17 @@ impl std::fmt::Debug for NodeSwitch {
             .finish()
     }
 }
+
+/// How a plugged port is served.
+enum Plugged {
+    /// By the tap of this name.
+    Tap(String),
+    /// By a vhost-user-net device.
+    VhostUser,
+}
+
+/// Frames a port's inbox holds while the switching core is busy.
+const INBOX_FRAMES: usize = 1024;
 
 /// What the state asks of this node's switch.
 struct Wanted {
@@ -237,7 +250,7 @@ impl Running {
             .filter(|id| !wanted_ports.contains(id))
             .collect::<Vec<_>>()
         {
-            self.unplug(gone);
+            self.unplug(node, gone);
         }
         failed.retain(|id, _| wanted_ports.contains(id));
         for gone in self
@@ -276,10 +289,10 @@ impl Running {
             if self.ports.contains_key(&port.id) || !self.networks.contains_key(&port.network) {
                 continue;
             }
-            match self.plug(port) {
-                Ok(()) => {
+            match self.plug(node, port) {
+                Ok(plugged) => {
                     failed.remove(&port.id);
-                    self.ports.insert(port.id, port.kind.endpoint().to_owned());
+                    self.ports.insert(port.id, plugged);
                     tracing::info!(port = port.id, kind = %port.kind, "port plugged into the switch");
                 }
                 Err(error) => {
@@ -292,53 +305,81 @@ impl Running {
         self.follow_remote(wanted);
     }
 
-    fn plug(&self, port: &Port) -> Result<(), String> {
+    fn plug(&self, node: &LocalNode, port: &Port) -> Result<Plugged, String> {
         let network = self.networks[&port.network];
-        let PortKind::Tap { ifname, queues } = &port.kind else {
-            return Err("vhost-user-net ports are not served yet (only tap ports are)".to_owned());
-        };
         let mac = Mac(port.mac.0);
-        let tap = Tap::open(ifname, usize::from(*queues)).map_err(|error| error.to_string())?;
-        tap.set_persistent(true)
-            .map_err(|error| error.to_string())?;
-        tap.set_mac(mac).map_err(|error| error.to_string())?;
-        tap.set_mtu(network.mtu)
-            .map_err(|error| error.to_string())?;
-        tap.set_up(true).map_err(|error| error.to_string())?;
-        self.datapath
-            .add_tap(
-                PortConfig {
-                    id: vnet::PortId(port.id),
-                    network: network.id,
-                    mac,
-                    ipv4: port.ipv4,
-                    allow_any_mac: port.allow_any_mac,
-                },
-                tap,
-            )
-            .map_err(|error| error.to_string())
+        let config = PortConfig {
+            id: vnet::PortId(port.id),
+            network: network.id,
+            mac,
+            ipv4: port.ipv4,
+            allow_any_mac: port.allow_any_mac,
+        };
+        match &port.kind {
+            PortKind::Tap { ifname, queues } => {
+                let tap =
+                    Tap::open(ifname, usize::from(*queues)).map_err(|error| error.to_string())?;
+                tap.set_persistent(true)
+                    .map_err(|error| error.to_string())?;
+                tap.set_mac(mac).map_err(|error| error.to_string())?;
+                tap.set_mtu(network.mtu)
+                    .map_err(|error| error.to_string())?;
+                tap.set_up(true).map_err(|error| error.to_string())?;
+                self.datapath
+                    .add_tap(config, tap)
+                    .map_err(|error| error.to_string())?;
+                Ok(Plugged::Tap(ifname.clone()))
+            }
+            PortKind::VhostUser {
+                socket,
+                queues,
+                socket_mode,
+            } => {
+                let inbox = Arc::new(
+                    vnet::PortInbox::new(INBOX_FRAMES).map_err(|error| error.to_string())?,
+                );
+                let spec = super::NetSpec {
+                    socket: socket.clone(),
+                    socket_mode: *socket_mode,
+                    queues: *queues,
+                    mac: port.mac.0,
+                    mtu: network.mtu,
+                };
+                let sink = node.devices.start_net(port.id, &spec, Arc::clone(&inbox))?;
+                if let Err(error) = self.datapath.add_virtual_port(config, inbox, sink) {
+                    node.devices.stop_net(port.id);
+                    return Err(error.to_string());
+                }
+                Ok(Plugged::VhostUser)
+            }
+        }
     }
 
-    /// Takes a port out of the switch; its tap device is deleted.
-    fn unplug(&mut self, id: u64) {
-        let Some(ifname) = self.ports.remove(&id) else {
+    /// Takes a port out of the switch; its tap device is deleted, its vhost-user-net device stopped.
+    fn unplug(&mut self, node: &LocalNode, id: u64) {
+        let Some(plugged) = self.ports.remove(&id) else {
             return;
         };
-        // The device goes when its last queue closes, once it is no longer persistent.
-        match Tap::open(&ifname, 1) {
-            Ok(tap) => {
-                if let Err(error) = tap.set_persistent(false) {
-                    tracing::warn!(port = id, %error, "the tap device stays");
+        if let Plugged::Tap(ifname) = &plugged {
+            // The device goes when its last queue closes, once it is no longer persistent.
+            match Tap::open(ifname, 1) {
+                Ok(tap) => {
+                    if let Err(error) = tap.set_persistent(false) {
+                        tracing::warn!(port = id, %error, "the tap device stays");
+                    }
                 }
-            }
-            Err(error) => {
-                tracing::warn!(port = id, %error, "cannot reach the tap device to delete it")
+                Err(error) => {
+                    tracing::warn!(port = id, %error, "cannot reach the tap device to delete it")
+                }
             }
         }
         if let Err(error) = self.datapath.remove_port(vnet::PortId(id)) {
             tracing::warn!(port = id, %error, "cannot remove a port from the switch");
         }
-        tracing::info!(port = id, tap = %ifname, "port unplugged from the switch");
+        if matches!(plugged, Plugged::VhostUser) {
+            node.devices.stop_net(id);
+        }
+        tracing::info!(port = id, "port unplugged from the switch");
     }
 
     /// VTEP lists, remote MACs and remote IPs, per network, as wanted.
