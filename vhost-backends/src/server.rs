@@ -313,12 +313,23 @@ fn serve<D: VhostUserDevice>(stream: UnixStream, device: &Arc<D>, shared: &Share
     let mut requests = BackendReqHandler::from_stream(stream, Arc::clone(&handler));
     let set_backend_req_fd = u32::from(FrontendReq::SET_BACKEND_REQ_FD);
     let net_set_mtu = u32::from(FrontendReq::NET_SET_MTU);
+    let set_vring_enable = u32::from(FrontendReq::SET_VRING_ENABLE);
     let reason = loop {
         let peeked = match peek_request(&peek) {
             Ok(Some(p)) => p,
             Ok(None) => break "frontend closed the connection".to_string(),
             Err(e) => break format!("connection error: {e}"),
         };
+        if peeked.code == Some(set_vring_enable)
+            && lock(&handler).acked_features() & PROTOCOL_FEATURES_BIT == 0
+        {
+            // QEMU's vhost-user-net disables its rings before it acks any feature; the crate would close the
+            // connection for a SET_VRING_ENABLE before VHOST_USER_F_PROTOCOL_FEATURES is acked.
+            match answer_early_vring_enable(&peek, &handler) {
+                Ok(()) => continue,
+                Err(e) => break format!("SET_VRING_ENABLE: {e}"),
+            }
+        }
         if peeked.code == Some(net_set_mtu) {
             // Not dispatched by the `vhost` crate (it would close the connection).
             match answer_net_set_mtu(&peek, &handler) {
@@ -447,6 +458,59 @@ fn answer_net_set_mtu<D: VhostUserDevice>(
     let result = handler.net_set_mtu(mtu);
     if let Err(e) = &result {
         warn!(request = ?FrontendReq::NET_SET_MTU, "request refused: {e}");
+    }
+    let reply_ack = handler
+        .acked_protocol_features()
+        .contains(VhostUserProtocolFeatures::REPLY_ACK);
+    drop(handler);
+    if flags & NEED_REPLY != 0 && reply_ack {
+        let mut reply = [0u8; 20];
+        reply[0..4].copy_from_slice(&code.to_le_bytes());
+        reply[4..8].copy_from_slice(&(VERSION_1 | REPLY).to_le_bytes());
+        reply[8..12].copy_from_slice(&8u32.to_le_bytes());
+        reply[12..20].copy_from_slice(&u64::from(result.is_err()).to_le_bytes());
+        sock.write_all(&reply)?;
+    }
+    Ok(())
+}
+
+/// VHOST_USER_F_PROTOCOL_FEATURES, as acked in SET_FEATURES.
+const PROTOCOL_FEATURES_BIT: u64 = 1 << 30;
+
+/// Reads a SET_VRING_ENABLE (header + ring index + state) that arrived before the frontend acked
+/// VHOST_USER_F_PROTOCOL_FEATURES, applies it, and acknowledges it when asked to with REPLY_ACK
+/// negotiated. QEMU's vhost-user-net sends one per ring (disable) at start-up, as soon as the
+/// backend *offers* the feature; the spec lets a backend accept it.
+fn answer_early_vring_enable<D: VhostUserDevice>(
+    mut sock: &UnixStream,
+    handler: &Mutex<VhostUserHandler<D>>,
+) -> io::Result<()> {
+    const VERSION_1: u32 = 0x1;
+    const REPLY: u32 = 0x4;
+    const NEED_REPLY: u32 = 0x8;
+    let mut header = [0u8; 12];
+    sock.read_exact(&mut header)?;
+    let word =
+        |i: usize| u32::from_le_bytes([header[i], header[i + 1], header[i + 2], header[i + 3]]);
+    let (code, flags, size) = (word(0), word(4), word(8));
+    if size != 8 {
+        return Err(io::Error::new(
+            io::ErrorKind::InvalidData,
+            format!("body of {size} bytes, expected 8"),
+        ));
+    }
+    let mut body = [0u8; 8];
+    sock.read_exact(&mut body)?;
+    let index = u32::from_le_bytes([body[0], body[1], body[2], body[3]]);
+    let enable = u32::from_le_bytes([body[4], body[5], body[6], body[7]]) != 0;
+    let mut handler = lock(handler);
+    let result = vhost::vhost_user::VhostUserBackendReqHandlerMut::set_vring_enable(
+        &mut *handler,
+        index,
+        enable,
+    );
+    if let Err(e) = &result {
+        warn!(request = ?FrontendReq::SET_VRING_ENABLE, "request refused: {e}");
     }
     let reply_ack = handler
         .acked_protocol_features()
