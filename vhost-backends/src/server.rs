@@ -434,56 +434,50 @@ fn send_config_change(ch: &mut BackendChannel) -> io::Result<()> {
 /// QEMU then fails to start the NIC). An error means the message was malformed or the socket
 /// failed: the connection is closed, as the crate does for malformed messages.
 fn answer_net_set_mtu<D: VhostUserDevice>(
-    mut sock: &UnixStream,
+    sock: &UnixStream,
     handler: &Mutex<VhostUserHandler<D>>,
 ) -> io::Result<()> {
-    const VERSION_1: u32 = 0x1;
-    const REPLY: u32 = 0x4;
-    const NEED_REPLY: u32 = 0x8;
-    let mut header = [0u8; 12];
-    sock.read_exact(&mut header)?;
-    let word =
-        |i: usize| u32::from_le_bytes([header[i], header[i + 1], header[i + 2], header[i + 3]]);
-    let (code, flags, size) = (word(0), word(4), word(8));
-    if size != 8 {
-        return Err(io::Error::new(
-            io::ErrorKind::InvalidData,
-            format!("body of {size} bytes, expected 8"),
-        ));
-    }
-    let mut body = [0u8; 8];
-    sock.read_exact(&mut body)?;
-    let mtu = u64::from_le_bytes(body);
-    let mut handler = lock(handler);
-    let result = handler.net_set_mtu(mtu);
-    if let Err(e) = &result {
-        warn!(request = ?FrontendReq::NET_SET_MTU, "request refused: {e}");
-    }
-    let reply_ack = handler
-        .acked_protocol_features()
-        .contains(VhostUserProtocolFeatures::REPLY_ACK);
-    drop(handler);
-    if flags & NEED_REPLY != 0 && reply_ack {
-        let mut reply = [0u8; 20];
-        reply[0..4].copy_from_slice(&code.to_le_bytes());
-        reply[4..8].copy_from_slice(&(VERSION_1 | REPLY).to_le_bytes());
-        reply[8..12].copy_from_slice(&8u32.to_le_bytes());
-        reply[12..20].copy_from_slice(&u64::from(result.is_err()).to_le_bytes());
-        sock.write_all(&reply)?;
-    }
-    Ok(())
+    answer_itself(sock, handler, FrontendReq::NET_SET_MTU, |handler, body| {
+        handler
+            .net_set_mtu(u64::from_le_bytes(body))
+            .map_err(|e| e.to_string())
+    })
 }
 
 /// VHOST_USER_F_PROTOCOL_FEATURES, as acked in SET_FEATURES.
 const PROTOCOL_FEATURES_BIT: u64 = 1 << 30;
 
 /// Reads a SET_VRING_ENABLE (header + ring index + state) that arrived before the frontend acked
-/// VHOST_USER_F_PROTOCOL_FEATURES, applies it, and acknowledges it when asked to with REPLY_ACK
-/// negotiated. QEMU's vhost-user-net sends one per ring (disable) at start-up, as soon as the
-/// backend *offers* the feature; the spec lets a backend accept it.
+/// VHOST_USER_F_PROTOCOL_FEATURES, applies it, and acknowledges it as [`answer_net_set_mtu`]
+/// does. QEMU's vhost-user-net sends one per ring (disable) at start-up, as soon as the backend
+/// *offers* the feature; the `vhost` crate would close the connection.
 fn answer_early_vring_enable<D: VhostUserDevice>(
+    sock: &UnixStream,
+    handler: &Mutex<VhostUserHandler<D>>,
+) -> io::Result<()> {
+    answer_itself(
+        sock,
+        handler,
+        FrontendReq::SET_VRING_ENABLE,
+        |handler, body| {
+            let index = u32::from_le_bytes([body[0], body[1], body[2], body[3]]);
+            let enable = u32::from_le_bytes([body[4], body[5], body[6], body[7]]) != 0;
+            vhost::vhost_user::VhostUserBackendReqHandlerMut::set_vring_enable(
+                handler, index, enable,
+            )
+            .map_err(|e| e.to_string())
+        },
+    )
+}
+
+/// Reads a request with an 8-byte body off the socket (one the `vhost` crate must not see), runs
+/// `apply` on it and, when the frontend asked for a reply with REPLY_ACK negotiated, answers 0
+/// (done) or 1 (refused). An error means the message was malformed or the socket failed.
+fn answer_itself<D: VhostUserDevice>(
     mut sock: &UnixStream,
     handler: &Mutex<VhostUserHandler<D>>,
+    request: FrontendReq,
+    apply: impl FnOnce(&mut VhostUserHandler<D>, [u8; 8]) -> Result<(), String>,
 ) -> io::Result<()> {
     const VERSION_1: u32 = 0x1;
     const REPLY: u32 = 0x4;
@@ -501,16 +495,10 @@ fn answer_early_vring_enable<D: VhostUserDevice>(
     }
     let mut body = [0u8; 8];
     sock.read_exact(&mut body)?;
-    let index = u32::from_le_bytes([body[0], body[1], body[2], body[3]]);
-    let enable = u32::from_le_bytes([body[4], body[5], body[6], body[7]]) != 0;
     let mut handler = lock(handler);
-    let result = vhost::vhost_user::VhostUserBackendReqHandlerMut::set_vring_enable(
-        &mut *handler,
-        index,
-        enable,
-    );
+    let result = apply(&mut handler, body);
     if let Err(e) = &result {
-        warn!(request = ?FrontendReq::SET_VRING_ENABLE, "request refused: {e}");
+        warn!(?request, "request refused: {e}");
     }
     let reply_ack = handler
         .acked_protocol_features()
