@@ -7,8 +7,8 @@
 //! core (CPU 0): Vessel's daemon pinned there (its switching core and the two ports' queue workers), or testpmd's
 //! wire with one forwarding core. The figure is the frames per second the driver receives, both ports together.
 //!
-//! Needs root, DPDK (`apt-get install dpdk-dev librte-net-vhost23 librte-net-virtio23`) and 2 MiB hugepages, which
-//! it sets up itself (512 of them, hugetlbfs on /dev/hugepages). Run it with a release build:
+//! Needs root, DPDK's testpmd and 2 MiB hugepages, which it sets up itself (the Debian packages dpdk-dev,
+//! librte-net-vhost23 and librte-net-virtio23; 512 hugepages, hugetlbfs on /dev/hugepages). Run it with a release build:
 //!     cargo run --release -p vessel-tests --bin bench-vhost-net -- [--seconds 5] [--rounds 3]
 
 use std::path::Path;
@@ -32,6 +32,31 @@ struct Args {
 
 const MAC_A: &str = "02:00:00:00:00:0a";
 const MAC_B: &str = "02:00:00:00:00:0b";
+
+/// DPDK's testpmd with the vhost and virtio-user drivers, installed from Debian's packages if missing.
+fn testpmd() -> anyhow::Result<()> {
+    const PACKAGES: [&str; 3] = ["dpdk-dev", "librte-net-vhost23", "librte-net-virtio23"];
+    let present = PACKAGES.iter().all(|package| {
+        Command::new("dpkg-query")
+            .args(["-W", "-f=${Status}", package])
+            .output()
+            .is_ok_and(|out| String::from_utf8_lossy(&out.stdout).contains("install ok installed"))
+    });
+    if present {
+        return Ok(());
+    }
+    eprintln!("installing DPDK's testpmd ({})...", PACKAGES.join(" "));
+    let status = Command::new("apt-get")
+        .args(["install", "-y", "-q", "--no-install-recommends"])
+        .args(PACKAGES)
+        .env("DEBIAN_FRONTEND", "noninteractive")
+        .status()
+        .context("running apt-get")?;
+    if !status.success() {
+        bail!("apt-get install {} failed", PACKAGES.join(" "));
+    }
+    Ok(())
+}
 
 /// 2 MiB hugepages for the testpmd processes.
 fn hugepages() -> anyhow::Result<()> {
@@ -175,6 +200,7 @@ fn main() -> anyhow::Result<()> {
     if cfg!(debug_assertions) {
         eprintln!("warning: this is a debug build; run with --release for meaningful figures");
     }
+    testpmd()?;
     hugepages()?;
     let dir = test_dir("bench-vhost-net")?;
     let options = DaemonOptions {
