@@ -32,8 +32,13 @@ pub fn listening_with(dir: &Path, name: &str, rack: &str, config: &str) -> (Daem
 }
 
 /// Polls `check` until it holds (a follower applies a moment after the leader).
-pub fn eventually(what: &str, mut check: impl FnMut() -> bool) {
-    let deadline = Instant::now() + Duration::from_secs(20);
+pub fn eventually(what: &str, check: impl FnMut() -> bool) {
+    eventually_within(what, Duration::from_secs(20), check);
+}
+
+/// [`eventually`] with a deadline of the caller's.
+pub fn eventually_within(what: &str, timeout: Duration, mut check: impl FnMut() -> bool) {
+    let deadline = Instant::now() + timeout;
     while !check() {
         assert!(Instant::now() < deadline, "timed out waiting until {what}");
         std::thread::sleep(Duration::from_millis(100));

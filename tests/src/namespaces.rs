@@ -5,8 +5,11 @@
 //! in it and ends the processes started with [`Netns::spawn`] (they are killed by the guard they
 //! return).
 
+use std::io::{Read, Write};
+use std::net::{SocketAddr, TcpListener, TcpStream};
 use std::os::fd::AsRawFd;
 use std::process::{Child, Command, Stdio};
+use std::time::Duration;
 
 use anyhow::{Context, bail};
 
@@ -180,4 +183,46 @@ pub fn veth(a: &Netns, a_if: &str, b: &Netns, b_if: &str) -> anyhow::Result<()> 
         "link", "add", a_if, "type", "veth", "peer", "name", b_if, "netns", &b.0,
     ])
     .map(drop)
+}
+
+/// Sends `bytes` over TCP from namespace `from` to `to_ip`:`port` in namespace `to`; panics unless they arrive
+/// intact.
+pub fn tcp_transfer(from: &Netns, to: &Netns, to_ip: &str, port: u16, bytes: usize) {
+    let listener = to
+        .enter(|| TcpListener::bind((to_ip, port)).expect("listen"))
+        .unwrap();
+    let data: Vec<u8> = (0..bytes).map(|i| (i * 7 + i / 4096) as u8).collect();
+    let address: SocketAddr = format!("{to_ip}:{port}").parse().unwrap();
+    std::thread::scope(|scope| {
+        let receiver = scope.spawn(|| {
+            let (mut stream, _) = listener.accept().expect("accept");
+            let mut received = Vec::new();
+            stream.read_to_end(&mut received).expect("receive");
+            received
+        });
+        from.enter(|| {
+            let mut stream =
+                TcpStream::connect_timeout(&address, Duration::from_secs(5)).expect("connect");
+            stream.write_all(&data).expect("send");
+        })
+        .unwrap();
+        let received = receiver.join().unwrap();
+        assert!(
+            received == data,
+            "{} of {bytes} bytes arrived, or different ones",
+            received.len()
+        );
+    });
+}
+
+/// The rx packet count of interface `ifname` in namespace `ns`.
+pub fn rx_packets(ns: &Netns, ifname: &str) -> u64 {
+    ns.exec(&[
+        "cat",
+        &format!("/sys/class/net/{ifname}/statistics/rx_packets"),
+    ])
+    .unwrap()
+    .trim()
+    .parse()
+    .unwrap()
 }

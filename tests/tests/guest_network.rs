@@ -6,6 +6,7 @@ use std::path::Path;
 use std::time::{Duration, Instant};
 
 use vessel_tests::guest::{Guest, GuestConfig, GuestImage, running_as_root};
+use vessel_tests::local_cluster::eventually_within;
 use vessel_tests::netns::NetnsCluster;
 
 const MINUTE: Duration = Duration::from_secs(60);
@@ -37,14 +38,6 @@ fn pings(guest: &mut Guest, ip: &str) -> bool {
     guest
         .run(&format!("ping -c 1 -W 2 {ip}"), MINUTE)
         .is_ok_and(|out| out.success())
-}
-
-fn eventually(what: &str, timeout: Duration, mut check: impl FnMut() -> bool) {
-    let deadline = Instant::now() + timeout;
-    while !check() {
-        assert!(Instant::now() < deadline, "timed out waiting until {what}");
-        std::thread::sleep(Duration::from_millis(500));
-    }
 }
 
 #[test]
@@ -80,7 +73,7 @@ fn guests_on_two_nodes_talk_over_vhost_user_net_and_the_overlay() {
                 ],
             )
             .unwrap();
-        eventually("the port's socket", MINUTE, || socket.exists());
+        eventually_within("the port's socket", MINUTE, || socket.exists());
     }
     let image = GuestImage::get().unwrap();
     let boot = |socket: &Path, mac: &str| {
@@ -123,7 +116,7 @@ fn guests_on_two_nodes_talk_over_vhost_user_net_and_the_overlay() {
     // Node 2's daemon dies and comes back: QEMU reconnects to the new device, the guest's link comes back.
     cluster.kill(2).unwrap();
     cluster.start(2).unwrap();
-    eventually(
+    eventually_within(
         "guest a reaches guest b after node 2's restart",
         3 * MINUTE,
         || pings(&mut a, "10.0.0.2"),

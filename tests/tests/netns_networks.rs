@@ -2,49 +2,15 @@
 //! tap ports made with the CLI, traffic between nodes over VXLAN, counters, a node's restart, a port's deletion.
 //! Needs root (CI runs it as root); without it, it says so and passes.
 
-use std::io::{Read, Write};
-use std::net::{SocketAddr, TcpListener, TcpStream};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
-use vessel_tests::namespaces::{Netns, is_root};
+use vessel_tests::local_cluster::eventually_within;
+use vessel_tests::namespaces::{Netns, is_root, rx_packets, tcp_transfer};
 use vessel_tests::netns::NetnsCluster;
-
-/// Retries `check` for up to `seconds`.
-fn eventually(what: &str, seconds: u64, mut check: impl FnMut() -> bool) {
-    let deadline = Instant::now() + Duration::from_secs(seconds);
-    while !check() {
-        assert!(Instant::now() < deadline, "timed out waiting until {what}");
-        std::thread::sleep(Duration::from_millis(200));
-    }
-}
 
 fn pings(from: &Netns, ip: &str) -> bool {
     from.exec(&["busybox", "ping", "-c", "1", "-W", "1", ip])
         .is_ok()
-}
-
-/// Sends `bytes` over TCP from `from` to `to_ip`:5002 in `to`; checks they arrive intact.
-fn tcp_transfer(from: &Netns, to: &Netns, to_ip: &str, bytes: usize) {
-    let listener = to
-        .enter(|| TcpListener::bind((to_ip, 5002)).expect("listen"))
-        .unwrap();
-    let data: Vec<u8> = (0..bytes).map(|i| (i * 13 + i / 1000) as u8).collect();
-    let address: SocketAddr = format!("{to_ip}:5002").parse().unwrap();
-    std::thread::scope(|scope| {
-        let receiver = scope.spawn(|| {
-            let (mut stream, _) = listener.accept().expect("accept");
-            let mut received = Vec::new();
-            stream.read_to_end(&mut received).expect("receive");
-            received
-        });
-        from.enter(|| {
-            let mut stream =
-                TcpStream::connect_timeout(&address, Duration::from_secs(5)).expect("connect");
-            stream.write_all(&data).expect("send");
-        })
-        .unwrap();
-        assert!(receiver.join().unwrap() == data, "the data arrived changed");
-    });
 }
 
 #[test]
@@ -85,10 +51,14 @@ fn taps_on_two_nodes_talk_over_the_overlay_and_after_a_restart() {
         )
         .unwrap();
     for (ns, ifname, ip) in [(&ns1, "vt1", "10.0.0.1/24"), (&ns2, "vt2", "10.0.0.2/24")] {
-        eventually(&format!("{ifname} exists and is up"), 20, || {
-            ns.ip(&["link", "show", ifname])
-                .is_ok_and(|out| out.contains("UP"))
-        });
+        eventually_within(
+            &format!("{ifname} exists and is up"),
+            Duration::from_secs(20),
+            || {
+                ns.ip(&["link", "show", ifname])
+                    .is_ok_and(|out| out.contains("UP"))
+            },
+        );
         ns.ip(&["addr", "add", ip, "dev", ifname]).unwrap();
     }
     // The MTU is the network's (1450 by default).
@@ -97,11 +67,13 @@ fn taps_on_two_nodes_talk_over_the_overlay_and_after_a_restart() {
             .unwrap()
             .contains("mtu 1450")
     );
-    eventually("node 1 reaches node 2 over the overlay", 30, || {
-        pings(&ns1, "10.0.0.2")
-    });
-    tcp_transfer(&ns1, &ns2, "10.0.0.2", 4 << 20);
-    tcp_transfer(&ns2, &ns1, "10.0.0.1", 1 << 20);
+    eventually_within(
+        "node 1 reaches node 2 over the overlay",
+        Duration::from_secs(30),
+        || pings(&ns1, "10.0.0.2"),
+    );
+    tcp_transfer(&ns1, &ns2, "10.0.0.2", 5002, 4 << 20);
+    tcp_transfer(&ns2, &ns1, "10.0.0.1", 5002, 1 << 20);
 
     // Counters: node 1 answers for node 2's port too.
     let list = cluster
@@ -137,29 +109,19 @@ fn taps_on_two_nodes_talk_over_the_overlay_and_after_a_restart() {
         "answered while node 2's switch is down"
     );
     cluster.start(2).unwrap();
-    eventually("traffic resumes after node 2's restart", 30, || {
-        pings(&ns1, "10.0.0.2")
-    });
-    tcp_transfer(&ns1, &ns2, "10.0.0.2", 1 << 20);
+    eventually_within(
+        "traffic resumes after node 2's restart",
+        Duration::from_secs(30),
+        || pings(&ns1, "10.0.0.2"),
+    );
+    tcp_transfer(&ns1, &ns2, "10.0.0.2", 5002, 1 << 20);
 
     // Deleting the port removes its tap.
     cluster.vessel_ok(1, &["port", "delete", "vt2"]).unwrap();
-    eventually("vt2 is gone", 20, || {
+    eventually_within("vt2 is gone", Duration::from_secs(20), || {
         ns2.ip(&["link", "show", "vt2"]).is_err()
     });
     assert!(!pings(&ns1, "10.0.0.2"));
-}
-
-/// rx packets of an interface in a namespace.
-fn rx_packets(ns: &Netns, ifname: &str) -> u64 {
-    ns.exec(&[
-        "cat",
-        &format!("/sys/class/net/{ifname}/statistics/rx_packets"),
-    ])
-    .unwrap()
-    .trim()
-    .parse()
-    .unwrap()
 }
 
 #[test]
@@ -205,7 +167,7 @@ fn guests_on_one_node_stay_in_their_network_and_a_mac_moves_between_nodes() {
                 ],
             )
             .unwrap();
-        eventually(&format!("{tap} exists"), 20, || {
+        eventually_within(&format!("{tap} exists"), Duration::from_secs(20), || {
             ns1.ip(&["link", "show", tap]).is_ok()
         });
         let guest = Netns::new(&format!("vsl-g{tap}-{pid}")).unwrap();
@@ -217,18 +179,22 @@ fn guests_on_one_node_stay_in_their_network_and_a_mac_moves_between_nodes() {
     }
     let (blue_a, blue_b, red_a, red_b) = (&guests[0], &guests[1], &guests[2], &guests[3]);
     let quiet_red = rx_packets(red_b, "rb");
-    eventually("blue's guests reach each other", 20, || {
-        pings(blue_a, "10.0.0.2")
-    });
-    tcp_transfer(blue_a, blue_b, "10.0.0.2", 2 << 20);
+    eventually_within(
+        "blue's guests reach each other",
+        Duration::from_secs(20),
+        || pings(blue_a, "10.0.0.2"),
+    );
+    tcp_transfer(blue_a, blue_b, "10.0.0.2", 5002, 2 << 20);
     assert_eq!(
         rx_packets(red_b, "rb"),
         quiet_red,
         "blue's frames reached red"
     );
-    eventually("red's guests reach each other", 20, || {
-        pings(red_a, "10.0.0.2")
-    });
+    eventually_within(
+        "red's guests reach each other",
+        Duration::from_secs(20),
+        || pings(red_a, "10.0.0.2"),
+    );
 
     // Blue's 10.0.0.2 moves to node 2: the port is deleted on node 1 and made again, same MAC and IP, on node 2.
     // Blue's guest on node 1 keeps its ARP entry, so its frames go to the MAC, which node 1 now sends over VXLAN.
@@ -249,15 +215,17 @@ fn guests_on_one_node_stay_in_their_network_and_a_mac_moves_between_nodes() {
             ],
         )
         .unwrap();
-    eventually("bb2 exists", 20, || {
+    eventually_within("bb2 exists", Duration::from_secs(20), || {
         ns2.ip(&["link", "show", "bb2"]).is_ok()
     });
     ns2.ip(&["addr", "add", "10.0.0.2/24", "dev", "bb2"])
         .unwrap();
-    eventually("blue's 10.0.0.2 answers from node 2", 30, || {
-        pings(blue_a, "10.0.0.2")
-    });
-    tcp_transfer(blue_a, &ns2, "10.0.0.2", 1 << 20);
+    eventually_within(
+        "blue's 10.0.0.2 answers from node 2",
+        Duration::from_secs(30),
+        || pings(blue_a, "10.0.0.2"),
+    );
+    tcp_transfer(blue_a, &ns2, "10.0.0.2", 5002, 1 << 20);
     assert!(rx_packets(&ns2, "bb2") > 0);
     assert!(
         rx_packets(red_b, "rb") > quiet_red,

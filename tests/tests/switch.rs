@@ -3,13 +3,12 @@
 //! with an address, as a VM's NIC would be), "node" namespaces hold a switch each. Needs root;
 //! without it each test says so and passes.
 
-use std::io::{Read, Write};
-use std::net::{SocketAddr, TcpListener, TcpStream, UdpSocket};
+use std::net::{SocketAddr, UdpSocket};
 use std::process::Command;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use vessel_tests::namespaces::{Netns, is_root, veth};
+use vessel_tests::namespaces::{Netns, is_root, rx_packets, tcp_transfer, veth};
 use vnet::offload::VirtioNetHeader;
 use vnet::switch::{NetworkConfig, PortConfig, SwitchConfig};
 use vnet::{Datapath, FrameSink, Mac, NetworkId, PortId, PortInbox, Tap, Vni};
@@ -60,47 +59,6 @@ fn ping(from: &Netns, to: &str) {
         .unwrap();
 }
 
-/// Sends `bytes` over TCP from `from` to `to_ip`:5001 in `to`, and checks they arrive intact.
-fn tcp_transfer(from: &Netns, to: &Netns, to_ip: &str, bytes: usize) {
-    let listener = to
-        .enter(|| TcpListener::bind((to_ip, 5001)).expect("listen"))
-        .unwrap();
-    let data: Vec<u8> = (0..bytes).map(|i| (i * 7 + i / 4096) as u8).collect();
-    let address: SocketAddr = format!("{to_ip}:5001").parse().unwrap();
-    std::thread::scope(|scope| {
-        let receiver = scope.spawn(|| {
-            let (mut stream, _) = listener.accept().expect("accept");
-            let mut received = Vec::new();
-            stream.read_to_end(&mut received).expect("receive");
-            received
-        });
-        from.enter(|| {
-            let mut stream =
-                TcpStream::connect_timeout(&address, Duration::from_secs(5)).expect("connect");
-            stream.write_all(&data).expect("send");
-        })
-        .unwrap();
-        let received = receiver.join().unwrap();
-        assert!(
-            received == data,
-            "{} of {bytes} bytes arrived, or different ones",
-            received.len()
-        );
-    });
-}
-
-/// rx packets of an interface in a namespace.
-fn rx_packets(ns: &Netns, ifname: &str) -> u64 {
-    ns.exec(&[
-        "cat",
-        &format!("/sys/class/net/{ifname}/statistics/rx_packets"),
-    ])
-    .unwrap()
-    .trim()
-    .parse()
-    .unwrap()
-}
-
 #[test]
 fn two_taps_on_one_switch_ping_and_talk_tcp() {
     if !is_root() {
@@ -130,7 +88,7 @@ fn two_taps_on_one_switch_ping_and_talk_tcp() {
         .unwrap();
 
     ping(&g1, "10.0.0.2");
-    tcp_transfer(&g1, &g2, "10.0.0.2", 8 << 20);
+    tcp_transfer(&g1, &g2, "10.0.0.2", 5001, 8 << 20);
     let (one, two) = {
         let switch = datapath.switch();
         (
@@ -209,7 +167,7 @@ fn networks_span_two_nodes_over_vxlan_and_never_mix() {
     // underlay: the taps hand over 64 KiB frames).
     let quiet_b = rx_packets(&guests[3], &ifname(4));
     ping(&guests[0], "10.0.0.2");
-    tcp_transfer(&guests[0], &guests[2], "10.0.0.2", 4 << 20);
+    tcp_transfer(&guests[0], &guests[2], "10.0.0.2", 5001, 4 << 20);
     assert_eq!(
         rx_packets(&guests[3], &ifname(4)),
         quiet_b,
@@ -218,7 +176,7 @@ fn networks_span_two_nodes_over_vxlan_and_never_mix() {
     // And B's, B's.
     let quiet_a = rx_packets(&guests[2], &ifname(3));
     ping(&guests[1], "10.0.0.2");
-    tcp_transfer(&guests[3], &guests[1], "10.0.0.1", 1 << 20);
+    tcp_transfer(&guests[3], &guests[1], "10.0.0.1", 5001, 1 << 20);
     assert_eq!(
         rx_packets(&guests[2], &ifname(3)),
         quiet_a,

@@ -1,7 +1,10 @@
-//! Ethernet MAC addresses.
+//! Ethernet MAC addresses. The text form (display and parsing) is `vessel_proto::net::MacAddress`'s, the one the
+//! CLI and the cluster state use.
 
 use std::fmt;
 use std::str::FromStr;
+
+use vessel_proto::net::MacAddress;
 
 /// A 48-bit Ethernet MAC address, in wire order.
 #[derive(Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Default)]
@@ -42,8 +45,7 @@ impl From<[u8; 6]> for Mac {
 
 impl fmt::Display for Mac {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        let [a, b, c, d, e, g] = self.0;
-        write!(f, "{a:02x}:{b:02x}:{c:02x}:{d:02x}:{e:02x}:{g:02x}")
+        MacAddress(self.0).fmt(f)
     }
 }
 
@@ -63,20 +65,9 @@ impl FromStr for Mac {
 
     /// Parses `aa:bb:cc:dd:ee:ff` (either case; `-` also accepted as the separator).
     fn from_str(text: &str) -> Result<Self, Self::Err> {
-        let error = || ParseMacError(text.to_owned());
-        let mut bytes = [0u8; 6];
-        let mut parts = text.split([':', '-']);
-        for byte in &mut bytes {
-            let part = parts.next().ok_or_else(error)?;
-            if part.len() != 2 || !part.bytes().all(|b| b.is_ascii_hexdigit()) {
-                return Err(error());
-            }
-            *byte = u8::from_str_radix(part, 16).map_err(|_| error())?;
-        }
-        if parts.next().is_some() {
-            return Err(error());
-        }
-        Ok(Mac(bytes))
+        text.parse::<MacAddress>()
+            .map(|mac| Mac(mac.0))
+            .map_err(|_| ParseMacError(text.to_owned()))
     }
 }
 
