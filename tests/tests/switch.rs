@@ -11,7 +11,7 @@ use std::time::{Duration, Instant};
 use vessel_tests::namespaces::{Netns, is_root, rx_packets, tcp_transfer, veth};
 use vnet::offload::VirtioNetHeader;
 use vnet::switch::{NetworkConfig, PortConfig, SwitchConfig};
-use vnet::{Datapath, FrameSink, Mac, NetworkId, PortId, PortInbox, Tap, Vni};
+use vnet::{Datapath, FrameSink, Mac, NetworkId, PortId, Tap, Vni};
 
 /// Unique names per test and process (interface names are at most 15 bytes).
 fn names(test: &str) -> impl Fn(&str) -> String {
@@ -213,9 +213,12 @@ fn networks_span_two_nodes_over_vxlan_and_never_mix() {
     ping(&guests[0], "10.0.0.2");
 }
 
-/// A virtual port's far side that keeps what it is given.
+/// A virtual port's far side that keeps what it is given, visible once flushed.
 #[derive(Default)]
-struct Recorder(Mutex<Vec<Vec<u8>>>);
+struct Recorder {
+    pushed: Mutex<Vec<Vec<u8>>>,
+    flushed: Mutex<Vec<Vec<u8>>>,
+}
 
 impl FrameSink for Recorder {
     fn push(&self, header: &VirtioNetHeader, frame: &[u8]) -> bool {
@@ -223,8 +226,13 @@ impl FrameSink for Recorder {
             !header.is_gso(),
             "a GSO frame reached a sink that takes none"
         );
-        self.0.lock().unwrap().push(frame.to_vec());
+        self.pushed.lock().unwrap().push(frame.to_vec());
         true
+    }
+
+    fn flush(&self) {
+        let pushed = std::mem::take(&mut *self.pushed.lock().unwrap());
+        self.flushed.lock().unwrap().extend(pushed);
     }
 
     fn accepts_gso(&self, _header: &VirtioNetHeader) -> bool {
@@ -253,12 +261,11 @@ fn a_virtual_port_and_a_tap_talk() {
         .add_tap(port(2, NET_A, mac(2), "10.0.0.2"), tap)
         .unwrap();
     // The virtual port stands for a vhost-user-net guest at 10.0.0.1.
-    let inbox = Arc::new(PortInbox::new(64).unwrap());
+    let mut sender = datapath.sender(PortId(1));
     let sink = Arc::new(Recorder::default());
     datapath
         .add_virtual_port(
             port(1, NET_A, mac(1), "10.0.0.1"),
-            Arc::clone(&inbox),
             Arc::clone(&sink) as Arc<dyn FrameSink>,
         )
         .unwrap();
@@ -271,11 +278,11 @@ fn a_virtual_port_and_a_tap_talk() {
         .icmpv4_echo_request(7, 1)
         .write(&mut echo, b"vessel")
         .unwrap();
-    assert!(inbox.push(&VirtioNetHeader::default(), &echo));
-    inbox.wake();
+    assert!(sender.send(&VirtioNetHeader::default(), &echo));
+    sender.flush();
     let deadline = Instant::now() + Duration::from_secs(5);
     loop {
-        let replied = sink.0.lock().unwrap().iter().any(|frame| {
+        let replied = sink.flushed.lock().unwrap().iter().any(|frame| {
             etherparse::SlicedPacket::from_ethernet(frame).is_ok_and(|packet| {
                 matches!(
                     (&packet.net, &packet.transport),
@@ -303,9 +310,7 @@ fn a_virtual_port_and_a_tap_talk() {
     let stats = datapath.switch().port_stats(PortId(1)).unwrap();
     assert!(stats.rx_packets >= 1 && stats.tx_packets >= 1, "{stats:?}");
 
-    // A full inbox refuses; an unplugged virtual port gets nothing more.
-    let small = PortInbox::new(1).unwrap();
-    assert!(small.push(&VirtioNetHeader::default(), &echo));
-    assert!(!small.push(&VirtioNetHeader::default(), &echo));
+    // An unplugged virtual port sends nothing more.
     datapath.remove_port(PortId(1)).unwrap();
+    assert!(!sender.send(&VirtioNetHeader::default(), &echo));
 }

@@ -41,21 +41,32 @@ fn to_guest(header: &vnet::offload::VirtioNetHeader) -> vhost_backends::net::Vir
     }
 }
 
-/// What a guest transmits goes into the port's inbox in the switch; the core is woken once per batch.
-struct ToSwitch(Arc<vnet::PortInbox>);
+/// What a guest transmits is switched on the queue pair's worker thread, by that pair's sender (each is locked
+/// only by its own worker).
+struct ToSwitch(Vec<Mutex<vnet::PortSender>>);
+
+impl ToSwitch {
+    fn sender(&self, queue_pair: u16) -> Option<std::sync::MutexGuard<'_, vnet::PortSender>> {
+        let sender = self.0.get(usize::from(queue_pair))?;
+        Some(sender.lock().unwrap_or_else(PoisonError::into_inner))
+    }
+}
 
 impl NetPort for ToSwitch {
     fn transmit(
         &self,
-        _queue_pair: u16,
+        queue_pair: u16,
         header: &vhost_backends::net::VirtioNetHeader,
         frame: &[u8],
     ) -> bool {
-        self.0.push(&to_vnet(header), frame)
+        self.sender(queue_pair)
+            .is_some_and(|mut sender| sender.send(&to_vnet(header), frame))
     }
 
-    fn flush(&self, _queue_pair: u16) {
-        self.0.wake();
+    fn flush(&self, queue_pair: u16) {
+        if let Some(mut sender) = self.sender(queue_pair) {
+            sender.flush();
+        }
     }
 }
 
@@ -83,6 +94,14 @@ impl vnet::FrameSink for ToGuest {
 
     fn accepts_gso(&self, header: &vnet::offload::VirtioNetHeader) -> bool {
         self.0.guest_offloads().accepts_gso(&to_guest(header))
+    }
+
+    fn flush(&self) {
+        for pair in 0..self.0.queue_pairs() {
+            if let Some(queue) = self.0.rx_queue(pair) {
+                queue.flush();
+            }
+        }
     }
 }
 
@@ -137,7 +156,7 @@ impl DeviceHost for Devices {
         &self,
         port: u64,
         spec: &NetSpec,
-        inbox: Arc<vnet::PortInbox>,
+        senders: Vec<vnet::PortSender>,
     ) -> Result<Arc<dyn vnet::FrameSink>, String> {
         let mut nets = self.nets.lock().unwrap_or_else(PoisonError::into_inner);
         if nets.contains_key(&port) {
@@ -153,8 +172,9 @@ impl DeviceHost for Devices {
                 spec.mac,
             )
         };
-        let device = NetDevice::start(config, Arc::new(ToSwitch(inbox)))
-            .map_err(|error| error.to_string())?;
+        let to_switch = ToSwitch(senders.into_iter().map(Mutex::new).collect());
+        let device =
+            NetDevice::start(config, Arc::new(to_switch)).map_err(|error| error.to_string())?;
         let sink = Arc::new(ToGuest(Arc::clone(device.backend())));
         nets.insert(port, device);
         Ok(sink)

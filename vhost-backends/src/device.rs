@@ -73,8 +73,10 @@ pub trait VhostUserDevice: Send + Sync + 'static {
     }
 
     /// Serves `vrings` (one group, in ring order) until `stop` becomes readable, then completes
-    /// every request already taken from them and returns. Runs on a thread of its own.
-    fn run_worker(&self, vrings: &mut [Vring], stop: &EventFd) -> Result<(), Self::Error>;
+    /// every request already taken from them and returns. Runs on a thread of its own. It may
+    /// move rings out of `vrings` while it runs (e.g. to share one with other threads), but
+    /// hands the same rings back, in the same order, before it returns.
+    fn run_worker(&self, vrings: &mut Vec<Vring>, stop: &EventFd) -> Result<(), Self::Error>;
 
     /// The frontend went away (or reset the device); every queue worker has been stopped.
     fn disconnected(&self) {}

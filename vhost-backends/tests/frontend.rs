@@ -484,7 +484,7 @@ impl VhostUserDevice for PairEcho {
     fn write_config(&self, _offset: u32, _data: &[u8]) -> Result<(), EchoError> {
         Err(EchoError(std::io::Error::other("no config space")))
     }
-    fn run_worker(&self, vrings: &mut [Vring], stop: &EventFd) -> Result<(), EchoError> {
+    fn run_worker(&self, vrings: &mut Vec<Vring>, stop: &EventFd) -> Result<(), EchoError> {
         self.groups_seen
             .lock()
             .unwrap()

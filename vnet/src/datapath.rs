@@ -13,11 +13,18 @@
 //! of the change at once (so the caller gets its errors), and the core picks up or lets go of the
 //! port's queues at its next wake-up, which the handle triggers.
 //!
-//! Besides taps, a port may be *virtual*: frames from it arrive in a [`PortInbox`] that another
-//! thread fills (a vhost-user-net queue worker with what its guest transmits) and wakes the core
-//! through; frames to it go to its [`FrameSink`] (that worker's receive queue). The core treats
-//! an inbox like a tap queue. A GSO frame for a sink that cannot take one (its guest did not
-//! negotiate TSO) is cut into segments first.
+//! Besides taps, a port may be *virtual* (a vhost-user-net guest): its frames do not pass through
+//! the core at all. Whoever has them — the thread serving the guest's transmit queue — hands them
+//! to a [`PortSender`], which asks the switch and delivers them on that same thread, to a tap
+//! queue, a VTEP or another virtual port; frames to a virtual port go to its [`FrameSink`] (the
+//! guest's receive queue), from the core or from another port's sender, and each sender flushes
+//! the sinks it pushed to at the end of its batch. So a frame between two guests costs no
+//! thread hand-off. A GSO frame for a sink that cannot take one (its guest did not negotiate
+//! TSO) is cut into segments first.
+//!
+//! Where the frames go (each port's tap queues or sink) is shared by the core and the senders
+//! behind a read-write lock beside the switch's; both are taken for reading per frame by a sender,
+//! per batch by the core, and for writing only when ports come and go.
 //!
 //! Offloads: taps are opened with checksum and TCP segmentation offloads (IPv4, IPv6, ECN), so the
 //! kernel hands over frames of up to 64 KiB with partial checksums, described by their virtio-net
@@ -56,7 +63,7 @@ use vmm_sys_util::eventfd::{EFD_NONBLOCK, EventFd};
 
 use crate::gro::{Coalesced, Coalescer};
 use crate::offload::{self, VirtioNetHeader};
-use crate::stats::TrafficStats;
+use crate::stats::{DropReason, TrafficStats};
 use crate::switch::{Egress, PortConfig, Switch, SwitchConfig, SwitchError, Verdict};
 use crate::tap::{Offloads, Tap, TapError, VNET_HDR_LEN};
 use crate::{PortId, underlay, vxlan};
@@ -86,30 +93,44 @@ pub struct Datapath {
 #[derive(Debug)]
 struct Shared {
     switch: RwLock<Switch>,
+    /// Where each port's frames are written.
+    egress: RwLock<HashMap<PortId, PortOut>>,
     underlay: UdpSocket,
+    /// Whether runs of segments go to the underlay in one send (UDP GSO); cleared for good the
+    /// first time the kernel refuses one.
+    gso: AtomicBool,
     wake: EventFd,
     changes: Mutex<Vec<Change>>,
     stop: AtomicBool,
 }
 
-enum Change {
-    Add(PortId, Vec<File>),
-    AddVirtual(PortId, Arc<PortInbox>, Arc<dyn FrameSink>),
-    Remove(PortId),
+/// How frames reach a port.
+enum PortOut {
+    /// A tap's queues.
+    Tap(Vec<Arc<File>>),
+    /// A virtual port's far side.
+    Virtual(Arc<dyn FrameSink>),
 }
 
-impl std::fmt::Debug for Change {
+impl std::fmt::Debug for PortOut {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {
-            Change::Add(port, queues) => write!(f, "add tap port {port} ({} queues)", queues.len()),
-            Change::AddVirtual(port, ..) => write!(f, "add virtual port {port}"),
-            Change::Remove(port) => write!(f, "remove port {port}"),
+            PortOut::Tap(queues) => write!(f, "tap ({} queues)", queues.len()),
+            PortOut::Virtual(_) => f.write_str("virtual"),
         }
     }
 }
 
+/// What the core must start or stop reading.
+#[derive(Debug)]
+enum Change {
+    /// A tap port's queues.
+    Add(PortId, Vec<Arc<File>>),
+    Remove(PortId),
+}
+
 /// Where the frames a virtual port receives go (e.g. a vhost-user-net guest's receive queue).
-/// Called on the switching core: must not block.
+/// Called on the switching core and on other ports' senders: must not block.
 pub trait FrameSink: Send + Sync + 'static {
     /// Takes one frame and its virtio-net header (copied; the slices are valid only during the
     /// call); false if it could not (full, closed), which is counted as a `tx_failed` drop.
@@ -117,60 +138,9 @@ pub trait FrameSink: Send + Sync + 'static {
     /// Whether a GSO frame with `header` may be pushed whole (the port negotiated that kind of
     /// segmentation offload); if not, the core pushes its segments.
     fn accepts_gso(&self, header: &VirtioNetHeader) -> bool;
-}
-
-/// Frames a virtual port sends into the switch, waiting for the core. Bounded: a full inbox
-/// refuses more (the pusher counts the drop).
-#[derive(Debug)]
-pub struct PortInbox {
-    frames: Mutex<std::collections::VecDeque<(VirtioNetHeader, Vec<u8>)>>,
-    capacity: usize,
-    wake: EventFd,
-}
-
-impl PortInbox {
-    /// An inbox holding at most `capacity` frames.
-    pub fn new(capacity: usize) -> io::Result<Self> {
-        Ok(PortInbox {
-            frames: Mutex::new(std::collections::VecDeque::with_capacity(
-                capacity.min(4096),
-            )),
-            capacity: capacity.max(1),
-            wake: EventFd::new(EFD_NONBLOCK)?,
-        })
-    }
-
-    /// Queues a frame (copied); false if the inbox is full or the frame larger than a GSO frame
-    /// can be. Call [`PortInbox::wake`] after a batch.
-    pub fn push(&self, header: &VirtioNetHeader, frame: &[u8]) -> bool {
-        if frame.len() > MAX_GSO_FRAME {
-            return false;
-        }
-        let mut frames = self.frames.lock().unwrap_or_else(PoisonError::into_inner);
-        if frames.len() >= self.capacity {
-            return false;
-        }
-        frames.push_back((*header, frame.to_vec()));
-        true
-    }
-
-    /// Tells the core that frames wait.
-    pub fn wake(&self) {
-        // A full counter still leaves the core a wake-up pending.
-        let _ = self.wake.write(1);
-    }
-
-    /// Up to `max` frames, oldest first; the core is woken again if more remain.
-    fn take(&self, max: usize) -> Vec<(VirtioNetHeader, Vec<u8>)> {
-        let _ = self.wake.read();
-        let mut frames = self.frames.lock().unwrap_or_else(PoisonError::into_inner);
-        let count = frames.len().min(max);
-        let taken: Vec<_> = frames.drain(..count).collect();
-        if !frames.is_empty() {
-            let _ = self.wake.write(1);
-        }
-        taken
-    }
+    /// End of a batch of pushes from one thread: make what was pushed visible (e.g. publish
+    /// used entries and interrupt the guest).
+    fn flush(&self) {}
 }
 
 impl Datapath {
@@ -193,7 +163,9 @@ impl Datapath {
         }
         let shared = Arc::new(Shared {
             switch: RwLock::new(Switch::new(config)),
+            egress: RwLock::new(HashMap::new()),
             underlay,
+            gso: AtomicBool::new(gso),
             wake: EventFd::new(EFD_NONBLOCK)?,
             changes: Mutex::new(Vec::new()),
             stop: AtomicBool::new(false),
@@ -217,12 +189,8 @@ impl Datapath {
             next_token: FIRST_PORT_TOKEN,
             frame: vec![0; VNET_HDR_LEN + MAX_GSO_FRAME],
             received: vec![0; underlay::RECEIVE_BUFFER_LEN],
-            outgoing: Vec::with_capacity(
-                underlay::MAX_SEGMENTS_LEN + vxlan::HEADER_LEN + MAX_FRAME,
-            ),
-            gso,
+            scratch: Scratch::new(),
             coalescer: Coalescer::new(),
-            out: Vec::new(),
         };
         let core = std::thread::Builder::new()
             .name("vnet-core".to_owned())
@@ -263,33 +231,53 @@ impl Datapath {
             tso6: true,
             tso_ecn: true,
         })?;
-        let queues = tap.into_queues();
+        let queues: Vec<Arc<File>> = tap.into_queues().into_iter().map(Arc::new).collect();
         for queue in &queues {
             set_nonblocking(queue).map_err(AddPortError::Io)?;
         }
         self.configure().add_port(config)?;
+        self.egress()
+            .insert(config.id, PortOut::Tap(queues.clone()));
         self.change(Change::Add(config.id, queues));
         Ok(())
     }
 
-    /// Plugs a virtual port into the switch as `config`: its frames come from `inbox` (which
-    /// wakes the core), frames for it go to `sink`.
+    /// Plugs a virtual port into the switch as `config`: frames for it go to `sink`; its own
+    /// frames come through [`PortSender`]s of its id (see [`Datapath::sender`]).
     pub fn add_virtual_port(
         &self,
         config: PortConfig,
-        inbox: Arc<PortInbox>,
         sink: Arc<dyn FrameSink>,
     ) -> Result<(), AddPortError> {
         self.configure().add_port(config)?;
-        self.change(Change::AddVirtual(config.id, inbox, sink));
+        self.egress().insert(config.id, PortOut::Virtual(sink));
         Ok(())
+    }
+
+    /// A sender of port `port`'s frames into the switch, for one thread (e.g. one queue of a
+    /// vhost-user-net device). It may be made before the port is plugged in; until then, and
+    /// after it is unplugged, what it sends is dropped.
+    pub fn sender(&self, port: PortId) -> PortSender {
+        PortSender {
+            shared: Arc::clone(&self.shared),
+            port,
+            scratch: Scratch::new(),
+        }
     }
 
     /// Unplugs a port; returns its last counters. Its queues are closed by the core.
     pub fn remove_port(&self, id: PortId) -> Result<TrafficStats, SwitchError> {
         let stats = self.configure().remove_port(id)?;
+        self.egress().remove(&id);
         self.change(Change::Remove(id));
         Ok(stats)
+    }
+
+    fn egress(&self) -> RwLockWriteGuard<'_, HashMap<PortId, PortOut>> {
+        self.shared
+            .egress
+            .write()
+            .unwrap_or_else(PoisonError::into_inner)
     }
 
     fn change(&self, change: Change) {
@@ -324,27 +312,240 @@ pub enum AddPortError {
     Tap(#[from] TapError),
 }
 
-/// How the core reaches a port.
-enum PortIo {
-    /// A tap's queues, each with its epoll token.
-    Tap(Vec<(u64, File)>),
-    /// A virtual port: its inbox (with its epoll token) and its sink.
-    Virtual {
-        token: u64,
-        inbox: Arc<PortInbox>,
-        sink: Arc<dyn FrameSink>,
-    },
+/// A virtual port's way into the switch: [`PortSender::send`] each frame it transmits, on the
+/// sending thread, then [`PortSender::flush`] at the end of the batch. One per thread.
+pub struct PortSender {
+    shared: Arc<Shared>,
+    port: PortId,
+    scratch: Scratch,
 }
 
-/// The queue index [`Core::tokens`] gives a virtual port's inbox.
-const INBOX: usize = usize::MAX;
+impl std::fmt::Debug for PortSender {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("PortSender")
+            .field("port", &self.port)
+            .finish_non_exhaustive()
+    }
+}
 
-/// The switching core's own state: the port queues it serves and its buffers.
+impl PortSender {
+    /// Switches one frame (with its virtio-net header) the port sent, and delivers it where the
+    /// switch decides; drops are counted by the switch. False only if the port is not plugged in.
+    pub fn send(&mut self, header: &VirtioNetHeader, frame: &[u8]) -> bool {
+        let shared = &*self.shared;
+        let switch = shared.switch.read().unwrap_or_else(PoisonError::into_inner);
+        let egress = shared.egress.read().unwrap_or_else(PoisonError::into_inner);
+        let mut forwarder = Forwarder {
+            switch: &switch,
+            egress: &egress,
+            shared,
+            scratch: &mut self.scratch,
+        };
+        forwarder.forward(self.port, 0, header, frame)
+    }
+
+    /// Makes what this sender delivered to virtual ports visible to them.
+    pub fn flush(&mut self) {
+        let egress = self
+            .shared
+            .egress
+            .read()
+            .unwrap_or_else(PoisonError::into_inner);
+        self.scratch.flush(&egress);
+    }
+}
+
+/// Buffers for forwarding, one set per forwarding thread.
+struct Scratch {
+    /// Where the switch sends a frame.
+    out: Vec<Egress>,
+    /// Datagrams being built for the underlay: one, or a run of segments sent at once.
+    outgoing: Vec<u8>,
+    /// Segments of a GSO frame for a virtual port that takes none.
+    segments: Vec<u8>,
+    /// Virtual ports pushed to since the last flush.
+    touched: Vec<PortId>,
+}
+
+impl Scratch {
+    fn new() -> Scratch {
+        Scratch {
+            out: Vec::new(),
+            outgoing: Vec::with_capacity(
+                underlay::MAX_SEGMENTS_LEN + vxlan::HEADER_LEN + MAX_FRAME,
+            ),
+            segments: Vec::new(),
+            touched: Vec::new(),
+        }
+    }
+
+    /// Flushes the sinks of the virtual ports pushed to.
+    fn flush(&mut self, egress: &HashMap<PortId, PortOut>) {
+        for port in self.touched.drain(..) {
+            if let Some(PortOut::Virtual(sink)) = egress.get(&port) {
+                sink.flush();
+            }
+        }
+    }
+}
+
+/// What forwarding frames needs: the switch's decisions, the ports' outputs and the underlay,
+/// all read-locked for the time of a frame or a batch, and a forwarding thread's buffers.
+struct Forwarder<'a> {
+    switch: &'a Switch,
+    egress: &'a HashMap<PortId, PortOut>,
+    shared: &'a Shared,
+    scratch: &'a mut Scratch,
+}
+
+impl Forwarder<'_> {
+    /// Forwards `frame` (with its virtio-net `header`) that `port` sent on its queue `queue`,
+    /// as the switch decides. False if the switch does not know the port.
+    fn forward(
+        &mut self,
+        port: PortId,
+        queue: usize,
+        header: &VirtioNetHeader,
+        frame: &[u8],
+    ) -> bool {
+        let now = Instant::now();
+        let mut out = std::mem::take(&mut self.scratch.out);
+        let verdict = if header.is_gso() {
+            self.switch
+                .port_ingress_gso(port, frame, header.gso_size, now, &mut out)
+        } else {
+            self.switch.port_ingress(port, frame, now, &mut out)
+        };
+        match verdict {
+            Verdict::Forward => {
+                for &egress in &out {
+                    if !self.send(egress, header, frame, queue) {
+                        self.switch.delivery_failed(egress);
+                    }
+                }
+            }
+            Verdict::Reply(reply) => {
+                if !self.write_port(port, queue, &VirtioNetHeader::default(), reply.as_bytes()) {
+                    self.switch.delivery_failed(Egress::Port(port));
+                }
+            }
+            Verdict::Drop(reason) => {
+                self.scratch.out = out;
+                return reason != DropReason::UnknownPort;
+            }
+        }
+        self.scratch.out = out;
+        true
+    }
+
+    /// Sends `frame` with `header` to `egress`; `queue_hint` picks the tap queue (the ingress
+    /// queue's index, so a flow stays on one).
+    fn send(
+        &mut self,
+        egress: Egress,
+        header: &VirtioNetHeader,
+        frame: &[u8],
+        queue_hint: usize,
+    ) -> bool {
+        match egress {
+            Egress::Port(port) => self.write_port(port, queue_hint, header, frame),
+            Egress::Vtep { addr, vni } => {
+                let vxlan = vxlan::encode(vni);
+                if header.is_gso() {
+                    return self.send_segments(addr, &vxlan, header, frame);
+                }
+                let outgoing = &mut self.scratch.outgoing;
+                outgoing.clear();
+                outgoing.extend_from_slice(&vxlan);
+                outgoing.extend_from_slice(frame);
+                if header.flags & offload::FLAG_NEEDS_CSUM != 0
+                    && offload::complete_checksum(header, &mut outgoing[vxlan::HEADER_LEN..])
+                        .is_err()
+                {
+                    return false;
+                }
+                self.shared.underlay.send_to(outgoing, addr).is_ok()
+            }
+        }
+    }
+
+    /// Cuts a GSO frame into segments and sends each, behind `vxlan`, to `addr`: laid back to
+    /// back in runs of at most [`underlay::MAX_SEGMENTS`] that go in one send each (UDP GSO).
+    fn send_segments(
+        &mut self,
+        addr: SocketAddr,
+        vxlan: &[u8; vxlan::HEADER_LEN],
+        header: &VirtioNetHeader,
+        frame: &[u8],
+    ) -> bool {
+        let shared = self.shared;
+        let outgoing = &mut self.scratch.outgoing;
+        outgoing.clear();
+        let (mut size, mut count, mut sent) = (0, 0, true);
+        let cut = offload::segment_tcp_into(header, frame, vxlan, outgoing, |run| {
+            count += 1;
+            if count == 1 {
+                // The first datagram is full-sized, unless it is the only one.
+                size = run.len();
+            }
+            if count == underlay::MAX_SEGMENTS || run.len() + size > underlay::MAX_SEGMENTS_LEN {
+                sent &= send_run(shared, addr, run, size);
+                run.clear();
+                count = 0;
+            }
+        });
+        if !outgoing.is_empty() {
+            sent &= send_run(shared, addr, outgoing, size);
+        }
+        cut.is_ok() && sent
+    }
+
+    /// Hands a frame, behind its virtio-net header, to `port`: written to one of a tap's queues,
+    /// or pushed to a virtual port's sink (cut into segments first if it is a GSO frame the sink
+    /// cannot take). False if the port would not take it (full, or gone).
+    fn write_port(
+        &mut self,
+        port: PortId,
+        queue_hint: usize,
+        header: &VirtioNetHeader,
+        frame: &[u8],
+    ) -> bool {
+        match self.egress.get(&port) {
+            Some(PortOut::Tap(queues)) if !queues.is_empty() => {
+                let queue = &queues[queue_hint % queues.len()];
+                let header = header.to_bytes();
+                let written =
+                    (&**queue).write_vectored(&[IoSlice::new(&header), IoSlice::new(frame)]);
+                // A tap takes a frame whole or not at all.
+                written.is_ok_and(|n| n == VNET_HDR_LEN + frame.len())
+            }
+            Some(PortOut::Virtual(sink)) => {
+                if !self.scratch.touched.contains(&port) {
+                    self.scratch.touched.push(port);
+                }
+                if !header.is_gso() || sink.accepts_gso(header) {
+                    return sink.push(header, frame);
+                }
+                let plain = VirtioNetHeader::default();
+                let mut pushed = true;
+                offload::segment_tcp(header, frame, &mut self.scratch.segments, |segment| {
+                    pushed &= sink.push(&plain, segment);
+                })
+                .is_ok()
+                    && pushed
+            }
+            _ => false,
+        }
+    }
+}
+
+/// The switching core's own state: the tap queues it reads and its buffers.
 struct Core {
     shared: Arc<Shared>,
     epoll: Epoll,
-    ports: HashMap<PortId, PortIo>,
-    /// Epoll token → port and queue index ([`INBOX`] for a virtual port's inbox).
+    /// Each tap port's queues, with their epoll tokens.
+    ports: HashMap<PortId, Vec<(u64, Arc<File>)>>,
+    /// Epoll token → port and queue index.
     tokens: HashMap<u64, (PortId, usize)>,
     next_token: u64,
     /// A frame read from a tap: its virtio-net header, then the frame.
@@ -352,14 +553,9 @@ struct Core {
     /// What one read from the underlay gave: a datagram (VXLAN header, then the frame), or a run
     /// of them the kernel coalesced.
     received: Vec<u8>,
-    /// Datagrams being built for the underlay: one, or a run of segments sent at once.
-    outgoing: Vec<u8>,
-    /// Whether runs of segments go to the underlay in one send (UDP GSO); cleared for good the
-    /// first time the kernel refuses one.
-    gso: bool,
+    scratch: Scratch,
     /// TCP segments from the underlay, merged per flow before they go to a tap.
     coalescer: Coalescer<PortId>,
-    out: Vec<Egress>,
 }
 
 impl Core {
@@ -431,26 +627,7 @@ impl Core {
                         }
                         served.push((token, queue));
                     }
-                    self.ports.insert(port, PortIo::Tap(served));
-                }
-                Change::AddVirtual(port, inbox, sink) => {
-                    self.drop_port(port);
-                    let token = self.next_token;
-                    self.next_token += 1;
-                    match self.epoll.ctl(
-                        ControlOperation::Add,
-                        inbox.wake.as_raw_fd(),
-                        EpollEvent::new(EventSet::IN, token),
-                    ) {
-                        Ok(()) => {
-                            self.tokens.insert(token, (port, INBOX));
-                        }
-                        Err(error) => {
-                            tracing::warn!(%port, %error, "a virtual port's inbox cannot be served");
-                        }
-                    }
-                    self.ports
-                        .insert(port, PortIo::Virtual { token, inbox, sink });
+                    self.ports.insert(port, served);
                 }
                 Change::Remove(port) => self.drop_port(port),
             }
@@ -458,119 +635,62 @@ impl Core {
     }
 
     fn drop_port(&mut self, port: PortId) {
-        match self.ports.remove(&port) {
-            Some(PortIo::Tap(queues)) => {
-                for (token, queue) in queues {
-                    self.tokens.remove(&token);
-                    let _ = self.epoll.ctl(
-                        ControlOperation::Delete,
-                        queue.as_raw_fd(),
-                        EpollEvent::default(),
-                    );
-                }
-            }
-            Some(PortIo::Virtual { token, inbox, .. }) => {
-                self.tokens.remove(&token);
-                let _ = self.epoll.ctl(
-                    ControlOperation::Delete,
-                    inbox.wake.as_raw_fd(),
-                    EpollEvent::default(),
-                );
-            }
-            None => {}
+        for (token, queue) in self.ports.remove(&port).unwrap_or_default() {
+            self.tokens.remove(&token);
+            let _ = self.epoll.ctl(
+                ControlOperation::Delete,
+                queue.as_raw_fd(),
+                EpollEvent::default(),
+            );
         }
     }
 
-    /// Frames from one tap queue or virtual port inbox, up to a batch.
+    /// Frames from one tap queue, up to a batch.
     fn serve_queue(&mut self, token: u64) {
         let Some(&(port, index)) = self.tokens.get(&token) else {
             return;
         };
-        let shared = Arc::clone(&self.shared);
-        let switch = shared.switch.read().unwrap_or_else(PoisonError::into_inner);
-        if index == INBOX {
-            let Some(PortIo::Virtual { inbox, .. }) = self.ports.get(&port) else {
-                return;
-            };
-            for (header, frame) in inbox.take(BATCH) {
-                let len = VNET_HDR_LEN + frame.len();
-                if len > self.frame.len() {
-                    continue;
-                }
-                self.frame[..VNET_HDR_LEN].copy_from_slice(&header.to_bytes());
-                self.frame[VNET_HDR_LEN..len].copy_from_slice(&frame);
-                self.forward(&switch, port, 0, len);
-            }
+        let Some(queue) = self
+            .ports
+            .get(&port)
+            .and_then(|queues| queues.get(index))
+            .map(|(_, queue)| Arc::clone(queue))
+        else {
             return;
-        }
+        };
+        let shared = &*self.shared;
+        let switch = shared.switch.read().unwrap_or_else(PoisonError::into_inner);
+        let egress = shared.egress.read().unwrap_or_else(PoisonError::into_inner);
+        let mut forwarder = Forwarder {
+            switch: &switch,
+            egress: &egress,
+            shared,
+            scratch: &mut self.scratch,
+        };
         for _ in 0..BATCH {
-            let Some(PortIo::Tap(queues)) = self.ports.get(&port) else {
-                return;
-            };
-            let Some(queue) = queues.get(index) else {
-                return;
-            };
-            let len = match (&queue.1).read(&mut self.frame) {
+            let len = match (&*queue).read(&mut self.frame) {
                 Ok(len) => len,
-                Err(error) if error.kind() == io::ErrorKind::WouldBlock => return,
+                Err(error) if error.kind() == io::ErrorKind::WouldBlock => break,
                 Err(error) if error.kind() == io::ErrorKind::Interrupted => continue,
                 Err(error) => {
                     // The device is gone (deleted from under us): stop polling this queue.
                     tracing::warn!(%port, queue = index, %error, "a port queue fails; no longer served");
                     let _ = self.epoll.ctl(
                         ControlOperation::Delete,
-                        queue.1.as_raw_fd(),
+                        queue.as_raw_fd(),
                         EpollEvent::default(),
                     );
                     self.tokens.remove(&token);
-                    return;
+                    break;
                 }
             };
-            self.forward(&switch, port, index, len);
+            let Some(header) = VirtioNetHeader::parse(&self.frame[..len]) else {
+                continue;
+            };
+            forwarder.forward(port, index, &header, &self.frame[VNET_HDR_LEN..len]);
         }
         // More may be waiting: epoll is level-triggered, so the queue comes up again.
-    }
-
-    /// Forwards the frame in `self.frame[..len]` (a virtio-net header, then the frame) that
-    /// `port` sent on queue `index`, as the switch decides.
-    fn forward(&mut self, switch: &Switch, port: PortId, index: usize, len: usize) {
-        let Some(header) = VirtioNetHeader::parse(&self.frame[..len]) else {
-            return;
-        };
-        let frame = &self.frame[VNET_HDR_LEN..len];
-        let now = Instant::now();
-        let verdict = if header.is_gso() {
-            switch.port_ingress_gso(port, frame, header.gso_size, now, &mut self.out)
-        } else {
-            switch.port_ingress(port, frame, now, &mut self.out)
-        };
-        match verdict {
-            Verdict::Forward => {
-                let mut tx = Tx {
-                    ports: &self.ports,
-                    underlay: &self.shared.underlay,
-                    outgoing: &mut self.outgoing,
-                    gso: &mut self.gso,
-                };
-                for &egress in &self.out {
-                    if !tx.send(egress, &header, &self.frame[..len], index) {
-                        switch.delivery_failed(egress);
-                    }
-                }
-            }
-            Verdict::Reply(reply) => {
-                if !write_port(
-                    &self.ports,
-                    port,
-                    index,
-                    &[0; VNET_HDR_LEN],
-                    reply.as_bytes(),
-                ) {
-                    switch.delivery_failed(Egress::Port(port));
-                }
-            }
-            Verdict::Drop(_) => {}
-        }
+        self.scratch.flush(&egress);
     }
 
     /// Datagrams from the underlay, up to a batch of reads. Each datagram gets its own switch
@@ -579,18 +699,25 @@ impl Core {
     fn serve_underlay(&mut self) {
         let Core {
             shared,
-            ports,
             received: buffer,
             coalescer,
-            out,
+            scratch,
             ..
         } = self;
+        let shared = &**shared;
         let switch = shared.switch.read().unwrap_or_else(PoisonError::into_inner);
-        let mut deliver = |port: PortId, coalesced: Coalesced<'_>| {
-            let header = coalesced.header.to_bytes();
-            if !write_port(ports, port, 0, &header, coalesced.frame) {
+        let egress = shared.egress.read().unwrap_or_else(PoisonError::into_inner);
+        let mut out = std::mem::take(&mut scratch.out);
+        let mut forwarder = Forwarder {
+            switch: &switch,
+            egress: &egress,
+            shared,
+            scratch,
+        };
+        let deliver = |forwarder: &mut Forwarder<'_>, port: PortId, coalesced: Coalesced<'_>| {
+            if !forwarder.write_port(port, 0, &coalesced.header, coalesced.frame) {
                 for _ in 0..coalesced.segments {
-                    switch.delivery_failed(Egress::Port(port));
+                    forwarder.switch.delivery_failed(Egress::Port(port));
                 }
             }
         };
@@ -609,25 +736,28 @@ impl Core {
                 // Nothing in it can be trusted to be a whole datagram: the switch counts it as a
                 // datagram too short for its VXLAN header, and drops it.
                 _ => {
-                    switch.underlay_ingress(received.source, &[], now, out);
+                    switch.underlay_ingress(received.source, &[], now, &mut out);
                     continue;
                 }
             };
             for datagram in datagrams {
                 if let Verdict::Forward =
-                    switch.underlay_ingress(received.source, datagram, now, out)
+                    switch.underlay_ingress(received.source, datagram, now, &mut out)
                 {
                     let inner = &datagram[vxlan::HEADER_LEN..];
                     if let [Egress::Port(port)] = out[..] {
-                        coalescer.push(port, inner, &mut deliver);
+                        coalescer.push(port, inner, &mut |port, coalesced| {
+                            deliver(&mut forwarder, port, coalesced)
+                        });
                         continue;
                     }
                     // A flooded frame may belong to a flow held for one of its ports: what is
                     // held goes first, so no flow's frames pass each other.
-                    coalescer.flush(&mut deliver);
+                    coalescer
+                        .flush(&mut |port, coalesced| deliver(&mut forwarder, port, coalesced));
                     for &egress in out.iter() {
                         if let Egress::Port(port) = egress
-                            && !write_port(ports, port, 0, &[0; VNET_HDR_LEN], inner)
+                            && !forwarder.write_port(port, 0, &VirtioNetHeader::default(), inner)
                         {
                             switch.delivery_failed(egress);
                         }
@@ -635,97 +765,18 @@ impl Core {
                 }
             }
         }
-        coalescer.flush(&mut deliver);
-    }
-}
-
-/// What sending a frame from a tap needs.
-struct Tx<'a> {
-    ports: &'a HashMap<PortId, PortIo>,
-    underlay: &'a UdpSocket,
-    outgoing: &'a mut Vec<u8>,
-    gso: &'a mut bool,
-}
-
-impl Tx<'_> {
-    /// Sends `read` (a virtio-net header, then the frame, as read from a tap) to `egress`;
-    /// `queue_hint` picks the tap queue (the ingress queue's index, so a flow stays on one).
-    fn send(
-        &mut self,
-        egress: Egress,
-        header: &VirtioNetHeader,
-        read: &[u8],
-        queue_hint: usize,
-    ) -> bool {
-        let (header_bytes, frame) = read.split_at(VNET_HDR_LEN);
-        match egress {
-            Egress::Port(port) => write_port(self.ports, port, queue_hint, header_bytes, frame),
-            Egress::Vtep { addr, vni } => {
-                let vxlan = vxlan::encode(vni);
-                if header.is_gso() {
-                    return self.send_segments(addr, &vxlan, header, frame);
-                }
-                self.outgoing.clear();
-                self.outgoing.extend_from_slice(&vxlan);
-                self.outgoing.extend_from_slice(frame);
-                if header.flags & offload::FLAG_NEEDS_CSUM != 0
-                    && offload::complete_checksum(header, &mut self.outgoing[vxlan::HEADER_LEN..])
-                        .is_err()
-                {
-                    return false;
-                }
-                self.underlay.send_to(self.outgoing, addr).is_ok()
-            }
-        }
-    }
-
-    /// Cuts a GSO frame into segments and sends each, behind `vxlan`, to `addr`: laid back to
-    /// back in runs of at most [`underlay::MAX_SEGMENTS`] that go in one send each (UDP GSO).
-    fn send_segments(
-        &mut self,
-        addr: SocketAddr,
-        vxlan: &[u8; vxlan::HEADER_LEN],
-        header: &VirtioNetHeader,
-        frame: &[u8],
-    ) -> bool {
-        let Tx {
-            underlay,
-            outgoing,
-            gso,
-            ..
-        } = self;
-        outgoing.clear();
-        let (mut size, mut count, mut sent) = (0, 0, true);
-        let cut = offload::segment_tcp_into(header, frame, vxlan, outgoing, |run| {
-            count += 1;
-            if count == 1 {
-                // The first datagram is full-sized, unless it is the only one.
-                size = run.len();
-            }
-            if count == underlay::MAX_SEGMENTS || run.len() + size > underlay::MAX_SEGMENTS_LEN {
-                sent &= send_run(underlay, addr, run, size, gso);
-                run.clear();
-                count = 0;
-            }
-        });
-        if !outgoing.is_empty() {
-            sent &= send_run(underlay, addr, outgoing, size, gso);
-        }
-        cut.is_ok() && sent
+        coalescer.flush(&mut |port, coalesced| deliver(&mut forwarder, port, coalesced));
+        forwarder.scratch.flush(&egress);
+        forwarder.scratch.out = out;
     }
 }
 
 /// Sends `run`, datagrams of `size` bytes back to back (the last may be shorter), to `addr`: in
-/// one send if `gso` allows, else one at a time. A kernel or route that refuses UDP GSO clears
-/// `gso` for good (the run then goes one datagram at a time).
-fn send_run(
-    underlay: &UdpSocket,
-    addr: SocketAddr,
-    run: &[u8],
-    size: usize,
-    gso: &mut bool,
-) -> bool {
-    if *gso && run.len() > size {
+/// one send if UDP GSO is on, else one at a time. A kernel or route that refuses UDP GSO turns
+/// it off for good (the run then goes one datagram at a time).
+fn send_run(shared: &Shared, addr: SocketAddr, run: &[u8], size: usize) -> bool {
+    let underlay = &shared.underlay;
+    if shared.gso.load(Ordering::Relaxed) && run.len() > size {
         match underlay::send_segments(underlay, addr, run, size as u16) {
             Ok(()) => return true,
             Err(error)
@@ -734,8 +785,9 @@ fn send_run(
                     Some(libc::EIO | libc::EINVAL | libc::ENOPROTOOPT)
                 ) =>
             {
-                tracing::warn!(%error, %addr, "UDP GSO refused on the underlay: segments go one datagram at a time from now on");
-                *gso = false;
+                if shared.gso.swap(false, Ordering::Relaxed) {
+                    tracing::warn!(%error, %addr, "UDP GSO refused on the underlay: segments go one datagram at a time from now on");
+                }
             }
             Err(_) => return false,
         }
@@ -746,43 +798,6 @@ fn send_run(
         .filter(|datagram| underlay.send_to(datagram, addr).is_err())
         .count();
     refused == 0
-}
-
-/// Hands a frame, behind its virtio-net header, to `port`: written to one of a tap's queues, or
-/// pushed to a virtual port's sink (cut into segments first if it is a GSO frame the sink cannot
-/// take). False if the port would not take it (full, or gone).
-fn write_port(
-    ports: &HashMap<PortId, PortIo>,
-    port: PortId,
-    queue_hint: usize,
-    header: &[u8],
-    frame: &[u8],
-) -> bool {
-    match ports.get(&port) {
-        Some(PortIo::Tap(queues)) if !queues.is_empty() => {
-            let (_, queue) = &queues[queue_hint % queues.len()];
-            let written = (&*queue).write_vectored(&[IoSlice::new(header), IoSlice::new(frame)]);
-            // A tap takes a frame whole or not at all.
-            written.is_ok_and(|n| n == VNET_HDR_LEN + frame.len())
-        }
-        Some(PortIo::Virtual { sink, .. }) => {
-            let Some(header) = VirtioNetHeader::parse(header) else {
-                return false;
-            };
-            if !header.is_gso() || sink.accepts_gso(&header) {
-                return sink.push(&header, frame);
-            }
-            let plain = VirtioNetHeader::default();
-            let mut scratch = Vec::new();
-            let mut pushed = true;
-            offload::segment_tcp(&header, frame, &mut scratch, |segment| {
-                pushed &= sink.push(&plain, segment);
-            })
-            .is_ok()
-                && pushed
-        }
-        _ => false,
-    }
 }
 
 fn set_nonblocking(file: &File) -> io::Result<()> {

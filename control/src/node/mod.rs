@@ -100,15 +100,16 @@ pub trait DeviceHost: Send + Sync + std::fmt::Debug + 'static {
     fn write_back(&self, volume: VolumeId) -> Option<bool>;
     /// Stops every device (daemon shutdown).
     fn detach_all(&self);
-    /// Starts serving port `port` as a vhost-user-net device: frames its guest sends go into `inbox`; the returned
-    /// sink takes the frames for the guest. The error is a user-facing sentence.
+    /// Starts serving port `port` as a vhost-user-net device: frames its guest sends on queue pair N go to
+    /// `senders[N]` (one per queue pair); the returned sink takes the frames for the guest. The error is a
+    /// user-facing sentence.
     fn start_net(
         &self,
         port: u64,
         spec: &NetSpec,
-        inbox: Arc<vnet::PortInbox>,
+        senders: Vec<vnet::PortSender>,
     ) -> Result<Arc<dyn vnet::FrameSink>, String> {
-        let _ = (port, spec, inbox);
+        let _ = (port, spec, senders);
         Err("this daemon serves no vhost-user-net devices".to_owned())
     }
     /// Stops serving port `port` (nothing if it is not served).

@@ -68,9 +68,6 @@ enum Plugged {
     VhostUser,
 }
 
-/// Frames a port's inbox holds while the switching core is busy.
-const INBOX_FRAMES: usize = 1024;
-
 /// What the state asks of this node's switch.
 struct Wanted {
     networks: HashMap<u64, NetworkConfig>,
@@ -335,9 +332,9 @@ impl Running {
                 queues,
                 socket_mode,
             } => {
-                let inbox = Arc::new(
-                    vnet::PortInbox::new(INBOX_FRAMES).map_err(|error| error.to_string())?,
-                );
+                let senders = (0..*queues)
+                    .map(|_| self.datapath.sender(config.id))
+                    .collect();
                 let spec = super::NetSpec {
                     socket: socket.clone(),
                     socket_mode: *socket_mode,
@@ -345,8 +342,8 @@ impl Running {
                     mac: port.mac.0,
                     mtu: network.mtu,
                 };
-                let sink = node.devices.start_net(port.id, &spec, Arc::clone(&inbox))?;
-                if let Err(error) = self.datapath.add_virtual_port(config, inbox, sink) {
+                let sink = node.devices.start_net(port.id, &spec, senders)?;
+                if let Err(error) = self.datapath.add_virtual_port(config, sink) {
                     node.devices.stop_net(port.id);
                     return Err(error.to_string());
                 }

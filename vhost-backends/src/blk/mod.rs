@@ -211,9 +211,9 @@ impl VhostUserDevice for BlkBackend {
         self.settings.restore_state(state);
     }
 
-    fn run_worker(&self, vrings: &mut [Vring], stop: &EventFd) -> Result<(), BlkError> {
+    fn run_worker(&self, vrings: &mut Vec<Vring>, stop: &EventFd) -> Result<(), BlkError> {
         // rings_per_worker is 1: the handler hands exactly one ring.
-        let [vring] = vrings else {
+        let [vring] = vrings.as_mut_slice() else {
             return Err(BlkError::WorkerRings(vrings.len()));
         };
         let mut worker = QueueWorker::new(self, vring)?;

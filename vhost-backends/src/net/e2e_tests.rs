@@ -56,6 +56,16 @@ impl NetPort for Loopback {
             .and_then(|q| q.get(usize::from(queue_pair)))
             .is_some_and(|q| q.push(header, frame))
     }
+
+    fn flush(&self, queue_pair: u16) {
+        if let Some(queue) = self
+            .queues
+            .get()
+            .and_then(|q| q.get(usize::from(queue_pair)))
+        {
+            queue.flush();
+        }
+    }
 }
 
 /// Guest RAM shared with the backend.

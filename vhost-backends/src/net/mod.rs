@@ -25,6 +25,7 @@ pub mod config;
 pub mod frame;
 pub mod header;
 pub mod port;
+pub mod rx;
 pub mod stats;
 pub mod worker;
 
@@ -44,9 +45,10 @@ use crate::server::{ServerError, SocketOptions, VhostUserServer};
 use crate::vring::Vring;
 pub use config::{GuestOffloads, HostOffloads, MIN_MTU, NetSettings};
 pub use header::VirtioNetHeader;
-pub use port::{MAX_FRAME_LEN, NetPort, RxQueue};
+pub use port::{MAX_FRAME_LEN, NetPort};
+pub use rx::RxQueue;
+use stats::Counters;
 pub use stats::NetStats;
-use stats::{Counter, Counters};
 use worker::{QueuePairWorker, WorkerError};
 
 /// Default ring size limit (QEMU's default `rx_queue_size`/`tx_queue_size`).
@@ -129,13 +131,6 @@ pub enum NetDeviceError {
     /// The configuration is unusable.
     #[error("port {port}: {reason}")]
     InvalidConfig { port: String, reason: String },
-    /// An eventfd for a receive queue could not be created.
-    #[error("port {port}: cannot create a receive queue: {source}")]
-    RxQueue {
-        port: String,
-        #[source]
-        source: std::io::Error,
-    },
     /// The socket could not be created or served.
     #[error("port {port}: {source}")]
     Socket {
@@ -166,7 +161,7 @@ pub enum NetError {
 #[derive(Debug)]
 struct QueuePair {
     rx: Arc<RxQueue>,
-    counters: Counters,
+    counters: Arc<Counters>,
 }
 
 /// The device model behind the socket.
@@ -202,16 +197,13 @@ impl NetBackend {
             })?;
         let pairs = (0..config.queue_pairs)
             .map(|_| {
-                Ok(QueuePair {
-                    rx: Arc::new(RxQueue::new(config.rx_queue_frames)?),
-                    counters: Counters::default(),
-                })
+                let counters = Arc::new(Counters::default());
+                QueuePair {
+                    rx: Arc::new(RxQueue::new(config.rx_queue_frames, Arc::clone(&counters))),
+                    counters,
+                }
             })
-            .collect::<std::io::Result<Vec<_>>>()
-            .map_err(|source| NetDeviceError::RxQueue {
-                port: config.name.clone(),
-                source,
-            })?;
+            .collect();
         Ok(NetBackend {
             name: config.name.clone(),
             mac: config.mac,
@@ -313,23 +305,26 @@ impl VhostUserDevice for NetBackend {
         2
     }
 
-    fn run_worker(&self, vrings: &mut [Vring], stop: &EventFd) -> Result<(), NetError> {
-        let [rx, tx] = vrings else {
+    fn run_worker(&self, vrings: &mut Vec<Vring>, stop: &EventFd) -> Result<(), NetError> {
+        let pair = vrings.first().map_or(u16::MAX, |rx| rx.index() / 2);
+        if vrings.len() != 2 || usize::from(pair) >= self.pairs.len() {
             return Err(NetError::WorkerRings(vrings.len()));
+        }
+        let Some(mut tx) = vrings.pop() else {
+            return Err(NetError::WorkerRings(0));
         };
-        let pair = rx.index() / 2;
-        let Some(qp) = self.pairs.get(usize::from(pair)) else {
-            return Err(NetError::WorkerRings(vrings.len()));
+        let Some(rx) = vrings.pop() else {
+            vrings.push(tx);
+            return Err(NetError::WorkerRings(1));
         };
-        qp.rx.open();
-        QueuePairWorker::new(self, pair).run(rx, tx, stop)?;
-        Ok(())
+        let (rx, result) = QueuePairWorker::new(self, pair).run(rx, &mut tx, stop);
+        vrings.extend([rx, tx]);
+        Ok(result?)
     }
 
     fn disconnected(&self) {
         for qp in &self.pairs {
-            let dropped = qp.rx.close();
-            qp.counters.add(Counter::RxLinkDown, dropped as u64);
+            qp.rx.close();
         }
         // What was negotiated belongs to the connection: the next frontend negotiates afresh.
         self.settings.set_acked(0);

@@ -220,6 +220,24 @@ impl Rig {
         self.backend.rx_queue(0).unwrap().push(header, frame)
     }
 
+    /// What the pair's worker does for the receiveq: the first call hands it the ring (taken
+    /// from `rx`; what waits goes in), later calls are a receive kick (what waits goes in, and
+    /// what was delivered is published).
+    fn deliver(&self, rx: &mut Option<Vring>) {
+        let queue = self.backend.rx_queue(0).unwrap();
+        match rx.take() {
+            Some(ring) => {
+                let settings = self.backend.settings();
+                queue.attach(ring, settings.mrg_rxbuf(), settings.guest_offloads());
+            }
+            None => queue.drain(),
+        }
+    }
+
+    fn held_chains(&self) -> usize {
+        self.backend.rx_queue(0).unwrap().held_chains()
+    }
+
     /// Offers one receive chain of `lens` buffers at `addr`; returns the head.
     fn post_rx(&mut self, addr: u64, lens: &[u32]) -> u16 {
         let mut bufs = Vec::new();
@@ -357,9 +375,8 @@ fn malformed_transmit_chains_are_dropped_counted_and_returned() {
 #[test]
 fn receive_without_mrg_rxbuf_needs_one_chain_per_frame() {
     let mut rig = Rig::new(0);
-    let (mut rx, _tx) = rig.vrings(false);
-    let backend = Arc::clone(&rig.backend);
-    let mut worker = QueuePairWorker::new(&backend, 0);
+    let (rx, _tx) = rig.vrings(false);
+    let mut rx = Some(rx);
     let big = frame(1514, 5);
     let small = frame(60, 6);
     // One good buffer (12 + 1514, split in two descriptors), then one of 512 bytes.
@@ -368,7 +385,7 @@ fn receive_without_mrg_rxbuf_needs_one_chain_per_frame() {
     assert!(rig.push(&VirtioNetHeader::PLAIN, &big));
     assert!(rig.push(&VirtioNetHeader::PLAIN, &big));
     assert!(rig.push(&VirtioNetHeader::PLAIN, &small));
-    worker.deliver_rx(&mut rx);
+    rig.deliver(&mut rx);
     // The first frame fills chain h0; the second does not fit h1 and is dropped; the third
     // goes into h1.
     assert_eq!(rig.rx.used_idx(&rig.mem), 2);
@@ -387,15 +404,14 @@ fn receive_without_mrg_rxbuf_needs_one_chain_per_frame() {
 #[test]
 fn receive_with_mrg_rxbuf_spans_buffers() {
     let mut rig = Rig::new(bit(VIRTIO_NET_F_MRG_RXBUF));
-    let (mut rx, _tx) = rig.vrings(false);
-    let backend = Arc::clone(&rig.backend);
-    let mut worker = QueuePairWorker::new(&backend, 0);
+    let (rx, _tx) = rig.vrings(false);
+    let mut rx = Some(rx);
     let heads: Vec<u16> = (0..4)
         .map(|i| rig.post_rx(RX_DATA + 0x1000 * i, &[512]))
         .collect();
     let f = frame(1400, 7);
     assert!(rig.push(&VirtioNetHeader::PLAIN, &f));
-    worker.deliver_rx(&mut rx);
+    rig.deliver(&mut rx);
     assert_eq!(
         rig.rx.used_idx(&rig.mem),
         3,
@@ -410,21 +426,17 @@ fn receive_with_mrg_rxbuf_spans_buffers() {
     got.extend(rig.read(RX_DATA + 0x1000, 512));
     got.extend(rig.read(RX_DATA + 0x2000, 388));
     assert_eq!(got, f);
-    assert_eq!(
-        worker.held_chains(),
-        0,
-        "the fourth buffer stays in the ring"
-    );
+    assert_eq!(rig.held_chains(), 0, "the fourth buffer stays in the ring");
 
     // A frame needing more than what is left waits, holding the buffer it took.
     assert!(rig.push(&VirtioNetHeader::PLAIN, &f));
-    worker.deliver_rx(&mut rx);
+    rig.deliver(&mut rx);
     assert_eq!(rig.rx.used_idx(&rig.mem), 3);
-    assert_eq!(worker.held_chains(), 1);
+    assert_eq!(rig.held_chains(), 1);
     assert_eq!(rig.backend.rx_queue(0).unwrap().len(), 1);
     rig.post_rx(RX_DATA + 0x4000, &[512]);
     rig.post_rx(RX_DATA + 0x5000, &[512]);
-    worker.deliver_rx(&mut rx);
+    rig.deliver(&mut rx);
     assert_eq!(rig.rx.used_idx(&rig.mem), 6);
     assert_eq!(rig.rx.used(&rig.mem, 3), (heads[3], 512));
     let hdr = VirtioNetHeader::from_bytes(&rig.read(RX_DATA + 0x3000, 12).try_into().unwrap());
@@ -435,14 +447,13 @@ fn receive_with_mrg_rxbuf_spans_buffers() {
 #[test]
 fn frames_wait_for_buffers_and_flow_when_the_guest_refills() {
     let mut rig = Rig::new(bit(VIRTIO_NET_F_MRG_RXBUF));
-    let (mut rx, _tx) = rig.vrings(false);
-    let backend = Arc::clone(&rig.backend);
-    let mut worker = QueuePairWorker::new(&backend, 0);
+    let (rx, _tx) = rig.vrings(false);
+    let mut rx = Some(rx);
     let frames: Vec<Vec<u8>> = (0..3).map(|i| frame(100 + i, i as u8)).collect();
     for f in &frames {
         assert!(rig.push(&VirtioNetHeader::PLAIN, f));
     }
-    worker.deliver_rx(&mut rx);
+    rig.deliver(&mut rx);
     assert_eq!(rig.rx.used_idx(&rig.mem), 0);
     assert_eq!(rig.backend.rx_queue(0).unwrap().len(), 3, "frames wait");
     // The device asked the driver for a kick (no VRING_USED_F_NO_NOTIFY).
@@ -458,7 +469,7 @@ fn frames_wait_for_buffers_and_flow_when_the_guest_refills() {
     for i in 0..8 {
         rig.post_rx(RX_DATA + 0x1000 * i, &[2048]);
     }
-    worker.deliver_rx(&mut rx);
+    rig.deliver(&mut rx);
     assert_eq!(rig.rx.used_idx(&rig.mem), 8);
     for (i, f) in frames.iter().enumerate() {
         assert_eq!(&rig.read(RX_DATA + 0x1000 * i as u64 + 12, f.len()), f);
@@ -469,9 +480,8 @@ fn frames_wait_for_buffers_and_flow_when_the_guest_refills() {
 #[test]
 fn receive_offloads_follow_what_the_guest_negotiated() {
     let mut rig = Rig::new(0);
-    let (mut rx, _tx) = rig.vrings(false);
-    let backend = Arc::clone(&rig.backend);
-    let mut worker = QueuePairWorker::new(&backend, 0);
+    let (rx, _tx) = rig.vrings(false);
+    let mut rx = Some(rx);
     rig.post_rx(RX_DATA, &[2048]);
     rig.post_rx(RX_DATA + 0x1000, &[2048]);
     let gso = VirtioNetHeader {
@@ -494,7 +504,7 @@ fn receive_offloads_follow_what_the_guest_negotiated() {
     f[50] = 0;
     f[51] = 0;
     assert!(rig.push(&partial, &f));
-    worker.deliver_rx(&mut rx);
+    rig.deliver(&mut rx);
     assert_eq!(rig.stats().rx_dropped_offload, 1, "GSO frame dropped");
     assert_eq!(rig.rx.used_idx(&rig.mem), 1);
     let hdr = VirtioNetHeader::from_bytes(&rig.read(RX_DATA, 12).try_into().unwrap());
@@ -508,8 +518,10 @@ fn receive_offloads_follow_what_the_guest_negotiated() {
     // With GUEST_CSUM the header goes through unchanged.
     rig.backend
         .set_acked_features(bit(VIRTIO_F_VERSION_1) | bit(VIRTIO_NET_F_GUEST_CSUM));
+    // (A new negotiation comes with a restart of the pair's worker.)
+    rx = rig.backend.rx_queue(0).unwrap().detach();
     assert!(rig.push(&partial, &f));
-    worker.deliver_rx(&mut rx);
+    rig.deliver(&mut rx);
     let hdr = VirtioNetHeader::from_bytes(&rig.read(RX_DATA + 0x1000, 12).try_into().unwrap());
     assert_eq!(hdr.flags, FLAG_NEEDS_CSUM);
     assert_eq!(rig.read(RX_DATA + 0x1000 + 12, 100), f);
@@ -518,16 +530,15 @@ fn receive_offloads_follow_what_the_guest_negotiated() {
 #[test]
 fn malformed_receive_chains_are_returned_unused() {
     let mut rig = Rig::new(bit(VIRTIO_NET_F_MRG_RXBUF));
-    let (mut rx, _tx) = rig.vrings(false);
-    let backend = Arc::clone(&rig.backend);
+    let (rx, _tx) = rig.vrings(false);
+    let mut rx = Some(rx);
     let mem = Arc::clone(&rig.mem);
-    let mut worker = QueuePairWorker::new(&backend, 0);
     let read_only = rig.rx.chain(&mem, &[(RX_DATA, 2048, false)]);
     let outside = rig.rx.chain(&mem, &[(MEM_SIZE as u64 - 100, 2048, true)]);
     let tiny = rig.rx.chain(&mem, &[(RX_DATA, 8, true)]);
     let good = rig.post_rx(RX_DATA + 0x1000, &[2048]);
     assert!(rig.push(&VirtioNetHeader::PLAIN, &frame(200, 1)));
-    worker.deliver_rx(&mut rx);
+    rig.deliver(&mut rx);
     assert_eq!(rig.rx.used_idx(&rig.mem), 4);
     assert_eq!(rig.rx.used(&rig.mem, 0), (read_only, 0));
     assert_eq!(rig.rx.used(&rig.mem, 1), (outside, 0));
@@ -540,7 +551,8 @@ fn malformed_receive_chains_are_returned_unused() {
 #[test]
 fn event_idx_suppresses_interrupts_on_both_rings() {
     let mut rig = Rig::new(bit(VIRTIO_NET_F_MRG_RXBUF) | bit(VIRTIO_RING_F_EVENT_IDX));
-    let (mut rx, mut tx) = rig.vrings(true);
+    let (rx, mut tx) = rig.vrings(true);
+    let mut rx = Some(rx);
     let backend = Arc::clone(&rig.backend);
     let mut worker = QueuePairWorker::new(&backend, 0);
 
@@ -573,19 +585,19 @@ fn event_idx_suppresses_interrupts_on_both_rings() {
         rig.post_rx(RX_DATA + 0x1000 * i, &[512]);
     }
     assert!(rig.push(&VirtioNetHeader::PLAIN, &frame(100, 1)));
-    worker.deliver_rx(&mut rx);
+    rig.deliver(&mut rx);
     assert_eq!(rig.rx.used_idx(&rig.mem), 1);
     assert!(
         !rig.rx.signalled(),
         "used idx 1 has not passed used_event 1"
     );
     assert!(rig.push(&VirtioNetHeader::PLAIN, &frame(700, 2)));
-    worker.deliver_rx(&mut rx);
+    rig.deliver(&mut rx);
     assert_eq!(rig.rx.used_idx(&rig.mem), 3);
     assert!(rig.rx.signalled(), "entries 1 and 2 passed used_event 1");
     rig.rx.set_used_event(&rig.mem, 10);
     assert!(rig.push(&VirtioNetHeader::PLAIN, &frame(100, 3)));
-    worker.deliver_rx(&mut rx);
+    rig.deliver(&mut rx);
     assert!(!rig.rx.signalled());
 }
 
@@ -615,4 +627,40 @@ fn set_mtu_is_bounded_by_the_port() {
     assert!(!rig.push(&VirtioNetHeader::PLAIN, &frame(60, 1)));
     assert_eq!(rig.stats().rx_dropped_link_down, 2);
     assert_eq!(HEADER_LEN, 12);
+}
+
+#[test]
+fn a_pushed_frame_goes_straight_into_the_ring_and_shows_at_flush() {
+    let mut rig = Rig::new(bit(VIRTIO_NET_F_MRG_RXBUF));
+    let (rx, _tx) = rig.vrings(false);
+    let mut rx = Some(rx);
+    let h0 = rig.post_rx(RX_DATA, &[2048]);
+    rig.deliver(&mut rx);
+    let f = frame(300, 4);
+    assert!(rig.push(&VirtioNetHeader::PLAIN, &f));
+    // Written into the guest's buffer on the pusher's thread, not yet published.
+    assert_eq!(rig.read(RX_DATA + 12, 300), f);
+    assert_eq!(rig.rx.used_idx(&rig.mem), 0);
+    assert!(!rig.rx.signalled());
+    let queue = Arc::clone(rig.backend.rx_queue(0).unwrap());
+    queue.flush();
+    assert_eq!(rig.rx.used_idx(&rig.mem), 1);
+    assert_eq!(rig.rx.used(&rig.mem, 0), (h0, 312));
+    assert!(rig.rx.signalled());
+    queue.flush();
+    assert!(!rig.rx.signalled(), "nothing new: no interrupt");
+
+    // A frame with no room waits holding what it took; detaching returns that chain empty.
+    let h1 = rig.post_rx(RX_DATA + 0x1000, &[512]);
+    assert!(rig.push(&VirtioNetHeader::PLAIN, &frame(1400, 5)));
+    assert_eq!(queue.len(), 1);
+    assert_eq!(rig.held_chains(), 1);
+    let ring = queue.detach().expect("the ring was attached");
+    assert_eq!(rig.rx.used_idx(&rig.mem), 2);
+    assert_eq!(rig.rx.used(&rig.mem, 1), (h1, 0));
+    assert_eq!(ring.next_used(), 2);
+    assert_eq!(queue.len(), 1, "the frame waits for the next start");
+    // Frames pushed while no ring is attached wait too, in order.
+    assert!(rig.push(&VirtioNetHeader::PLAIN, &frame(60, 6)));
+    assert_eq!(queue.len(), 2);
 }

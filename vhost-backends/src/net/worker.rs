@@ -1,25 +1,22 @@
 //! The worker of one vhost-user-net queue pair: a thread with its own epoll serving the
-//! pair's receiveq (ring 2N) and transmitq (ring 2N+1).
+//! pair's transmitq (ring 2N+1) and the kicks of its receiveq (ring 2N).
 //!
-//! It waits on four eventfds: the two kicks, the pair's [`RxQueue`] wake-up and the stop fd.
+//! It waits on three eventfds: the two kicks and the stop fd.
 //!
 //! - Transmit: on a kick, it takes chains with kicks disabled, hands each frame to the
 //!   [`NetPort`] in ring order and returns the chains (used length 0) in one batch per pass,
 //!   then calls [`NetPort::flush`]. A pass takes at most [`TX_BUDGET`] chains, then lets the
 //!   receive side run before it goes on (without sleeping). Kicks are re-enabled only when the
 //!   ring is empty (EVENT_IDX-safe: it drains again if entries arrived meanwhile).
-//! - Receive: when frames are queued (wake-up) or the guest added buffers (kick), it moves
-//!   frames into receive chains: with MRG_RXBUF over as many chains as needed (`num_buffers`
-//!   set), without it into one chain that must hold header and frame (else the frame is
-//!   dropped and the chain kept for the next one). With no buffers left, the frame waits in
-//!   the queue and the worker asks the guest for a kick.
+//! - Receive: frames for the guest are written into its receiveq by whoever pushes them (see
+//!   [`super::rx`]); the worker hands the ring to the pair's [`RxQueue`](super::RxQueue) when
+//!   it starts, takes it back when it stops, and on a receive kick (the guest added buffers
+//!   while frames waited) moves the waiting frames in.
 //!
 //! Invariant: used entries are published in batches with one used-idx store
-//! ([`Vring::complete_batch`]), so the guest never sees part of a multi-buffer frame; and when
-//! the worker returns (stop), every chain it took is back in the used ring — receive chains
-//! it was holding for frames to come are returned empty — so GET_VRING_BASE is exact.
+//! ([`Vring::complete_batch`]); and when the worker returns (stop), every chain it took is
+//! back in the used ring, so GET_VRING_BASE is exact.
 
-use std::collections::VecDeque;
 use std::io;
 use std::os::fd::AsRawFd;
 
@@ -29,17 +26,17 @@ use vmm_sys_util::epoll::{ControlOperation, Epoll, EpollEvent, EventSet};
 use vmm_sys_util::eventfd::EventFd;
 
 use super::NetBackend;
-use super::frame::{RxChain, check_rx_chain, read_tx_frame, write_rx_frame};
-use super::header::{FLAG_DATA_VALID, FLAG_NEEDS_CSUM, HEADER_LEN, finish_checksum};
-use super::port::{NetPort, RxFrame, RxQueue};
+use super::frame::read_tx_frame;
+use super::header::HEADER_LEN;
+use super::port::NetPort;
+use super::rx::RxQueue;
 use super::stats::{Counter, Counters};
 use crate::chain::Descriptor;
 use crate::vring::Vring;
 
 const TOKEN_RX_KICK: u64 = 0;
 const TOKEN_TX_KICK: u64 = 1;
-const TOKEN_RX_QUEUE: u64 = 2;
-const TOKEN_STOP: u64 = 3;
+const TOKEN_STOP: u64 = 2;
 
 /// Transmit chains taken per pass before the receive side gets a turn.
 pub const TX_BUDGET: usize = 256;
@@ -73,9 +70,6 @@ pub(crate) struct QueuePairWorker<'a> {
     /// Transmit gather buffer: header + frame.
     tx_buf: Vec<u8>,
     tx_used: Vec<(u16, u32)>,
-    rx_used: Vec<(u16, u32)>,
-    /// Receive chains taken from the ring and not yet filled, oldest first.
-    held: VecDeque<RxChain>,
     loud_logs: u32,
 }
 
@@ -91,8 +85,6 @@ impl<'a> QueuePairWorker<'a> {
             descs: Vec::with_capacity(16),
             tx_buf: Vec::with_capacity(2048),
             tx_used: Vec::with_capacity(USED_BATCH),
-            rx_used: Vec::with_capacity(USED_BATCH),
-            held: VecDeque::new(),
             loud_logs: 0,
         }
     }
@@ -107,35 +99,45 @@ impl<'a> QueuePairWorker<'a> {
         self.loud_logs <= LOUD_LOG_LIMIT
     }
 
-    /// Serves the pair until `stop` fires; see the module docs.
+    /// Serves the pair until `stop` fires; see the module docs. The receiveq `rx` is handed
+    /// to the pair's receive queue meanwhile and comes back here when the worker stops.
     pub(crate) fn run(
         &mut self,
-        rx: &mut Vring,
+        rx: Vring,
+        tx: &mut Vring,
+        stop: &EventFd,
+    ) -> (Vring, Result<(), WorkerError>) {
+        let rx_kick = rx.kick().try_clone();
+        let settings = &self.backend.settings;
+        self.rx_queue
+            .attach(rx, settings.mrg_rxbuf(), settings.guest_offloads());
+        let result = match rx_kick {
+            Ok(rx_kick) => self.serve(&rx_kick, tx, stop),
+            Err(e) => Err(self.os("dup receive kick")(e)),
+        };
+        let mem = tx.memory();
+        self.publish(tx, &mem);
+        tx.notify(&mem);
+        let rx = self
+            .rx_queue
+            .detach()
+            .expect("only the pair's worker detaches its receive ring");
+        (rx, result)
+    }
+
+    fn serve(
+        &mut self,
+        rx_kick: &EventFd,
         tx: &mut Vring,
         stop: &EventFd,
     ) -> Result<(), WorkerError> {
-        let result = self.serve(rx, tx, stop);
-        self.finish(rx, tx);
-        result
-    }
-
-    fn serve(&mut self, rx: &mut Vring, tx: &mut Vring, stop: &EventFd) -> Result<(), WorkerError> {
         let epoll = Epoll::new().map_err(self.os("epoll_create"))?;
         for (fd, token, what) in [
-            (
-                rx.kick().as_raw_fd(),
-                TOKEN_RX_KICK,
-                "epoll add receive kick",
-            ),
+            (rx_kick.as_raw_fd(), TOKEN_RX_KICK, "epoll add receive kick"),
             (
                 tx.kick().as_raw_fd(),
                 TOKEN_TX_KICK,
                 "epoll add transmit kick",
-            ),
-            (
-                self.rx_queue.wake_fd().as_raw_fd(),
-                TOKEN_RX_QUEUE,
-                "epoll add receive queue",
             ),
             (stop.as_raw_fd(), TOKEN_STOP, "epoll add stop"),
         ] {
@@ -148,10 +150,9 @@ impl<'a> QueuePairWorker<'a> {
                 .map_err(self.os(what))?;
         }
 
-        // Whatever was queued or kicked before this worker started.
+        // Whatever was kicked before this worker started.
         let mut tx_more = self.process_tx(tx);
-        self.deliver_rx(rx);
-        let mut events = [EpollEvent::default(); 4];
+        let mut events = [EpollEvent::default(); 3];
         loop {
             // With transmit work left over from a full pass, only look for events.
             let timeout = if tx_more { 0 } else { -1 };
@@ -164,16 +165,12 @@ impl<'a> QueuePairWorker<'a> {
             for ev in &events[..n] {
                 match ev.data() {
                     TOKEN_RX_KICK => {
-                        rx.consume_kick().map_err(self.os("read receive kick"))?;
+                        consume(rx_kick).map_err(self.os("read receive kick"))?;
                         rx_work = true;
                     }
                     TOKEN_TX_KICK => {
                         tx.consume_kick().map_err(self.os("read transmit kick"))?;
                         tx_work = true;
-                    }
-                    TOKEN_RX_QUEUE => {
-                        self.rx_queue.consume_wake();
-                        rx_work = true;
                     }
                     TOKEN_STOP => return Ok(()),
                     _ => {}
@@ -183,7 +180,7 @@ impl<'a> QueuePairWorker<'a> {
                 tx_more = self.process_tx(tx);
             }
             if rx_work {
-                self.deliver_rx(rx);
+                self.rx_queue.drain();
             }
         }
     }
@@ -203,7 +200,7 @@ impl<'a> QueuePairWorker<'a> {
                 budget -= 1;
                 self.transmit(tx, &mem, head, offloads);
                 if self.tx_used.len() >= USED_BATCH.min(usize::from(tx.size())) {
-                    self.publish(tx, &mem, true);
+                    self.publish(tx, &mem);
                 }
             }
             if budget == 0 {
@@ -214,7 +211,7 @@ impl<'a> QueuePairWorker<'a> {
                 break;
             }
         }
-        self.publish(tx, &mem, true);
+        self.publish(tx, &mem);
         self.port.flush(self.pair);
         tx.notify(&mem);
         more
@@ -253,216 +250,27 @@ impl<'a> QueuePairWorker<'a> {
         self.tx_used.push((head, 0));
     }
 
-    /// Moves queued frames into the guest's receive buffers until the queue is empty or the
-    /// guest has no buffers left.
-    pub(crate) fn deliver_rx(&mut self, rx: &mut Vring) {
-        let mem = rx.memory();
-        let mrg = self.backend.settings.mrg_rxbuf();
-        let offloads = self.backend.settings.guest_offloads();
-        let ring_size = usize::from(rx.size());
-        // Kicks are only wanted while frames wait for buffers.
-        rx.disable_notification(&mem);
-        while let Some(mut item) = self.rx_queue.pop() {
-            if !self.adapt_offloads(&mut item, offloads) {
-                continue;
-            }
-            let needed = HEADER_LEN + item.frame.len();
-            let chains = if mrg {
-                self.fill_held(rx, &mem, |held| {
-                    held.iter().map(RxChain::capacity).sum::<usize>() >= needed
-                        || held.len() >= ring_size
-                });
-                let (mut have, mut count) = (0usize, 0usize);
-                for chain in &self.held {
-                    if have >= needed {
-                        break;
-                    }
-                    have += chain.capacity();
-                    count += 1;
-                }
-                if have < needed {
-                    if self.held.len() >= ring_size {
-                        // Even the whole ring cannot hold it: the guest's buffers are too
-                        // small for this frame. Drop it rather than block the queue forever.
-                        self.counters.add(Counter::RxTooBig, 1);
-                        if self.loud() {
-                            warn!(
-                                pair = self.pair,
-                                frame = item.frame.len(),
-                                room = have,
-                                "frame larger than all receive buffers together; dropped"
-                            );
-                        }
-                        continue;
-                    }
-                    if self.wait_for_buffers(rx, &mem, item) {
-                        continue;
-                    }
-                    break;
-                }
-                count
-            } else {
-                self.fill_held(rx, &mem, |held| !held.is_empty());
-                let Some(room) = self.held.front().map(RxChain::capacity) else {
-                    if self.wait_for_buffers(rx, &mem, item) {
-                        continue;
-                    }
-                    break;
-                };
-                if room < needed {
-                    // This guest posts buffers too small for the frame; the chain stays for
-                    // the next frame.
-                    self.counters.add(Counter::RxTooBig, 1);
-                    if self.loud() {
-                        warn!(
-                            pair = self.pair,
-                            frame = item.frame.len(),
-                            buffer = room,
-                            "frame does not fit a receive buffer (no MRG_RXBUF); dropped"
-                        );
-                    }
-                    continue;
-                }
-                1
-            };
-            if self.rx_used.len() + chains > USED_BATCH.min(ring_size) {
-                self.publish(rx, &mem, false);
-            }
-            item.header.num_buffers = chains as u16;
-            let used: Vec<RxChain> = self.held.drain(..chains).collect();
-            match write_rx_frame(&mem, &used, &item.header, &item.frame, &mut self.rx_used) {
-                Ok(()) => {
-                    self.counters.add(Counter::RxFrames, 1);
-                    self.counters.add(Counter::RxBytes, item.frame.len() as u64);
-                }
-                Err(e) => {
-                    // The memory table changed under chains held from before: give them back
-                    // empty and drop the frame.
-                    self.counters.add(Counter::RxBadChains, used.len() as u64);
-                    if self.loud() {
-                        warn!(pair = self.pair, "receive buffer left guest memory: {e}");
-                    }
-                    self.rx_used.extend(used.iter().map(|c| (c.head, 0)));
-                }
-            }
-        }
-        self.publish(rx, &mem, false);
-        rx.notify(&mem);
-    }
-
-    /// Applies what the guest negotiated to a frame's header; `false` if it must be dropped.
-    fn adapt_offloads(&mut self, item: &mut RxFrame, offloads: super::GuestOffloads) -> bool {
-        let h = &mut item.header;
-        if !offloads.accepts_gso(h) {
-            self.counters.add(Counter::RxOffload, 1);
-            if self.loud() {
-                warn!(
-                    pair = self.pair,
-                    gso_type = h.gso_type,
-                    "GSO frame for a guest that did not negotiate it; dropped (the switch must segment)"
-                );
-            }
-            return false;
-        }
-        if !offloads.csum {
-            if h.needs_csum() && !finish_checksum(&mut item.frame, h.csum_start, h.csum_offset) {
-                self.counters.add(Counter::RxOffload, 1);
-                return false;
-            }
-            h.flags &= !(FLAG_NEEDS_CSUM | FLAG_DATA_VALID);
-            h.csum_start = 0;
-            h.csum_offset = 0;
-        }
-        true
-    }
-
-    /// Takes receive chains from the ring into `held` until `enough` holds or the ring is
-    /// empty; malformed chains are returned empty on the way.
-    fn fill_held(
-        &mut self,
-        rx: &mut Vring,
-        mem: &GuestMemoryMmap,
-        enough: impl Fn(&VecDeque<RxChain>) -> bool,
-    ) {
-        while !enough(&self.held) {
-            let Some(head) = rx.pop(mem) else {
-                return;
-            };
-            let checked = match rx.read_chain(mem, head, &mut self.descs) {
-                Ok(()) => check_rx_chain(mem, head, &self.descs),
-                Err(e) => Err(super::frame::RxChainError::Chain(e)),
-            };
-            match checked {
-                Ok(chain) => self.held.push_back(chain),
-                Err(e) => {
-                    self.counters.add(Counter::RxBadChains, 1);
-                    if self.loud() {
-                        warn!(pair = self.pair, head, "receive chain returned unused: {e}");
-                    }
-                    if self.rx_used.len() >= usize::from(rx.size()) {
-                        self.publish(rx, mem, false);
-                    }
-                    self.rx_used.push((head, 0));
-                }
-            }
-        }
-    }
-
-    /// No room for `item`: it goes back to the head of the queue and the guest is asked to
-    /// kick when it adds buffers. `true` if buffers arrived meanwhile (try again).
-    fn wait_for_buffers(&mut self, rx: &mut Vring, mem: &GuestMemoryMmap, item: RxFrame) -> bool {
-        self.rx_queue.unpop(item);
-        // Publish what is done first: the guest refills what it gets back.
-        self.publish(rx, mem, false);
-        rx.notify(mem);
-        if rx.enable_notification(mem) {
-            rx.disable_notification(mem);
-            return true;
-        }
-        false
-    }
-
-    /// Publishes the gathered used entries of one ring.
-    fn publish(&mut self, vring: &mut Vring, mem: &GuestMemoryMmap, transmit: bool) {
-        let used = if transmit {
-            &mut self.tx_used
-        } else {
-            &mut self.rx_used
-        };
-        if used.is_empty() {
+    /// Publishes the gathered used entries of the transmitq.
+    fn publish(&mut self, tx: &mut Vring, mem: &GuestMemoryMmap) {
+        if self.tx_used.is_empty() {
             return;
         }
-        if let Err(e) = vring.complete_batch(mem, used) {
+        if let Err(e) = tx.complete_batch(mem, &self.tx_used) {
             warn!(
                 pair = self.pair,
-                queue = vring.index(),
+                queue = tx.index(),
                 "cannot return chains to the used ring: {e}"
             );
         }
-        used.clear();
+        self.tx_used.clear();
     }
+}
 
-    /// Returns every chain still held (receive chains waiting for frames go back empty) and
-    /// publishes what is pending, so the rings stop at exact positions.
-    fn finish(&mut self, rx: &mut Vring, tx: &mut Vring) {
-        let mem = rx.memory();
-        let held: Vec<(u16, u32)> = self.held.drain(..).map(|c| (c.head, 0)).collect();
-        for entry in held {
-            if self.rx_used.len() >= usize::from(rx.size()) {
-                self.publish(rx, &mem, false);
-            }
-            self.rx_used.push(entry);
-        }
-        self.publish(rx, &mem, false);
-        rx.notify(&mem);
-        let mem = tx.memory();
-        self.publish(tx, &mem, true);
-        tx.notify(&mem);
-    }
-
-    /// Receive chains held for frames to come (for tests).
-    #[cfg(test)]
-    pub(crate) fn held_chains(&self) -> usize {
-        self.held.len()
+/// Consumes a kick (a dup of the ring's kick fd; the frontend owns its blocking mode).
+fn consume(kick: &EventFd) -> io::Result<()> {
+    match kick.read() {
+        Ok(_) => Ok(()),
+        Err(e) if e.kind() == io::ErrorKind::WouldBlock => Ok(()),
+        Err(e) => Err(e),
     }
 }
