@@ -45,6 +45,11 @@ pub struct Config {
     /// IP:PORT this node's switch sends and receives VXLAN on (the other nodes reach its networks there).
     /// Default: the --listen IP with UDP port 4789 (127.0.0.1:4789 without --listen). Port 0 picks a free port.
     pub underlay: Option<String>,
+    /// Most MAC addresses the switch learns per network; a full table floods frames to further addresses instead
+    /// of learning them (counted). At least 1.
+    pub mac_table_limit: usize,
+    /// How long the switch remembers a learned MAC address without traffic from it, e.g. "5m".
+    pub mac_aging: String,
 }
 
 impl Default for Config {
@@ -63,6 +68,8 @@ impl Default for Config {
             rebuild_rate: "256M".to_owned(),
             stale_replica_keep: "15m".to_owned(),
             underlay: None,
+            mac_table_limit: vnet::mac_table::DEFAULT_LIMIT,
+            mac_aging: "5m".to_owned(),
         }
     }
 }
@@ -135,6 +142,25 @@ impl Config {
             .transpose()
     }
 
+    pub fn switch(&self) -> anyhow::Result<vnet::SwitchConfig> {
+        if self.mac_table_limit == 0 {
+            bail!("mac_table_limit in the config must be at least 1");
+        }
+        let mac_aging = humantime::parse_duration(&self.mac_aging).with_context(|| {
+            format!(
+                "mac_aging '{}' in the config is not a duration (e.g. \"5m\")",
+                self.mac_aging
+            )
+        })?;
+        if mac_aging.is_zero() {
+            bail!("mac_aging in the config must be longer than 0 (e.g. \"5m\")");
+        }
+        Ok(vnet::SwitchConfig {
+            mac_limit: self.mac_table_limit,
+            mac_aging,
+        })
+    }
+
     pub fn overcommit_milli(&self) -> anyhow::Result<u32> {
         if !(1.0..=100.0).contains(&self.overcommit_ratio) {
             bail!(
@@ -180,6 +206,40 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(error.contains("extent_sise"), "{error}");
+    }
+
+    #[test]
+    fn the_shipped_config_file_is_valid_and_holds_the_defaults() {
+        let shipped: Config = toml::from_str(include_str!("../../deploy/vesseld.toml")).unwrap();
+        let defaults = Config::default();
+        assert_eq!(shipped.switch().unwrap(), defaults.switch().unwrap());
+        assert_eq!(shipped.stale_replica_keep, defaults.stale_replica_keep);
+        assert_eq!(shipped.rebuild_rate, defaults.rebuild_rate);
+        assert_eq!(shipped.extent_size, defaults.extent_size);
+    }
+
+    #[test]
+    fn the_switch_takes_its_mac_table_settings_from_the_config() {
+        let defaults = Config::default().switch().unwrap();
+        assert_eq!(defaults, vnet::SwitchConfig::default());
+        let config: Config =
+            toml::from_str("mac_table_limit = 100\nmac_aging = \"90s\"\n").unwrap();
+        let switch = config.switch().unwrap();
+        assert_eq!(switch.mac_limit, 100);
+        assert_eq!(switch.mac_aging, std::time::Duration::from_secs(90));
+        for (limit, aging, key) in [
+            (0, "5m", "mac_table_limit"),
+            (10, "soon", "mac_aging"),
+            (10, "0s", "mac_aging"),
+        ] {
+            let config = Config {
+                mac_table_limit: limit,
+                mac_aging: aging.to_owned(),
+                ..Config::default()
+            };
+            let error = config.switch().unwrap_err();
+            assert!(format!("{error:#}").contains(key), "{error:#}");
+        }
     }
 
     #[test]

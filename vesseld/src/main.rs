@@ -94,6 +94,7 @@ fn run() -> anyhow::Result<()> {
         rebuild_rate: config.rebuild_rate_bytes()?,
         stale_replica_keep: config.stale_replica_keep()?,
         underlay: config.underlay_addr()?,
+        switch: config.switch()?,
     };
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)

@@ -55,6 +55,8 @@ pub struct NodeConfig {
     pub stale_replica_keep: std::time::Duration,
     /// IP:PORT the switch's VXLAN socket binds to; `None`: the `--listen` IP (or 127.0.0.1) and port 4789.
     pub underlay: Option<SocketAddr>,
+    /// The switch's MAC table size limit (per network) and aging.
+    pub switch: vnet::SwitchConfig,
 }
 
 impl NodeConfig {

@@ -19,7 +19,7 @@ use std::net::{Ipv4Addr, SocketAddr, UdpSocket};
 use std::sync::{Arc, PoisonError};
 
 use vnet::mac_table::Location;
-use vnet::switch::{NetworkConfig, PortConfig, SwitchConfig};
+use vnet::switch::{NetworkConfig, PortConfig};
 use vnet::{Datapath, Mac, Tap, Vni};
 
 use super::LocalNode;
@@ -176,7 +176,7 @@ impl LocalNode {
         let underlay = socket
             .local_addr()
             .map_err(|error| format!("the underlay socket has no address: {error}"))?;
-        let datapath = Datapath::start(socket, SwitchConfig::default())
+        let datapath = Datapath::start(socket, self.config.switch)
             .map_err(|error| format!("cannot start the switch: {error}"))?;
         tracing::info!(%underlay, "switch started");
         Ok(Running {
