@@ -8,7 +8,7 @@ use std::sync::{Arc, Mutex, PoisonError};
 
 use vessel_control::node::{AttachSpec, DeviceHost, NetSpec};
 use vhost_backends::blk::{BlkConfig, BlkDevice};
-use vhost_backends::net::{NetBackend, NetConfig, NetDevice, NetPort};
+use vhost_backends::net::{NetBackend, NetConfig, NetDevice, NetPort, Taken, TxBatch};
 use vstore::{LocalVolume, VolumeId};
 
 #[derive(Debug, Default)]
@@ -61,6 +61,20 @@ impl NetPort for ToSwitch {
     ) -> bool {
         self.sender(queue_pair)
             .is_some_and(|mut sender| sender.send(&to_vnet(header), frame))
+    }
+
+    fn transmit_batch(&self, queue_pair: u16, batch: &TxBatch) -> Taken {
+        let Some(mut sender) = self.sender(queue_pair) else {
+            return Taken::default();
+        };
+        if sender.send_batch(batch.iter().map(|(header, frame)| (to_vnet(header), frame))) == 0 {
+            return Taken::default();
+        }
+        let mut taken = Taken::default();
+        for (_, frame) in batch.iter() {
+            taken.add(frame.len());
+        }
+        taken
     }
 
     fn flush(&self, queue_pair: u16) {

@@ -332,6 +332,15 @@ impl PortSender {
     /// Switches one frame (with its virtio-net header) the port sent, and delivers it where the
     /// switch decides; drops are counted by the switch. False only if the port is not plugged in.
     pub fn send(&mut self, header: &VirtioNetHeader, frame: &[u8]) -> bool {
+        self.send_batch([(*header, frame)]) == 1
+    }
+
+    /// [`PortSender::send`] for several frames, in order, taking the switch's locks once; returns
+    /// how many were taken (all, or none if the port is not plugged in).
+    pub fn send_batch<'f>(
+        &mut self,
+        frames: impl IntoIterator<Item = (VirtioNetHeader, &'f [u8])>,
+    ) -> usize {
         let shared = &*self.shared;
         let switch = shared.switch.read().unwrap_or_else(PoisonError::into_inner);
         let egress = shared.egress.read().unwrap_or_else(PoisonError::into_inner);
@@ -340,8 +349,16 @@ impl PortSender {
             egress: &egress,
             shared,
             scratch: &mut self.scratch,
+            now: Instant::now(),
         };
-        forwarder.forward(self.port, 0, header, frame)
+        let mut taken = 0;
+        for (header, frame) in frames {
+            if !forwarder.forward(self.port, 0, &header, frame) {
+                return 0;
+            }
+            taken += 1;
+        }
+        taken
     }
 
     /// Makes what this sender delivered to virtual ports visible to them.
@@ -396,6 +413,8 @@ struct Forwarder<'a> {
     egress: &'a HashMap<PortId, PortOut>,
     shared: &'a Shared,
     scratch: &'a mut Scratch,
+    /// The time of the batch (for MAC learning and aging).
+    now: Instant,
 }
 
 impl Forwarder<'_> {
@@ -408,7 +427,7 @@ impl Forwarder<'_> {
         header: &VirtioNetHeader,
         frame: &[u8],
     ) -> bool {
-        let now = Instant::now();
+        let now = self.now;
         let mut out = std::mem::take(&mut self.scratch.out);
         let verdict = if header.is_gso() {
             self.switch
@@ -666,6 +685,7 @@ impl Core {
             egress: &egress,
             shared,
             scratch: &mut self.scratch,
+            now: Instant::now(),
         };
         for _ in 0..BATCH {
             let len = match (&*queue).read(&mut self.frame) {
@@ -713,6 +733,7 @@ impl Core {
             egress: &egress,
             shared,
             scratch,
+            now: Instant::now(),
         };
         let deliver = |forwarder: &mut Forwarder<'_>, port: PortId, coalesced: Coalesced<'_>| {
             if !forwarder.write_port(port, 0, &coalesced.header, coalesced.frame) {

@@ -71,6 +71,32 @@ pub fn read_tx_frame(
     buf: &mut Vec<u8>,
 ) -> Result<VirtioNetHeader, TxDrop> {
     buf.clear();
+    append_tx_frame(mem, descs, offloads, buf)
+}
+
+/// [`read_tx_frame`] appending to `buf`: on success the header and frame follow what `buf`
+/// held before; on failure `buf` is left as it was.
+pub fn append_tx_frame(
+    mem: &GuestMemoryMmap,
+    descs: &[Descriptor],
+    offloads: HostOffloads,
+    buf: &mut Vec<u8>,
+) -> Result<VirtioNetHeader, TxDrop> {
+    let start = buf.len();
+    let read = read_tx_chain(mem, descs, offloads, buf, start);
+    if read.is_err() {
+        buf.truncate(start);
+    }
+    read
+}
+
+fn read_tx_chain(
+    mem: &GuestMemoryMmap,
+    descs: &[Descriptor],
+    offloads: HostOffloads,
+    buf: &mut Vec<u8>,
+    start: usize,
+) -> Result<VirtioNetHeader, TxDrop> {
     if descs.iter().any(|d| d.writable) {
         return Err(TxDrop::Writable);
     }
@@ -84,8 +110,8 @@ pub fn read_tx_frame(
         return Err(TxDrop::TooBig { len: frame_len });
     }
     // total <= HEADER_LEN + MAX_FRAME_LEN, far below usize::MAX.
-    buf.resize(total as usize, 0);
-    let mut at = 0usize;
+    buf.resize(start + total as usize, 0);
+    let mut at = start;
     for d in descs {
         let len = d.len as usize;
         mem.read_slice(&mut buf[at..at + len], d.addr)
@@ -95,11 +121,12 @@ pub fn read_tx_frame(
             })?;
         at += len;
     }
+    let read = &buf[start..];
     let mut raw = [0u8; HEADER_LEN];
-    raw.copy_from_slice(&buf[..HEADER_LEN]);
+    raw.copy_from_slice(&read[..HEADER_LEN]);
     let mut header = VirtioNetHeader::from_bytes(&raw);
     header.num_buffers = 0;
-    let frame = &buf[HEADER_LEN..];
+    let frame = &read[HEADER_LEN..];
     if frame.len() < MIN_FRAME_LEN {
         return Err(TxDrop::Runt { len: frame.len() });
     }
@@ -319,6 +346,28 @@ mod tests {
             read_tx_frame(&m, &short, HostOffloads::ALL, &mut buf),
             Err(TxDrop::BadHeader(_))
         ));
+    }
+
+    #[test]
+    fn frames_append_after_each_other_and_a_bad_one_leaves_nothing() {
+        let m = mem();
+        let frame: Vec<u8> = (0..60u8).collect();
+        m.write_slice(&VirtioNetHeader::PLAIN.to_bytes(), GuestAddress(0x1000))
+            .unwrap();
+        m.write_slice(&frame, GuestAddress(0x2000)).unwrap();
+        let good = [desc(0x1000, 12, false), desc(0x2000, 60, false)];
+        let mut buf = b"before".to_vec();
+        append_tx_frame(&m, &good, HostOffloads::ALL, &mut buf).unwrap();
+        assert_eq!(buf.len(), 6 + 72);
+        assert_eq!(&buf[6 + 12..], &frame[..]);
+        let runt = [desc(0x1000, 12, false), desc(0x2000, 10, false)];
+        assert!(matches!(
+            append_tx_frame(&m, &runt, HostOffloads::ALL, &mut buf),
+            Err(TxDrop::Runt { len: 10 })
+        ));
+        assert_eq!(buf.len(), 78, "nothing of the refused frame stays");
+        append_tx_frame(&m, &good, HostOffloads::ALL, &mut buf).unwrap();
+        assert_eq!(&buf[78 + 12..], &frame[..]);
     }
 
     #[test]

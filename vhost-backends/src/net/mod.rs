@@ -45,7 +45,7 @@ use crate::server::{ServerError, SocketOptions, VhostUserServer};
 use crate::vring::Vring;
 pub use config::{GuestOffloads, HostOffloads, MIN_MTU, NetSettings};
 pub use header::VirtioNetHeader;
-pub use port::{MAX_FRAME_LEN, NetPort};
+pub use port::{MAX_FRAME_LEN, NetPort, Taken, TxBatch};
 pub use rx::RxQueue;
 use stats::Counters;
 pub use stats::NetStats;

@@ -3,13 +3,16 @@
 //! The device knows nothing of the switch (vhost-backends does not depend on vnet); the switch
 //! side plugs in with two things per device:
 //!
-//! - a [`NetPort`] the device calls with every frame the guest transmits, from the queue pair's
-//!   worker thread, in ring order, followed by [`NetPort::flush`] at the end of each batch;
+//! - a [`NetPort`] the device calls with the frames the guest transmits, in batches
+//!   ([`TxBatch`]), from the queue pair's worker thread, in ring order, followed by
+//!   [`NetPort::flush`] at the end of each pass;
 //! - one [`RxQueue`](super::RxQueue) per queue pair that the switch side pushes frames for the
 //!   guest into, from any thread: each is copied into the guest's receive buffers on the
 //!   pusher's thread (see [`super::rx`]).
 
-use super::header::VirtioNetHeader;
+use std::ops::Range;
+
+use super::header::{HEADER_LEN, VirtioNetHeader};
 
 /// Largest frame (without the virtio-net header) either direction carries: an Ethernet header,
 /// a VLAN tag and the largest IP packet, which is what a TSO frame can reach.
@@ -25,7 +28,82 @@ pub trait NetPort: Send + Sync + 'static {
     /// is counted as a drop). `frame` is only valid during the call.
     fn transmit(&self, queue_pair: u16, header: &VirtioNetHeader, frame: &[u8]) -> bool;
 
+    /// The frames of `batch`, in order, as [`NetPort::transmit`] would take them one by one
+    /// (which is what this does unless the port does better, e.g. takes its locks once).
+    fn transmit_batch(&self, queue_pair: u16, batch: &TxBatch) -> Taken {
+        let mut taken = Taken::default();
+        for (header, frame) in batch.iter() {
+            if self.transmit(queue_pair, header, frame) {
+                taken.add(frame.len());
+            }
+        }
+        taken
+    }
+
     /// End of a batch of [`NetPort::transmit`] calls on `queue_pair`: a good moment to send
     /// what was collected.
     fn flush(&self, _queue_pair: u16) {}
+}
+
+/// What a port took of a [`TxBatch`].
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Taken {
+    /// Frames taken (the others are counted as refused).
+    pub frames: u64,
+    /// Their bytes (Ethernet frames, without the virtio-net header).
+    pub bytes: u64,
+}
+
+impl Taken {
+    /// Counts one more frame of `len` bytes.
+    pub fn add(&mut self, len: usize) {
+        self.frames += 1;
+        self.bytes += len as u64;
+    }
+}
+
+/// Frames one queue pair's guest transmitted, gathered for one [`NetPort::transmit_batch`]
+/// call: each with its checked header (as for [`NetPort::transmit`]).
+#[derive(Debug, Default)]
+pub struct TxBatch {
+    /// Each frame's header and frame, back to back.
+    data: Vec<u8>,
+    /// Each frame's header and the range of its Ethernet frame in `data`.
+    frames: Vec<(VirtioNetHeader, Range<usize>)>,
+}
+
+impl TxBatch {
+    /// Frames in the batch.
+    pub fn len(&self) -> usize {
+        self.frames.len()
+    }
+
+    /// Whether the batch holds no frame.
+    pub fn is_empty(&self) -> bool {
+        self.frames.is_empty()
+    }
+
+    /// The frames with their headers, in ring order.
+    pub fn iter(&self) -> impl Iterator<Item = (&VirtioNetHeader, &[u8])> {
+        self.frames
+            .iter()
+            .map(|(header, range)| (header, &self.data[range.clone()]))
+    }
+
+    /// Where the next frame (its header, then the frame) is read to: the end of the data.
+    pub(crate) fn buffer(&mut self) -> &mut Vec<u8> {
+        &mut self.data
+    }
+
+    /// Records the frame just appended to the data by a read of `len` bytes (header included).
+    pub(crate) fn push(&mut self, header: VirtioNetHeader, len: usize) {
+        let end = self.data.len();
+        self.frames.push((header, end - len + HEADER_LEN..end));
+    }
+
+    /// Empties the batch, keeping its buffers.
+    pub(crate) fn clear(&mut self) {
+        self.data.clear();
+        self.frames.clear();
+    }
 }

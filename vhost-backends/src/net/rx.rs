@@ -93,6 +93,9 @@ struct RxState {
 #[derive(Debug)]
 struct RxRing {
     vring: Vring,
+    /// Guest memory as of the last flush (taken once per batch, not per frame; `None` only
+    /// while in use).
+    mem: Option<Arc<GuestMemoryMmap>>,
     pair: u16,
     mrg: bool,
     offloads: GuestOffloads,
@@ -100,6 +103,9 @@ struct RxRing {
     held: VecDeque<RxChain>,
     /// Filled chains not yet published.
     used: Vec<(u16, u32)>,
+    /// Frames and bytes delivered and not yet counted (counted when published).
+    delivered: (u64, u64),
+    counters: Arc<Counters>,
     /// Whether entries were published since the guest was last considered for an interrupt.
     unnotified: bool,
     descs: Vec<Descriptor>,
@@ -166,14 +172,18 @@ impl RxQueue {
         if backlog.is_empty()
             && let Some(ring) = ring
         {
-            let mem = ring.vring.memory();
-            loop {
-                match ring.place(&mem, &self.counters, header, frame) {
-                    Placed::Delivered => return Ok(()),
-                    Placed::Dropped => return Err(Refusal::Dropped),
-                    Placed::NoRoom if ring.wait_for_buffers(&mem) => continue,
-                    Placed::NoRoom => break,
+            let placed = ring.with_memory(|ring, mem| {
+                loop {
+                    match ring.place(mem, &self.counters, header, frame) {
+                        Placed::NoRoom if ring.wait_for_buffers(mem) => continue,
+                        placed => break placed,
+                    }
                 }
+            });
+            match placed {
+                Placed::Delivered => return Ok(()),
+                Placed::Dropped => return Err(Refusal::Dropped),
+                Placed::NoRoom => {}
             }
         }
         if backlog.len() >= self.capacity {
@@ -190,9 +200,11 @@ impl RxQueue {
     /// for it. Cheap when nothing is pending.
     pub fn flush(&self) {
         if let Some(ring) = &mut self.lock().ring {
-            let mem = ring.vring.memory();
-            ring.publish(&mem);
-            ring.notify(&mem);
+            ring.mem = Some(ring.vring.memory());
+            ring.with_memory(|ring, mem| {
+                ring.publish(mem);
+                ring.notify(mem);
+            });
         }
     }
 
@@ -233,11 +245,14 @@ impl RxQueue {
         let mut state = self.lock();
         state.ring = Some(RxRing {
             pair: vring.index() / 2,
+            mem: Some(vring.memory()),
             vring,
             mrg,
             offloads,
             held: VecDeque::new(),
             used: Vec::with_capacity(USED_BATCH),
+            delivered: (0, 0),
+            counters: Arc::clone(&self.counters),
             unnotified: false,
             descs: Vec::with_capacity(4),
             scratch: Vec::new(),
@@ -275,6 +290,7 @@ impl RxQueue {
         let Some(ring) = ring else {
             return;
         };
+        ring.mem = Some(ring.vring.memory());
         let mem = ring.vring.memory();
         // Kicks are only wanted while frames wait for buffers.
         ring.vring.disable_notification(&mem);
@@ -322,6 +338,14 @@ impl RxQueue {
 }
 
 impl RxRing {
+    /// Runs `f` with the ring and the guest memory it works on.
+    fn with_memory<R>(&mut self, f: impl FnOnce(&mut RxRing, &GuestMemoryMmap) -> R) -> R {
+        let mem = self.mem.take().unwrap_or_else(|| self.vring.memory());
+        let result = f(self, &mem);
+        self.mem = Some(mem);
+        result
+    }
+
     fn loud(&mut self) -> bool {
         self.loud_logs = self.loud_logs.saturating_add(1);
         self.loud_logs <= LOUD_LOG_LIMIT
@@ -430,8 +454,8 @@ impl RxRing {
         let filled = &self.held.make_contiguous()[..chains];
         match write_rx_frame(mem, filled, &header, frame, &mut self.used) {
             Ok(()) => {
-                counters.add(Counter::RxFrames, 1);
-                counters.add(Counter::RxBytes, frame.len() as u64);
+                self.delivered.0 += 1;
+                self.delivered.1 += frame.len() as u64;
             }
             Err(e) => {
                 // The memory table changed under chains held from before: give them back
@@ -492,10 +516,15 @@ impl RxRing {
         false
     }
 
-    /// Publishes the gathered used entries.
+    /// Publishes the gathered used entries, and counts the frames they hold.
     fn publish(&mut self, mem: &GuestMemoryMmap) {
         if self.used.is_empty() {
             return;
+        }
+        let (frames, bytes) = std::mem::take(&mut self.delivered);
+        if frames > 0 {
+            self.counters.add(Counter::RxFrames, frames);
+            self.counters.add(Counter::RxBytes, bytes);
         }
         if let Err(e) = self.vring.complete_batch(mem, &self.used) {
             warn!(

@@ -3,10 +3,11 @@
 //!
 //! It waits on three eventfds: the two kicks and the stop fd.
 //!
-//! - Transmit: on a kick, it takes chains with kicks disabled, hands each frame to the
-//!   [`NetPort`] in ring order and returns the chains (used length 0) in one batch per pass,
-//!   then calls [`NetPort::flush`]. A pass takes at most [`TX_BUDGET`] chains, then lets the
-//!   receive side run before it goes on (without sleeping). Kicks are re-enabled only when the
+//! - Transmit: on a kick, it takes chains with kicks disabled, hands the frames to the
+//!   [`NetPort`] in ring order, in batches of up to 32 ([`NetPort::transmit_batch`]), and
+//!   returns the chains (used length 0) in batches, then calls [`NetPort::flush`]. A pass
+//!   takes at most [`TX_BUDGET`] chains, then lets the receive side run before it goes on
+//!   (without sleeping). Kicks are re-enabled only when the
 //!   ring is empty (EVENT_IDX-safe: it drains again if entries arrived meanwhile).
 //! - Receive: frames for the guest are written into its receiveq by whoever pushes them (see
 //!   [`super::rx`]); the worker hands the ring to the pair's [`RxQueue`](super::RxQueue) when
@@ -26,9 +27,8 @@ use vmm_sys_util::epoll::{ControlOperation, Epoll, EpollEvent, EventSet};
 use vmm_sys_util::eventfd::EventFd;
 
 use super::NetBackend;
-use super::frame::read_tx_frame;
-use super::header::HEADER_LEN;
-use super::port::NetPort;
+use super::frame::append_tx_frame;
+use super::port::{NetPort, TxBatch};
 use super::rx::RxQueue;
 use super::stats::{Counter, Counters};
 use crate::chain::Descriptor;
@@ -40,6 +40,12 @@ const TOKEN_STOP: u64 = 2;
 
 /// Transmit chains taken per pass before the receive side gets a turn.
 pub const TX_BUDGET: usize = 256;
+
+/// Frames handed to the port at once (it takes its locks once per batch).
+const TX_BATCH: usize = 32;
+
+/// Bytes of frames after which a batch goes to the port even if shorter (TSO frames are large).
+const TX_BATCH_BYTES: usize = 256 << 10;
 
 /// Used entries gathered before they are published (and the guest possibly interrupted).
 const USED_BATCH: usize = 64;
@@ -67,8 +73,8 @@ pub(crate) struct QueuePairWorker<'a> {
     rx_queue: &'a RxQueue,
     counters: &'a Counters,
     descs: Vec<Descriptor>,
-    /// Transmit gather buffer: header + frame.
-    tx_buf: Vec<u8>,
+    /// Frames read from the transmitq, not yet handed to the port.
+    batch: TxBatch,
     tx_used: Vec<(u16, u32)>,
     loud_logs: u32,
 }
@@ -83,7 +89,7 @@ impl<'a> QueuePairWorker<'a> {
             rx_queue: &qp.rx,
             counters: &qp.counters,
             descs: Vec::with_capacity(16),
-            tx_buf: Vec::with_capacity(2048),
+            batch: TxBatch::default(),
             tx_used: Vec::with_capacity(USED_BATCH),
             loud_logs: 0,
         }
@@ -211,6 +217,7 @@ impl<'a> QueuePairWorker<'a> {
                 break;
             }
         }
+        self.send_batch();
         self.publish(tx, &mem);
         self.port.flush(self.pair);
         tx.notify(&mem);
@@ -224,19 +231,16 @@ impl<'a> QueuePairWorker<'a> {
         head: u16,
         offloads: super::HostOffloads,
     ) {
+        let buffer = self.batch.buffer();
+        let before = buffer.len();
         let parsed = match tx.read_chain(mem, head, &mut self.descs) {
-            Ok(()) => read_tx_frame(mem, &self.descs, offloads, &mut self.tx_buf),
+            Ok(()) => append_tx_frame(mem, &self.descs, offloads, buffer),
             Err(e) => Err(super::frame::TxDrop::Chain(e)),
         };
         match parsed {
             Ok(header) => {
-                let frame = &self.tx_buf[HEADER_LEN..];
-                if self.port.transmit(self.pair, &header, frame) {
-                    self.counters.add(Counter::TxFrames, 1);
-                    self.counters.add(Counter::TxBytes, frame.len() as u64);
-                } else {
-                    self.counters.add(Counter::TxRefused, 1);
-                }
+                let len = self.batch.buffer().len() - before;
+                self.batch.push(header, len);
             }
             Err(drop) => {
                 self.counters.add(drop.counter(), 1);
@@ -248,6 +252,24 @@ impl<'a> QueuePairWorker<'a> {
             }
         }
         self.tx_used.push((head, 0));
+        if self.batch.len() >= TX_BATCH || self.batch.buffer().len() >= TX_BATCH_BYTES {
+            self.send_batch();
+        }
+    }
+
+    /// Hands the gathered frames to the port.
+    fn send_batch(&mut self) {
+        if self.batch.is_empty() {
+            return;
+        }
+        let taken = self.port.transmit_batch(self.pair, &self.batch);
+        self.counters.add(Counter::TxFrames, taken.frames);
+        self.counters.add(Counter::TxBytes, taken.bytes);
+        let refused = (self.batch.len() as u64).saturating_sub(taken.frames);
+        if refused > 0 {
+            self.counters.add(Counter::TxRefused, refused);
+        }
+        self.batch.clear();
     }
 
     /// Publishes the gathered used entries of the transmitq.
