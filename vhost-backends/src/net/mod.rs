@@ -8,10 +8,12 @@
 //! Frames are read from and written into descriptor chains by [`frame`], which knows nothing
 //! of rings or threads, so it is tested and fuzzed on its own.
 //!
-//! The seam to the switch is [`port`]: the device calls a [`NetPort`] with every frame the
-//! guest transmits and takes frames for the guest from one [`RxQueue`] per queue pair. The
-//! switch side must respect [`NetDevice::guest_offloads`] when it pushes (GSO frames the guest
-//! did not negotiate are dropped, not segmented, here).
+//! The seam to the switch is [`port`]: the device calls a [`NetPort`] with the frames the
+//! guest transmits, in batches on the pair's worker thread, and the switch side pushes frames
+//! for the guest into one [`RxQueue`] per queue pair, which writes them into the guest's
+//! receive ring on the pusher's thread ([`rx`]). The switch side must respect
+//! [`NetDevice::guest_offloads`] when it pushes (GSO frames the guest did not negotiate are
+//! dropped, not segmented, here).
 //!
 //! Reconnects (QEMU `reconnect=1`): the rings resume where the frontend says (SET_VRING_BASE;
 //! the workers leave them at exact positions). Frames queued for the guest when its frontend
