@@ -735,6 +735,15 @@ fn a_guest_nic_on_a_vhost_user_port_talks_to_a_tap() {
     netns
         .ip(&["addr", "add", "10.0.0.2/24", "dev", "vt2"])
         .unwrap();
+    // No VM yet: the port says its socket waits for one.
+    let shown = daemon
+        .vessel_json(&["port", "show", socket.to_str().unwrap()])
+        .unwrap();
+    assert_eq!(shown["counters"]["frontend_connected"], false, "{shown}");
+    let text = daemon
+        .vessel_ok(&["port", "show", socket.to_str().unwrap()])
+        .unwrap();
+    assert!(text.contains("none connected"), "{text}");
     let mut nic = vessel_tests::net_driver::NetDriver::connect(&socket).unwrap();
     let wait = std::time::Duration::from_secs(5);
 
@@ -779,6 +788,7 @@ fn a_guest_nic_on_a_vhost_user_port_talks_to_a_tap() {
             && counters["tx_packets"].as_u64().unwrap_or(0) >= 2,
         "{shown}"
     );
+    assert_eq!(counters["frontend_connected"], true, "{shown}");
     // Deleting the port stops its device: the socket goes.
     drop(nic);
     daemon

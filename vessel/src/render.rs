@@ -718,6 +718,16 @@ pub fn port(out: Output, port: &admin::Port) {
     field("created", timestamp(port.created_unix));
     match &port.counters {
         Some(c) => {
+            if let Some(connected) = c.frontend_connected {
+                field(
+                    "frontend",
+                    if connected {
+                        "connected"
+                    } else {
+                        "none connected (start the VM with this socket; QEMU reconnects by itself)"
+                    },
+                );
+            }
             field(
                 "rx",
                 format!("{} packets, {} bytes", c.rx_packets, c.rx_bytes),

@@ -205,6 +205,11 @@ impl DeviceHost for Devices {
         }
     }
 
+    fn net_connected(&self, port: u64) -> bool {
+        let nets = self.nets.lock().unwrap_or_else(PoisonError::into_inner);
+        nets.get(&port).is_some_and(NetDevice::connected)
+    }
+
     fn detach_all(&self) {
         let nets: Vec<NetDevice> = self
             .nets

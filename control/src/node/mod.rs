@@ -118,6 +118,11 @@ pub trait DeviceHost: Send + Sync + std::fmt::Debug + 'static {
     fn stop_net(&self, port: u64) {
         let _ = port;
     }
+    /// Whether a frontend is connected to port `port`'s vhost-user-net device (false if it is not served).
+    fn net_connected(&self, port: u64) -> bool {
+        let _ = port;
+        false
+    }
 }
 
 /// Everything a node's admin API, metrics and start-up share.

@@ -265,6 +265,7 @@ impl LocalNode {
                 tx_packets: c.tx_packets,
                 tx_bytes: c.tx_bytes,
                 drops: c.drops.into_iter().collect(),
+                frontend_connected: c.frontend_connected,
             });
         }
         ports

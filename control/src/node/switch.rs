@@ -199,8 +199,8 @@ impl LocalNode {
         let datapath = running.datapath.switch();
         running
             .ports
-            .keys()
-            .filter_map(|&id| {
+            .iter()
+            .filter_map(|(&id, plugged)| {
                 let stats = datapath.port_stats(vnet::PortId(id))?;
                 let drops = vnet::DropReason::ALL
                     .into_iter()
@@ -215,6 +215,8 @@ impl LocalNode {
                         tx_packets: stats.tx_packets,
                         tx_bytes: stats.tx_bytes,
                         drops,
+                        frontend_connected: matches!(plugged, Plugged::VhostUser)
+                            .then(|| self.devices.net_connected(id)),
                     },
                 ))
             })

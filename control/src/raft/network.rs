@@ -306,6 +306,9 @@ pub struct PortCounters {
     pub tx_packets: u64,
     pub tx_bytes: u64,
     pub drops: BTreeMap<String, u64>,
+    /// For a vhost-user port: whether a frontend (the VM) is connected to its socket.
+    #[serde(default)]
+    pub frontend_connected: Option<bool>,
 }
 
 /// Produces this node's [`NodeReport`]; set by the node runtime once its pool exists.
