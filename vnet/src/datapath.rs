@@ -23,8 +23,8 @@
 //! TSO) is cut into segments first.
 //!
 //! Where the frames go (each port's tap queues or sink) is shared by the core and the senders
-//! behind a read-write lock beside the switch's; both are taken for reading per frame by a sender,
-//! per batch by the core, and for writing only when ports come and go.
+//! behind a read-write lock beside the switch's; both are taken for reading once per batch (by a
+//! sender or the core), and for writing only when ports come and go.
 //!
 //! Offloads: taps are opened with checksum and TCP segmentation offloads (IPv4, IPv6, ECN), so the
 //! kernel hands over frames of up to 64 KiB with partial checksums, described by their virtio-net
@@ -136,7 +136,7 @@ pub trait FrameSink: Send + Sync + 'static {
     /// call); false if it could not (full, closed), which is counted as a `tx_failed` drop.
     fn push(&self, header: &VirtioNetHeader, frame: &[u8]) -> bool;
     /// Whether a GSO frame with `header` may be pushed whole (the port negotiated that kind of
-    /// segmentation offload); if not, the core pushes its segments.
+    /// segmentation offload); if not, its segments are pushed instead.
     fn accepts_gso(&self, header: &VirtioNetHeader) -> bool;
     /// End of a batch of pushes from one thread: make what was pushed visible (e.g. publish
     /// used entries and interrupt the guest).
