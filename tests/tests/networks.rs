@@ -789,6 +789,21 @@ fn a_guest_nic_on_a_vhost_user_port_talks_to_a_tap() {
         "{shown}"
     );
     assert_eq!(counters["frontend_connected"], true, "{shown}");
+    let metrics = netns
+        .exec(&[
+            "busybox",
+            "wget",
+            "-q",
+            "-O",
+            "-",
+            &format!("http://{}/metrics", daemon.metrics_addr().unwrap()),
+        ])
+        .unwrap();
+    let connected = metrics
+        .lines()
+        .find(|line| line.starts_with("vessel_port_frontend_connected{"))
+        .unwrap_or_default();
+    assert!(connected.ends_with(" 1"), "{metrics}");
     // Deleting the port stops its device: the socket goes.
     drop(nic);
     daemon

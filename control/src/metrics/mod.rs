@@ -226,6 +226,20 @@ fn render_switch(family: &mut Family<'_>, node: &LocalNode) {
         }
     }
     family.header(
+        "vessel_port_frontend_connected",
+        "gauge",
+        "1 while a frontend (the VM) is connected to a vhost-user port's socket, else 0.",
+    );
+    for (id, port) in &ports {
+        if let Some(connected) = port.frontend_connected {
+            family.sample(
+                "vessel_port_frontend_connected",
+                &port_labels(id),
+                u8::from(connected),
+            );
+        }
+    }
+    family.header(
         "vessel_network_mac_entries",
         "gauge",
         "MAC addresses a network's MAC table on this node holds (learned and static).",
