@@ -605,6 +605,45 @@ fn port_lifecycle_errors_and_json() {
         .vessel_ok(&["volume", "attach", "db1", "--vhost-user", vm1])
         .unwrap();
     daemon.vessel_ok(&["volume", "detach", "db1"]).unwrap();
+
+    // A socket directory that does not exist yet (/run/vessel after a reboot) is made; one that cannot be is the
+    // caller's error, and no port is created.
+    daemon
+        .vessel_ok(&["net", "create", "green", "--vni", "300"])
+        .unwrap();
+    let fresh = dir.join("run").join("vessel").join("vm9.sock");
+    daemon
+        .vessel_ok(&[
+            "port",
+            "create",
+            "green",
+            "--vhost-user",
+            fresh.to_str().unwrap(),
+        ])
+        .unwrap();
+    assert!(fresh.parent().unwrap().is_dir());
+    let blocker = dir.join("a-file");
+    std::fs::write(&blocker, b"").unwrap();
+    let blocked = blocker.join("vm10.sock");
+    fails(
+        &daemon,
+        &[
+            "port",
+            "create",
+            "green",
+            "--vhost-user",
+            blocked.to_str().unwrap(),
+        ],
+        2,
+        "cannot create the directory of socket",
+    );
+    assert_eq!(
+        daemon.vessel_json(&["port", "list"]).unwrap()["ports"]
+            .as_array()
+            .unwrap()
+            .len(),
+        1
+    );
 }
 
 #[test]

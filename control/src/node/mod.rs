@@ -125,6 +125,18 @@ pub trait DeviceHost: Send + Sync + std::fmt::Debug + 'static {
     }
 }
 
+/// Creates the directory a vhost-user socket goes in if it does not exist yet (e.g. `/run/vessel` after a reboot);
+/// the error is a user-facing sentence.
+pub(crate) fn socket_directory(socket: &str) -> Result<(), String> {
+    match std::path::Path::new(socket).parent() {
+        Some(parent) if !parent.as_os_str().is_empty() && !parent.is_dir() => {
+            std::fs::create_dir_all(parent)
+                .map_err(|error| format!("cannot create the directory of socket {socket}: {error}"))
+        }
+        _ => Ok(()),
+    }
+}
+
 /// Everything a node's admin API, metrics and start-up share.
 pub struct LocalNode {
     config: NodeConfig,

@@ -186,6 +186,13 @@ impl LocalNode {
                 ));
             }
         };
+        if let PortKind::VhostUser { socket, .. } = &kind
+            && socket.starts_with('/')
+        {
+            // This node serves the port: a socket directory it cannot make is the caller's to fix, now.
+            super::socket_directory(socket)
+                .map_err(|message| OpError::new(ErrorKind::InvalidArgument, message))?;
+        }
         let ipv4 = match request.ip.trim() {
             "" => None,
             text => Some(text.parse::<Ipv4Addr>().map_err(|_| {

@@ -882,19 +882,8 @@ impl LocalNode {
             self.control
                 .read(|state| self.install_routing(state, volume, &open));
         }
-        if let Some(parent) = Path::new(&attachment.socket).parent()
-            && !parent.exists()
-        {
-            std::fs::create_dir_all(parent).map_err(|error| {
-                OpError::new(
-                    ErrorKind::InvalidArgument,
-                    format!(
-                        "cannot create the directory of socket {}: {error}",
-                        attachment.socket
-                    ),
-                )
-            })?;
-        }
+        super::socket_directory(&attachment.socket)
+            .map_err(|message| OpError::new(ErrorKind::InvalidArgument, message))?;
         let spec = AttachSpec {
             socket: attachment.socket.clone(),
             queues: attachment.queues,

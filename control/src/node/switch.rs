@@ -334,6 +334,7 @@ impl Running {
                 queues,
                 socket_mode,
             } => {
+                super::socket_directory(socket)?;
                 let senders = (0..*queues)
                     .map(|_| self.datapath.sender(config.id))
                     .collect();
