@@ -341,24 +341,17 @@ impl PortSender {
         &mut self,
         frames: impl IntoIterator<Item = (VirtioNetHeader, &'f [u8])>,
     ) -> usize {
-        let shared = &*self.shared;
-        let switch = shared.switch.read().unwrap_or_else(PoisonError::into_inner);
-        let egress = shared.egress.read().unwrap_or_else(PoisonError::into_inner);
-        let mut forwarder = Forwarder {
-            switch: &switch,
-            egress: &egress,
-            shared,
-            scratch: &mut self.scratch,
-            now: Instant::now(),
-        };
-        let mut taken = 0;
-        for (header, frame) in frames {
-            if !forwarder.forward(self.port, 0, &header, frame) {
-                return 0;
+        let port = self.port;
+        self.shared.forwarding(&mut self.scratch, |forwarder| {
+            let mut taken = 0;
+            for (header, frame) in frames {
+                if !forwarder.forward(port, 0, &header, frame) {
+                    return 0;
+                }
+                taken += 1;
             }
-            taken += 1;
-        }
-        taken
+            taken
+        })
     }
 
     /// Makes what this sender delivered to virtual ports visible to them.
@@ -415,6 +408,22 @@ struct Forwarder<'a> {
     scratch: &'a mut Scratch,
     /// The time of the batch (for MAC learning and aging).
     now: Instant,
+}
+
+impl Shared {
+    /// Runs `f` with a forwarder over `scratch`, holding the switch's and the egress table's read
+    /// locks (and reading the clock) once for its whole batch.
+    fn forwarding<R>(&self, scratch: &mut Scratch, f: impl FnOnce(&mut Forwarder<'_>) -> R) -> R {
+        let switch = self.switch.read().unwrap_or_else(PoisonError::into_inner);
+        let egress = self.egress.read().unwrap_or_else(PoisonError::into_inner);
+        f(&mut Forwarder {
+            switch: &switch,
+            egress: &egress,
+            shared: self,
+            scratch,
+            now: Instant::now(),
+        })
+    }
 }
 
 impl Forwarder<'_> {
@@ -677,40 +686,41 @@ impl Core {
         else {
             return;
         };
-        let shared = &*self.shared;
-        let switch = shared.switch.read().unwrap_or_else(PoisonError::into_inner);
-        let egress = shared.egress.read().unwrap_or_else(PoisonError::into_inner);
-        let mut forwarder = Forwarder {
-            switch: &switch,
-            egress: &egress,
+        let Core {
             shared,
-            scratch: &mut self.scratch,
-            now: Instant::now(),
-        };
-        for _ in 0..BATCH {
-            let len = match (&*queue).read(&mut self.frame) {
-                Ok(len) => len,
-                Err(error) if error.kind() == io::ErrorKind::WouldBlock => break,
-                Err(error) if error.kind() == io::ErrorKind::Interrupted => continue,
-                Err(error) => {
-                    // The device is gone (deleted from under us): stop polling this queue.
-                    tracing::warn!(%port, queue = index, %error, "a port queue fails; no longer served");
-                    let _ = self.epoll.ctl(
-                        ControlOperation::Delete,
-                        queue.as_raw_fd(),
-                        EpollEvent::default(),
-                    );
-                    self.tokens.remove(&token);
-                    break;
-                }
-            };
-            let Some(header) = VirtioNetHeader::parse(&self.frame[..len]) else {
-                continue;
-            };
-            forwarder.forward(port, index, &header, &self.frame[VNET_HDR_LEN..len]);
-        }
-        // More may be waiting: epoll is level-triggered, so the queue comes up again.
-        self.scratch.flush(&egress);
+            epoll,
+            tokens,
+            frame: buffer,
+            scratch,
+            ..
+        } = self;
+        shared.forwarding(scratch, |forwarder| {
+            for _ in 0..BATCH {
+                let len = match (&*queue).read(buffer) {
+                    Ok(len) => len,
+                    Err(error) if error.kind() == io::ErrorKind::WouldBlock => break,
+                    Err(error) if error.kind() == io::ErrorKind::Interrupted => continue,
+                    Err(error) => {
+                        // The device is gone (deleted from under us): stop polling this queue.
+                        tracing::warn!(%port, queue = index, %error, "a port queue fails; no longer served");
+                        let _ = epoll.ctl(
+                            ControlOperation::Delete,
+                            queue.as_raw_fd(),
+                            EpollEvent::default(),
+                        );
+                        tokens.remove(&token);
+                        break;
+                    }
+                };
+                let Some(header) = VirtioNetHeader::parse(&buffer[..len]) else {
+                    continue;
+                };
+                forwarder.forward(port, index, &header, &buffer[VNET_HDR_LEN..len]);
+            }
+            // More may be waiting: epoll is level-triggered, so the queue comes up again.
+            let egress = forwarder.egress;
+            forwarder.scratch.flush(egress);
+        });
     }
 
     /// Datagrams from the underlay, up to a batch of reads. Each datagram gets its own switch
@@ -725,70 +735,69 @@ impl Core {
             ..
         } = self;
         let shared = &**shared;
-        let switch = shared.switch.read().unwrap_or_else(PoisonError::into_inner);
-        let egress = shared.egress.read().unwrap_or_else(PoisonError::into_inner);
-        let mut out = std::mem::take(&mut scratch.out);
-        let mut forwarder = Forwarder {
-            switch: &switch,
-            egress: &egress,
-            shared,
-            scratch,
-            now: Instant::now(),
-        };
-        let deliver = |forwarder: &mut Forwarder<'_>, port: PortId, coalesced: Coalesced<'_>| {
-            if !forwarder.write_port(port, 0, &coalesced.header, coalesced.frame) {
-                for _ in 0..coalesced.segments {
-                    forwarder.switch.delivery_failed(Egress::Port(port));
-                }
-            }
-        };
-        for _ in 0..BATCH {
-            let received = match underlay::receive(&shared.underlay, buffer) {
-                Ok(received) => received,
-                Err(error) if error.kind() == io::ErrorKind::WouldBlock => break,
-                Err(error) if error.kind() == io::ErrorKind::Interrupted => continue,
-                // An ICMP error of an earlier send (a VTEP that is not listening): nothing to read.
-                Err(_) => continue,
-            };
-            let now = Instant::now();
-            let read = &buffer[..received.len];
-            let datagrams = match underlay::datagrams(read, received.segment_size) {
-                Ok(datagrams) if !received.truncated => datagrams,
-                // Nothing in it can be trusted to be a whole datagram: the switch counts it as a
-                // datagram too short for its VXLAN header, and drops it.
-                _ => {
-                    switch.underlay_ingress(received.source, &[], now, &mut out);
-                    continue;
-                }
-            };
-            for datagram in datagrams {
-                if let Verdict::Forward =
-                    switch.underlay_ingress(received.source, datagram, now, &mut out)
-                {
-                    let inner = &datagram[vxlan::HEADER_LEN..];
-                    if let [Egress::Port(port)] = out[..] {
-                        coalescer.push(port, inner, &mut |port, coalesced| {
-                            deliver(&mut forwarder, port, coalesced)
-                        });
+        shared.forwarding(scratch, |forwarder| {
+            let (switch, egress) = (forwarder.switch, forwarder.egress);
+            let mut out = std::mem::take(&mut forwarder.scratch.out);
+            let deliver =
+                |forwarder: &mut Forwarder<'_>, port: PortId, coalesced: Coalesced<'_>| {
+                    if !forwarder.write_port(port, 0, &coalesced.header, coalesced.frame) {
+                        for _ in 0..coalesced.segments {
+                            forwarder.switch.delivery_failed(Egress::Port(port));
+                        }
+                    }
+                };
+            for _ in 0..BATCH {
+                let received = match underlay::receive(&shared.underlay, buffer) {
+                    Ok(received) => received,
+                    Err(error) if error.kind() == io::ErrorKind::WouldBlock => break,
+                    Err(error) if error.kind() == io::ErrorKind::Interrupted => continue,
+                    // An ICMP error of an earlier send (a VTEP that is not listening): nothing to read.
+                    Err(_) => continue,
+                };
+                let now = Instant::now();
+                let read = &buffer[..received.len];
+                let datagrams = match underlay::datagrams(read, received.segment_size) {
+                    Ok(datagrams) if !received.truncated => datagrams,
+                    // Nothing in it can be trusted to be a whole datagram: the switch counts it as a
+                    // datagram too short for its VXLAN header, and drops it.
+                    _ => {
+                        switch.underlay_ingress(received.source, &[], now, &mut out);
                         continue;
                     }
-                    // A flooded frame may belong to a flow held for one of its ports: what is
-                    // held goes first, so no flow's frames pass each other.
-                    coalescer
-                        .flush(&mut |port, coalesced| deliver(&mut forwarder, port, coalesced));
-                    for &egress in out.iter() {
-                        if let Egress::Port(port) = egress
-                            && !forwarder.write_port(port, 0, &VirtioNetHeader::default(), inner)
-                        {
-                            switch.delivery_failed(egress);
+                };
+                for datagram in datagrams {
+                    if let Verdict::Forward =
+                        switch.underlay_ingress(received.source, datagram, now, &mut out)
+                    {
+                        let inner = &datagram[vxlan::HEADER_LEN..];
+                        if let [Egress::Port(port)] = out[..] {
+                            coalescer.push(port, inner, &mut |port, coalesced| {
+                                deliver(forwarder, port, coalesced)
+                            });
+                            continue;
+                        }
+                        // A flooded frame may belong to a flow held for one of its ports: what is
+                        // held goes first, so no flow's frames pass each other.
+                        coalescer.flush(&mut |port, coalesced| deliver(forwarder, port, coalesced));
+                        for &egress in out.iter() {
+                            if let Egress::Port(port) = egress
+                                && !forwarder.write_port(
+                                    port,
+                                    0,
+                                    &VirtioNetHeader::default(),
+                                    inner,
+                                )
+                            {
+                                switch.delivery_failed(egress);
+                            }
                         }
                     }
                 }
             }
-        }
-        coalescer.flush(&mut |port, coalesced| deliver(&mut forwarder, port, coalesced));
-        forwarder.scratch.flush(&egress);
-        forwarder.scratch.out = out;
+            coalescer.flush(&mut |port, coalesced| deliver(forwarder, port, coalesced));
+            forwarder.scratch.flush(egress);
+            forwarder.scratch.out = out;
+        });
     }
 }
 

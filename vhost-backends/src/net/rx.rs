@@ -290,24 +290,26 @@ impl RxQueue {
         let Some(ring) = ring else {
             return;
         };
+        // The memory as of now, kept for the pushes that follow.
         ring.mem = Some(ring.vring.memory());
-        let mem = ring.vring.memory();
-        // Kicks are only wanted while frames wait for buffers.
-        ring.vring.disable_notification(&mem);
-        while let Some(item) = backlog.pop_front() {
-            match ring.place(&mem, counters, &item.header, &item.frame) {
-                Placed::Delivered | Placed::Dropped => {}
-                Placed::NoRoom => {
-                    let retry = ring.wait_for_buffers(&mem);
-                    backlog.push_front(item);
-                    if !retry {
-                        break;
+        ring.with_memory(|ring, mem| {
+            // Kicks are only wanted while frames wait for buffers.
+            ring.vring.disable_notification(mem);
+            while let Some(item) = backlog.pop_front() {
+                match ring.place(mem, counters, &item.header, &item.frame) {
+                    Placed::Delivered | Placed::Dropped => {}
+                    Placed::NoRoom => {
+                        let retry = ring.wait_for_buffers(mem);
+                        backlog.push_front(item);
+                        if !retry {
+                            break;
+                        }
                     }
                 }
             }
-        }
-        ring.publish(&mem);
-        ring.notify(&mem);
+            ring.publish(mem);
+            ring.notify(mem);
+        });
     }
 
     /// Opens the queue without a ring: frames wait until the worker starts (for tests).
