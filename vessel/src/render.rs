@@ -457,10 +457,15 @@ pub fn volume(out: Output, volume: &admin::Volume) {
     }
 }
 
-/// A run's rebuild as one cell: a progress bar, the percentage, the targets, rate and ETA.
+/// A run's rebuild as one cell: a progress bar, the percentage, the targets, rate and ETA; or the fenced-off nodes
+/// it waits for.
 fn rebuild_state(run: &admin::ExtentRun, extent_size: u64) -> String {
     if run.rebuild_targets.is_empty() {
-        return "-".to_owned();
+        return if run.away.is_empty() {
+            "-".to_owned()
+        } else {
+            waiting_for(&run.away)
+        };
     }
     let count = run.count.max(1);
     let done = run.rebuilt_extents.min(count);
@@ -481,10 +486,49 @@ fn rebuild_state(run: &admin::ExtentRun, extent_size: u64) -> String {
     } else {
         String::new()
     };
+    let catching_up = if run
+        .rebuild_targets
+        .iter()
+        .any(|target| run.away.iter().any(|away| away.node == *target))
+    {
+        " (catching up: changed extents only)"
+    } else {
+        ""
+    };
     format!(
-        "{bar} {percent}% to {}{timing}",
+        "{bar} {percent}% to {}{timing}{catching_up}",
         run.rebuild_target_names.join(", ")
     )
+}
+
+/// The nodes a run short of replicas waits for, e.g. "waiting for c (away 2m, 3 extent(s) changed; copied in full
+/// elsewhere after 8m)".
+fn waiting_for(away: &[admin::AwayReplica]) -> String {
+    let now = std::time::SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| i64::try_from(d.as_secs()).unwrap_or(i64::MAX));
+    let span = |seconds: i64| {
+        humantime::format_duration(Duration::from_secs(u64::try_from(seconds).unwrap_or(0)))
+    };
+    let nodes: Vec<String> = away
+        .iter()
+        .map(|away| {
+            let left = away.catch_up_until_unix - now;
+            let after = if left > 0 {
+                format!("copied in full elsewhere after {}", span(left))
+            } else {
+                "past the catch-up window: copied in full to the first node that can take it"
+                    .to_owned()
+            };
+            format!(
+                "{} (away {}, {} extent(s) changed; {after})",
+                away.node_name,
+                span(now - away.since_unix),
+                away.changed_extents
+            )
+        })
+        .collect();
+    format!("waiting for {}", nodes.join(", "))
 }
 
 /// Percentiles from the histogram: each is the upper bound of the bucket it falls in.

@@ -105,8 +105,9 @@ pub struct Routing {
 
 /// Regions a volume's writes changed while a replica node failed or was out of its replica sets:
 /// what that node misses, so that when it returns in time it catches up by copying only those.
-/// Kept in the memory of the node the volume is attached on (a restart there, or the volume
-/// moving, loses them: the node then gets a full copy). An extent is cut into 64 regions.
+/// Kept in the memory of the node the volume is attached on; the cluster state keeps a coarser
+/// record (whole extents) that outlives a restart there or the volume moving, and seeds this one
+/// when the volume is served again. An extent is cut into 64 regions.
 #[derive(Debug, Default)]
 pub struct DirtyMaps {
     nodes: Mutex<HashMap<NodeId, NodeDirty>>,
@@ -169,6 +170,13 @@ impl DirtyMaps {
         let mut nodes = lock(&self.nodes);
         let dirty = nodes.entry(node).or_insert_with(NodeDirty::new);
         *dirty.extents.entry(extent).or_default() |= mask;
+    }
+
+    /// Records that `node` misses writes anywhere in `extent`.
+    pub fn mark_extent(&self, node: NodeId, extent: u64) {
+        let mut nodes = lock(&self.nodes);
+        let dirty = nodes.entry(node).or_insert_with(NodeDirty::new);
+        dirty.extents.insert(extent, u64::MAX);
     }
 
     /// Records that `node` (last seen with `boot_id`) is being fenced off from the runs starting

@@ -163,6 +163,29 @@ fn store_error(error: StoreError) -> OpError {
 /// How long an admin operation waits for this node's state to catch up with the leader's.
 pub(super) const SYNC_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
 
+/// The nodes fenced off from the run of `volume` at `first` that may still catch up.
+fn away_from(
+    state: &crate::state::ClusterState,
+    volume: crate::state::VolumeId,
+    first: u64,
+    count: u64,
+) -> Vec<admin::AwayReplica> {
+    state
+        .missed
+        .get(&volume)
+        .into_iter()
+        .flatten()
+        .filter(|(_, missed)| missed.runs.contains(&first))
+        .map(|(node, missed)| admin::AwayReplica {
+            node: *node,
+            node_name: state.node_label(*node),
+            since_unix: missed.since_unix,
+            catch_up_until_unix: missed.since_unix + crate::state::CATCH_UP_WINDOW_SECS,
+            changed_extents: missed.extents.range(first..first + count).count() as u64,
+        })
+        .collect()
+}
+
 pub(super) fn now_unix() -> i64 {
     SystemTime::now()
         .duration_since(UNIX_EPOCH)
@@ -1008,6 +1031,7 @@ impl LocalNode {
                                 .rebuild
                                 .as_ref()
                                 .map_or(0, |r| r.reported_unix),
+                            away: away_from(state, volume.id, first, run.count),
                         })
                         .collect()
                 })

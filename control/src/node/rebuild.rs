@@ -32,9 +32,8 @@ const LANES: usize = 4;
 /// How long a copy waits for writes planned before it armed an extent.
 const DRAIN_TIMEOUT: Duration = Duration::from_secs(60);
 /// How long a fenced-off replica node may stay away and still catch up by copying only what changed; after that a
-/// run short of replicas is rebuilt wherever there is room (DESIGN.md: a replica out longer than 10 minutes is
-/// replaced).
-const REPLACE_AFTER: Duration = Duration::from_secs(600);
+/// run short of replicas is rebuilt wherever there is room.
+const REPLACE_AFTER_SECS: i64 = crate::state::CATCH_UP_WINDOW_SECS;
 
 /// One run's copy: which rebuild it serves (by epoch) and from where it resumes.
 #[derive(Debug, Clone)]
@@ -53,7 +52,13 @@ struct CopyJob {
 /// How one run is copied: everything, or only what a returning node missed.
 enum Scope {
     Full,
-    CatchUp(Arc<vstore::remote::DirtyMaps>, NodeId),
+    /// What the node misses: this node's record in memory (regions of extents) when it has one for the run — the
+    /// volume has been served here since the node was fenced off, or since the memory was seeded from the state's
+    /// record — else the cluster state's record (whole extents).
+    CatchUp {
+        node: NodeId,
+        memory: Option<Arc<vstore::remote::DirtyMaps>>,
+    },
 }
 
 /// Copies running or failed lately, by (volume, first extent, epoch).
@@ -163,8 +168,11 @@ impl LocalNode {
     /// the most room.
     async fn start_rebuilds(&self, volume: &Volume) {
         let me = self.control.node_id();
-        let short: Vec<(u64, u64, Vec<NodeId>)> = self.control.read(|state| {
+        // Each short run, with the nodes fenced off from it that may catch up (and since when).
+        type Short = (u64, Vec<NodeId>, Vec<(NodeId, i64)>);
+        let short: Vec<Short> = self.control.read(|state| {
             self.learn_addresses(state);
+            let missed = state.missed.get(&volume.id);
             volume
                 .placement
                 .runs()
@@ -173,31 +181,35 @@ impl LocalNode {
                         && !run.replicas.nodes.is_empty()
                         && state.staying(&run.replicas) < usize::from(volume.replicas)
                 })
-                .map(|(first, run)| (first, run.count, state.rebuild_candidates(volume, first)))
+                .map(|(first, _)| {
+                    let away = missed
+                        .into_iter()
+                        .flatten()
+                        .filter(|(_, missed)| missed.runs.contains(&first))
+                        .map(|(node, missed)| (*node, missed.since_unix))
+                        .collect();
+                    (first, state.rebuild_candidates(volume, first), away)
+                })
                 .collect()
         });
-        let tracked = self
-            .dirty_if_any(volume.id)
-            .map(|dirty| (dirty.tracked(), dirty));
+        let now = super::ops::now_unix();
         let mut targets = Vec::new();
-        'runs: for (first, count, candidates) in short {
-            if let Some((tracked, dirty)) = &tracked {
-                for (node, missed) in tracked.iter().filter(|(_, d)| d.runs.contains(&first)) {
-                    if missed.since.elapsed() >= REPLACE_AFTER || !candidates.contains(node) {
-                        dirty.forget_run(*node, first, count);
-                        continue;
-                    }
-                    let peers = Arc::clone(&self.peers);
-                    let node = *node;
-                    let back = tokio::task::spawn_blocking(move || peers.reachable(node))
-                        .await
-                        .unwrap_or(false);
-                    if back {
-                        targets.push((first, node));
-                    }
-                    // Not back yet: the run waits for it rather than copying everything elsewhere.
-                    continue 'runs;
+        'runs: for (first, candidates, away) in short {
+            for (node, since) in away {
+                // Away too long, or no longer fit to hold replicas: the run is rebuilt elsewhere (which ends the
+                // record in the state).
+                if now - since >= REPLACE_AFTER_SECS || !candidates.contains(&node) {
+                    continue;
                 }
+                let peers = Arc::clone(&self.peers);
+                let back = tokio::task::spawn_blocking(move || peers.reachable(node))
+                    .await
+                    .unwrap_or(false);
+                if back {
+                    targets.push((first, node));
+                }
+                // Not back yet: the run waits for it rather than copying everything elsewhere.
+                continue 'runs;
             }
             for candidate in candidates {
                 let peers = Arc::clone(&self.peers);
@@ -314,26 +326,66 @@ impl LocalNode {
         }
     }
 
-    /// Whether the run's one target may catch up by copying only what it missed: it was fenced off from the run here
-    /// (this node recorded what it misses since) and has not rebooted meanwhile (it may have lost unflushed writes).
+    /// Whether the run's one target may catch up by copying only what it missed: the cluster state records what it
+    /// misses of the run (it was fenced off from it, and came back within the catch-up window) and it has not
+    /// rebooted meanwhile (it may have lost unflushed writes).
     fn scope(&self, job: &CopyJob) -> Scope {
-        let (Some(dirty), [target]) = (
-            self.dirty_if_any(job.volume.id)
-                .filter(|_| job.attached_here),
-            job.targets.as_slice(),
-        ) else {
-            return Scope::Full;
+        let memory = self.dirty_if_any(job.volume.id);
+        let full = |why: &str| {
+            if let (Some(memory), [target]) = (&memory, job.targets.as_slice()) {
+                memory.forget_run(*target, job.first, job.count);
+            }
+            if !why.is_empty() {
+                tracing::info!(volume = %job.volume.name, first_extent = job.first, "{why}: copying the whole run");
+            }
+            Scope::Full
         };
-        let Some(missed) = dirty.get(*target).filter(|d| d.runs.contains(&job.first)) else {
-            return Scope::Full;
+        let [target] = job.targets.as_slice() else {
+            return full("");
+        };
+        let Some(boot_id) = self.control.read(|state| {
+            state
+                .missed_run(job.volume.id, *target, job.first)
+                .map(|missed| missed.boot_id)
+        }) else {
+            return full("");
         };
         let now = self.peers.ping(*target);
-        if now.is_some() && now == missed.boot_id {
-            Scope::CatchUp(dirty, *target)
-        } else {
-            tracing::info!(volume = %job.volume.name, first_extent = job.first, "the returning node rebooted: copying the whole run");
-            dirty.forget_run(*target, job.first, job.count);
-            Scope::Full
+        if now.is_none() || now != boot_id {
+            return full("the returning node rebooted (or its boot id is unknown)");
+        }
+        let memory = memory.filter(|memory| {
+            job.attached_here
+                && memory
+                    .get(*target)
+                    .is_some_and(|missed| missed.runs.contains(&job.first))
+        });
+        Scope::CatchUp {
+            node: *target,
+            memory,
+        }
+    }
+
+    /// The regions of `extent` a copy of `scope` must move. Read after the extent's older writes drained, so each of
+    /// them is recorded by now: in memory, which has recorded every write since the node was fenced off (or since it
+    /// was seeded from the state's record), else in the state's record (this node's own activity entries are applied
+    /// here before their writes go out, and a restored attachment waited for the state to catch up first).
+    fn regions(&self, job: &CopyJob, scope: &Scope, extent: u64) -> Result<u64, String> {
+        let Scope::CatchUp { node, memory } = scope else {
+            return Ok(u64::MAX);
+        };
+        if let Some(memory) = memory {
+            return Ok(memory.regions(*node, extent));
+        }
+        let recorded = self.control.read(|state| {
+            state
+                .missed_run(job.volume.id, *node, job.first)
+                .map(|missed| missed.extents.contains(&extent))
+        });
+        match recorded {
+            Some(true) => Ok(u64::MAX),
+            Some(false) => Ok(0),
+            None => Err("the record of what the returning node missed is gone".to_owned()),
         }
     }
 
@@ -406,14 +458,11 @@ impl LocalNode {
                 let guard = open.rebuild();
                 let barrier = guard.arm(extent, blocks);
                 let copied = if guard.wait_older_writes(barrier, DRAIN_TIMEOUT) {
-                    // Read after the drain: every write the target missed has been recorded by now.
-                    let regions = match &scope {
-                        Scope::Full => u64::MAX,
-                        Scope::CatchUp(dirty, node) => dirty.regions(*node, extent),
-                    };
-                    copier
-                        .copy_extent(extent, job.epoch, regions, source, &targets)
-                        .map_err(|error| error.to_string())
+                    self.regions(job, &scope, extent).and_then(|regions| {
+                        copier
+                            .copy_extent(extent, job.epoch, regions, source, &targets)
+                            .map_err(|error| error.to_string())
+                    })
                 } else {
                     Err("writes in flight did not finish".to_owned())
                 };
@@ -474,8 +523,12 @@ impl LocalNode {
                 epoch: job.epoch,
             }))
             .map_err(|error| format!("cannot finish: {error}"))?;
-        if let Scope::CatchUp(dirty, node) = &scope {
-            dirty.forget_run(*node, job.first, job.count);
+        if let Scope::CatchUp {
+            node,
+            memory: Some(memory),
+        } = &scope
+        {
+            memory.forget_run(*node, job.first, job.count);
         }
         Ok(copied)
     }
@@ -578,18 +631,37 @@ impl LocalNode {
                         .collect()
                 })
         });
+        let dirty = self
+            .control
+            .read(|state| self.dirty_seeded(state, volume.id));
         for node in members {
             let peers = Arc::clone(&self.peers);
             let answers = tokio::task::spawn_blocking(move || peers.reachable(node))
                 .await
                 .unwrap_or(false);
             if !answers {
-                let name = self.control.read(|state| state.node_label(node));
+                let (name, held) = self
+                    .control
+                    .read(|state| (state.node_label(node), state.runs_held(volume.id, node)));
+                // As when a write fails (see `routing`): the memory record first, then the state's. Writes may
+                // have been in flight to it on every extent in the log.
+                dirty.record_drop(
+                    node,
+                    held.iter().map(|(first, _)| *first),
+                    self.peers.boot_id(node),
+                );
+                for (first, count) in &held {
+                    for extent in attachment.active.range(*first..first + count) {
+                        dirty.mark_extent(node, *extent);
+                    }
+                }
                 self.control
-                    .write(Command::DropReplica {
+                    .write(Command::DropFailedReplica {
                         volume: volume.id,
                         node,
                         holder: me,
+                        since_unix: super::ops::now_unix(),
+                        boot_id: self.peers.boot_id(node),
                     })
                     .await?;
                 tracing::warn!(volume = %volume.name, node = %name, "replica node unreachable while reconciling; fenced it off");

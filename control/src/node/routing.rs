@@ -32,7 +32,7 @@ impl LocalNode {
     /// The routing `volume` needs on this node, or `None` when all its extents are here alone.
     fn routing_for(&self, state: &ClusterState, volume: &Volume) -> Option<Routes> {
         let me = self.control.node_id();
-        let tracked = self.dirty_of(volume.id).tracked();
+        let tracked = self.dirty_seeded(state, volume.id).tracked();
         let runs: Vec<RouteRun> = volume
             .placement
             .runs()
@@ -104,6 +104,24 @@ impl LocalNode {
                 dirty,
             })
         }));
+    }
+
+    /// What failed replicas of a volume served here miss; created on first use from the cluster state's record
+    /// (whole extents) of what its fenced-off nodes miss — written before this process served the volume, maybe on
+    /// another node — so that every write from now on is recorded on top of it. Called before the volume's first
+    /// routing is installed, that is before it writes to any replica.
+    pub(super) fn dirty_seeded(&self, state: &ClusterState, volume: VolumeId) -> Arc<DirtyMaps> {
+        let mut maps = self.dirty.lock().unwrap_or_else(PoisonError::into_inner);
+        Arc::clone(maps.entry(volume).or_insert_with(|| {
+            let dirty = DirtyMaps::new();
+            for (node, missed) in state.missed.get(&volume).into_iter().flatten() {
+                dirty.record_drop(*node, missed.runs.iter().copied(), missed.boot_id);
+                for extent in &missed.extents {
+                    dirty.mark_extent(*node, *extent);
+                }
+            }
+            dirty
+        }))
     }
 
     /// What failed replicas of a volume served here miss, created on first use.
@@ -224,25 +242,22 @@ impl LocalNode {
             // already recorded): remembered before the drop makes the routing record them.
             let held: Vec<u64> = self.control.read(|state| {
                 state
-                    .volumes
-                    .get(&volume)
-                    .map_or_else(Vec::new, |described| {
-                        described
-                            .placement
-                            .runs()
-                            .filter(|(_, run)| run.replicas.contains(node))
-                            .map(|(first, _)| first)
-                            .collect()
-                    })
+                    .runs_held(volume, node)
+                    .into_iter()
+                    .map(|(first, _)| first)
+                    .collect()
             });
-            self.dirty_of(volume)
-                .record_drop(node, held, self.peers.boot_id(node));
+            let boot_id = self.peers.boot_id(node);
+            self.dirty_of(volume).record_drop(node, held, boot_id);
+            // The state keeps its own, coarser record, which outlives this process (see `state::Missed`).
             let dropped = self
                 .control
-                .write(Command::DropReplica {
+                .write(Command::DropFailedReplica {
                     volume,
                     node,
                     holder: me,
+                    since_unix: super::ops::now_unix(),
+                    boot_id,
                 })
                 .await;
             match dropped {

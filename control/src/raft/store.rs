@@ -61,6 +61,8 @@ pub mod tables {
     pub const NETWORKS: TableDefinition<u64, &[u8]> = TableDefinition::new("sm_networks");
     /// Ports by id.
     pub const PORTS: TableDefinition<u64, &[u8]> = TableDefinition::new("sm_ports");
+    /// What fenced-off replica nodes miss (`crate::state::Missed` by node), by volume id (the UUID as u128).
+    pub const MISSED: TableDefinition<u128, &[u8]> = TableDefinition::new("sm_missed");
     /// The current snapshot: `meta` (snapshot metadata) and `data` (the encoded cluster state).
     pub const SNAPSHOT: TableDefinition<&str, &[u8]> = TableDefinition::new("snapshot");
     /// This data directory's identity: `node_id`.
@@ -68,8 +70,8 @@ pub mod tables {
 }
 
 use tables::{
-    ATTACHMENTS, DISKS, IDENTITY, LOG, NETWORKS, NODES, PORTS, RAFT_META, SM_META, SNAPSHOT,
-    VOLUMES,
+    ATTACHMENTS, DISKS, IDENTITY, LOG, MISSED, NETWORKS, NODES, PORTS, RAFT_META, SM_META,
+    SNAPSHOT, VOLUMES,
 };
 
 /// Why the metadata store failed.
@@ -166,6 +168,7 @@ impl MetaStore {
         txn.open_table(ATTACHMENTS)?;
         txn.open_table(NETWORKS)?;
         txn.open_table(PORTS)?;
+        txn.open_table(MISSED)?;
         txn.open_table(SNAPSHOT)?;
         txn.open_table(IDENTITY)?;
         txn.commit()?;
@@ -549,6 +552,15 @@ fn load_applied(db: &Database) -> Result<Applied, StoreError> {
             decode_value(|| format!("port {}", id.value()), bytes.value())?;
         state.ports.insert(port.id, port);
     }
+    for row in txn.open_table(MISSED)?.iter()? {
+        let (id, bytes) = row?;
+        let volume = Uuid::from_u128(id.value());
+        let records: MissedRecords = decode_value(
+            || format!("what fenced-off nodes miss of volume {volume}"),
+            bytes.value(),
+        )?;
+        state.missed.insert(volume, records);
+    }
     Ok(Applied {
         state,
         last_applied,
@@ -597,6 +609,11 @@ fn encode_row(state: &ClusterState, row: Row) -> Result<Option<Vec<u8>>, StoreEr
             .get(&id)
             .map(|port| encode_value("port", port))
             .transpose(),
+        Row::Missed(id) => state
+            .missed
+            .get(&id)
+            .map(|records| encode_value("missed regions", records))
+            .transpose(),
     }
 }
 
@@ -623,18 +640,34 @@ fn write_row(txn: &WriteTransaction, row: Row, value: Option<&[u8]>) -> Result<(
         Row::Counters => put_meta(txn, SM_META, "counters", value),
         Row::Network(id) => put(txn, NETWORKS, id, value),
         Row::Port(id) => put(txn, PORTS, id, value),
+        Row::Missed(id) => put(txn, MISSED, id.as_u128(), value),
     }
 }
 
-/// Encodes the whole state for a snapshot, rebuilding nothing: the snapshot is the state as is.
+/// What fenced-off replica nodes miss of one volume, by node: the value of a [`MISSED`] row.
+type MissedRecords = BTreeMap<crate::state::NodeId, crate::state::Missed>;
+
+/// Encodes the whole state for a snapshot, rebuilding nothing: the snapshot is the state as is. The missed records
+/// follow the state's own encoding (they are not part of it, see [`ClusterState::missed`]).
 fn encode_state(state: &ClusterState) -> Result<Vec<u8>, StoreError> {
-    encode_value("cluster state", state)
+    encode_value("cluster state", &(state, &state.missed))
 }
 
 /// Decodes a snapshot's state, re-deriving the name index so a snapshot can never install an
-/// index that disagrees with the volumes.
+/// index that disagrees with the volumes. A snapshot from before the missed records were kept
+/// is the state alone.
 fn decode_state(bytes: &[u8]) -> Result<ClusterState, StoreError> {
-    let mut state: ClusterState = decode_value(|| "snapshot data".to_owned(), bytes)?;
+    let mut state = match decode::<(
+        ClusterState,
+        BTreeMap<crate::state::VolumeId, MissedRecords>,
+    )>(bytes)
+    {
+        Ok((mut state, missed)) => {
+            state.missed = missed;
+            state
+        }
+        Err(_) => decode_value::<ClusterState>(|| "snapshot data".to_owned(), bytes)?,
+    };
     state.volume_names = state
         .volumes
         .values()
@@ -756,6 +789,9 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
         for id in state.ports.keys() {
             rows.push((Row::Port(*id), encode_row(&state, Row::Port(*id))?));
         }
+        for id in state.missed.keys() {
+            rows.push((Row::Missed(*id), encode_row(&state, Row::Missed(*id))?));
+        }
         let applied_bytes = meta
             .last_log_id
             .as_ref()
@@ -770,6 +806,7 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
             txn.open_table(ATTACHMENTS)?.retain(|_, _| false)?;
             txn.open_table(NETWORKS)?.retain(|_, _| false)?;
             txn.open_table(PORTS)?.retain(|_, _| false)?;
+            txn.open_table(MISSED)?.retain(|_, _| false)?;
             for (row, value) in &rows {
                 write_row(txn, *row, value.as_deref())?;
             }
@@ -1153,6 +1190,129 @@ mod tests {
         assert!(!reloaded.state.ports.contains_key(&1));
         assert_eq!(reloaded.state.networks[&1].name, "blue");
         assert_eq!(reloaded.membership.membership(), &membership);
+    }
+
+    /// A three-node cluster with a 3-replica volume attached on node 1, whose node 3 failed and was fenced off.
+    fn fenced_off_commands() -> Vec<Command> {
+        let node = |id: u64| Node {
+            id,
+            name: format!("n{id}"),
+            address: None,
+            labels: BTreeMap::new(),
+            state: NodeState::Active,
+            underlay: None,
+        };
+        let volume = Uuid::from_u128(10);
+        let mut commands = vec![Command::InitCluster {
+            cluster_id: Uuid::from_u128(99),
+            settings: Settings::default(),
+            node: node(1),
+        }];
+        for id in 1..=3u64 {
+            if id > 1 {
+                commands.push(Command::AddNode { node: node(id) });
+            }
+            commands.push(Command::AddDisk {
+                disk: Disk {
+                    id: Uuid::from_u128(u128::from(id)),
+                    node: id,
+                    path: "/pool/d1".to_owned(),
+                    capacity: 8 << 30,
+                    block_device: false,
+                },
+            });
+        }
+        commands.extend([
+            Command::CreateVolume {
+                id: volume,
+                name: "r3".to_owned(),
+                size: 1 << 30,
+                block_size: None,
+                replicas: 3,
+                created_unix: 42,
+            },
+            Command::Attach {
+                attachment: Attachment {
+                    volume,
+                    node: 1,
+                    socket: "/run/r3.sock".to_owned(),
+                    queues: 1,
+                    read_only: false,
+                    socket_mode: 0o600,
+                    attached_unix: 43,
+                    active: Default::default(),
+                },
+            },
+            Command::Activity {
+                volume,
+                holder: 1,
+                extents: vec![1],
+                active: true,
+            },
+            Command::DropFailedReplica {
+                volume,
+                node: 3,
+                holder: 1,
+                since_unix: 44,
+                boot_id: Some([7; 16]),
+            },
+            Command::Activity {
+                volume,
+                holder: 1,
+                extents: vec![4],
+                active: true,
+            },
+        ]);
+        commands
+    }
+
+    #[tokio::test]
+    async fn what_a_fenced_off_node_misses_survives_a_reopen_and_a_snapshot() {
+        let dir = TempDir::new().unwrap();
+        let path = dir.path().join("meta.redb");
+        let commands = fenced_off_commands();
+        let count = commands.len() as u64;
+        let (expected, snapshot) = {
+            let store = MetaStore::open(&path).unwrap();
+            let mut sm = store.state_machine().unwrap();
+            let entries: Vec<_> = commands
+                .into_iter()
+                .enumerate()
+                .map(|(i, c)| normal(i as u64 + 1, c))
+                .collect();
+            sm.apply(stream::iter(entries)).await.unwrap();
+            let state = sm.shared().read(|applied| applied.state.clone());
+            let missed = &state.missed[&Uuid::from_u128(10)][&3];
+            assert_eq!(missed.extents.iter().copied().collect::<Vec<_>>(), [1, 4]);
+            assert_eq!(missed.boot_id, Some([7; 16]));
+            let snapshot = sm
+                .get_snapshot_builder()
+                .await
+                .build_snapshot()
+                .await
+                .unwrap();
+            (state, snapshot)
+        };
+        let reopened = MetaStore::open(&path).unwrap().state_machine().unwrap();
+        assert_eq!(reopened.shared().read(|a| a.state.clone()), expected);
+
+        let target_dir = TempDir::new().unwrap();
+        let mut target = MetaStore::open(&target_dir.path().join("meta.redb"))
+            .unwrap()
+            .state_machine()
+            .unwrap();
+        target
+            .install_snapshot(&snapshot.meta, snapshot.snapshot.clone())
+            .await
+            .unwrap();
+        assert_eq!(target.shared().read(|a| a.state.clone()), expected);
+        assert_eq!(snapshot.meta.last_log_id, Some(log_id(count)));
+
+        // A snapshot written before the records were kept is the state alone: it still installs.
+        let old = encode_value("cluster state", &expected).unwrap();
+        let decoded = decode_state(&old).unwrap();
+        assert!(decoded.missed.is_empty());
+        assert_eq!(decoded.volumes, expected.volumes);
     }
 
     #[tokio::test]

@@ -140,6 +140,17 @@ pub enum Command {
     CreatePort { port: NewPort },
     /// Deletes a port.
     DeletePort { id: PortId },
+    /// Fences off a replica node whose writes failed, as `DropReplica` does, and starts the record of what it misses
+    /// ([`super::Missed`]) on the runs where it held a complete replica, so that it catches up on those alone if it
+    /// returns in time. `since_unix` and `boot_id` (the node's kernel boot id as last seen) start the record; a
+    /// record the node already has keeps its own.
+    DropFailedReplica {
+        volume: VolumeId,
+        node: NodeId,
+        holder: NodeId,
+        since_unix: i64,
+        boot_id: Option<[u8; 16]>,
+    },
 }
 
 impl fmt::Display for Command {
@@ -182,6 +193,10 @@ impl fmt::Display for Command {
             Self::DropReplica { volume, node, .. } => {
                 write!(f, "drop the replicas of volume {volume} on node {node}")
             }
+            Self::DropFailedReplica { volume, node, .. } => write!(
+                f,
+                "fence off the failed replicas of volume {volume} on node {node}"
+            ),
             Self::StartRebuild {
                 volume, targets, ..
             } => write!(f, "rebuild {} run(s) of volume {volume}", targets.len()),
@@ -250,6 +265,8 @@ pub enum Row {
     Counters,
     Network(NetworkId),
     Port(PortId),
+    /// What fenced-off replica nodes miss of a volume.
+    Missed(VolumeId),
 }
 
 impl Command {
@@ -274,12 +291,15 @@ impl Command {
             Self::RemoveDisk { id } => vec![Row::Disk(*id)],
             Self::CreateVolume { id, .. }
             | Self::GrowVolume { id, .. }
-            | Self::DeleteVolume { id }
             | Self::DropReplica { volume: id, .. }
-            | Self::StartRebuild { volume: id, .. }
-            | Self::RebuildProgress { volume: id, .. }
-            | Self::FinishRebuild { volume: id, .. } => {
+            | Self::RebuildProgress { volume: id, .. } => {
                 vec![Row::Volume(*id)]
+            }
+            Self::DeleteVolume { id }
+            | Self::DropFailedReplica { volume: id, .. }
+            | Self::StartRebuild { volume: id, .. }
+            | Self::FinishRebuild { volume: id, .. } => {
+                vec![Row::Volume(*id), Row::Missed(*id)]
             }
             // Attaching and detaching fence off whoever copies for a rebuild of the volume.
             Self::Attach { attachment } => vec![
@@ -287,13 +307,27 @@ impl Command {
                 Row::Volume(attachment.volume),
             ],
             Self::Detach { volume } => vec![Row::Attachment(*volume), Row::Volume(*volume)],
-            Self::Activity { volume, .. } => vec![Row::Attachment(*volume)],
+            Self::Activity { volume, .. } => std::iter::once(Row::Attachment(*volume))
+                .chain(
+                    state
+                        .missed
+                        .contains_key(volume)
+                        .then_some(Row::Missed(*volume)),
+                )
+                .collect(),
             Self::TakeOver { attachment, .. } => vec![
                 Row::Attachment(attachment.volume),
                 Row::Volume(attachment.volume),
             ],
             Self::RemoveNode { id, disks } => std::iter::once(Row::Node(*id))
                 .chain(disks.iter().map(|disk| Row::Disk(*disk)))
+                .chain(
+                    state
+                        .missed
+                        .iter()
+                        .filter(|(_, nodes)| nodes.contains_key(id))
+                        .map(|(volume, _)| Row::Missed(*volume)),
+                )
                 .collect(),
         }
     }
@@ -738,6 +772,13 @@ impl ClusterState {
                 node,
                 holder,
             } => self.drop_replica(volume, node, holder),
+            Command::DropFailedReplica {
+                volume,
+                node,
+                holder,
+                since_unix,
+                boot_id,
+            } => self.drop_failed_replica(volume, node, holder, since_unix, boot_id),
             Command::StartRebuild {
                 volume,
                 driver,
@@ -803,6 +844,21 @@ impl ClusterState {
                 attachment.active.insert(*extent);
             } else {
                 attachment.active.remove(extent);
+            }
+        }
+        if active
+            && let (Some(records), Some(volume)) = (self.missed.get_mut(&id), self.volumes.get(&id))
+        {
+            // About to be written: nodes fenced off from the extent's run miss it.
+            for extent in extents {
+                let Some(first) = volume.placement.run_start(*extent) else {
+                    continue;
+                };
+                for missed in records.values_mut() {
+                    if missed.runs.contains(&first) {
+                        missed.extents.insert(*extent);
+                    }
+                }
             }
         }
         Ok(CommandOutcome::ActivityRecorded { volume: id })
@@ -927,6 +983,28 @@ impl ClusterState {
             });
             run.replicas.epoch += 1;
         }
+        // A run rebuilt elsewhere no longer waits for the nodes fenced off from it, and a node away for longer than
+        // the catch-up window may have freed its old copy: it gets a full one.
+        let since = |node: NodeId| {
+            self.missed
+                .get(&id)
+                .and_then(|records| records.get(&node))
+                .map(|missed| missed.since_unix)
+        };
+        let forget: Vec<(u64, NodeId)> = targets
+            .iter()
+            .filter(|(_, node)| {
+                since(*node)
+                    .is_some_and(|since| started_unix - since >= super::CATCH_UP_WINDOW_SECS)
+            })
+            .copied()
+            .collect();
+        for &(first, node) in targets {
+            self.forget_missed_run(id, first, |other| other != node);
+        }
+        for (first, node) in forget {
+            self.forget_missed_run(id, first, |other| other == node);
+        }
         Ok(CommandOutcome::RebuildStarted {
             volume: id,
             runs: targets.len() as u64,
@@ -983,12 +1061,16 @@ impl ClusterState {
         epoch: u64,
     ) -> Result<CommandOutcome, CommandError> {
         let set = self.rebuild_at(id, first_extent, epoch)?;
+        let mut targets = Vec::new();
         if let Some(rebuild) = set.rebuild.take() {
-            set.nodes.extend(rebuild.targets);
+            set.nodes.extend(&rebuild.targets);
             set.nodes.sort_unstable();
             set.nodes.dedup();
+            targets = rebuild.targets;
         }
         set.epoch += 1;
+        // The targets hold the run in full again.
+        self.forget_missed_run(id, first_extent, |node| targets.contains(&node));
         Ok(CommandOutcome::RebuildFinished {
             volume: id,
             first_extent,
@@ -1032,6 +1114,65 @@ impl ClusterState {
             node,
             sets,
         })
+    }
+
+    fn drop_failed_replica(
+        &mut self,
+        id: VolumeId,
+        node: NodeId,
+        holder: NodeId,
+        since_unix: i64,
+        boot_id: Option<[u8; 16]>,
+    ) -> Result<CommandOutcome, CommandError> {
+        let held = self.runs_held(id, node);
+        let outcome = self.drop_replica(id, node, holder)?;
+        if held.is_empty() {
+            return Ok(outcome);
+        }
+        // Failed writes and writes in flight are in the activity log: the node may miss any of its extents.
+        let active = self
+            .attachments
+            .get(&id)
+            .map(|attachment| attachment.active.clone())
+            .unwrap_or_default();
+        let missed = self
+            .missed
+            .entry(id)
+            .or_default()
+            .entry(node)
+            .or_insert_with(|| super::Missed {
+                since_unix,
+                boot_id,
+                ..super::Missed::default()
+            });
+        for (first, count) in held {
+            missed.runs.insert(first);
+            missed
+                .extents
+                .extend(active.range(first..first.saturating_add(count)));
+        }
+        Ok(outcome)
+    }
+
+    /// Forgets that the nodes `which` accepts may catch up on the run of `id` starting at `first`.
+    fn forget_missed_run(&mut self, id: VolumeId, first: u64, which: impl Fn(NodeId) -> bool) {
+        let count = self
+            .volumes
+            .get(&id)
+            .and_then(|volume| volume.placement.runs().find(|(start, _)| *start == first))
+            .map_or(1, |(_, run)| run.count);
+        let Some(records) = self.missed.get_mut(&id) else {
+            return;
+        };
+        for (node, missed) in records.iter_mut() {
+            if which(*node) {
+                missed.forget_run(first, count);
+            }
+        }
+        records.retain(|_, missed| !missed.runs.is_empty());
+        if records.is_empty() {
+            self.missed.remove(&id);
+        }
     }
 
     fn init_cluster(
@@ -1203,6 +1344,10 @@ impl ClusterState {
             .ok_or_else(|| CommandError::NodeNotFound {
                 node: id.to_string(),
             })?;
+        for records in self.missed.values_mut() {
+            records.remove(&id);
+        }
+        self.missed.retain(|_, records| !records.is_empty());
         Ok(CommandOutcome::NodeRemoved { node })
     }
 
@@ -1423,6 +1568,7 @@ impl ClusterState {
                 volume: id.to_string(),
             })?;
         self.volume_names.remove(&volume.name);
+        self.missed.remove(&id);
         Ok(CommandOutcome::VolumeDeleted {
             volume: Box::new(volume),
         })
@@ -2363,6 +2509,123 @@ mod tests {
                 sets: 0,
             }
         );
+    }
+
+    #[test]
+    fn a_fenced_off_node_has_what_it_misses_recorded_until_it_caught_up() {
+        let mut state = three_nodes_with_r3();
+        state
+            .apply(Command::Attach {
+                attachment: attachment(vid(1), "/run/r3.sock"),
+            })
+            .unwrap();
+        let activity = |extents: Vec<u64>, active| Command::Activity {
+            volume: vid(1),
+            holder: 1,
+            extents,
+            active,
+        };
+        state.apply(activity(vec![2], true)).unwrap();
+        assert!(
+            !activity(vec![5], true)
+                .rows(&state)
+                .contains(&Row::Missed(vid(1)))
+        );
+        let fence = |since_unix| Command::DropFailedReplica {
+            volume: vid(1),
+            node: 3,
+            holder: 1,
+            since_unix,
+            boot_id: Some([3; 16]),
+        };
+        assert!(
+            refused(
+                &mut state,
+                Command::DropFailedReplica {
+                    volume: vid(1),
+                    node: 3,
+                    holder: 2,
+                    since_unix: 1000,
+                    boot_id: None,
+                }
+            )
+            .contains("only the attaching node may drop replicas"),
+            "only the holder fences off"
+        );
+        assert!(state.missed.is_empty(), "a refused drop records nothing");
+        state.apply(fence(1000)).unwrap();
+        let first = state.volumes[&vid(1)].placement.run_start(5).unwrap();
+        let missed = |state: &ClusterState| state.missed_run(vid(1), 3, first).cloned();
+        let recorded = missed(&state).expect("node 3 misses the run");
+        assert_eq!(
+            (recorded.since_unix, recorded.boot_id),
+            (1000, Some([3; 16]))
+        );
+        assert!(
+            recorded.extents.contains(&2),
+            "the extent in the log (its write may have failed on node 3)"
+        );
+        // Extents entering the log from now on are missed too; leaving it forgets nothing.
+        assert!(
+            activity(vec![5], true)
+                .rows(&state)
+                .contains(&Row::Missed(vid(1)))
+        );
+        state.apply(activity(vec![5], true)).unwrap();
+        state.apply(activity(vec![2, 5], false)).unwrap();
+        let extents: Vec<u64> = missed(&state).unwrap().extents.into_iter().collect();
+        assert_eq!(extents, [2, 5]);
+
+        // Node 3 returns in time: it is the rebuild's target and keeps its record until the copy is done.
+        state
+            .apply(Command::StartRebuild {
+                volume: vid(1),
+                driver: 1,
+                targets: vec![(first, 3)],
+                started_unix: 1000 + crate::state::CATCH_UP_WINDOW_SECS - 1,
+            })
+            .unwrap();
+        assert!(missed(&state).is_some());
+        let epoch = state.volumes[&vid(1)].replica_set(first).unwrap().epoch;
+        state
+            .apply(Command::FinishRebuild {
+                volume: vid(1),
+                first_extent: first,
+                epoch,
+            })
+            .unwrap();
+        assert!(state.missed.is_empty(), "caught up: {:?}", state.missed);
+
+        // Fenced off again and back too late: the rebuild copies everything, the record is gone.
+        state.apply(fence(5000)).unwrap();
+        assert!(
+            missed(&state).unwrap().extents.is_empty(),
+            "nothing in the log this time"
+        );
+        state
+            .apply(Command::StartRebuild {
+                volume: vid(1),
+                driver: 1,
+                targets: vec![(first, 3)],
+                started_unix: 5000 + crate::state::CATCH_UP_WINDOW_SECS,
+            })
+            .unwrap();
+        assert!(missed(&state).is_none());
+
+        // Deleting the volume takes its records with it.
+        let epoch = state.volumes[&vid(1)].replica_set(first).unwrap().epoch;
+        state
+            .apply(Command::FinishRebuild {
+                volume: vid(1),
+                first_extent: first,
+                epoch,
+            })
+            .unwrap();
+        state.apply(fence(6000)).unwrap();
+        assert!(!state.missed.is_empty());
+        state.apply(Command::Detach { volume: vid(1) }).unwrap();
+        state.apply(Command::DeleteVolume { id: vid(1) }).unwrap();
+        assert!(state.missed.is_empty());
     }
 
     #[test]

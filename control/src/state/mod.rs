@@ -239,6 +239,46 @@ pub struct ClusterState {
     pub ports: BTreeMap<PortId, Port>,
     /// The next network and port ids.
     pub counters: IdCounters,
+    /// What replica nodes fenced off from a volume's runs miss, by volume. Not part of the positional encoding of
+    /// this struct (it came after the format was fixed): the store keeps it in a table of its own and snapshots
+    /// append it (see [`crate::raft`]).
+    #[serde(skip)]
+    pub missed: BTreeMap<VolumeId, BTreeMap<NodeId, Missed>>,
+}
+
+/// How long a replica node fenced off from a run may stay away and still catch up by copying only what it missed
+/// (DESIGN.md: a replica out longer than 10 minutes is replaced). Nodes keep a stale replica for longer than this
+/// before they free it (`NodeConfig::stale_replica_keep`).
+pub const CATCH_UP_WINDOW_SECS: i64 = 600;
+
+/// What a replica node fenced off from some runs of a volume misses while it is away, kept in the cluster state so
+/// that it outlives a restart of the node that drives the volume's rebuilds, and the volume changing hands: when the
+/// node returns in time it catches up by copying these extents only, not its whole replicas.
+///
+/// It is a superset of what changed, at extent granularity: every extent of those runs that was in the attachment's
+/// activity log when the node was dropped (its failed writes among them), and every one that entered the log since
+/// — a write goes out only once its extent is in the log. The holder also keeps a finer record in memory (64
+/// regions per extent, `vstore::remote::DirtyMaps`) and uses it while it lasts.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Missed {
+    /// First extents of the runs the node held a complete replica of when it was fenced off.
+    pub runs: std::collections::BTreeSet<u64>,
+    /// Extents of those runs that may have been written since.
+    pub extents: std::collections::BTreeSet<u64>,
+    /// When the node was first fenced off, seconds since the Unix epoch, as stamped by the proposer.
+    pub since_unix: i64,
+    /// The node's kernel boot id when it was fenced off, if known: a node that rebooted meanwhile may have lost
+    /// writes it acknowledged before, and gets full copies.
+    pub boot_id: Option<[u8; 16]>,
+}
+
+impl Missed {
+    /// Forgets the run starting at `first` (`count` extents long).
+    pub fn forget_run(&mut self, first: u64, count: u64) {
+        self.runs.remove(&first);
+        self.extents
+            .retain(|extent| !(first..first.saturating_add(count)).contains(extent));
+    }
 }
 
 impl ClusterState {
@@ -292,6 +332,29 @@ impl ClusterState {
     /// How many raw bytes volumes may provision: capacity × overcommit ratio.
     pub fn provisionable_bytes(&self) -> u64 {
         saturate(self.provisionable_raw(self.capacity_raw()))
+    }
+
+    /// The runs of `volume` (first extent, extent count) where `node` holds a complete replica.
+    pub fn runs_held(&self, volume: VolumeId, node: NodeId) -> Vec<(u64, u64)> {
+        self.volumes
+            .get(&volume)
+            .map_or_else(Vec::new, |described| {
+                described
+                    .placement
+                    .runs()
+                    .filter(|(_, run)| run.replicas.contains(node))
+                    .map(|(first, run)| (first, run.count))
+                    .collect()
+            })
+    }
+
+    /// What `node` misses of the run of `volume` starting at `first`, if it was fenced off from it and may still
+    /// catch up.
+    pub fn missed_run(&self, volume: VolumeId, node: NodeId, first: u64) -> Option<&Missed> {
+        self.missed
+            .get(&volume)?
+            .get(&node)
+            .filter(|missed| missed.runs.contains(&first))
     }
 
     /// Whether `node` is being drained (its replicas move elsewhere).

@@ -99,6 +99,12 @@ impl Placement {
         (extent - first < run.count).then_some(&run.replicas)
     }
 
+    /// The first extent of the run holding `extent`.
+    pub fn run_start(&self, extent: u64) -> Option<u64> {
+        let (first, run) = self.runs.range(..=extent).next_back()?;
+        (extent - first < run.count).then_some(*first)
+    }
+
     /// Number of extents placed so far.
     pub fn extent_count(&self) -> u64 {
         self.runs
