@@ -64,7 +64,7 @@ use vmm_sys_util::eventfd::{EFD_NONBLOCK, EventFd};
 use crate::gro::{Coalesced, Coalescer};
 use crate::offload::{self, VirtioNetHeader};
 use crate::stats::{DropReason, TrafficStats};
-use crate::switch::{Egress, PortConfig, Switch, SwitchConfig, SwitchError, Verdict};
+use crate::switch::{Egress, IngressMemo, PortConfig, Switch, SwitchConfig, SwitchError, Verdict};
 use crate::tap::{Offloads, Tap, TapError, VNET_HDR_LEN};
 use crate::{PortId, underlay, vxlan};
 
@@ -746,6 +746,7 @@ impl Core {
                         }
                     }
                 };
+            let mut memo = IngressMemo::default();
             for _ in 0..BATCH {
                 let received = match underlay::receive(&shared.underlay, buffer) {
                     Ok(received) => received,
@@ -766,9 +767,13 @@ impl Core {
                     }
                 };
                 for datagram in datagrams {
-                    if let Verdict::Forward =
-                        switch.underlay_ingress(received.source, datagram, now, &mut out)
-                    {
+                    if let Verdict::Forward = switch.underlay_ingress_in_run(
+                        &mut memo,
+                        received.source,
+                        datagram,
+                        now,
+                        &mut out,
+                    ) {
                         let inner = &datagram[vxlan::HEADER_LEN..];
                         if let [Egress::Port(port)] = out[..] {
                             coalescer.push(port, inner, &mut |port, coalesced| {

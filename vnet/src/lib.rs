@@ -53,7 +53,9 @@ pub use datapath::{AddPortError, Datapath, FrameSink, PortSender};
 pub use mac::{Mac, ParseMacError};
 pub use mac_table::{Location, MacTable};
 pub use stats::{DropReason, NetworkStats, TrafficStats};
-pub use switch::{Egress, NetworkConfig, PortConfig, Switch, SwitchConfig, SwitchError, Verdict};
+pub use switch::{
+    Egress, IngressMemo, NetworkConfig, PortConfig, Switch, SwitchConfig, SwitchError, Verdict,
+};
 pub use tap::{Tap, TapError};
 pub use vxlan::Vni;
 

@@ -103,34 +103,43 @@ pub enum OffloadError {
 /// One's complement sum of `data` (as 16-bit big-endian words) added to `sum`, not yet folded
 /// to 16 bits. `data` of odd length counts as if padded with a zero byte, so only the last slice
 /// of a chain of calls may be odd.
+///
+/// Every payload byte the overlay carries is summed twice (segments leaving get their checksum,
+/// segments arriving are verified before they are merged), so this runs with AVX2 where the CPU
+/// has it: about twice the speed of the portable loop.
 pub(crate) fn add_words(sum: u32, data: &[u8]) -> u32 {
-    // Native-endian 64-bit words added with end-around carry, in two chains the CPU runs side by
-    // side: the one's complement sum does not depend on word width or byte order, up to one
-    // byte swap at the end (RFC 1071, 2.B).
-    let add = |total: u64, word: u64| {
-        let (total, carry) = total.overflowing_add(word);
-        total + u64::from(carry)
-    };
-    let (mut even, mut odd) = (0u64, 0u64);
-    let mut blocks = data.chunks_exact(16);
-    for block in &mut blocks {
-        let (first, second) = block.split_at(8);
-        even = add(
-            even,
-            u64::from_ne_bytes(first.try_into().unwrap_or_default()),
-        );
-        odd = add(
-            odd,
-            u64::from_ne_bytes(second.try_into().unwrap_or_default()),
-        );
+    #[cfg(target_arch = "x86_64")]
+    if std::arch::is_x86_feature_detected!("avx2") {
+        // SAFETY: the CPU has AVX2, the only requirement of the function.
+        return unsafe { add_words_avx2(sum, data) };
     }
-    let mut native = add(even, odd);
+    add_words_portable(sum, data)
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2")]
+fn add_words_avx2(sum: u32, data: &[u8]) -> u32 {
+    add_words_portable(sum, data)
+}
+
+/// See [`add_words`]. Native-endian 32-bit words are added into eight 64-bit lanes, which cannot
+/// overflow (that would take 2^32 words per lane) and which the compiler turns into vector adds;
+/// the one's complement sum does not depend on word width or byte order, up to one byte swap at
+/// the end (RFC 1071, 2.B).
+#[inline(always)]
+fn add_words_portable(sum: u32, data: &[u8]) -> u32 {
+    let word = |bytes: &[u8]| u32::from_ne_bytes([bytes[0], bytes[1], bytes[2], bytes[3]]);
+    let mut lanes = [0u64; 8];
+    let mut blocks = data.chunks_exact(32);
+    for block in &mut blocks {
+        for (lane, bytes) in lanes.iter_mut().zip(block.chunks_exact(4)) {
+            *lane += u64::from(word(bytes));
+        }
+    }
+    let mut native: u128 = lanes.iter().map(|lane| u128::from(*lane)).sum();
     let mut words = blocks.remainder().chunks_exact(4);
-    for word in &mut words {
-        native = add(
-            native,
-            u64::from(u32::from_ne_bytes([word[0], word[1], word[2], word[3]])),
-        );
+    for bytes in &mut words {
+        native += u128::from(word(bytes));
     }
     while native > 0xffff {
         native = (native & 0xffff) + (native >> 16);

@@ -180,6 +180,26 @@ struct Port {
     counters: Arc<TrafficCounters>,
 }
 
+/// What a datagram from the underlay is recognised by in an [`IngressMemo`]: its VXLAN header
+/// (the VNI) and the inner frame's destination and source MAC addresses.
+const MEMO_KEY_LEN: usize = vxlan::HEADER_LEN + 12;
+
+/// The last decision [`Switch::underlay_ingress_in_run`] made in a run of datagrams, if it can be
+/// reused: a forward to one local port.
+#[derive(Debug, Default)]
+pub struct IngressMemo<'s> {
+    last: Option<Remembered<'s>>,
+}
+
+#[derive(Debug)]
+struct Remembered<'s> {
+    source: SocketAddr,
+    key: [u8; MEMO_KEY_LEN],
+    mtu: u16,
+    port: PortId,
+    counters: &'s TrafficCounters,
+}
+
 /// The virtual switch of one node.
 #[derive(Debug)]
 pub struct Switch {
@@ -531,12 +551,41 @@ impl Switch {
         now: Instant,
         out: &mut Vec<Egress>,
     ) -> Verdict {
+        self.underlay_ingress_in_run(&mut IngressMemo::default(), source, datagram, now, out)
+    }
+
+    /// [`Switch::underlay_ingress`] for one of a run of datagrams: a datagram with the same sender,
+    /// VXLAN header and inner MAC addresses as the last one `memo` saw forwarded to a single port
+    /// goes there too, without looking the network, the VTEP or the MAC table up again (its frame
+    /// is still checked, and everything counted). A memo lives for one batch, under one hold of
+    /// the switch: what it remembers is at most a batch old.
+    pub fn underlay_ingress_in_run<'s>(
+        &'s self,
+        memo: &mut IngressMemo<'s>,
+        source: SocketAddr,
+        datagram: &[u8],
+        now: Instant,
+        out: &mut Vec<Egress>,
+    ) -> Verdict {
         out.clear();
         self.underlay.received(datagram.len());
         let drop = |reason| {
             self.underlay.dropped(reason);
             Verdict::Drop(reason)
         };
+        if let Some(last) = &memo.last
+            && last.source == source
+            && datagram.get(..MEMO_KEY_LEN) == Some(&last.key[..])
+        {
+            let inner = &datagram[vxlan::HEADER_LEN..];
+            if let Err(error) = frame::parse(inner, last.mtu) {
+                return drop(error.into());
+            }
+            last.counters.sent(inner.len());
+            out.push(Egress::Port(last.port));
+            return Verdict::Forward;
+        }
+        memo.last = None;
         let (vni, inner) = match vxlan::decode(datagram) {
             Ok(decoded) => decoded,
             Err(error) => return drop(error.into()),
@@ -568,6 +617,15 @@ impl Switch {
                 if let Some(egress) = self.ports.get(&to) {
                     egress.counters.sent(inner.len());
                     out.push(Egress::Port(to));
+                    if let Some(key) = datagram.first_chunk::<MEMO_KEY_LEN>() {
+                        memo.last = Some(Remembered {
+                            source,
+                            key: *key,
+                            mtu: network.config.mtu,
+                            port: to,
+                            counters: &egress.counters,
+                        });
+                    }
                 }
                 Verdict::Forward
             }

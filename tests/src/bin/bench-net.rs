@@ -35,6 +35,9 @@ struct Args {
     /// Pings per round.
     #[arg(long, default_value_t = 2000)]
     pings: u32,
+    /// Run one comparison only: "local" (two guests on one node) or "overlay" (two nodes over VXLAN).
+    #[arg(long, value_parser = ["local", "overlay"])]
+    only: Option<String>,
 }
 
 const NET: NetworkId = NetworkId(1);
@@ -268,7 +271,8 @@ fn main() -> anyhow::Result<()> {
         "iperf3 -t {} (one TCP stream) and {} back-to-back pings per round, {} rounds, medians",
         args.seconds, args.pings, args.rounds
     );
-    {
+    let runs = |name: &str| args.only.as_deref().is_none_or(|only| only == name);
+    if runs("local") {
         let vessel = vessel_local()?;
         let bridge = bridge_local()?;
         compare(
@@ -279,7 +283,7 @@ fn main() -> anyhow::Result<()> {
             &args,
         )?;
     }
-    {
+    if runs("overlay") {
         let vessel = vessel_overlay()?;
         let kernel = kernel_overlay()?;
         compare(

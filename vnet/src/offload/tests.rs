@@ -306,6 +306,8 @@ proptest::proptest! {
         split in 0usize..1500,
     ) {
         proptest::prop_assert_eq!(fold(add_words(sum, &data)), reference_sum(sum, &data));
+        // The loop CPUs without AVX2 run.
+        proptest::prop_assert_eq!(fold(super::add_words_portable(sum, &data)), reference_sum(sum, &data));
         // Chained at an even offset, as callers chain a pseudo-header and a segment.
         let split = (split * 2).min(data.len() & !1);
         let chained = add_words(add_words(sum, &data[..split]), &data[split..]);

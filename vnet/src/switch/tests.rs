@@ -384,6 +384,46 @@ fn bad_datagrams_from_the_underlay_are_dropped_and_counted() {
 }
 
 #[test]
+fn a_run_of_datagrams_is_switched_as_one_by_one() {
+    // The same datagrams through a memo and without one: the same verdicts, egress and counters.
+    let to_a = frame(MAC_A, MAC_X, IPV4, 1000);
+    let to_b = frame(MAC_B, MAC_X, IPV4, 1000);
+    let oversized = frame(MAC_A, MAC_X, IPV4, usize::from(DEFAULT_MTU) + 1);
+    let run: Vec<(SocketAddr, Vec<u8>)> = vec![
+        (vtep(1), datagram(BLUE_VNI, &to_a)),
+        (vtep(1), datagram(BLUE_VNI, &to_a)),
+        // Same headers, but a frame the switch must refuse.
+        (vtep(1), datagram(BLUE_VNI, &oversized)),
+        (vtep(1), datagram(BLUE_VNI, &to_a[..13])),
+        (vtep(1), datagram(BLUE_VNI, &to_a)),
+        // Another destination, another sender, another network.
+        (vtep(1), datagram(BLUE_VNI, &to_b)),
+        (vtep(3), datagram(BLUE_VNI, &to_b)),
+        (vtep(3), datagram(RED_VNI, &to_b)),
+        (vtep(1), datagram(RED_VNI, &to_b)),
+        (vtep(1), datagram(BLUE_VNI, &to_b)),
+    ];
+    let (one_by_one, memo_switch) = (switch(), switch());
+    let mut memo = IngressMemo::default();
+    let now = Instant::now();
+    for (source, bytes) in &run {
+        let (mut alone, mut in_run) = (Vec::new(), Vec::new());
+        let expected = one_by_one.underlay_ingress(*source, bytes, now, &mut alone);
+        let verdict =
+            memo_switch.underlay_ingress_in_run(&mut memo, *source, bytes, now, &mut in_run);
+        assert_eq!((verdict, &in_run), (expected, &alone), "from {source}");
+    }
+    for port in [P_BLUE_A, P_BLUE_B, P_RED_B] {
+        assert_eq!(
+            memo_switch.port_stats(port).unwrap(),
+            one_by_one.port_stats(port).unwrap()
+        );
+    }
+    assert_eq!(memo_switch.underlay_stats(), one_by_one.underlay_stats());
+    assert_eq!(one_by_one.port_stats(P_BLUE_A).unwrap().tx_packets, 3);
+}
+
+#[test]
 fn bad_frames_from_a_port_are_dropped_and_counted_on_it() {
     let mut run = Run::new(switch());
     let mtu = usize::from(DEFAULT_MTU);
