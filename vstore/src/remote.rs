@@ -9,7 +9,7 @@
 //! - A connection is pipelined: any worker thread sends a request (header and the guest's buffers,
 //!   in one `writev`, no copy) under the connection's send lock, and the connection's reader
 //!   thread matches replies by sequence number, reads a read's data straight into the guest's
-//!   buffers, checks the CRC, and hands the outcome to the sending queue's [`Inbox`], which wakes
+//!   buffers, checks the CRC, and hands the outcome to the sending queue's `Inbox`, which wakes
 //!   the queue's worker through the same eventfd its io_uring completions use.
 //!
 //! Failure: a connection that breaks, sends anything malformed, or leaves a request unanswered for
@@ -882,7 +882,7 @@ impl Peers {
     }
 
     /// Pings `node` over a connection of its own; its boot id if it answers within a connect
-    /// timeout plus [`PING_TIMEOUT`] (a frozen process whose kernel still accepts connections does
+    /// timeout plus `PING_TIMEOUT` (a frozen process whose kernel still accepts connections does
     /// not answer).
     pub fn ping(&self, node: NodeId) -> Option<BootId> {
         let address = self

@@ -8,6 +8,12 @@
 //! A copy is fenced like any I/O: it carries the run's epoch, and anything that changes the set (a failure, the
 //! volume changing hands) bumps the epoch, so a copier that lost its place is refused and stops; the next pass starts
 //! a fresh one from the state.
+//!
+//! A node fenced off from a run that answers again within the catch-up window, without having rebooted, is made the
+//! run's target and copies only what it missed ([`Scope::CatchUp`]): the regions the holder recorded in memory
+//! (`vstore::remote::DirtyMaps`, 64 per extent) while it has served the volume since the node went away, else the
+//! whole extents the cluster state recorded (`state::Missed`: the activity log at the drop and every extent entering
+//! it since), which outlive the holder and seed its memory when it serves the volume again.
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};

@@ -2,7 +2,7 @@
 //! Vessel uses.
 //!
 //! [`ControlPlane`] owns one openraft node whose log and state machine live in
-//! `DATA_DIR/meta.redb` ([`store`]) and whose peers are reached over gRPC ([`network`]). Other
+//! `DATA_DIR/meta.redb` (`store`) and whose peers are reached over gRPC (`network`). Other
 //! crates see only typed [`Command`]s, [`CommandOutcome`]s and read access to [`ClusterState`]:
 //! no openraft type crosses this module's boundary.
 //!

@@ -2,7 +2,7 @@
 //!
 //! [`BlkDevice`] is what the daemon holds per attached volume. Underneath, a [`BlkBackend`]
 //! implements [`VhostUserDevice`] (features, config space, cache mode) and runs one
-//! [`worker::QueueWorker`] per virtqueue; the generic [`crate::server::VhostUserServer`] owns the
+//! `worker::QueueWorker` per virtqueue; the generic [`crate::server::VhostUserServer`] owns the
 //! socket and the protocol. Requests are parsed by [`request`], which is independent of the
 //! block store so it can be tested and fuzzed on its own.
 //!

@@ -3,7 +3,7 @@
 //!
 //! [`NetDevice`] is what the daemon holds per vhost-user port. Underneath, a [`NetBackend`]
 //! implements [`VhostUserDevice`] (features, config space, NET_SET_MTU) and runs one
-//! [`worker::QueuePairWorker`] per queue pair (receiveq N = ring 2N, transmitq N = ring
+//! `worker::QueuePairWorker` per queue pair (receiveq N = ring 2N, transmitq N = ring
 //! 2N+1); the generic [`crate::server::VhostUserServer`] owns the socket and the protocol.
 //! Frames are read from and written into descriptor chains by [`frame`], which knows nothing
 //! of rings or threads, so it is tested and fuzzed on its own.

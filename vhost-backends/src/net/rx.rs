@@ -8,10 +8,10 @@
 //! costs the guest one wake-up.
 //!
 //! The ring is reachable this way while the pair's worker runs: the worker hands it in when it
-//! starts ([`RxQueue::attach`]) and takes it back when it stops ([`RxQueue::detach`]). A frame
+//! starts (`RxQueue::attach`) and takes it back when it stops (`RxQueue::detach`). A frame
 //! arriving while the guest has no buffers left, or while the worker is stopped, waits in the
 //! queue's backlog (bounded; frames behind it wait too, so order holds); the guest is asked to
-//! kick when it adds buffers, and the worker then moves the backlog in ([`RxQueue::drain`]).
+//! kick when it adds buffers, and the worker then moves the backlog in (`RxQueue::drain`).
 //!
 //! A queue is *open* from the first start of its pair's worker on a connection until the
 //! frontend disconnects. While closed (no guest, or the guest's link is down because the
@@ -24,7 +24,7 @@
 //! pusher must segment such frames itself.
 //!
 //! Invariant: every receive chain taken from the ring is either holding a frame's bytes in the
-//! used entries gathered for publication, or held for the next frame; [`RxQueue::detach`]
+//! used entries gathered for publication, or held for the next frame; `RxQueue::detach`
 //! returns the held ones empty and publishes everything, so GET_VRING_BASE is exact.
 
 use std::collections::VecDeque;

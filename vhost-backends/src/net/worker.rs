@@ -10,7 +10,7 @@
 //!   (without sleeping). Kicks are re-enabled only when the
 //!   ring is empty (EVENT_IDX-safe: it drains again if entries arrived meanwhile).
 //! - Receive: frames for the guest are written into its receiveq by whoever pushes them (see
-//!   [`super::rx`]); the worker hands the ring to the pair's [`RxQueue`](super::RxQueue) when
+//!   [`super::rx`]); the worker hands the ring to the pair's [`RxQueue`] when
 //!   it starts, takes it back when it stops, and on a receive kick (the guest added buffers
 //!   while frames waited) moves the waiting frames in.
 //!
