@@ -940,6 +940,18 @@ mod tests {
         Ok((Entry::new_normal(log_id(index), command), None))
     }
 
+    /// `commands` as log entries, the first at index `first`.
+    fn log_entries(
+        commands: Vec<Command>,
+        first: u64,
+    ) -> Vec<Result<EntryResponder<TypeConfig>, io::Error>> {
+        commands
+            .into_iter()
+            .enumerate()
+            .map(|(i, c)| normal(i as u64 + first, c))
+            .collect()
+    }
+
     fn commands() -> Vec<Command> {
         let node = Node {
             id: 1,
@@ -1032,11 +1044,7 @@ mod tests {
         let expected = {
             let store = MetaStore::open(&path).unwrap();
             let mut sm = store.state_machine().unwrap();
-            let entries: Vec<_> = commands()
-                .into_iter()
-                .enumerate()
-                .map(|(i, c)| normal(i as u64 + 1, c))
-                .collect();
+            let entries = log_entries(commands(), 1);
             // Apply in two batches so both the single-row and multi-row paths run.
             let (first, second) = entries.split_at(3);
             sm.apply(stream::iter(first.iter().map(clone_entry)))
@@ -1078,11 +1086,7 @@ mod tests {
         let dir = TempDir::new().unwrap();
         let store = MetaStore::open(&dir.path().join("meta.redb")).unwrap();
         let mut sm = store.state_machine().unwrap();
-        let entries: Vec<_> = commands()
-            .into_iter()
-            .enumerate()
-            .map(|(i, c)| normal(i as u64 + 1, c))
-            .collect();
+        let entries = log_entries(commands(), 1);
         sm.apply(stream::iter(entries)).await.unwrap();
         let state = sm.shared().read(|applied| applied.state.clone());
         assert!(!state.volumes.contains_key(&Uuid::from_u128(13)));
@@ -1101,11 +1105,7 @@ mod tests {
         let source_dir = TempDir::new().unwrap();
         let source = MetaStore::open(&source_dir.path().join("meta.redb")).unwrap();
         let mut source_sm = source.state_machine().unwrap();
-        let mut entries: Vec<_> = commands()
-            .into_iter()
-            .enumerate()
-            .map(|(i, c)| normal(i as u64 + 2, c))
-            .collect();
+        let mut entries = log_entries(commands(), 2);
         let membership = Membership::new_with_defaults(vec![[1u64].into()], []);
         entries.insert(
             0,
@@ -1164,11 +1164,7 @@ mod tests {
                     created_unix: 0,
                 },
             });
-            let stale: Vec<_> = stale
-                .into_iter()
-                .enumerate()
-                .map(|(i, c)| normal(i as u64 + 1, c))
-                .collect();
+            let stale = log_entries(stale, 1);
             target_sm.apply(stream::iter(stale)).await.unwrap();
             target_sm
                 .install_snapshot(&snapshot.meta, snapshot.snapshot.clone())
@@ -1275,11 +1271,7 @@ mod tests {
         let (expected, snapshot) = {
             let store = MetaStore::open(&path).unwrap();
             let mut sm = store.state_machine().unwrap();
-            let entries: Vec<_> = commands
-                .into_iter()
-                .enumerate()
-                .map(|(i, c)| normal(i as u64 + 1, c))
-                .collect();
+            let entries = log_entries(commands, 1);
             sm.apply(stream::iter(entries)).await.unwrap();
             let state = sm.shared().read(|applied| applied.state.clone());
             let missed = &state.missed[&Uuid::from_u128(10)][&3];
@@ -1320,11 +1312,7 @@ mod tests {
         let dir = TempDir::new().unwrap();
         let store = MetaStore::open(&dir.path().join("meta.redb")).unwrap();
         let mut sm = store.state_machine().unwrap();
-        let entries: Vec<_> = commands()
-            .into_iter()
-            .enumerate()
-            .map(|(i, c)| normal(i as u64 + 1, c))
-            .collect();
+        let entries = log_entries(commands(), 1);
         sm.apply(stream::iter(entries)).await.unwrap();
         let before = sm.shared().read(Applied::clone);
         let meta = SnapshotMeta {
