@@ -28,6 +28,10 @@ struct Args {
     /// Rounds (Vessel and the wire alternate).
     #[arg(long, default_value_t = 3)]
     rounds: usize,
+    /// The driver's burst: `--tx-first` puts one burst per port in flight, so this sets how many frames circle
+    /// (testpmd's default is 32).
+    #[arg(long, default_value_t = 32)]
+    burst: u16,
 }
 
 const MAC_A: &str = "02:00:00:00:00:0a";
@@ -132,7 +136,7 @@ fn wire(sockets: [&Path; 2]) -> anyhow::Result<Background> {
 
 /// The driver on CPU 1 for `seconds`: frames of `size` bytes circling through the ports at `sockets`; returns the
 /// frames per second received, both ports together (the median of the per-second figures after the first two).
-fn drive(sockets: [&Path; 2], size: usize, seconds: u64) -> anyhow::Result<f64> {
+fn drive(sockets: [&Path; 2], size: usize, burst: u16, seconds: u64) -> anyhow::Result<f64> {
     let output = Command::new("timeout")
         .args(["-s", "INT", &(seconds + 3).to_string(), "dpdk-testpmd"])
         .args([
@@ -164,6 +168,7 @@ fn drive(sockets: [&Path; 2], size: usize, seconds: u64) -> anyhow::Result<f64> 
             "--nb-cores=1",
             "--stats-period=1",
             &format!("--txpkts={size}"),
+            &format!("--burst={burst}"),
         ])
         .stdin(Stdio::null())
         .output()
@@ -253,8 +258,13 @@ fn main() -> anyhow::Result<()> {
     for size in [64usize, 1500] {
         let (mut vessel, mut reference) = (Vec::new(), Vec::new());
         for _ in 0..args.rounds {
-            vessel.push(drive([&ours[0], &ours[1]], size, args.seconds)?);
-            reference.push(drive([&theirs[0], &theirs[1]], size, args.seconds)?);
+            vessel.push(drive([&ours[0], &ours[1]], size, args.burst, args.seconds)?);
+            reference.push(drive(
+                [&theirs[0], &theirs[1]],
+                size,
+                args.burst,
+                args.seconds,
+            )?);
         }
         let (vessel, reference) = (median(&mut vessel), median(&mut reference));
         if size == 64 {
