@@ -408,6 +408,8 @@ struct Forwarder<'a> {
     scratch: &'a mut Scratch,
     /// The time of the batch (for MAC learning and aging).
     now: Instant,
+    /// The switch's last decision in this batch, for the next frames of the same flow.
+    memo: IngressMemo<'a>,
 }
 
 impl Shared {
@@ -422,6 +424,7 @@ impl Shared {
             shared: self,
             scratch,
             now: Instant::now(),
+            memo: IngressMemo::default(),
         })
     }
 }
@@ -436,14 +439,11 @@ impl Forwarder<'_> {
         header: &VirtioNetHeader,
         frame: &[u8],
     ) -> bool {
-        let now = self.now;
+        let (now, switch) = (self.now, self.switch);
         let mut out = std::mem::take(&mut self.scratch.out);
-        let verdict = if header.is_gso() {
-            self.switch
-                .port_ingress_gso(port, frame, header.gso_size, now, &mut out)
-        } else {
-            self.switch.port_ingress(port, frame, now, &mut out)
-        };
+        let gso_size = header.is_gso().then_some(header.gso_size);
+        let verdict =
+            switch.port_ingress_in_run(&mut self.memo, port, frame, gso_size, now, &mut out);
         match verdict {
             Verdict::Forward => {
                 for &egress in &out {

@@ -180,24 +180,54 @@ struct Port {
     counters: Arc<TrafficCounters>,
 }
 
-/// What a datagram from the underlay is recognised by in an [`IngressMemo`]: its VXLAN header
-/// (the VNI) and the inner frame's destination and source MAC addresses.
+/// The bytes a frame is recognised by in an [`IngressMemo`]: a datagram from the underlay by its
+/// VXLAN header (the VNI) and the inner frame's destination and source MAC addresses, a port's
+/// frame by its MAC addresses (the rest zero).
 const MEMO_KEY_LEN: usize = vxlan::HEADER_LEN + 12;
 
-/// The last decision [`Switch::underlay_ingress_in_run`] made in a run of datagrams, if it can be
-/// reused: a forward to one local port.
+/// The last decision the switch made in a batch of frames from one place, if it can be reused for
+/// the next frames of the same flow: a forward to a single destination
+/// ([`Switch::underlay_ingress_in_run`], [`Switch::port_ingress_in_run`]). A memo lives for one
+/// batch, under one hold of the switch: what it remembers is at most a batch old.
 #[derive(Debug, Default)]
 pub struct IngressMemo<'s> {
     last: Option<Remembered<'s>>,
 }
 
+/// Where the remembered frames came from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum MemoFrom {
+    Vtep(SocketAddr),
+    /// A port, and the frames' GSO segment size if they were GSO frames.
+    Port(PortId, Option<u16>),
+}
+
 #[derive(Debug)]
 struct Remembered<'s> {
-    source: SocketAddr,
+    from: MemoFrom,
     key: [u8; MEMO_KEY_LEN],
+    /// What the frames must fit.
     mtu: u16,
-    port: PortId,
-    counters: &'s TrafficCounters,
+    /// The ingress port's counters (frames from the underlay count on the underlay's).
+    ingress: &'s TrafficCounters,
+    egress: Egress,
+    /// Where what is sent counts, and the bytes it adds to each frame (a VXLAN header).
+    sent: &'s TrafficCounters,
+    sent_extra: usize,
+}
+
+impl Remembered<'_> {
+    fn matches(&self, from: MemoFrom, key: Option<&[u8]>) -> bool {
+        self.from == from && key == Some(&self.key[..])
+    }
+}
+
+/// A port frame's memo key: its MAC addresses behind zeroes.
+fn port_memo_key(frame: &[u8]) -> Option<[u8; MEMO_KEY_LEN]> {
+    let macs = frame.first_chunk::<12>()?;
+    let mut key = [0; MEMO_KEY_LEN];
+    key[vxlan::HEADER_LEN..].copy_from_slice(macs);
+    Some(key)
 }
 
 /// The virtual switch of one node.
@@ -424,7 +454,7 @@ impl Switch {
         now: Instant,
         out: &mut Vec<Egress>,
     ) -> Verdict {
-        self.ingress_from_port(port, frame, None, now, out)
+        self.ingress_from_port(&mut IngressMemo::default(), port, frame, None, now, out)
     }
 
     /// [`Switch::port_ingress`] for a segmentation-offload (GSO) frame: one of up to 64 KiB that
@@ -438,11 +468,36 @@ impl Switch {
         now: Instant,
         out: &mut Vec<Egress>,
     ) -> Verdict {
-        self.ingress_from_port(port, frame, Some(gso_size), now, out)
+        self.ingress_from_port(
+            &mut IngressMemo::default(),
+            port,
+            frame,
+            Some(gso_size),
+            now,
+            out,
+        )
     }
 
-    fn ingress_from_port(
-        &self,
+    /// [`Switch::port_ingress`] (or, with `gso_size`, [`Switch::port_ingress_gso`]) for one of a
+    /// batch of frames a port sent: a frame with the same MAC addresses (and GSO size) as the last
+    /// one `memo` saw forwarded to a single destination goes there too, without the network, port
+    /// security or the MAC table being looked at again; it is still checked (length, MTU, an ARP
+    /// frame always takes the whole way) and counted.
+    pub fn port_ingress_in_run<'s>(
+        &'s self,
+        memo: &mut IngressMemo<'s>,
+        port: PortId,
+        frame: &[u8],
+        gso_size: Option<u16>,
+        now: Instant,
+        out: &mut Vec<Egress>,
+    ) -> Verdict {
+        self.ingress_from_port(memo, port, frame, gso_size, now, out)
+    }
+
+    fn ingress_from_port<'s>(
+        &'s self,
+        memo: &mut IngressMemo<'s>,
         port: PortId,
         frame: &[u8],
         gso_size: Option<u16>,
@@ -450,6 +505,27 @@ impl Switch {
         out: &mut Vec<Egress>,
     ) -> Verdict {
         out.clear();
+        let from = MemoFrom::Port(port, gso_size);
+        let key = port_memo_key(frame);
+        if let Some(last) = &memo.last
+            && last.matches(from, key.as_ref().map(|key| &key[..]))
+        {
+            match frame::parse(frame, last.mtu) {
+                Err(error) => {
+                    last.ingress.received(frame.len());
+                    last.ingress.dropped(error.into());
+                    return Verdict::Drop(error.into());
+                }
+                Ok(header) if header.ethertype != ETHERTYPE_ARP => {
+                    last.ingress.received(frame.len());
+                    last.sent.sent(last.sent_extra + frame.len());
+                    out.push(last.egress);
+                    return Verdict::Forward;
+                }
+                Ok(_) => {}
+            }
+        }
+        memo.last = None;
         // A worker may still hold a frame of a port the control plane has just removed.
         let Some((ingress, network)) = self
             .ports
@@ -524,14 +600,33 @@ impl Switch {
                 if let Some(egress) = self.ports.get(&to) {
                     egress.counters.sent(frame.len());
                     out.push(Egress::Port(to));
+                    memo.last = key.map(|key| Remembered {
+                        from,
+                        key,
+                        mtu,
+                        ingress: counters,
+                        egress: Egress::Port(to),
+                        sent: &egress.counters,
+                        sent_extra: 0,
+                    });
                 }
                 Verdict::Forward
             }
             Some(Location::Vtep(addr)) => {
                 self.underlay.sent(vxlan::HEADER_LEN + frame.len());
-                out.push(Egress::Vtep {
+                let egress = Egress::Vtep {
                     addr,
                     vni: network.config.vni,
+                };
+                out.push(egress);
+                memo.last = key.map(|key| Remembered {
+                    from,
+                    key,
+                    mtu,
+                    ingress: counters,
+                    egress,
+                    sent: &self.underlay,
+                    sent_extra: vxlan::HEADER_LEN,
                 });
                 Verdict::Forward
             }
@@ -574,15 +669,14 @@ impl Switch {
             Verdict::Drop(reason)
         };
         if let Some(last) = &memo.last
-            && last.source == source
-            && datagram.get(..MEMO_KEY_LEN) == Some(&last.key[..])
+            && last.matches(MemoFrom::Vtep(source), datagram.get(..MEMO_KEY_LEN))
         {
             let inner = &datagram[vxlan::HEADER_LEN..];
             if let Err(error) = frame::parse(inner, last.mtu) {
                 return drop(error.into());
             }
-            last.counters.sent(inner.len());
-            out.push(Egress::Port(last.port));
+            last.sent.sent(last.sent_extra + inner.len());
+            out.push(last.egress);
             return Verdict::Forward;
         }
         memo.last = None;
@@ -619,11 +713,13 @@ impl Switch {
                     out.push(Egress::Port(to));
                     if let Some(key) = datagram.first_chunk::<MEMO_KEY_LEN>() {
                         memo.last = Some(Remembered {
-                            source,
+                            from: MemoFrom::Vtep(source),
                             key: *key,
                             mtu: network.config.mtu,
-                            port: to,
-                            counters: &egress.counters,
+                            ingress: &self.underlay,
+                            egress: Egress::Port(to),
+                            sent: &egress.counters,
+                            sent_extra: 0,
                         });
                     }
                 }

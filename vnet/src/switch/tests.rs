@@ -424,6 +424,76 @@ fn a_run_of_datagrams_is_switched_as_one_by_one() {
 }
 
 #[test]
+fn a_batch_of_port_frames_is_switched_as_one_by_one() {
+    // The same frames through a memo and without one: the same verdicts, egress and counters.
+    let (one_by_one, memo_switch) = (switch(), switch());
+    let now = Instant::now();
+    let behind_vtep = datagram(BLUE_VNI, &frame(MAC_A, MAC_X, IPV4, 64));
+    for switch in [&one_by_one, &memo_switch] {
+        switch.underlay_ingress(vtep(1), &behind_vtep, now, &mut Vec::new());
+    }
+    let to_b = frame(MAC_B, MAC_A, IPV4, 100);
+    let mut spoofed_arp = arp_request(MAC_A, Ipv4Addr::new(10, 0, 0, 99), IP_B);
+    spoofed_arp[..6].copy_from_slice(&MAC_B.0);
+    let gso = frame(MAC_B, MAC_A, IPV4, 3000);
+    let frames: Vec<(PortId, Option<u16>, Vec<u8>)> = vec![
+        (P_BLUE_A, None, to_b.clone()),
+        (P_BLUE_A, None, to_b.clone()),
+        // Same addresses, but frames the switch must refuse.
+        (
+            P_BLUE_A,
+            None,
+            frame(MAC_B, MAC_A, IPV4, usize::from(DEFAULT_MTU) + 1),
+        ),
+        (P_BLUE_A, None, to_b[..13].to_vec()),
+        (P_BLUE_A, None, spoofed_arp),
+        (P_BLUE_A, None, to_b.clone()),
+        // GSO frames are told apart by their segment size.
+        (P_BLUE_A, Some(1400), gso.clone()),
+        (P_BLUE_A, Some(1400), gso.clone()),
+        (P_BLUE_A, Some(DEFAULT_MTU + 1), gso),
+        // Another port with the same addresses; a MAC behind a VTEP; a broadcast; another network.
+        (P_BLUE_B, None, to_b.clone()),
+        (P_BLUE_A, None, frame(MAC_X, MAC_A, IPV4, 100)),
+        (P_BLUE_A, None, frame(MAC_X, MAC_A, IPV4, 200)),
+        (P_BLUE_A, None, frame(Mac::BROADCAST, MAC_A, IPV4, 100)),
+        (P_RED_A, None, to_b),
+    ];
+    let mut memo = IngressMemo::default();
+    for (port, gso_size, bytes) in &frames {
+        let (mut alone, mut in_run) = (Vec::new(), Vec::new());
+        let expected = match gso_size {
+            Some(size) => one_by_one.port_ingress_gso(*port, bytes, *size, now, &mut alone),
+            None => one_by_one.port_ingress(*port, bytes, now, &mut alone),
+        };
+        let verdict =
+            memo_switch.port_ingress_in_run(&mut memo, *port, bytes, *gso_size, now, &mut in_run);
+        assert_eq!(
+            (verdict, &in_run),
+            (expected, &alone),
+            "from {port}: {gso_size:?}"
+        );
+    }
+    for port in [P_BLUE_A, P_BLUE_B, P_BLUE_C, P_RED_A, P_RED_B] {
+        assert_eq!(
+            memo_switch.port_stats(port).unwrap(),
+            one_by_one.port_stats(port).unwrap(),
+            "{port}"
+        );
+    }
+    assert_eq!(memo_switch.underlay_stats(), one_by_one.underlay_stats());
+    let a = one_by_one.port_stats(P_BLUE_A).unwrap();
+    assert_eq!(
+        (
+            a.drops(DropReason::SpoofedArp),
+            a.drops(DropReason::Oversized)
+        ),
+        (1, 2)
+    );
+    assert_eq!(one_by_one.port_stats(P_BLUE_B).unwrap().tx_packets, 6);
+}
+
+#[test]
 fn bad_frames_from_a_port_are_dropped_and_counted_on_it() {
     let mut run = Run::new(switch());
     let mtu = usize::from(DEFAULT_MTU);
