@@ -454,7 +454,7 @@ impl Switch {
         now: Instant,
         out: &mut Vec<Egress>,
     ) -> Verdict {
-        self.ingress_from_port(&mut IngressMemo::default(), port, frame, None, now, out)
+        self.port_ingress_in_run(&mut IngressMemo::default(), port, frame, None, now, out)
     }
 
     /// [`Switch::port_ingress`] for a segmentation-offload (GSO) frame: one of up to 64 KiB that
@@ -468,7 +468,7 @@ impl Switch {
         now: Instant,
         out: &mut Vec<Egress>,
     ) -> Verdict {
-        self.ingress_from_port(
+        self.port_ingress_in_run(
             &mut IngressMemo::default(),
             port,
             frame,
@@ -484,18 +484,6 @@ impl Switch {
     /// security or the MAC table being looked at again; it is still checked (length, MTU, an ARP
     /// frame always takes the whole way) and counted.
     pub fn port_ingress_in_run<'s>(
-        &'s self,
-        memo: &mut IngressMemo<'s>,
-        port: PortId,
-        frame: &[u8],
-        gso_size: Option<u16>,
-        now: Instant,
-        out: &mut Vec<Egress>,
-    ) -> Verdict {
-        self.ingress_from_port(memo, port, frame, gso_size, now, out)
-    }
-
-    fn ingress_from_port<'s>(
         &'s self,
         memo: &mut IngressMemo<'s>,
         port: PortId,
