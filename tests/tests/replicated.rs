@@ -24,6 +24,25 @@ fn attach(node: &Daemon, volume: &str, socket: &Path) {
     .unwrap();
 }
 
+/// Creates the 256 MiB 3-replica volume "r3" through `node` and waits until each of `others` knows it.
+fn create_r3(node: &Daemon, others: &[&Daemon]) {
+    node.vessel_ok(&[
+        "volume",
+        "create",
+        "r3",
+        "--size",
+        "256M",
+        "--replicas",
+        "3",
+    ])
+    .unwrap();
+    for other in others {
+        eventually("every node knows r3", || {
+            other.vessel_json(&["volume", "show", "r3"]).is_ok()
+        });
+    }
+}
+
 /// Names of the nodes holding each run of `volume`'s extents.
 fn holders(node: &Daemon, volume: &str) -> Vec<Vec<String>> {
     let shown = node.vessel_json(&["volume", "show", volume]).unwrap();
@@ -57,22 +76,7 @@ fn a_replicated_volume_keeps_every_write_on_every_replica() {
     };
 
     // Three replicas: written through a, then read back through each node from its own replica.
-    node("a")
-        .vessel_ok(&[
-            "volume",
-            "create",
-            "r3",
-            "--size",
-            "256M",
-            "--replicas",
-            "3",
-        ])
-        .unwrap();
-    for name in names {
-        eventually("every node knows r3", || {
-            node(name).vessel_json(&["volume", "show", "r3"]).is_ok()
-        });
-    }
+    create_r3(node("a"), &names.map(node));
     let socket = dir.join("r3.sock");
     attach(node("a"), "r3", &socket);
     let mut client = BlkClient::connect_retrying(&socket, 2, false);
@@ -168,19 +172,7 @@ fn writes_go_on_when_a_replica_node_dies_and_it_is_fenced_off() {
     let (mut c, _) = nodes.pop().unwrap();
     let (b, _) = nodes.pop().unwrap();
     let (a, _) = nodes.pop().unwrap();
-    a.vessel_ok(&[
-        "volume",
-        "create",
-        "r3",
-        "--size",
-        "256M",
-        "--replicas",
-        "3",
-    ])
-    .unwrap();
-    eventually("b knows r3", || {
-        b.vessel_json(&["volume", "show", "r3"]).is_ok()
-    });
+    create_r3(&a, &[&b]);
     let before = placement(&a, "r3");
     let socket = dir.join("r3.sock");
     attach(&a, "r3", &socket);
@@ -347,21 +339,7 @@ fn a_replica_comes_back(name: &str, config: &str, holder_crashes: bool) -> u64 {
     let (mut c, _) = nodes.pop().unwrap();
     let (b, _) = nodes.pop().unwrap();
     let (mut a, _) = nodes.pop().unwrap();
-    a.vessel_ok(&[
-        "volume",
-        "create",
-        "r3",
-        "--size",
-        "256M",
-        "--replicas",
-        "3",
-    ])
-    .unwrap();
-    for node in [&b, &c] {
-        eventually("every node knows r3", || {
-            node.vessel_json(&["volume", "show", "r3"]).is_ok()
-        });
-    }
+    create_r3(&a, &[&b, &c]);
     let socket = dir.join("r3.sock");
     attach(&a, "r3", &socket);
     let mut client = BlkClient::connect_retrying(&socket, 1, false);
@@ -472,19 +450,7 @@ fn a_volume_is_taken_over_with_force_only_once_its_holder_is_gone() {
     let (c, _) = nodes.pop().unwrap();
     let (b, _) = nodes.pop().unwrap();
     let (mut a, _) = nodes.pop().unwrap();
-    a.vessel_ok(&[
-        "volume",
-        "create",
-        "r3",
-        "--size",
-        "256M",
-        "--replicas",
-        "3",
-    ])
-    .unwrap();
-    eventually("b knows r3", || {
-        b.vessel_json(&["volume", "show", "r3"]).is_ok()
-    });
+    create_r3(&a, &[&b]);
     let socket = dir.join("r3.sock");
     attach(&a, "r3", &socket);
     let mut client = BlkClient::connect_retrying(&socket, 1, false);
@@ -562,17 +528,7 @@ fn a_drained_node_hands_its_replicas_over_frees_their_space_and_can_then_be_remo
     // Stale replicas are freed a second after a node sees itself out of their sets (15 minutes by default).
     let nodes = cluster_with(&dir, &names, "stale_replica_keep = \"1s\"");
     let node = |name: &str| &nodes[names.iter().position(|n| *n == name).unwrap()].0;
-    node("a")
-        .vessel_ok(&[
-            "volume",
-            "create",
-            "r3",
-            "--size",
-            "256M",
-            "--replicas",
-            "3",
-        ])
-        .unwrap();
+    create_r3(node("a"), &[]);
     let socket = dir.join("r3.sock");
     attach(node("a"), "r3", &socket);
     let mut client = BlkClient::connect_retrying(&socket, 1, false);
