@@ -301,7 +301,12 @@ fn full_strength(node: &Daemon, volume: &str) -> bool {
 
 /// Writes `byte` over 4 KiB at `offset` through queue 0 of `client`.
 fn write_block(client: &mut BlkClient, offset: u64, byte: u8) {
-    let mut buffer = client.buffer(4096).unwrap();
+    try_write_block(client, offset, byte).unwrap();
+}
+
+/// [`write_block`], returning the device's error instead of failing.
+fn try_write_block(client: &mut BlkClient, offset: u64, byte: u8) -> anyhow::Result<()> {
+    let mut buffer = client.buffer(4096)?;
     buffer.slice_mut(0, 4096).fill(byte);
     let queue = client.queue(0);
     queue.write(
@@ -311,7 +316,7 @@ fn write_block(client: &mut BlkClient, offset: u64, byte: u8) {
         0,
         blkio::ReqFlags::empty(),
     );
-    vessel_tests::blk_client::complete(queue, 1).unwrap();
+    vessel_tests::blk_client::complete(queue, 1).map(|_| ())
 }
 
 /// Reads 4 KiB at `offset` through queue 0 of `client`.
@@ -441,6 +446,78 @@ fn a_replica_back_in_time_catches_up_even_after_the_attaching_node_crashed() {
         bytes > 0 && bytes <= 2 * (4 << 20),
         "copied {bytes} bytes for two changed 4 MiB extents"
     );
+}
+
+#[test]
+fn a_write_waits_while_the_cluster_state_is_out_of_reach() {
+    let dir = test_dir("replicated_no_quorum").unwrap();
+    let names = ["a", "b", "c", "d"];
+    // a, b and c vote; d is a learner (three voters at most).
+    let mut nodes = cluster_of(&dir, &names);
+    let index = |name: &str| names.iter().position(|n| *n == name).unwrap();
+    // A 2-replica volume on d and one voter: the other two voters can then go while both replicas stay.
+    let mut chosen = None;
+    for i in 0..8 {
+        let volume = format!("v{i}");
+        nodes[0]
+            .0
+            .vessel_ok(&[
+                "volume",
+                "create",
+                &volume,
+                "--size",
+                "128M",
+                "--replicas",
+                "2",
+            ])
+            .unwrap();
+        let on: std::collections::BTreeSet<String> = holders(&nodes[0].0, &volume)
+            .into_iter()
+            .flatten()
+            .collect();
+        if on.len() == 2 && on.contains("d") {
+            chosen = Some((volume, on));
+            break;
+        }
+    }
+    let (volume, on) = chosen.expect("placement put one of eight volumes on d and one voter");
+    let voter = on.iter().find(|name| *name != "d").unwrap().clone();
+    let holder = &nodes[index(&voter)].0;
+    eventually("the holder knows the volume", || {
+        holder.vessel_json(&["volume", "show", &volume]).is_ok()
+    });
+    let socket = dir.join("v.sock");
+    attach(holder, &volume, &socket);
+    let mut client = BlkClient::connect_retrying(&socket, 1, false);
+    // Extent 0 enters the activity log while the cluster is whole.
+    write_block(&mut client, 0, 0x51);
+    let others: Vec<usize> = ["a", "b", "c"]
+        .iter()
+        .filter(|name| **name != voter)
+        .map(|name| index(name))
+        .collect();
+    for other in &others {
+        nodes[*other].0.kill().unwrap();
+    }
+    // No quorum now. A write to extent 1 (not in the log) waits — longer than a proposal waits for a leader —
+    // and goes out once one of the voters is back.
+    let mut returning = nodes.swap_remove(others[0]).0;
+    let back = std::thread::spawn(move || {
+        std::thread::sleep(std::time::Duration::from_secs(15));
+        returning.restart().unwrap();
+        returning
+    });
+    let started = std::time::Instant::now();
+    let written = try_write_block(&mut client, 64 << 20, 0x52);
+    let waited = started.elapsed();
+    let _returned = back.join().unwrap();
+    written.expect("the write waits for the cluster state instead of failing");
+    assert!(
+        waited >= std::time::Duration::from_secs(14),
+        "the write completed without the cluster state ({waited:?})"
+    );
+    assert!(read_block(&mut client, 64 << 20).iter().all(|b| *b == 0x52));
+    assert!(read_block(&mut client, 0).iter().all(|b| *b == 0x51));
 }
 
 #[test]

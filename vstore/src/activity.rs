@@ -7,13 +7,32 @@
 //! flight, none started lately), so a busy extent costs one record, not one per write. Entering and leaving are
 //! persisted one at a time, in the order they were decided: an extent taken out of the log and written again at
 //! once is recorded as active after its removal, never before.
+//!
+//! While the cluster state cannot be written (no quorum, or this node cut off from it), a write to an extent not in
+//! the log waits — the volume's I/O pauses rather than fail — for as long as its caller lets it (`enter`'s
+//! `keep_trying`: a queue worker, until it is told to stop, see [`crate::IoQueue::wait_for_the_cluster_until`]); a
+//! refusal (this node no longer holds the volume) fails it at once.
 
 use std::collections::{HashMap, HashSet};
 use std::sync::{Mutex, MutexGuard, PoisonError, RwLock};
 use std::time::{Duration, Instant};
 
 /// Persists a change of the log: `(extents, active)`. Blocks until it is durable; an `Err` says why it is not.
-pub type Persist = Box<dyn Fn(&[u64], bool) -> Result<(), String> + Send + Sync>;
+pub type Persist = Box<dyn Fn(&[u64], bool) -> Result<(), PersistError> + Send + Sync>;
+
+/// Why a change of the log was not persisted.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum PersistError {
+    /// The cluster state cannot be written now (no leader, no quorum): trying again later may work.
+    #[error("{0}")]
+    Unavailable(String),
+    /// The cluster state refused it (e.g. this node no longer holds the volume): it never will.
+    #[error("{0}")]
+    Refused(String),
+}
+
+/// How long a write that waits for the cluster state sleeps between attempts.
+const RETRY_AFTER: Duration = Duration::from_millis(250);
 
 /// See the module docs. One per volume, inside [`crate::LocalVolume`]; inert until a [`Persist`] is installed.
 #[derive(Default)]
@@ -66,8 +85,13 @@ impl ActivityLog {
     }
 
     /// A write is about to go out to `extents`: counts it in flight there, and records the extents not in the log
-    /// yet (blocking until that is durable). On `Err` nothing is counted and the write must not go out.
-    pub(crate) fn enter(&self, extents: &[u64]) -> Result<(), String> {
+    /// yet (blocking until that is durable). While the cluster state is unavailable it tries again as long as
+    /// `keep_trying` says so. On `Err` nothing is counted and the write must not go out.
+    pub(crate) fn enter(
+        &self,
+        extents: &[u64],
+        keep_trying: &dyn Fn() -> bool,
+    ) -> Result<(), String> {
         let now = Instant::now();
         let fresh: Vec<u64> = {
             let mut state = lock(&self.state);
@@ -100,9 +124,25 @@ impl ActivityLog {
         if fresh.is_empty() {
             return Ok(());
         }
-        if let Err(error) = persist(&fresh, true) {
-            self.leave(extents);
-            return Err(error);
+        let mut waiting = false;
+        loop {
+            match persist(&fresh, true) {
+                Ok(()) => break,
+                Err(PersistError::Unavailable(reason)) if keep_trying() => {
+                    if !waiting {
+                        waiting = true;
+                        tracing::warn!(%reason, extents = ?fresh, "cannot record a write in the activity log; it waits for the cluster state");
+                    }
+                    std::thread::sleep(RETRY_AFTER);
+                }
+                Err(error) => {
+                    self.leave(extents);
+                    return Err(error.to_string());
+                }
+            }
+        }
+        if waiting {
+            tracing::info!(extents = ?fresh, "the activity log recorded the waiting write; it goes out");
         }
         lock(&self.state).active.extend(fresh);
         Ok(())
@@ -153,7 +193,7 @@ impl ActivityLog {
         }
         if let Err(error) = persist(&quiet, false) {
             lock(&self.state).active.extend(quiet);
-            return Err(error);
+            return Err(error.to_string());
         }
         Ok(quiet.len())
     }
@@ -184,9 +224,9 @@ mod tests {
     #[test]
     fn an_extent_is_recorded_once_while_busy_and_leaves_when_idle() {
         let (log, records) = recording();
-        log.enter(&[1, 2]).unwrap();
-        log.enter(&[2]).unwrap();
-        log.enter(&[7]).unwrap();
+        log.enter(&[1, 2], &|| false).unwrap();
+        log.enter(&[2], &|| false).unwrap();
+        log.enter(&[7], &|| false).unwrap();
         assert_eq!(*records.lock().unwrap(), vec![(vec![1, 2], true)]);
         assert_eq!(log.active(), vec![1, 2, 7]);
         // Writes in flight keep an extent in; finished and quiet long enough, it leaves.
@@ -209,12 +249,47 @@ mod tests {
     #[test]
     fn a_write_that_cannot_be_recorded_is_refused_and_not_counted() {
         let log = ActivityLog::default();
-        log.enter(&[1]).unwrap();
+        log.enter(&[1], &|| false).unwrap();
         assert!(log.active().is_empty(), "inert until installed");
         log.leave(&[1]);
-        log.install(Box::new(|_, _| Err("no quorum".to_owned())), []);
-        assert_eq!(log.enter(&[3]).unwrap_err(), "no quorum");
+        log.install(
+            Box::new(|_, _| Err(PersistError::Unavailable("no quorum".to_owned()))),
+            [],
+        );
+        assert_eq!(log.enter(&[3], &|| false).unwrap_err(), "no quorum");
         assert!(log.active().is_empty());
         assert!(lock(&log.state).in_flight.is_empty());
+    }
+
+    #[test]
+    fn a_write_waits_while_the_cluster_state_is_unavailable_and_fails_when_refused() {
+        let log = ActivityLog::default();
+        let attempts = Arc::new(std::sync::atomic::AtomicU32::new(0));
+        let counted = Arc::clone(&attempts);
+        log.install(
+            Box::new(move |extents, _| {
+                match counted.fetch_add(1, std::sync::atomic::Ordering::SeqCst) {
+                    0 | 1 => Err(PersistError::Unavailable("no leader".to_owned())),
+                    _ if extents == [9] => Err(PersistError::Refused("not the holder".to_owned())),
+                    _ => Ok(()),
+                }
+            }),
+            [],
+        );
+        // Unavailable twice, then recorded: the write waited and goes out.
+        log.enter(&[4], &|| true).unwrap();
+        assert_eq!(attempts.load(std::sync::atomic::Ordering::SeqCst), 3);
+        assert_eq!(log.active(), vec![4]);
+        // A refusal is final, however long the caller would wait.
+        assert_eq!(log.enter(&[9], &|| true).unwrap_err(), "not the holder");
+        assert_eq!(attempts.load(std::sync::atomic::Ordering::SeqCst), 4);
+        assert!(!lock(&log.state).in_flight.contains_key(&9));
+        // A caller that stops waiting (its worker is told to stop) gets the reason.
+        attempts.store(0, std::sync::atomic::Ordering::SeqCst);
+        let asked = std::sync::atomic::AtomicU32::new(0);
+        let once = || asked.fetch_add(1, std::sync::atomic::Ordering::SeqCst) == 0;
+        assert_eq!(log.enter(&[5], &once).unwrap_err(), "no leader");
+        assert_eq!(attempts.load(std::sync::atomic::Ordering::SeqCst), 2);
+        assert!(!log.active().contains(&5));
     }
 }

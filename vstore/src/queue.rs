@@ -354,6 +354,9 @@ pub struct IoQueue {
     /// Whether requests follow a volume's routing to other nodes (false for a queue serving
     /// replica requests, which act on this node's disks alone).
     routed: bool,
+    /// Readable once the queue's owner is told to stop: until then a write waits for the cluster
+    /// state to record it in the activity log (see [`IoQueue::wait_for_the_cluster_until`]).
+    stop_signal: Option<RawFd>,
 }
 
 /// Builds the ring with SINGLE_ISSUER | DEFER_TASKRUN | TASKRUN_FLAG where the kernel has them
@@ -459,6 +462,7 @@ impl IoQueue {
             remote_batch: Vec::new(),
             remote_outstanding: 0,
             routed: true,
+            stop_signal: None,
         })
     }
 
@@ -471,6 +475,14 @@ impl IoQueue {
             self.enabled = true;
         }
         Ok(())
+    }
+
+    /// A routed write whose extents the cluster state cannot record in the activity log right now
+    /// (no quorum) waits in [`IoQueue::submit`] until it can — the volume pauses rather than fail
+    /// the write — or until `stop` (an fd the owner keeps open, e.g. its stop eventfd) becomes
+    /// readable; then it fails. Without this a write fails at once.
+    pub fn wait_for_the_cluster_until(&mut self, stop: RawFd) {
+        self.stop_signal = Some(stop);
     }
 
     /// Readable when completions wait; [`IoQueue::reap`] clears it.
@@ -514,7 +526,10 @@ impl IoQueue {
         if routing.is_some() && request.writes() {
             // In the activity log before anything goes out (see `crate::activity`).
             let extents = request.extents(volume.extent_size());
-            recorded = volume.activity().enter(&extents);
+            // While the cluster state cannot record it, the write waits as long as the worker is not stopping.
+            let stop = self.stop_signal;
+            let keep_trying = || stop.is_some_and(|fd| !is_readable(fd));
+            recorded = volume.activity().enter(&extents, &keep_trying);
             if recorded.is_ok() {
                 self.requests[index].active_extents = extents;
             }
@@ -1467,6 +1482,18 @@ fn no_replicas(volume: &LocalVolume, extent: u64) -> IoError {
 }
 
 /// Blocks until `fd` is readable or `timeout_ms` passed (-1: no limit).
+/// Whether `fd` is readable right now (an error counts as readable: the caller stops waiting).
+fn is_readable(fd: RawFd) -> bool {
+    let mut pfd = libc::pollfd {
+        fd,
+        events: libc::POLLIN,
+        revents: 0,
+    };
+    // SAFETY: one valid pollfd; a zero timeout never blocks.
+    let n = unsafe { libc::poll(&mut pfd, 1, 0) };
+    n != 0
+}
+
 fn wait_readable(fd: RawFd, timeout_ms: i32) -> io::Result<()> {
     let mut pfd = libc::pollfd {
         fd,

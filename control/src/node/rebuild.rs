@@ -21,6 +21,7 @@ use std::sync::{Arc, PoisonError};
 use std::time::{Duration, Instant};
 
 use vstore::LocalVolume;
+use vstore::activity::PersistError;
 use vstore::rebuild::{Copier, Endpoint};
 
 use super::LocalNode;
@@ -593,7 +594,14 @@ impl LocalNode {
                         })) if Instant::now() < deadline => {
                             std::thread::sleep(Duration::from_millis(50));
                         }
-                        Err(error) => return Err(error.to_string()),
+                        // No leader or no quorum: the write may wait for it (see `vstore::activity`).
+                        Err(
+                            error @ (crate::raft::ControlError::Unavailable(_)
+                            | crate::raft::ControlError::NotLeader { .. }),
+                        ) => {
+                            return Err(PersistError::Unavailable(error.to_string()));
+                        }
+                        Err(error) => return Err(PersistError::Refused(error.to_string())),
                     }
                 }
             }),

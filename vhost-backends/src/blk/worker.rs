@@ -118,6 +118,9 @@ impl<'a> QueueWorker<'a> {
 
     /// Serves the ring until `stop` fires; see the module docs.
     pub(crate) fn run(&mut self, vring: &mut Vring, stop: &EventFd) -> Result<(), WorkerError> {
+        // A write the cluster state cannot record yet pauses this queue until it can, or until we are stopped.
+        self.io
+            .wait_for_the_cluster_until(std::os::fd::AsRawFd::as_raw_fd(stop));
         let result = self.serve(vring, stop);
         // Whatever happened, no buffer may stay with the kernel once we return.
         let drained = self.drain(vring);
