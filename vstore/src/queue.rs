@@ -1481,7 +1481,6 @@ fn no_replicas(volume: &LocalVolume, extent: u64) -> IoError {
     )))
 }
 
-/// Blocks until `fd` is readable or `timeout_ms` passed (-1: no limit).
 /// Whether `fd` is readable right now (an error counts as readable: the caller stops waiting).
 fn is_readable(fd: RawFd) -> bool {
     let mut pfd = libc::pollfd {
@@ -1494,6 +1493,7 @@ fn is_readable(fd: RawFd) -> bool {
     n != 0
 }
 
+/// Blocks until `fd` is readable or `timeout_ms` passed (-1: no limit).
 fn wait_readable(fd: RawFd, timeout_ms: i32) -> io::Result<()> {
     let mut pfd = libc::pollfd {
         fd,
