@@ -254,6 +254,7 @@ fn a_replicated_volume_survives_a_cut_a_killed_leader_and_a_restarted_holder() {
     // 1. A replica node is cut off mid-workload: its writes time out, it is fenced off, the workload goes on;
     // back on the network it is rebuilt.
     let cut = (1..=3).find(|&n| n != holder).unwrap();
+    let rebuilt_before = rebuilds_logged(&cluster.log(holder)).len();
     let models = workload_during(&mut client, workload(1), || cluster.cut(cut).unwrap());
     let (sizes, _) = replica_sets(&cluster, holder, "r3").unwrap();
     assert!(
@@ -265,7 +266,7 @@ fn a_replicated_volume_survives_a_cut_a_killed_leader_and_a_restarted_holder() {
         full_strength(&cluster, holder, "r3")
     });
     // Back in time, it caught up on what the workload changed (its 128 MiB), not the whole 256 MiB volume.
-    let copied = last_rebuild_bytes(&cluster.log(holder)).expect("a rebuild");
+    let copied = next_rebuild_bytes(&cluster, holder, rebuilt_before);
     assert!(copied <= 128 << 20, "copied {copied} bytes");
     // Every replica holds every write: read back through each node in turn (from its own replica).
     drop(client);
@@ -292,6 +293,7 @@ fn a_replicated_volume_survives_a_cut_a_killed_leader_and_a_restarted_holder() {
     holder = (1..=3).find(|&n| n != leader_now).unwrap();
     let mut client = attach(&cluster, holder, "r3", &socket);
     discard_span(&mut client, 128 << 20);
+    let rebuilt_before = rebuilds_logged(&cluster.log(holder)).len();
     let models = workload_during(&mut client, workload(2), || {
         cluster.kill(leader_now).unwrap()
     });
@@ -300,7 +302,7 @@ fn a_replicated_volume_survives_a_cut_a_killed_leader_and_a_restarted_holder() {
         "r3 is back to three replicas after the leader's death",
         || full_strength(&cluster, holder, "r3"),
     );
-    let copied = last_rebuild_bytes(&cluster.log(holder)).expect("a rebuild");
+    let copied = next_rebuild_bytes(&cluster, holder, rebuilt_before);
     assert!(copied <= 128 << 20, "copied {copied} bytes");
     assert_eq!(
         verify_models(&mut client, workload(2), &models).unwrap(),
@@ -327,14 +329,28 @@ fn a_replicated_volume_survives_a_cut_a_killed_leader_and_a_restarted_holder() {
 }
 
 /// The bytes the last rebuild a node drove copied, from its log.
-fn last_rebuild_bytes(log: &str) -> Option<u64> {
+/// The bytes of every rebuild a node's log reports done, in order.
+fn rebuilds_logged(log: &str) -> Vec<u64> {
     log.lines()
-        .rev()
-        .find(|line| line.contains("rebuild done"))?
-        .split_whitespace()
-        .find_map(|field| field.strip_prefix("bytes="))?
-        .parse()
-        .ok()
+        .filter(|line| line.contains("rebuild done"))
+        .filter_map(|line| {
+            line.split_whitespace()
+                .find_map(|field| field.strip_prefix("bytes="))?
+                .parse()
+                .ok()
+        })
+        .collect()
+}
+
+/// The bytes of the first rebuild `node` reports after the `before` it had reported: waited for, since the line
+/// follows the state's change (a poll may see the replica set whole a moment before the line is written).
+fn next_rebuild_bytes(cluster: &NetnsCluster, node: usize, before: usize) -> u64 {
+    let mut bytes = None;
+    eventually("the holder logs the rebuild", || {
+        bytes = rebuilds_logged(&cluster.log(node)).get(before).copied();
+        bytes.is_some()
+    });
+    bytes.unwrap_or_default()
 }
 
 /// The node `volume` r3 is attached on, as node `asked` sees it (or `asked` itself when it is detached).

@@ -392,7 +392,7 @@ fn a_replica_comes_back(name: &str, config: &str, holder_crashes: bool) -> u64 {
     assert!(text.contains("waiting for c (away"), "{text}");
     c.restart().unwrap();
     eventually("r3 is back to three replicas", || full_strength(&a, "r3"));
-    let bytes = last_rebuild_bytes(&a);
+    let bytes = rebuild_bytes(&a);
     drop(client);
     a.vessel_ok(&["volume", "detach", "r3"]).unwrap();
     eventually("c sees r3 detached", || {
@@ -415,18 +415,25 @@ fn a_replica_comes_back(name: &str, config: &str, holder_crashes: bool) -> u64 {
     bytes
 }
 
-/// The size of the copy the last rebuild `node` drove reported.
-fn last_rebuild_bytes(node: &Daemon) -> u64 {
-    let log = node.log();
-    let done = log
-        .lines()
-        .rev()
-        .find(|line| line.contains("rebuild done"))
-        .expect("a rebuild happened");
-    done.split_whitespace()
-        .find_map(|field| field.strip_prefix("bytes="))
-        .and_then(|value| value.parse().ok())
-        .unwrap_or_else(|| panic!("no byte count in {done}"))
+/// The size of the copy the one rebuild `node` drove reported: waited for, since the line follows the state's
+/// change (a poll may see the replica set whole a moment before the line is written).
+fn rebuild_bytes(node: &Daemon) -> u64 {
+    let mut bytes = None;
+    eventually("the rebuild is logged", || {
+        bytes = node
+            .log()
+            .lines()
+            .rev()
+            .find(|line| line.contains("rebuild done"))
+            .and_then(|done| {
+                done.split_whitespace()
+                    .find_map(|field| field.strip_prefix("bytes="))?
+                    .parse()
+                    .ok()
+            });
+        bytes.is_some()
+    });
+    bytes.unwrap_or_default()
 }
 
 #[test]
