@@ -45,6 +45,31 @@ pub fn eventually_within(what: &str, timeout: Duration, mut check: impl FnMut() 
     }
 }
 
+/// The bytes of every rebuild a node's log reports done, in order.
+pub fn rebuilds_logged(log: &str) -> Vec<u64> {
+    log.lines()
+        .filter(|line| line.contains("rebuild done"))
+        .filter_map(|line| {
+            line.split_whitespace()
+                .find_map(|field| field.strip_prefix("bytes="))?
+                .parse()
+                .ok()
+        })
+        .collect()
+}
+
+/// The bytes of the first rebuild the node whose log `log` reads reports after the `before` it had reported:
+/// waited for, since the line follows the state's change (a poll may see the replica set whole a moment before the
+/// line is written).
+pub fn next_rebuild_bytes(before: usize, log: impl Fn() -> String) -> u64 {
+    let mut bytes = None;
+    eventually("the rebuild is logged", || {
+        bytes = rebuilds_logged(&log()).get(before).copied();
+        bytes.is_some()
+    });
+    bytes.unwrap_or_default()
+}
+
 /// Nodes `names` (racks r1, r2, ...), the first initialising the cluster and the others joining it, each with a
 /// sparse 1 GiB file disk; returns them once every node knows every disk.
 pub fn cluster_of(dir: &Path, names: &[&str]) -> Vec<(Daemon, String)> {

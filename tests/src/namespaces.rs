@@ -80,6 +80,11 @@ impl Netns {
         run(&[&["ip", "netns", "exec", &self.0], args].concat())
     }
 
+    /// The body of an HTTP GET of `url` from inside the namespace (busybox wget), e.g. a daemon's `/metrics`.
+    pub fn http_get(&self, url: &str) -> anyhow::Result<String> {
+        self.exec(&["busybox", "wget", "-q", "-O", "-", url])
+    }
+
     /// Starts a program in the namespace; it is killed when the returned guard drops.
     pub fn spawn(&self, args: &[&str]) -> anyhow::Result<Spawned> {
         let child = Command::new("ip")

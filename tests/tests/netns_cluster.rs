@@ -6,6 +6,7 @@
 use std::time::{Duration, Instant};
 
 use vessel_tests::blk_client::{BlkClient, Model, Workload, run_workload, verify_models};
+use vessel_tests::local_cluster::{next_rebuild_bytes, rebuilds_logged};
 use vessel_tests::netns::NetnsCluster;
 
 /// Polls `check` until it holds.
@@ -266,7 +267,7 @@ fn a_replicated_volume_survives_a_cut_a_killed_leader_and_a_restarted_holder() {
         full_strength(&cluster, holder, "r3")
     });
     // Back in time, it caught up on what the workload changed (its 128 MiB), not the whole 256 MiB volume.
-    let copied = next_rebuild_bytes(&cluster, holder, rebuilt_before);
+    let copied = next_rebuild_bytes(rebuilt_before, || cluster.log(holder));
     assert!(copied <= 128 << 20, "copied {copied} bytes");
     // Every replica holds every write: read back through each node in turn (from its own replica).
     drop(client);
@@ -302,7 +303,7 @@ fn a_replicated_volume_survives_a_cut_a_killed_leader_and_a_restarted_holder() {
         "r3 is back to three replicas after the leader's death",
         || full_strength(&cluster, holder, "r3"),
     );
-    let copied = next_rebuild_bytes(&cluster, holder, rebuilt_before);
+    let copied = next_rebuild_bytes(rebuilt_before, || cluster.log(holder));
     assert!(copied <= 128 << 20, "copied {copied} bytes");
     assert_eq!(
         verify_models(&mut client, workload(2), &models).unwrap(),
@@ -326,31 +327,6 @@ fn a_replicated_volume_survives_a_cut_a_killed_leader_and_a_restarted_holder() {
         128 << 20
     );
     assert!(full_strength(&cluster, holder, "r3"));
-}
-
-/// The bytes the last rebuild a node drove copied, from its log.
-/// The bytes of every rebuild a node's log reports done, in order.
-fn rebuilds_logged(log: &str) -> Vec<u64> {
-    log.lines()
-        .filter(|line| line.contains("rebuild done"))
-        .filter_map(|line| {
-            line.split_whitespace()
-                .find_map(|field| field.strip_prefix("bytes="))?
-                .parse()
-                .ok()
-        })
-        .collect()
-}
-
-/// The bytes of the first rebuild `node` reports after the `before` it had reported: waited for, since the line
-/// follows the state's change (a poll may see the replica set whole a moment before the line is written).
-fn next_rebuild_bytes(cluster: &NetnsCluster, node: usize, before: usize) -> u64 {
-    let mut bytes = None;
-    eventually("the holder logs the rebuild", || {
-        bytes = rebuilds_logged(&cluster.log(node)).get(before).copied();
-        bytes.is_some()
-    });
-    bytes.unwrap_or_default()
 }
 
 /// The node `volume` r3 is attached on, as node `asked` sees it (or `asked` itself when it is detached).

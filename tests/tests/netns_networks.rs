@@ -86,16 +86,7 @@ fn taps_on_two_nodes_talk_over_the_overlay_and_after_a_restart() {
         let tx: u64 = port["counters"]["tx_bytes"].as_u64().unwrap_or(0);
         assert!(rx > 1 << 20 && tx > 1 << 20, "{port}");
     }
-    let metrics = ns1
-        .exec(&[
-            "busybox",
-            "wget",
-            "-q",
-            "-O",
-            "-",
-            "http://10.99.0.1:9650/metrics",
-        ])
-        .unwrap();
+    let metrics = ns1.http_get("http://10.99.0.1:9650/metrics").unwrap();
     assert!(
         metrics.contains("vessel_port_rx_bytes_total{port=")
             && metrics.contains("vessel_network_mac_entries{network=\"blue\"}"),

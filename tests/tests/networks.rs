@@ -829,14 +829,10 @@ fn a_guest_nic_on_a_vhost_user_port_talks_to_a_tap() {
     );
     assert_eq!(counters["frontend_connected"], true, "{shown}");
     let metrics = netns
-        .exec(&[
-            "busybox",
-            "wget",
-            "-q",
-            "-O",
-            "-",
-            &format!("http://{}/metrics", daemon.metrics_addr().unwrap()),
-        ])
+        .http_get(&format!(
+            "http://{}/metrics",
+            daemon.metrics_addr().unwrap()
+        ))
         .unwrap();
     let connected = metrics
         .lines()

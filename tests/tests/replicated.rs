@@ -8,7 +8,7 @@ use std::path::Path;
 use vessel_tests::blk_client::{BlkClient, Workload, run_workload, verify_models};
 use vessel_tests::daemon::{Daemon, test_dir};
 use vessel_tests::local_cluster::{
-    at_full_strength, cluster_of, cluster_with, eventually, eventually_within,
+    at_full_strength, cluster_of, cluster_with, eventually, eventually_within, next_rebuild_bytes,
 };
 
 fn attach(node: &Daemon, volume: &str, socket: &Path) {
@@ -392,7 +392,7 @@ fn a_replica_comes_back(name: &str, config: &str, holder_crashes: bool) -> u64 {
     assert!(text.contains("waiting for c (away"), "{text}");
     c.restart().unwrap();
     eventually("r3 is back to three replicas", || full_strength(&a, "r3"));
-    let bytes = rebuild_bytes(&a);
+    let bytes = next_rebuild_bytes(0, || a.log());
     drop(client);
     a.vessel_ok(&["volume", "detach", "r3"]).unwrap();
     eventually("c sees r3 detached", || {
@@ -413,27 +413,6 @@ fn a_replica_comes_back(name: &str, config: &str, holder_crashes: bool) -> u64 {
         );
     }
     bytes
-}
-
-/// The size of the copy the one rebuild `node` drove reported: waited for, since the line follows the state's
-/// change (a poll may see the replica set whole a moment before the line is written).
-fn rebuild_bytes(node: &Daemon) -> u64 {
-    let mut bytes = None;
-    eventually("the rebuild is logged", || {
-        bytes = node
-            .log()
-            .lines()
-            .rev()
-            .find(|line| line.contains("rebuild done"))
-            .and_then(|done| {
-                done.split_whitespace()
-                    .find_map(|field| field.strip_prefix("bytes="))?
-                    .parse()
-                    .ok()
-            });
-        bytes.is_some()
-    });
-    bytes.unwrap_or_default()
 }
 
 #[test]

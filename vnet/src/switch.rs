@@ -640,8 +640,7 @@ impl Switch {
     /// [`Switch::underlay_ingress`] for one of a run of datagrams: a datagram with the same sender,
     /// VXLAN header and inner MAC addresses as the last one `memo` saw forwarded to a single port
     /// goes there too, without looking the network, the VTEP or the MAC table up again (its frame
-    /// is still checked, and everything counted). A memo lives for one batch, under one hold of
-    /// the switch: what it remembers is at most a batch old.
+    /// is still checked, and everything counted).
     pub fn underlay_ingress_in_run<'s>(
         &'s self,
         memo: &mut IngressMemo<'s>,

@@ -171,14 +171,10 @@ fn away_from(
     count: u64,
 ) -> Vec<admin::AwayReplica> {
     state
-        .missed
-        .get(&volume)
-        .into_iter()
-        .flatten()
-        .filter(|(_, missed)| missed.runs.contains(&first))
+        .away_from_run(volume, first)
         .map(|(node, missed)| admin::AwayReplica {
-            node: *node,
-            node_name: state.node_label(*node),
+            node,
+            node_name: state.node_label(node),
             since_unix: missed.since_unix,
             catch_up_until_unix: missed.since_unix + crate::state::CATCH_UP_WINDOW_SECS,
             changed_extents: missed.extents.range(first..first + count).count() as u64,

@@ -179,7 +179,6 @@ impl LocalNode {
         type Short = (u64, Vec<NodeId>, Vec<(NodeId, i64)>);
         let short: Vec<Short> = self.control.read(|state| {
             self.learn_addresses(state);
-            let missed = state.missed.get(&volume.id);
             volume
                 .placement
                 .runs()
@@ -189,11 +188,9 @@ impl LocalNode {
                         && state.staying(&run.replicas) < usize::from(volume.replicas)
                 })
                 .map(|(first, _)| {
-                    let away = missed
-                        .into_iter()
-                        .flatten()
-                        .filter(|(_, missed)| missed.runs.contains(&first))
-                        .map(|(node, missed)| (*node, missed.since_unix))
+                    let away = state
+                        .away_from_run(volume.id, first)
+                        .map(|(node, missed)| (node, missed.since_unix))
                         .collect();
                     (first, state.rebuild_candidates(volume, first), away)
                 })

@@ -94,7 +94,7 @@ impl LocalNode {
             self.install_activity(volume, open, active);
         }
         let faults = routes.as_ref().map(|_| self.faults_of(volume.id));
-        let dirty = routes.as_ref().map(|_| self.dirty_of(volume.id));
+        let dirty = routes.as_ref().map(|_| self.dirty_seeded(state, volume.id));
         open.set_routing(routes.map(|routes| {
             Arc::new(Routing {
                 me: self.control.node_id(),
@@ -108,8 +108,8 @@ impl LocalNode {
 
     /// What failed replicas of a volume served here miss; created on first use from the cluster state's record
     /// (whole extents) of what its fenced-off nodes miss — written before this process served the volume, maybe on
-    /// another node — so that every write from now on is recorded on top of it. Called before the volume's first
-    /// routing is installed, that is before it writes to any replica.
+    /// another node — so that every write from now on is recorded on top of it. The only way the record is made,
+    /// first when the volume's routing is installed, that is before it writes to any replica.
     pub(super) fn dirty_seeded(&self, state: &ClusterState, volume: VolumeId) -> Arc<DirtyMaps> {
         let mut maps = self.dirty.lock().unwrap_or_else(PoisonError::into_inner);
         Arc::clone(maps.entry(volume).or_insert_with(|| {
@@ -122,17 +122,6 @@ impl LocalNode {
             }
             dirty
         }))
-    }
-
-    /// What failed replicas of a volume served here miss, created on first use.
-    pub(super) fn dirty_of(&self, volume: VolumeId) -> Arc<DirtyMaps> {
-        Arc::clone(
-            self.dirty
-                .lock()
-                .unwrap_or_else(PoisonError::into_inner)
-                .entry(volume)
-                .or_default(),
-        )
     }
 
     /// Brings the routing of every volume served here in line with the state.
@@ -248,7 +237,9 @@ impl LocalNode {
                     .collect()
             });
             let boot_id = self.peers.boot_id(node);
-            self.dirty_of(volume).record_drop(node, held, boot_id);
+            self.control
+                .read(|state| self.dirty_seeded(state, volume))
+                .record_drop(node, held, boot_id);
             // The state keeps its own, coarser record, which outlives this process (see `state::Missed`).
             let dropped = self
                 .control

@@ -612,7 +612,7 @@ fn encode_row(state: &ClusterState, row: Row) -> Result<Option<Vec<u8>>, StoreEr
         Row::Missed(id) => state
             .missed
             .get(&id)
-            .map(|records| encode_value("missed regions", records))
+            .map(|records| encode_value("missed extents", records))
             .transpose(),
     }
 }

@@ -983,27 +983,13 @@ impl ClusterState {
             });
             run.replicas.epoch += 1;
         }
-        // A run rebuilt elsewhere no longer waits for the nodes fenced off from it, and a node away for longer than
-        // the catch-up window may have freed its old copy: it gets a full one.
-        let since = |node: NodeId| {
-            self.missed
-                .get(&id)
-                .and_then(|records| records.get(&node))
-                .map(|missed| missed.since_unix)
-        };
-        let forget: Vec<(u64, NodeId)> = targets
-            .iter()
-            .filter(|(_, node)| {
-                since(*node)
-                    .is_some_and(|since| started_unix - since >= super::CATCH_UP_WINDOW_SECS)
-            })
-            .copied()
-            .collect();
+        // A run rebuilt elsewhere no longer waits for the nodes fenced off from it, and a target away for longer
+        // than the catch-up window may have freed its old copy: it gets a full one.
         for &(first, node) in targets {
-            self.forget_missed_run(id, first, |other| other != node);
-        }
-        for (first, node) in forget {
-            self.forget_missed_run(id, first, |other| other == node);
+            let too_late = self.missed_run(id, node, first).is_some_and(|missed| {
+                started_unix - missed.since_unix >= super::CATCH_UP_WINDOW_SECS
+            });
+            self.forget_missed_run(id, first, |other| other != node || too_late);
         }
         Ok(CommandOutcome::RebuildStarted {
             volume: id,

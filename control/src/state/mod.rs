@@ -357,6 +357,21 @@ impl ClusterState {
             .filter(|missed| missed.runs.contains(&first))
     }
 
+    /// The nodes fenced off from the run of `volume` starting at `first` that may still catch up, with what they
+    /// miss.
+    pub fn away_from_run(
+        &self,
+        volume: VolumeId,
+        first: u64,
+    ) -> impl Iterator<Item = (NodeId, &Missed)> + '_ {
+        self.missed
+            .get(&volume)
+            .into_iter()
+            .flatten()
+            .filter(move |(_, missed)| missed.runs.contains(&first))
+            .map(|(node, missed)| (*node, missed))
+    }
+
     /// Whether `node` is being drained (its replicas move elsewhere).
     pub fn is_draining(&self, node: NodeId) -> bool {
         self.nodes

@@ -95,14 +95,18 @@ pub struct Placement {
 impl Placement {
     /// The replica set of `extent`, or `None` past the last placed extent.
     pub fn replica_set(&self, extent: u64) -> Option<&ReplicaSet> {
-        let (first, run) = self.runs.range(..=extent).next_back()?;
-        (extent - first < run.count).then_some(&run.replicas)
+        self.run_of(extent).map(|(_, run)| &run.replicas)
     }
 
     /// The first extent of the run holding `extent`.
     pub fn run_start(&self, extent: u64) -> Option<u64> {
+        self.run_of(extent).map(|(first, _)| first)
+    }
+
+    /// The run holding `extent`, with its first extent.
+    fn run_of(&self, extent: u64) -> Option<(u64, &PlacementRun)> {
         let (first, run) = self.runs.range(..=extent).next_back()?;
-        (extent - first < run.count).then_some(*first)
+        (extent - first < run.count).then_some((*first, run))
     }
 
     /// Number of extents placed so far.
