@@ -297,6 +297,21 @@ impl Vring {
             .map(u16::from_le)
     }
 
+    /// Whether the driver has made requests available that `pop` has not taken yet (or heads wait to be
+    /// resubmitted). A read of the available index only, for a worker that polls briefly before it sleeps.
+    pub fn has_available(&self, mem: &GuestMemoryMmap) -> bool {
+        if !self.resubmit.is_empty() {
+            return true;
+        }
+        match self.queue.avail_idx(mem, Ordering::Acquire) {
+            Ok(idx) => {
+                let ahead = idx.0.wrapping_sub(self.queue.next_avail());
+                ahead != 0 && ahead <= self.queue.size()
+            }
+            Err(_) => false,
+        }
+    }
+
     /// Asks the driver not to kick while the worker drains the ring.
     pub fn disable_notification(&mut self, mem: &GuestMemoryMmap) {
         let _ = self.queue.disable_notification(mem);

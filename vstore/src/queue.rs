@@ -976,6 +976,22 @@ impl IoQueue {
         }
     }
 
+    /// Whether a [`IoQueue::reap`] now would report something: finished requests, or completion work
+    /// waiting in the kernel. Reads shared memory only (no syscall), for a worker that polls briefly
+    /// before it sleeps.
+    pub fn completions_ready(&mut self) -> bool {
+        if !self.finished.is_empty() {
+            return true;
+        }
+        {
+            let sq = self.ring.submission();
+            if sq.taskrun() || sq.cq_overflow() {
+                return true;
+            }
+        }
+        !self.ring.completion().is_empty()
+    }
+
     /// Non-blocking: calls `done(tag, result)` once for every finished request (all its
     /// sub-I/Os done; the first error wins).
     pub fn reap(&mut self, mut done: impl FnMut(u64, Result<(), IoError>)) {
