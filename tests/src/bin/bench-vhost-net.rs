@@ -5,7 +5,8 @@
 //! mode with --tx-first, DPDK's loopback method — every frame received on one port is sent back out of the other,
 //! addressed to the first, so a burst circles through the switch for good. The switch under test gets the other
 //! core (CPU 0): Vessel's daemon pinned there (its switching core and the two ports' queue workers), or testpmd's
-//! wire with one forwarding core. The figure is the frames per second the driver receives, both ports together.
+//! wire with one forwarding core; the wire is paused (SIGSTOP) while Vessel is measured, since its forwarding core
+//! polls even with no driver. The figure is the frames per second the driver receives, both ports together.
 //!
 //! Needs root, DPDK's testpmd and 2 MiB hugepages, which it sets up itself (the Debian packages dpdk-dev,
 //! librte-net-vhost23 and librte-net-virtio23; 512 hugepages, hugetlbfs on /dev/hugepages). Run it with a release build:
@@ -87,6 +88,24 @@ fn hugepages() -> anyhow::Result<()> {
 
 /// A process killed (with its output discarded) when dropped.
 struct Background(Child);
+
+impl Background {
+    /// Stops (SIGSTOP) or resumes (SIGCONT) the process. testpmd's forwarding core polls its ports even with no
+    /// driver connected: left running, the wire would take a third of CPU 0 from Vessel's switch while that is
+    /// measured.
+    fn pause(&self, paused: bool) -> anyhow::Result<()> {
+        let pid = i32::try_from(self.0.id()).context("pid")?;
+        let signal = if paused { libc::SIGSTOP } else { libc::SIGCONT };
+        // SAFETY: kill has no memory-safety preconditions; the pid is our own child's, not yet reaped.
+        if unsafe { libc::kill(pid, signal) } != 0 {
+            bail!(
+                "cannot signal testpmd's wire: {}",
+                std::io::Error::last_os_error()
+            );
+        }
+        Ok(())
+    }
+}
 
 impl Drop for Background {
     fn drop(&mut self) {
@@ -237,7 +256,8 @@ fn main() -> anyhow::Result<()> {
         ])?;
     }
     let theirs = [dir.join("wire-a.sock"), dir.join("wire-b.sock")];
-    let _wire = wire([&theirs[0], &theirs[1]])?;
+    let wire = wire([&theirs[0], &theirs[1]])?;
+    wire.pause(true)?;
     let started = std::time::Instant::now();
     while !ours.iter().all(|socket| socket.exists()) {
         if started.elapsed() > Duration::from_secs(20) {
@@ -259,12 +279,14 @@ fn main() -> anyhow::Result<()> {
         let (mut vessel, mut reference) = (Vec::new(), Vec::new());
         for _ in 0..args.rounds {
             vessel.push(drive([&ours[0], &ours[1]], size, args.burst, args.seconds)?);
+            wire.pause(false)?;
             reference.push(drive(
                 [&theirs[0], &theirs[1]],
                 size,
                 args.burst,
                 args.seconds,
             )?);
+            wire.pause(true)?;
         }
         let (vessel, reference) = (median(&mut vessel), median(&mut reference));
         if size == 64 {
