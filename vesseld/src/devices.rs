@@ -8,7 +8,9 @@ use std::sync::{Arc, Mutex, PoisonError};
 
 use vessel_control::node::{AttachSpec, DeviceHost, NetSpec};
 use vhost_backends::blk::{BlkConfig, BlkDevice};
-use vhost_backends::net::{NetBackend, NetConfig, NetDevice, NetPort, Taken, TxBatch};
+use vhost_backends::net::{
+    NetBackend, NetConfig, NetDevice, NetPort, RxBatch, RxQueue, Taken, TxBatch,
+};
 use vstore::{LocalVolume, VolumeId};
 
 #[derive(Debug, Default)]
@@ -88,9 +90,17 @@ impl NetPort for ToSwitch {
 /// one queue pair, among those the guest has open.
 struct ToGuest(Arc<NetBackend>);
 
-impl vnet::FrameSink for ToGuest {
-    fn push(&self, header: &vnet::offload::VirtioNetHeader, frame: &[u8]) -> bool {
+impl ToGuest {
+    /// The receive queue for `frame`: its flow picks one of the open queue pairs.
+    fn queue_for(&self, frame: &[u8]) -> Option<(u16, &Arc<RxQueue>)> {
         let pairs = self.0.queue_pairs();
+        if pairs <= 1 {
+            return self
+                .0
+                .rx_queue(0)
+                .filter(|queue| queue.is_open())
+                .map(|queue| (0, queue));
+        }
         // Ethertype and the IPv4 addresses, or whatever lies there: enough to spread flows.
         let flow = frame
             .get(12..34)
@@ -100,10 +110,19 @@ impl vnet::FrameSink for ToGuest {
                 hash.wrapping_mul(31).wrapping_add(u32::from(*byte))
             });
         let first = u16::try_from(flow % u32::from(pairs.max(1))).unwrap_or(0);
-        let open = (0..pairs)
-            .map(|i| (first + i) % pairs)
-            .find_map(|pair| self.0.rx_queue(pair).filter(|queue| queue.is_open()));
-        open.is_some_and(|queue| queue.push(&to_guest(header), frame))
+        (0..pairs).map(|i| (first + i) % pairs).find_map(|pair| {
+            self.0
+                .rx_queue(pair)
+                .filter(|queue| queue.is_open())
+                .map(|queue| (pair, queue))
+        })
+    }
+}
+
+impl vnet::FrameSink for ToGuest {
+    fn push(&self, header: &vnet::offload::VirtioNetHeader, frame: &[u8]) -> bool {
+        self.queue_for(frame)
+            .is_some_and(|(_, queue)| queue.push(&to_guest(header), frame))
     }
 
     fn accepts_gso(&self, header: &vnet::offload::VirtioNetHeader) -> bool {
@@ -116,6 +135,35 @@ impl vnet::FrameSink for ToGuest {
                 queue.flush();
             }
         }
+    }
+
+    fn run(&self) -> Box<dyn vnet::SinkRun + '_> {
+        Box::new(GuestRun {
+            guest: self,
+            held: None,
+        })
+    }
+}
+
+/// A run of pushes into a guest: holds the receive queue of the last frame's pair (one at a time).
+struct GuestRun<'g> {
+    guest: &'g ToGuest,
+    held: Option<(u16, RxBatch<'g>)>,
+}
+
+impl vnet::SinkRun for GuestRun<'_> {
+    fn push(&mut self, header: &vnet::offload::VirtioNetHeader, frame: &[u8]) -> bool {
+        let Some((pair, queue)) = self.guest.queue_for(frame) else {
+            return false;
+        };
+        let batch = match &mut self.held {
+            Some((held, batch)) if *held == pair => batch,
+            held => {
+                *held = None;
+                &mut held.insert((pair, queue.batch())).1
+            }
+        };
+        batch.push(&to_guest(header), frame)
     }
 }
 

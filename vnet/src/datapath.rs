@@ -141,6 +141,28 @@ pub trait FrameSink: Send + Sync + 'static {
     /// End of a batch of pushes from one thread: make what was pushed visible (e.g. publish
     /// used entries and interrupt the guest).
     fn flush(&self) {}
+    /// Opens a run of pushes from this thread, for a sink whose pushes take a lock: the run takes
+    /// it once. The default pushes one by one. A thread holds at most one run at a time (of any
+    /// sink), and [`FrameSink::flush`] is still called at the end of its batch.
+    fn run(&self) -> Box<dyn SinkRun + '_> {
+        Box::new(OneByOne(self))
+    }
+}
+
+/// Pushes into one [`FrameSink`] from one thread, holding what each push would take again; see
+/// [`FrameSink::run`]. Ends when dropped.
+pub trait SinkRun {
+    /// [`FrameSink::push`] within the run.
+    fn push(&mut self, header: &VirtioNetHeader, frame: &[u8]) -> bool;
+}
+
+/// The run of a sink with nothing to hold.
+struct OneByOne<'s, S: ?Sized>(&'s S);
+
+impl<S: FrameSink + ?Sized> SinkRun for OneByOne<'_, S> {
+    fn push(&mut self, header: &VirtioNetHeader, frame: &[u8]) -> bool {
+        self.0.push(header, frame)
+    }
 }
 
 impl Datapath {
@@ -410,6 +432,9 @@ struct Forwarder<'a> {
     now: Instant,
     /// The switch's last decision in this batch, for the next frames of the same flow.
     memo: IngressMemo<'a>,
+    /// The virtual port being pushed to, held for a run of frames to it (one at a time, so that no
+    /// two forwarding threads can wait for each other's).
+    run: Option<(PortId, Box<dyn SinkRun + 'a>)>,
 }
 
 impl Shared {
@@ -425,11 +450,18 @@ impl Shared {
             scratch,
             now: Instant::now(),
             memo: IngressMemo::default(),
+            run: None,
         })
     }
 }
 
 impl Forwarder<'_> {
+    /// Ends the run held and flushes the virtual ports pushed to.
+    fn flush(&mut self) {
+        self.run = None;
+        self.scratch.flush(self.egress);
+    }
+
     /// Forwards `frame` (with its virtio-net `header`) that `port` sent on its queue `queue`,
     /// as the switch decides. False if the switch does not know the port.
     fn forward(
@@ -551,13 +583,21 @@ impl Forwarder<'_> {
                 if !self.scratch.touched.contains(&port) {
                     self.scratch.touched.push(port);
                 }
+                let run = match &mut self.run {
+                    Some((open, run)) if *open == port => run,
+                    run => {
+                        // The run held so far ends before the next one starts.
+                        *run = None;
+                        &mut run.insert((port, sink.run())).1
+                    }
+                };
                 if !header.is_gso() || sink.accepts_gso(header) {
-                    return sink.push(header, frame);
+                    return run.push(header, frame);
                 }
                 let plain = VirtioNetHeader::default();
                 let mut pushed = true;
                 offload::segment_tcp(header, frame, &mut self.scratch.segments, |segment| {
-                    pushed &= sink.push(&plain, segment);
+                    pushed &= run.push(&plain, segment);
                 })
                 .is_ok()
                     && pushed
@@ -718,8 +758,7 @@ impl Core {
                 forwarder.forward(port, index, &header, &buffer[VNET_HDR_LEN..len]);
             }
             // More may be waiting: epoll is level-triggered, so the queue comes up again.
-            let egress = forwarder.egress;
-            forwarder.scratch.flush(egress);
+            forwarder.flush();
         });
     }
 
@@ -736,7 +775,7 @@ impl Core {
         } = self;
         let shared = &**shared;
         shared.forwarding(scratch, |forwarder| {
-            let (switch, egress) = (forwarder.switch, forwarder.egress);
+            let switch = forwarder.switch;
             let mut out = std::mem::take(&mut forwarder.scratch.out);
             let deliver =
                 |forwarder: &mut Forwarder<'_>, port: PortId, coalesced: Coalesced<'_>| {
@@ -800,7 +839,7 @@ impl Core {
                 }
             }
             coalescer.flush(&mut |port, coalesced| deliver(forwarder, port, coalesced));
-            forwarder.scratch.flush(egress);
+            forwarder.flush();
             forwarder.scratch.out = out;
         });
     }

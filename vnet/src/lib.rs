@@ -49,7 +49,7 @@ pub mod vxlan;
 
 use std::fmt;
 
-pub use datapath::{AddPortError, Datapath, FrameSink, PortSender};
+pub use datapath::{AddPortError, Datapath, FrameSink, PortSender, SinkRun};
 pub use mac::{Mac, ParseMacError};
 pub use mac_table::{Location, MacTable};
 pub use stats::{DropReason, NetworkStats, TrafficStats};

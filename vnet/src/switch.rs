@@ -188,10 +188,51 @@ const MEMO_KEY_LEN: usize = vxlan::HEADER_LEN + 12;
 /// The last decision the switch made in a batch of frames from one place, if it can be reused for
 /// the next frames of the same flow: a forward to a single destination
 /// ([`Switch::underlay_ingress_in_run`], [`Switch::port_ingress_in_run`]). A memo lives for one
-/// batch, under one hold of the switch: what it remembers is at most a batch old.
+/// batch, under one hold of the switch: what it remembers is at most a batch old. The frames it
+/// forwards are counted when it forgets them or is dropped, not one by one (an atomic add per frame
+/// is a full barrier on x86, and stalls on the writes into the guest before it).
 #[derive(Debug, Default)]
 pub struct IngressMemo<'s> {
     last: Option<Remembered<'s>>,
+}
+
+impl<'s> IngressMemo<'s> {
+    /// Remembers `decision` (counting what the last one forwarded).
+    fn remember(&mut self, decision: Option<Remembered<'s>>) {
+        self.forget();
+        self.last = decision;
+    }
+
+    /// Counts what the remembered decision forwarded and forgets it.
+    fn forget(&mut self) {
+        if let Some(last) = self.last.take() {
+            let Uncounted { received, sent } = last.uncounted;
+            last.ingress.received_many(received.0, received.1);
+            last.sent.sent_many(sent.0, sent.1);
+        }
+    }
+}
+
+impl Drop for IngressMemo<'_> {
+    fn drop(&mut self) {
+        self.forget();
+    }
+}
+
+/// What a remembered decision forwarded and has not counted yet.
+#[derive(Debug, Default, Clone, Copy)]
+struct Uncounted {
+    /// Frames and bytes for the ingress counters.
+    received: (u64, u64),
+    /// Frames and bytes for the egress counters.
+    sent: (u64, u64),
+}
+
+impl Uncounted {
+    fn add(total: &mut (u64, u64), bytes: usize) {
+        total.0 += 1;
+        total.1 += bytes as u64;
+    }
 }
 
 /// Where the remembered frames came from.
@@ -214,11 +255,19 @@ struct Remembered<'s> {
     /// Where what is sent counts, and the bytes it adds to each frame (a VXLAN header).
     sent: &'s TrafficCounters,
     sent_extra: usize,
+    uncounted: Uncounted,
 }
 
 impl Remembered<'_> {
     fn matches(&self, from: MemoFrom, key: Option<&[u8]>) -> bool {
         self.from == from && key == Some(&self.key[..])
+    }
+
+    /// [`Remembered::matches`] for a port's frame, compared in place: a key built on the stack and read back at
+    /// once stalls on store forwarding, and that waits for every store before it — here the previous frames'
+    /// writes into guest memory, still waiting for cache lines the guest's CPU holds.
+    fn matches_port_frame(&self, from: MemoFrom, frame: &[u8]) -> bool {
+        self.from == from && frame.get(..12) == Some(&self.key[vxlan::HEADER_LEN..])
     }
 }
 
@@ -494,9 +543,8 @@ impl Switch {
     ) -> Verdict {
         out.clear();
         let from = MemoFrom::Port(port, gso_size);
-        let key = port_memo_key(frame);
-        if let Some(last) = &memo.last
-            && last.matches(from, key.as_ref().map(|key| &key[..]))
+        if let Some(last) = &mut memo.last
+            && last.matches_port_frame(from, frame)
         {
             match frame::parse(frame, last.mtu) {
                 Err(error) => {
@@ -505,15 +553,16 @@ impl Switch {
                     return Verdict::Drop(error.into());
                 }
                 Ok(header) if header.ethertype != ETHERTYPE_ARP => {
-                    last.ingress.received(frame.len());
-                    last.sent.sent(last.sent_extra + frame.len());
+                    Uncounted::add(&mut last.uncounted.received, frame.len());
+                    Uncounted::add(&mut last.uncounted.sent, last.sent_extra + frame.len());
                     out.push(last.egress);
                     return Verdict::Forward;
                 }
                 Ok(_) => {}
             }
         }
-        memo.last = None;
+        memo.forget();
+        let key = port_memo_key(frame);
         // A worker may still hold a frame of a port the control plane has just removed.
         let Some((ingress, network)) = self
             .ports
@@ -588,7 +637,7 @@ impl Switch {
                 if let Some(egress) = self.ports.get(&to) {
                     egress.counters.sent(frame.len());
                     out.push(Egress::Port(to));
-                    memo.last = key.map(|key| Remembered {
+                    memo.remember(key.map(|key| Remembered {
                         from,
                         key,
                         mtu,
@@ -596,7 +645,8 @@ impl Switch {
                         egress: Egress::Port(to),
                         sent: &egress.counters,
                         sent_extra: 0,
-                    });
+                        uncounted: Uncounted::default(),
+                    }));
                 }
                 Verdict::Forward
             }
@@ -607,7 +657,7 @@ impl Switch {
                     vni: network.config.vni,
                 };
                 out.push(egress);
-                memo.last = key.map(|key| Remembered {
+                memo.remember(key.map(|key| Remembered {
                     from,
                     key,
                     mtu,
@@ -615,7 +665,8 @@ impl Switch {
                     egress,
                     sent: &self.underlay,
                     sent_extra: vxlan::HEADER_LEN,
-                });
+                    uncounted: Uncounted::default(),
+                }));
                 Verdict::Forward
             }
             None => {
@@ -655,18 +706,19 @@ impl Switch {
             self.underlay.dropped(reason);
             Verdict::Drop(reason)
         };
-        if let Some(last) = &memo.last
+        if let Some(last) = &mut memo.last
             && last.matches(MemoFrom::Vtep(source), datagram.get(..MEMO_KEY_LEN))
         {
             let inner = &datagram[vxlan::HEADER_LEN..];
             if let Err(error) = frame::parse(inner, last.mtu) {
                 return drop(error.into());
             }
-            last.sent.sent(last.sent_extra + inner.len());
+            // The underlay counted the datagram on arrival, above.
+            Uncounted::add(&mut last.uncounted.sent, last.sent_extra + inner.len());
             out.push(last.egress);
             return Verdict::Forward;
         }
-        memo.last = None;
+        memo.forget();
         let (vni, inner) = match vxlan::decode(datagram) {
             Ok(decoded) => decoded,
             Err(error) => return drop(error.into()),
@@ -699,7 +751,7 @@ impl Switch {
                     egress.counters.sent(inner.len());
                     out.push(Egress::Port(to));
                     if let Some(key) = datagram.first_chunk::<MEMO_KEY_LEN>() {
-                        memo.last = Some(Remembered {
+                        memo.remember(Some(Remembered {
                             from: MemoFrom::Vtep(source),
                             key: *key,
                             mtu: network.config.mtu,
@@ -707,7 +759,8 @@ impl Switch {
                             egress: Egress::Port(to),
                             sent: &egress.counters,
                             sent_extra: 0,
-                        });
+                            uncounted: Uncounted::default(),
+                        }));
                     }
                 }
                 Verdict::Forward

@@ -48,7 +48,7 @@ use crate::vring::Vring;
 pub use config::{GuestOffloads, HostOffloads, MIN_MTU, NetSettings};
 pub use header::VirtioNetHeader;
 pub use port::{MAX_FRAME_LEN, NetPort, Taken, TxBatch};
-pub use rx::RxQueue;
+pub use rx::{RxBatch, RxQueue};
 use stats::Counters;
 pub use stats::NetStats;
 use worker::{QueuePairWorker, WorkerError};

@@ -402,6 +402,8 @@ fn a_run_of_datagrams_is_switched_as_one_by_one() {
         (vtep(3), datagram(RED_VNI, &to_b)),
         (vtep(1), datagram(RED_VNI, &to_b)),
         (vtep(1), datagram(BLUE_VNI, &to_b)),
+        // The run ends on datagrams the memo forwards: they are counted when it is dropped.
+        (vtep(1), datagram(BLUE_VNI, &to_b)),
     ];
     let (one_by_one, memo_switch) = (switch(), switch());
     let mut memo = IngressMemo::default();
@@ -413,6 +415,7 @@ fn a_run_of_datagrams_is_switched_as_one_by_one() {
             memo_switch.underlay_ingress_in_run(&mut memo, *source, bytes, now, &mut in_run);
         assert_eq!((verdict, &in_run), (expected, &alone), "from {source}");
     }
+    drop(memo);
     for port in [P_BLUE_A, P_BLUE_B, P_RED_B] {
         assert_eq!(
             memo_switch.port_stats(port).unwrap(),
@@ -457,6 +460,9 @@ fn a_batch_of_port_frames_is_switched_as_one_by_one() {
         (P_BLUE_A, None, frame(MAC_X, MAC_A, IPV4, 100)),
         (P_BLUE_A, None, frame(MAC_X, MAC_A, IPV4, 200)),
         (P_BLUE_A, None, frame(Mac::BROADCAST, MAC_A, IPV4, 100)),
+        (P_RED_A, None, to_b.clone()),
+        // The run ends on frames the memo forwards: they are counted when it is dropped.
+        (P_RED_A, None, to_b.clone()),
         (P_RED_A, None, to_b),
     ];
     let mut memo = IngressMemo::default();
@@ -474,6 +480,7 @@ fn a_batch_of_port_frames_is_switched_as_one_by_one() {
             "from {port}: {gso_size:?}"
         );
     }
+    drop(memo);
     for port in [P_BLUE_A, P_BLUE_B, P_BLUE_C, P_RED_A, P_RED_B] {
         assert_eq!(
             memo_switch.port_stats(port).unwrap(),
