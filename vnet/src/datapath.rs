@@ -570,6 +570,14 @@ impl Forwarder<'_> {
         header: &VirtioNetHeader,
         frame: &[u8],
     ) -> bool {
+        // Frames of a run to the same virtual port skip the lookup: the run was opened from the
+        // egress table this forwarder holds read-locked.
+        if let Some((open, run)) = &mut self.run
+            && *open == port
+            && !header.is_gso()
+        {
+            return run.push(header, frame);
+        }
         match self.egress.get(&port) {
             Some(PortOut::Tap(queues)) if !queues.is_empty() => {
                 let queue = &queues[queue_hint % queues.len()];

@@ -11,6 +11,7 @@
 //! the snapshot passed in; nothing a guest writes into a chain can make these functions panic
 //! or touch memory outside its regions.
 
+use smallvec::SmallVec;
 use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryMmap};
 
 use super::config::HostOffloads;
@@ -164,7 +165,8 @@ fn check_tx_header(
 pub struct RxChain {
     /// The chain's head, to return it with.
     pub head: u16,
-    bufs: Vec<(GuestAddress, u32)>,
+    /// The buffers (most chains have one or two: no allocation for those).
+    bufs: SmallVec<[(GuestAddress, u32); 2]>,
     capacity: usize,
 }
 
@@ -198,7 +200,7 @@ pub fn check_rx_chain(
     head: u16,
     descs: &[Descriptor],
 ) -> Result<RxChain, RxChainError> {
-    let mut bufs = Vec::with_capacity(descs.len());
+    let mut bufs = SmallVec::new();
     let mut capacity = 0usize;
     for d in descs {
         if !d.writable {
