@@ -11,8 +11,9 @@
 //!    instead of one, so the program measures that too (O_DIRECT through io_uring on three files beside the nodes'
 //!    disks) and prints the sum of both costs on top of the 1-replica latency, and its ratio to it: the best a
 //!    3-replica volume can do on this machine.
-//! 2. Rebuild throughput: a replica node of the three-replica volume is killed, a write fences it off, the volume
-//!    is detached and the node started again: its replicas are rebuilt in full from the others (no rate limit). Beside it, the reference: a plain
+//! 2. Rebuild throughput: a replica node of the three-replica volume is killed, a write fences it off, the whole
+//!    volume is written again while it is away, and the node is started again: every extent changed, so its
+//!    replicas are copied in full from the others (no rate limit). Beside it, the reference: a plain
 //!    O_DIRECT copy (`dd`, 1 MiB blocks) of the same number of bytes between two files on the same disk (all the
 //!    namespace nodes share one disk here). It prints both rates and their ratio.
 //!
@@ -552,8 +553,9 @@ fn main() -> anyhow::Result<()> {
                 .is_ok_and(|runs| runs.iter().all(|run| !run.contains(&victim)))
         },
     )?;
-    // Detached, the volume is rebuilt by the leader, in full: the holder's record of what the node missed (which
-    // would make this a catch-up of a few MiB) goes with the attachment.
+    // The node comes back in time, so only what changed is copied (the cluster state keeps that record, through a
+    // detach too): change everything, and the catch-up copies every extent, as a full rebuild would.
+    fill(&socket("r3"), size)?;
     cluster.vessel_ok(holder, &["volume", "detach", "r3"])?;
     cluster.start(victim)?;
     let done = |cluster: &NetnsCluster| (1..=3).find_map(|node| rebuild_done(&cluster.log(node)));
