@@ -58,6 +58,10 @@ const LOUD_LOG_LIMIT: u32 = 16;
 /// [`QueuePairWorker::poll_tx`]).
 const POLL_WINDOW: Duration = Duration::from_micros(50);
 
+/// Frames a transmit pass must have taken for the worker to poll afterwards: a stream, not a lone
+/// frame (a ping's round trip would rather have the CPU free for whoever answers it).
+const POLL_AFTER_FRAMES: usize = 8;
+
 /// A worker could not go on.
 #[derive(Debug, thiserror::Error)]
 pub enum WorkerError {
@@ -80,6 +84,8 @@ pub(crate) struct QueuePairWorker<'a> {
     descs: Vec<Descriptor>,
     /// Frames read from the transmitq, not yet handed to the port.
     batch: TxBatch,
+    /// Chains the last transmit pass took.
+    last_pass: usize,
     tx_used: Vec<(u16, u32)>,
     loud_logs: u32,
 }
@@ -95,6 +101,7 @@ impl<'a> QueuePairWorker<'a> {
             counters: &qp.counters,
             descs: Vec::with_capacity(16),
             batch: TxBatch::default(),
+            last_pass: 0,
             tx_used: Vec::with_capacity(USED_BATCH),
             loud_logs: 0,
         }
@@ -164,13 +171,13 @@ impl<'a> QueuePairWorker<'a> {
         // Whatever was kicked before this worker started.
         let mut tx_more = self.process_tx(tx);
         let mut events = [EpollEvent::default(); 3];
-        let mut moved = tx_more;
+        let mut streaming = tx_more;
         loop {
             // With transmit work left over from a full pass, or found by polling, only look for events.
             let mut polled = false;
             let timeout = if tx_more {
                 0
-            } else if moved && self.poll_tx(tx) {
+            } else if streaming && self.poll_tx(tx) {
                 polled = true;
                 0
             } else {
@@ -196,9 +203,10 @@ impl<'a> QueuePairWorker<'a> {
                     _ => {}
                 }
             }
-            moved = tx_work;
+            streaming = false;
             if tx_work {
                 tx_more = self.process_tx(tx);
+                streaming = self.last_pass >= POLL_AFTER_FRAMES;
             }
             if rx_work {
                 self.rx_queue.drain();
@@ -206,12 +214,13 @@ impl<'a> QueuePairWorker<'a> {
         }
     }
 
-    /// Watches the transmitq for up to [`POLL_WINDOW`] after a pass that moved frames: under load the
-    /// driver's next frames usually come within microseconds, and taking them here saves its kick and
-    /// this thread's wake-up (a cross-CPU wake-up costs 10–20 µs on our VMs, which bounds a ping-pong
-    /// of frames). It yields the CPU between looks, so a worker on the same CPU with frames to move (the
-    /// other port's, say) runs meanwhile rather than wait for the window to close. An idle queue costs
-    /// one window after its last frame, then sleeps. True if frames arrived.
+    /// Watches the transmitq for up to [`POLL_WINDOW`] after a pass that moved a stream of frames (at
+    /// least [`POLL_AFTER_FRAMES`]): under load the driver's next frames usually come within
+    /// microseconds, and taking them here saves its kick and this thread's wake-up (a cross-CPU wake-up
+    /// costs 10–20 µs on our VMs, which bounds a ping-pong of bursts). It yields the CPU between looks,
+    /// so a worker on the same CPU with frames to move (the other port's, say) runs meanwhile rather
+    /// than wait for the window to close. An idle queue costs one window after its last stream, then
+    /// sleeps. True if frames arrived.
     fn poll_tx(&self, tx: &Vring) -> bool {
         let mem = tx.memory();
         let deadline = Instant::now() + POLL_WINDOW;
@@ -256,6 +265,7 @@ impl<'a> QueuePairWorker<'a> {
         self.publish(tx, &mem);
         self.port.flush(self.pair);
         tx.notify(&mem);
+        self.last_pass = TX_BUDGET - budget;
         more
     }
 
