@@ -94,22 +94,20 @@ impl ToGuest {
     /// The receive queue for `frame`: its flow picks one of the open queue pairs.
     fn queue_for(&self, frame: &[u8]) -> Option<(u16, &Arc<RxQueue>)> {
         let pairs = self.0.queue_pairs();
-        if pairs <= 1 {
-            return self
-                .0
-                .rx_queue(0)
-                .filter(|queue| queue.is_open())
-                .map(|queue| (0, queue));
-        }
-        // Ethertype and the IPv4 addresses, or whatever lies there: enough to spread flows.
-        let flow = frame
-            .get(12..34)
-            .unwrap_or_default()
-            .iter()
-            .fold(0u32, |hash, byte| {
-                hash.wrapping_mul(31).wrapping_add(u32::from(*byte))
-            });
-        let first = u16::try_from(flow % u32::from(pairs.max(1))).unwrap_or(0);
+        // Ethertype and the IPv4 addresses, or whatever lies there: enough to spread flows (and
+        // not worth hashing for a guest with one pair).
+        let first = if pairs <= 1 {
+            0
+        } else {
+            let flow = frame
+                .get(12..34)
+                .unwrap_or_default()
+                .iter()
+                .fold(0u32, |hash, byte| {
+                    hash.wrapping_mul(31).wrapping_add(u32::from(*byte))
+                });
+            u16::try_from(flow % u32::from(pairs)).unwrap_or(0)
+        };
         (0..pairs).map(|i| (first + i) % pairs).find_map(|pair| {
             self.0
                 .rx_queue(pair)

@@ -980,16 +980,15 @@ impl IoQueue {
     /// waiting in the kernel. Reads shared memory only (no syscall), for a worker that polls briefly
     /// before it sleeps.
     pub fn completions_ready(&mut self) -> bool {
-        if !self.finished.is_empty() {
-            return true;
-        }
-        {
-            let sq = self.ring.submission();
-            if sq.taskrun() || sq.cq_overflow() {
-                return true;
-            }
-        }
-        !self.ring.completion().is_empty()
+        !self.finished.is_empty()
+            || self.kernel_holds_completions()
+            || !self.ring.completion().is_empty()
+    }
+
+    /// Whether the kernel holds completion work back: deferred task work to run, or a CQ overflow.
+    fn kernel_holds_completions(&mut self) -> bool {
+        let sq = self.ring.submission();
+        sq.taskrun() || sq.cq_overflow()
     }
 
     /// Non-blocking: calls `done(tag, result)` once for every finished request (all its
@@ -1012,10 +1011,7 @@ impl IoQueue {
     fn collect_deferred(&mut self) {
         // Cleared before looking at the CQ: a completion that lands after the look signals again.
         let _ = self.eventfd.read();
-        let kernel_has_work = {
-            let sq = self.ring.submission();
-            sq.taskrun() || sq.cq_overflow() || !sq.is_empty()
-        };
+        let kernel_has_work = self.kernel_holds_completions() || !self.ring.submission().is_empty();
         if self.deferred && kernel_has_work {
             // Runs the deferred completion work (and sends queued SQEs) in one syscall.
             if let Err(e) = self.enable().and_then(|()| self.ring.submit())
@@ -1499,18 +1495,17 @@ fn no_replicas(volume: &LocalVolume, extent: u64) -> IoError {
 
 /// Whether `fd` is readable right now (an error counts as readable: the caller stops waiting).
 fn is_readable(fd: RawFd) -> bool {
-    let mut pfd = libc::pollfd {
-        fd,
-        events: libc::POLLIN,
-        revents: 0,
-    };
-    // SAFETY: one valid pollfd; a zero timeout never blocks.
-    let n = unsafe { libc::poll(&mut pfd, 1, 0) };
-    n != 0
+    poll_readable(fd, 0).unwrap_or(true)
 }
 
 /// Blocks until `fd` is readable or `timeout_ms` passed (-1: no limit).
 fn wait_readable(fd: RawFd, timeout_ms: i32) -> io::Result<()> {
+    poll_readable(fd, timeout_ms).map(drop)
+}
+
+/// Waits up to `timeout_ms` (-1: no limit) for `fd` to become readable; whether it is (false on a
+/// timeout or an interrupted wait).
+fn poll_readable(fd: RawFd, timeout_ms: i32) -> io::Result<bool> {
     let mut pfd = libc::pollfd {
         fd,
         events: libc::POLLIN,
@@ -1524,7 +1519,7 @@ fn wait_readable(fd: RawFd, timeout_ms: i32) -> io::Result<()> {
             return Err(error);
         }
     }
-    Ok(())
+    Ok(n > 0)
 }
 
 fn check_range(volume: &LocalVolume, offset: u64, len: u64) -> Result<(), IoError> {

@@ -174,21 +174,14 @@ impl<'a> QueuePairWorker<'a> {
         let mut streaming = tx_more;
         loop {
             // With transmit work left over from a full pass, or found by polling, only look for events.
-            let mut polled = false;
-            let timeout = if tx_more {
-                0
-            } else if streaming && self.poll_tx(tx) {
-                polled = true;
-                0
-            } else {
-                -1
-            };
+            tx_more = tx_more || (streaming && self.poll_tx(tx));
+            let timeout = if tx_more { 0 } else { -1 };
             let n = match epoll.wait(timeout, &mut events) {
                 Ok(n) => n,
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
                 Err(e) => return Err(self.os("epoll_wait")(e)),
             };
-            let (mut rx_work, mut tx_work) = (false, tx_more || polled);
+            let (mut rx_work, mut tx_work) = (false, tx_more);
             for ev in &events[..n] {
                 match ev.data() {
                     TOKEN_RX_KICK => {
