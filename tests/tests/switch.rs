@@ -8,6 +8,7 @@ use std::process::Command;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use vessel_tests::bench::cpu_time;
 use vessel_tests::namespaces::{Netns, is_root, rx_packets, tcp_transfer, veth};
 use vnet::offload::VirtioNetHeader;
 use vnet::switch::{NetworkConfig, PortConfig, SwitchConfig};
@@ -89,6 +90,16 @@ fn two_taps_on_one_switch_ping_and_talk_tcp() {
 
     ping(&g1, "10.0.0.2");
     tcp_transfer(&g1, &g2, "10.0.0.2", 5001, 8 << 20);
+    // The stream made the core poll; with the traffic gone it sleeps in epoll again (the window
+    // is 50 µs; this process runs nothing else).
+    std::thread::sleep(Duration::from_millis(20));
+    let before = cpu_time(std::process::id()).unwrap();
+    std::thread::sleep(Duration::from_millis(500));
+    let used = cpu_time(std::process::id()).unwrap() - before;
+    assert!(
+        used < Duration::from_millis(50),
+        "the switch used {used:?} of CPU in 500 ms with no traffic"
+    );
     let (one, two) = {
         let switch = datapath.switch();
         (
