@@ -396,7 +396,7 @@ impl Copier {
                 })?;
             }
             Endpoint::Remote { node, address } => {
-                let data = self.remote(
+                let read = self.remote(
                     *node,
                     address,
                     Opcode::Read,
@@ -406,13 +406,12 @@ impl Copier {
                     len,
                     None,
                 )?;
-                if data.len() != len as usize {
+                if read != len as usize {
                     return Err(CopyError::Remote {
                         node: *node,
                         source: io::Error::new(io::ErrorKind::InvalidData, "short read reply"),
                     });
                 }
-                self.buffer.as_mut_slice()[..data.len()].copy_from_slice(&data);
             }
         }
         Ok(())
@@ -476,8 +475,8 @@ impl Copier {
         result.unwrap_or(Ok(()))
     }
 
-    /// One request to a replica node over the copier's own connection to it; returns a read's
-    /// data.
+    /// One request to a replica node over the copier's own connection to it; a read's data lands
+    /// at the start of the copier's buffer. Returns how many bytes of data the reply carried.
     #[allow(clippy::too_many_arguments)]
     fn remote(
         &mut self,
@@ -489,7 +488,7 @@ impl Copier {
         offset: u64,
         length: u64,
         payload: Option<std::ops::Range<usize>>,
-    ) -> Result<Vec<u8>, CopyError> {
+    ) -> Result<usize, CopyError> {
         let failed = |source: io::Error| CopyError::Remote { node, source };
         if let std::collections::hash_map::Entry::Vacant(slot) = self.connections.entry(node) {
             let connection =
@@ -511,10 +510,11 @@ impl Copier {
         };
         let data = payload.map_or(&[][..], |range| &self.buffer.as_slice()[range]);
         let connection = self.connections.get_mut(&node).expect("inserted above");
-        let reply = connection
-            .send(&request, data)
-            .and_then(|_| connection.receive());
-        let reply = match reply {
+        let reply = match connection.send(&request, data) {
+            Ok(_) => connection.receive_into(self.buffer.as_mut_slice()),
+            Err(error) => Err(error),
+        };
+        let (reply, read) = match reply {
             Ok(reply) => reply,
             Err(error) => {
                 self.connections.remove(&node);
@@ -528,7 +528,7 @@ impl Copier {
                 epoch: reply.epoch,
             });
         }
-        Ok(reply.data)
+        Ok(read)
     }
 
     /// Sleeps as long as moving `bytes` more takes at the rate limit.

@@ -5,7 +5,8 @@
 //! then the payload straight into an O_DIRECT-aligned buffer), checks them and hands them over;
 //! and the connection's I/O thread, which owns an [`IoQueue`], fences each request against the
 //! cluster's view of the extent ([`ReplicaDirectory`]), submits it and writes the replies as their
-//! I/O completes — in completion order, so requests are pipelined. A frame that fails any check
+//! I/O completes — in completion order, so requests are pipelined. Payload buffers come back to
+//! the connection once their reply is sent and serve later requests of the same size. A frame that fails any check
 //! closes that connection (after the requests already taken have been answered or drained); it
 //! never affects another connection or the process.
 //!
@@ -54,6 +55,9 @@ const REPLY_TIMEOUT: Duration = Duration::from_secs(30);
 /// Checked requests the reader may queue ahead of the I/O thread.
 const READ_AHEAD: usize = 4;
 
+/// Payload buffers a connection keeps for reuse.
+const SPARE_BUFFERS: usize = 4;
+
 /// How long a connection keeps a volume open after its last request.
 const VOLUME_IDLE_CLOSE: Duration = Duration::from_secs(5);
 
@@ -72,6 +76,42 @@ struct InFlight {
     buffer: Option<AlignedBuf>,
 }
 
+/// A connection's spare payload buffers: a rebuild moves a megabyte per request, and a fresh
+/// buffer for each (allocated, zeroed, its pages faulted in) cost more CPU than the copy itself.
+/// Shared by the connection's reader (write payloads) and I/O thread (read data, and every buffer
+/// back once its reply is sent).
+#[derive(Default)]
+struct Buffers(std::sync::Mutex<Vec<AlignedBuf>>);
+
+impl Buffers {
+    /// A buffer of exactly `len` bytes: a spare one if there is one (holding an earlier request's
+    /// bytes: the caller overwrites all of it, by a whole payload read or a whole disk read), else a
+    /// new one.
+    fn take(&self, len: usize) -> io::Result<AlignedBuf> {
+        let reused = {
+            let mut spare = self.lock();
+            let found = spare.iter().position(|buffer| buffer.len() == len.max(1));
+            found.map(|at| spare.swap_remove(at))
+        };
+        reused.map_or_else(|| AlignedBuf::zeroed(len), Ok)
+    }
+
+    /// Keeps `buffer` for a later request, in place of the oldest spare if there are enough.
+    fn give(&self, buffer: AlignedBuf) {
+        let mut spare = self.lock();
+        if spare.len() >= SPARE_BUFFERS {
+            spare.remove(0);
+        }
+        spare.push(buffer);
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, Vec<AlignedBuf>> {
+        self.0
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+}
+
 /// Serves one peer connection until it closes; returns why it ended (`Ok` for a clean close by
 /// the peer). Blocks the calling thread, and one more thread it starts.
 pub fn serve_connection(
@@ -88,12 +128,14 @@ pub fn serve_connection(
     let reader_stream = stream.try_clone()?;
     let notify = Arc::new(EventFd::new(EFD_NONBLOCK)?);
     let (sender, receiver) = mpsc::sync_channel::<Incoming>(READ_AHEAD);
+    let buffers = Arc::new(Buffers::default());
+    let reader_buffers = Arc::clone(&buffers);
     let reader_notify = Arc::clone(&notify);
     let reader_peer = peer.clone();
     let reader = std::thread::Builder::new()
         .name("replica-read".to_owned())
         .spawn(move || {
-            let outcome = read_frames(&reader_stream, &sender, &reader_notify);
+            let outcome = read_frames(&reader_stream, &sender, &reader_notify, &reader_buffers);
             if let Err(error) = &outcome {
                 tracing::warn!(peer = %reader_peer, %error, "closing the replica connection");
                 let _ = reader_stream.shutdown(Shutdown::Both);
@@ -103,7 +145,7 @@ pub fn serve_connection(
             let _ = reader_notify.write(1);
             outcome
         })?;
-    let served = Connection::new(stream, pool, directory)?.run(&receiver, &notify);
+    let served = Connection::new(stream, pool, directory, buffers)?.run(&receiver, &notify);
     if let Err(error) = &served {
         tracing::warn!(%peer, %error, "replica connection failed");
     }
@@ -137,6 +179,7 @@ fn read_frames(
     mut stream: &TcpStream,
     sender: &mpsc::SyncSender<Incoming>,
     notify: &EventFd,
+    buffers: &Buffers,
 ) -> Result<(), ReadError> {
     loop {
         let mut bytes = [0u8; HEADER_LEN];
@@ -150,7 +193,7 @@ fn read_frames(
             return Err(ReadError::UnexpectedReply);
         }
         let payload = if header.payload > 0 {
-            let mut buffer = AlignedBuf::zeroed(header.payload as usize)?;
+            let mut buffer = buffers.take(header.payload as usize)?;
             stream.read_exact(buffer.as_mut_slice())?;
             frame::verify(&bytes, buffer.as_slice())?;
             Some(buffer)
@@ -183,6 +226,7 @@ struct Connection {
     pool: Arc<LocalPool>,
     directory: Arc<dyn ReplicaDirectory>,
     io: IoQueue,
+    buffers: Arc<Buffers>,
     /// Volumes opened for this connection, with when they were last used.
     volumes: HashMap<VolumeId, (Arc<LocalVolume>, Instant)>,
     in_flight: HashMap<u64, InFlight>,
@@ -198,11 +242,13 @@ impl Connection {
         stream: TcpStream,
         pool: Arc<LocalPool>,
         directory: Arc<dyn ReplicaDirectory>,
+        buffers: Arc<Buffers>,
     ) -> io::Result<Self> {
         Ok(Self {
             stream,
             pool,
             directory,
+            buffers,
             io: IoQueue::for_replica_service(u32::try_from(CONNECTION_DEPTH).unwrap_or(128))?,
             volumes: HashMap::new(),
             in_flight: HashMap::new(),
@@ -325,7 +371,7 @@ impl Connection {
         let len = header.length as usize;
         let mut buffer = match header.opcode {
             Opcode::Write => payload,
-            Opcode::Read => match AlignedBuf::zeroed(len) {
+            Opcode::Read => match self.buffers.take(len) {
                 Ok(buffer) => Some(buffer),
                 Err(_) => return self.reply(&header, Status::IoError, grant.epoch, None),
             },
@@ -408,6 +454,9 @@ impl Connection {
             _ => None,
         };
         self.reply(&done.header, status, done.header.epoch, data);
+        if let Some(buffer) = done.buffer {
+            self.buffers.give(buffer);
+        }
     }
 
     fn reply(&mut self, request: &Header, status: Status, epoch: u64, data: Option<&AlignedBuf>) {
@@ -522,20 +571,10 @@ impl ReplicaConnection {
 
     /// Reads the next reply. A malformed reply is an error: drop the connection.
     pub fn receive(&mut self) -> io::Result<ReplicaReply> {
-        let mut bytes = [0u8; HEADER_LEN];
-        self.stream.read_exact(&mut bytes)?;
-        let header = frame::decode(&bytes)
-            .map_err(|error| io::Error::new(io::ErrorKind::InvalidData, error))?;
-        let Kind::Reply { status } = header.kind else {
-            return Err(io::Error::new(
-                io::ErrorKind::InvalidData,
-                "a request frame arrived where only replies are expected",
-            ));
-        };
+        let (bytes, header, status) = self.receive_header()?;
         let mut data = vec![0u8; header.payload as usize];
         self.stream.read_exact(&mut data)?;
-        frame::verify(&bytes, &data)
-            .map_err(|error| io::Error::new(io::ErrorKind::InvalidData, error))?;
+        frame::verify(&bytes, &data).map_err(invalid)?;
         Ok(ReplicaReply {
             sequence: header.sequence,
             opcode: header.opcode,
@@ -543,6 +582,43 @@ impl ReplicaConnection {
             epoch: header.epoch,
             data,
         })
+    }
+
+    /// Reads the next reply, its data (if any) into the start of `into` rather than a new buffer;
+    /// returns the reply (with empty `data`) and how many bytes of `into` it filled. Data longer
+    /// than `into` is an error, as is anything malformed: drop the connection.
+    pub fn receive_into(&mut self, into: &mut [u8]) -> io::Result<(ReplicaReply, usize)> {
+        let (bytes, header, status) = self.receive_header()?;
+        let len = header.payload as usize;
+        let room = into.len();
+        let data = into.get_mut(..len).ok_or_else(|| {
+            invalid(format!(
+                "a reply carries {len} bytes for a {room}-byte buffer"
+            ))
+        })?;
+        self.stream.read_exact(data)?;
+        frame::verify(&bytes, data).map_err(invalid)?;
+        let reply = ReplicaReply {
+            sequence: header.sequence,
+            opcode: header.opcode,
+            status,
+            epoch: header.epoch,
+            data: Vec::new(),
+        };
+        Ok((reply, len))
+    }
+
+    /// Reads and checks the next reply's header.
+    fn receive_header(&mut self) -> io::Result<([u8; HEADER_LEN], Header, Status)> {
+        let mut bytes = [0u8; HEADER_LEN];
+        self.stream.read_exact(&mut bytes)?;
+        let header = frame::decode(&bytes).map_err(invalid)?;
+        let Kind::Reply { status } = header.kind else {
+            return Err(invalid(
+                "a request frame arrived where only replies are expected",
+            ));
+        };
+        Ok((bytes, header, status))
     }
 
     /// The socket, to set timeouts.
@@ -553,5 +629,74 @@ impl ReplicaConnection {
     /// The raw socket, for tests that send what a well-behaved peer never would.
     pub fn stream(&mut self) -> &mut TcpStream {
         &mut self.stream
+    }
+}
+
+fn invalid(error: impl Into<Box<dyn std::error::Error + Send + Sync>>) -> io::Error {
+    io::Error::new(io::ErrorKind::InvalidData, error)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::net::TcpListener;
+
+    #[test]
+    fn spare_buffers_are_reused_by_size_and_bounded() {
+        let buffers = Buffers::default();
+        let first = buffers.take(8192).unwrap();
+        let at = first.as_ptr();
+        buffers.give(first);
+        // A different size is a new buffer; the same size is the spare one.
+        assert_ne!(buffers.take(4096).unwrap().as_ptr(), at);
+        assert_eq!(buffers.take(8192).unwrap().as_ptr(), at);
+        for _ in 0..SPARE_BUFFERS + 3 {
+            buffers.give(AlignedBuf::zeroed(4096).unwrap());
+        }
+        assert_eq!(buffers.lock().len(), SPARE_BUFFERS);
+    }
+
+    /// A connection whose peer sends `replies` (header, then data) and hangs up.
+    fn connection_answering(replies: Vec<(Header, Vec<u8>)>) -> ReplicaConnection {
+        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+        let address = listener.local_addr().unwrap().to_string();
+        let peer = std::thread::spawn(move || {
+            let (mut stream, _) = listener.accept().unwrap();
+            for (header, data) in replies {
+                stream.write_all(&frame::encode(&header, &data)).unwrap();
+                stream.write_all(&data).unwrap();
+            }
+        });
+        let connection = ReplicaConnection::connect(&address, Duration::from_secs(5)).unwrap();
+        peer.join().unwrap();
+        connection
+    }
+
+    fn read_reply(sequence: u64, payload: u32) -> Header {
+        Header {
+            opcode: Opcode::Read,
+            kind: Kind::Reply { status: Status::Ok },
+            volume: [7; 16],
+            extent: 1,
+            epoch: 3,
+            offset: 0,
+            length: payload,
+            payload,
+            sequence,
+        }
+    }
+
+    #[test]
+    fn a_reply_lands_in_the_callers_buffer_and_one_too_large_for_it_is_refused() {
+        let mut connection = connection_answering(vec![
+            (read_reply(1, 4), vec![1, 2, 3, 4]),
+            (read_reply(2, 16), vec![9; 16]),
+        ]);
+        let mut buffer = [0u8; 8];
+        let (reply, read) = connection.receive_into(&mut buffer).unwrap();
+        assert_eq!((reply.sequence, reply.status, read), (1, Status::Ok, 4));
+        assert_eq!(buffer, [1, 2, 3, 4, 0, 0, 0, 0]);
+        let error = connection.receive_into(&mut buffer).unwrap_err();
+        assert_eq!(error.kind(), io::ErrorKind::InvalidData, "{error}");
     }
 }

@@ -484,12 +484,23 @@ impl LocalNode {
             Ok(copier.copied_bytes())
         };
         let copied: Result<u64, String> = std::thread::scope(|threads| {
+            // Each lane holds a sender until it ends (returns or panics): the channel disconnects the
+            // moment the last lane is done, and the copy is finished then, not at the next look.
+            let (running, all_ended) = std::sync::mpsc::channel::<()>();
             let lanes: Vec<_> = (0..LANES)
-                .map(|lane| threads.spawn(move || copy_lane(lane)))
+                .map(|lane| {
+                    let running = running.clone();
+                    threads.spawn(move || {
+                        let _running = running;
+                        copy_lane(lane)
+                    })
+                })
                 .collect();
+            drop(running);
             let mut reported = Instant::now();
-            while !lanes.iter().all(|lane| lane.is_finished()) {
-                std::thread::sleep(Duration::from_millis(100));
+            while let Err(std::sync::mpsc::RecvTimeoutError::Timeout) =
+                all_ended.recv_timeout(Duration::from_millis(100))
+            {
                 if reported.elapsed() < PROGRESS_INTERVAL || failed.load(Ordering::Relaxed) {
                     continue;
                 }

@@ -203,7 +203,7 @@ impl ProbeServer {
     fn start(cluster: &NetnsCluster, node: usize, address: SocketAddr) -> anyhow::Result<Self> {
         let child = Command::new("ip")
             .args(["netns", "exec", &cluster.namespace(node)])
-            .arg(std::env::current_exe()?)
+            .arg(own_executable())
             .arg("--probe-server")
             .arg(address.to_string())
             .stdin(Stdio::null())
@@ -211,6 +211,13 @@ impl ProbeServer {
             .context("starting the probe server")?;
         Ok(Self(child))
     }
+}
+
+/// This program, to run again as a probe in a node's namespace: through /proc, so that it is this very
+/// executable even after a build replaced the file it was started from (starting the cluster runs `cargo build`,
+/// which does when the sources changed since this binary was built).
+fn own_executable() -> String {
+    format!("/proc/{}/exe", std::process::id())
 }
 
 impl Drop for ProbeServer {
@@ -233,7 +240,7 @@ fn probe(
     loop {
         let output = Command::new("ip")
             .args(["netns", "exec", &cluster.namespace(node)])
-            .arg(std::env::current_exe()?)
+            .arg(own_executable())
             .arg("--probe-client")
             .arg(list.join(","))
             .arg("--seconds")
