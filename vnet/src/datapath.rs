@@ -6,7 +6,9 @@
 //! polls for [`POLL_WINDOW`] before it sleeps again, yielding the CPU between looks: in a stream the
 //! next frames come within microseconds, and a wake-up from epoll costs 10–20 µs on a VM, which
 //! bounds a single TCP stream. A lone frame (a ping) does not start the poll, so a request/response
-//! keeps the CPU free for whoever answers it. For each readable tap queue it reads up to [`BATCH`] frames, asks the
+//! keeps the CPU free for whoever answers it.
+//!
+//! For each readable tap queue the core reads up to [`BATCH`] frames, asks the
 //! switch where each goes (one read lock per batch), and writes it there: to a tap queue (a
 //! virtio-net header, then the frame) or to a VTEP (the VXLAN header, then the frame, in UDP
 //! datagrams to the VTEP's address; the kernel adds the outer IP and UDP headers). An ARP request

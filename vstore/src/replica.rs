@@ -6,9 +6,9 @@
 //! and the connection's I/O thread, which owns an [`IoQueue`], fences each request against the
 //! cluster's view of the extent ([`ReplicaDirectory`]), submits it and writes the replies as their
 //! I/O completes — in completion order, so requests are pipelined. Payload buffers come back to
-//! the connection once their reply is sent and serve later requests of the same size. A frame that fails any check
-//! closes that connection (after the requests already taken have been answered or drained); it
-//! never affects another connection or the process.
+//! the connection once their reply is sent and serve later requests of the same size. A frame
+//! that fails any check closes that connection (after the requests already taken have been
+//! answered or drained); it never affects another connection or the process.
 //!
 //! Fencing: a request carries the sender's epoch for the extent's replica set. An older epoch is
 //! answered `StaleEpoch` (with this node's epoch): the sender was cut out of the set. A newer one
