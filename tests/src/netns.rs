@@ -132,6 +132,16 @@ impl NetnsCluster {
         serde_json::from_str(&text).context("vessel printed no JSON")
     }
 
+    /// Node number (1-based) of the Raft leader as node `asked` sees it, if it knows one.
+    pub fn leader(&self, asked: usize) -> Option<usize> {
+        let list = self.vessel_json(asked, &["node", "list"]).ok()?;
+        let leader = list["nodes"]
+            .as_array()?
+            .iter()
+            .find(|node| node["leader"] == true)?;
+        leader["name"].as_str()?.strip_prefix('n')?.parse().ok()
+    }
+
     /// Takes node `i`'s link down: it can reach no peer and no peer reaches it.
     pub fn cut(&self, node: usize) -> anyhow::Result<()> {
         self.script("cut", Some(node), &[]).map(drop)

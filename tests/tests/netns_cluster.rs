@@ -18,16 +18,6 @@ fn eventually(what: &str, mut check: impl FnMut() -> bool) {
     }
 }
 
-/// Node number (1-based) of the leader as node `asked` sees it, if it knows one.
-fn leader(cluster: &NetnsCluster, asked: usize) -> Option<usize> {
-    let list = cluster.vessel_json(asked, &["node", "list"]).ok()?;
-    let leader = list["nodes"]
-        .as_array()?
-        .iter()
-        .find(|node| node["leader"] == true)?;
-    leader["name"].as_str()?.strip_prefix('n')?.parse().ok()
-}
-
 fn has_volume(cluster: &NetnsCluster, node: usize, name: &str) -> bool {
     cluster
         .vessel_json(node, &["volume", "list"])
@@ -74,13 +64,13 @@ fn metadata_outlives_a_partitioned_leader_and_a_killed_follower() {
     );
 
     // The leader loses its link: the other two elect one of themselves and go on committing.
-    let old = leader(&cluster, 1).expect("a leader");
+    let old = cluster.leader(1).expect("a leader");
     let survivors: Vec<usize> = (1..=3).filter(|&n| n != old).collect();
     cluster.cut(old).unwrap();
     cluster
         .vessel_ok(survivors[0], &["volume", "create", "v1", "--size", "64M"])
         .unwrap();
-    let new = leader(&cluster, survivors[1]).expect("a new leader");
+    let new = cluster.leader(survivors[1]).expect("a new leader");
     assert_ne!(new, old);
     let reachable = |asked: usize, node: usize| -> bool {
         let list = cluster.vessel_json(asked, &["node", "list"]).unwrap();
@@ -113,7 +103,7 @@ fn metadata_outlives_a_partitioned_leader_and_a_killed_follower() {
         reachable(survivors[0], old)
     });
     eventually("the healed node follows the new leader", || {
-        leader(&cluster, old).is_some_and(|l| l != old)
+        cluster.leader(old).is_some_and(|l| l != old)
     });
     for node in 1..=3 {
         assert!(
@@ -123,7 +113,7 @@ fn metadata_outlives_a_partitioned_leader_and_a_killed_follower() {
     }
 
     // A follower is killed: writes go on; restarted, it catches up from the log.
-    let leader_now = leader(&cluster, 1).expect("a leader");
+    let leader_now = cluster.leader(1).expect("a leader");
     let follower = (1..=3).find(|&n| n != leader_now).unwrap();
     cluster.kill(follower).unwrap();
     let other = (1..=3).find(|&n| n != follower).unwrap();
@@ -247,7 +237,7 @@ fn a_replicated_volume_survives_a_cut_a_killed_leader_and_a_restarted_holder() {
         rounds: 400,
         depth: 8,
     };
-    let mut leader_now = leader(&cluster, 1).expect("a leader");
+    let mut leader_now = cluster.leader(1).expect("a leader");
     // The holder is a node that is not the leader, so that the leader can be lost without it.
     let mut holder = (1..=3).find(|&n| n != leader_now).unwrap();
     let mut client = attach(&cluster, holder, "r3", &socket);
@@ -290,7 +280,7 @@ fn a_replicated_volume_survives_a_cut_a_killed_leader_and_a_restarted_holder() {
     cluster
         .vessel_ok(holder, &["volume", "detach", "r3"])
         .unwrap();
-    leader_now = leader(&cluster, holder).expect("a leader");
+    leader_now = cluster.leader(holder).expect("a leader");
     holder = (1..=3).find(|&n| n != leader_now).unwrap();
     let mut client = attach(&cluster, holder, "r3", &socket);
     discard_span(&mut client, 128 << 20);

@@ -452,9 +452,13 @@ fn main() -> anyhow::Result<()> {
         fill(&socket(volume), size)?;
     }
 
+    // Which node leads Raft is printed: the runs' figures fall in two groups, and that is one difference between runs.
+    let leader = cluster
+        .leader(holder)
+        .map_or_else(|| "none".to_owned(), |node| format!("n{node}"));
     println!(
-        "4 KiB random I/O through libblkio on node n{holder}: a 3-replica volume beside a 1-replica one ({} each); \
-         {} s per run, {} rounds, alternating",
+        "4 KiB random I/O through libblkio on node n{holder} (Raft leader: {leader}): a 3-replica volume beside a \
+         1-replica one ({} each); {} s per run, {} rounds, alternating",
         vessel_proto::size::HumanSize(size),
         args.seconds,
         args.rounds
