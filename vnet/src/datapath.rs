@@ -657,7 +657,9 @@ impl Core {
         let sleep = i32::try_from(EXPIRE_INTERVAL.as_millis()).unwrap_or(i32::MAX);
         let mut poll_until: Option<Instant> = None;
         loop {
-            let polling = poll_until.is_some_and(|until| Instant::now() < until);
+            // A window that closed is forgotten, so a sleeping core reads no clock for it.
+            poll_until = poll_until.filter(|until| Instant::now() < *until);
+            let polling = poll_until.is_some();
             let timeout = if polling { 0 } else { sleep };
             let ready = match self.epoll.wait(timeout, &mut events) {
                 Ok(ready) => ready,

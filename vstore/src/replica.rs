@@ -522,6 +522,18 @@ pub struct ReplicaReply {
     pub data: Vec<u8>,
 }
 
+impl ReplicaReply {
+    fn new(header: &Header, status: Status, data: Vec<u8>) -> Self {
+        Self {
+            sequence: header.sequence,
+            opcode: header.opcode,
+            status,
+            epoch: header.epoch,
+            data,
+        }
+    }
+}
+
 impl ReplicaConnection {
     pub fn connect(address: &str, timeout: Duration) -> io::Result<Self> {
         let address: std::net::SocketAddr = address.parse().map_err(|_| {
@@ -573,15 +585,8 @@ impl ReplicaConnection {
     pub fn receive(&mut self) -> io::Result<ReplicaReply> {
         let (bytes, header, status) = self.receive_header()?;
         let mut data = vec![0u8; header.payload as usize];
-        self.stream.read_exact(&mut data)?;
-        frame::verify(&bytes, &data).map_err(invalid)?;
-        Ok(ReplicaReply {
-            sequence: header.sequence,
-            opcode: header.opcode,
-            status,
-            epoch: header.epoch,
-            data,
-        })
+        self.receive_payload(&bytes, &mut data)?;
+        Ok(ReplicaReply::new(&header, status, data))
     }
 
     /// Reads the next reply, its data (if any) into the start of `into` rather than a new buffer;
@@ -596,16 +601,14 @@ impl ReplicaConnection {
                 "a reply carries {len} bytes for a {room}-byte buffer"
             ))
         })?;
+        self.receive_payload(&bytes, data)?;
+        Ok((ReplicaReply::new(&header, status, Vec::new()), len))
+    }
+
+    /// Reads a reply's payload into `data` (exactly its length) and checks it against the header.
+    fn receive_payload(&mut self, header: &[u8; HEADER_LEN], data: &mut [u8]) -> io::Result<()> {
         self.stream.read_exact(data)?;
-        frame::verify(&bytes, data).map_err(invalid)?;
-        let reply = ReplicaReply {
-            sequence: header.sequence,
-            opcode: header.opcode,
-            status,
-            epoch: header.epoch,
-            data: Vec::new(),
-        };
-        Ok((reply, len))
+        frame::verify(header, data).map_err(invalid)
     }
 
     /// Reads and checks the next reply's header.
