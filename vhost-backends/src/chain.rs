@@ -78,12 +78,80 @@ pub fn read_chain<M: GuestMemoryBackend + ?Sized>(
     indirect_allowed: bool,
     out: &mut Vec<Descriptor>,
 ) -> Result<(), ChainError> {
+    walk_chain(
+        mem,
+        |index| read_entry(mem, table, index),
+        queue_size,
+        head,
+        indirect_allowed,
+        out,
+    )
+}
+
+/// One entry of a descriptor table as the driver wrote it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) struct TableEntry {
+    pub addr: u64,
+    pub len: u32,
+    pub flags: u16,
+    pub next: u16,
+}
+
+impl TableEntry {
+    /// Decodes an entry from its 16 bytes read as two native words (the layout is little-endian:
+    /// `addr`, then `len`, `flags` and `next` packed in the second word).
+    pub(crate) fn from_words(words: [u64; 2]) -> Self {
+        let second = u64::from_le(words[1]);
+        TableEntry {
+            addr: u64::from_le(words[0]),
+            len: second as u32,
+            flags: (second >> 32) as u16,
+            next: (second >> 48) as u16,
+        }
+    }
+}
+
+/// Reads entry `index` of the table at `table` through the guest memory accessors.
+fn read_entry<M: GuestMemoryBackend + ?Sized>(
+    mem: &M,
+    table: GuestAddress,
+    index: u32,
+) -> Result<TableEntry, ChainError> {
+    let addr = table
+        .checked_add(u64::from(index) * DESCRIPTOR_SIZE)
+        .ok_or(ChainError::TableNotInMemory {
+            addr: table.raw_value(),
+        })?;
+    let desc: RawSplitDescriptor =
+        mem.read_obj(addr)
+            .map_err(|_| ChainError::TableNotInMemory {
+                addr: addr.raw_value(),
+            })?;
+    Ok(TableEntry {
+        addr: desc.addr().raw_value(),
+        len: desc.len(),
+        flags: desc.flags(),
+        next: desc.next(),
+    })
+}
+
+/// [`read_chain`] with the ring's own table read by `direct` (entry index → entry; a running
+/// [`crate::vring::Vring`] reads it through a host pointer it keeps), indirect tables through
+/// `mem`.
+pub(crate) fn walk_chain<M: GuestMemoryBackend + ?Sized>(
+    mem: &M,
+    direct: impl Fn(u32) -> Result<TableEntry, ChainError>,
+    queue_size: u16,
+    head: u16,
+    indirect_allowed: bool,
+    out: &mut Vec<Descriptor>,
+) -> Result<(), ChainError> {
     out.clear();
-    let mut table = table;
+    // `None` while in the ring's own table, then the indirect table's address.
+    let mut indirect_table: Option<GuestAddress> = None;
     let mut table_size = u32::from(queue_size);
     let mut index = u32::from(head);
     let mut budget = table_size;
-    let mut indirect = false;
     let mut total: u64 = 0;
     loop {
         if index >= table_size {
@@ -96,28 +164,21 @@ pub fn read_chain<M: GuestMemoryBackend + ?Sized>(
             return Err(ChainError::TooLong { limit: table_size });
         }
         budget -= 1;
-        let addr = table
-            .checked_add(u64::from(index) * DESCRIPTOR_SIZE)
-            .ok_or(ChainError::TableNotInMemory {
-                addr: table.raw_value(),
-            })?;
-        let desc: RawSplitDescriptor =
-            mem.read_obj(addr)
-                .map_err(|_| ChainError::TableNotInMemory {
-                    addr: addr.raw_value(),
-                })?;
-        let flags = desc.flags();
-        if flags & VIRTQ_DESC_F_INDIRECT != 0 {
+        let desc = match indirect_table {
+            None => direct(index)?,
+            Some(table) => read_entry(mem, table, index)?,
+        };
+        if desc.flags & VIRTQ_DESC_F_INDIRECT != 0 {
             if !indirect_allowed {
                 return Err(ChainError::IndirectNotNegotiated);
             }
-            if indirect {
+            if indirect_table.is_some() {
                 return Err(ChainError::NestedIndirect);
             }
-            if flags & VIRTQ_DESC_F_NEXT != 0 {
+            if desc.flags & VIRTQ_DESC_F_NEXT != 0 {
                 return Err(ChainError::IndirectWithNext);
             }
-            let len = desc.len();
+            let len = desc.len;
             let entries = len / DESCRIPTOR_SIZE as u32;
             if len == 0
                 || !len.is_multiple_of(DESCRIPTOR_SIZE as u32)
@@ -125,26 +186,25 @@ pub fn read_chain<M: GuestMemoryBackend + ?Sized>(
             {
                 return Err(ChainError::BadIndirectTable { len });
             }
-            indirect = true;
-            table = desc.addr();
+            indirect_table = Some(GuestAddress(desc.addr));
             table_size = entries;
             budget = entries;
             index = 0;
             continue;
         }
-        total += u64::from(desc.len());
+        total += u64::from(desc.len);
         if total > u64::from(u32::MAX) {
             return Err(ChainError::TooManyBytes);
         }
         out.push(Descriptor {
-            addr: desc.addr(),
-            len: desc.len(),
-            writable: flags & VIRTQ_DESC_F_WRITE != 0,
+            addr: GuestAddress(desc.addr),
+            len: desc.len,
+            writable: desc.flags & VIRTQ_DESC_F_WRITE != 0,
         });
-        if flags & VIRTQ_DESC_F_NEXT == 0 {
+        if desc.flags & VIRTQ_DESC_F_NEXT == 0 {
             return Ok(());
         }
-        index = u32::from(desc.next());
+        index = u32::from(desc.next);
     }
 }
 
@@ -172,6 +232,34 @@ mod tests {
         let d = RawSplitDescriptor::new(addr, len, flags, next);
         mem.write_obj(d, GuestAddress(table + u64::from(index) * 16))
             .unwrap();
+    }
+
+    #[test]
+    fn table_entries_decode_from_the_drivers_layout() {
+        let m = mem();
+        put(
+            &m,
+            TABLE,
+            2,
+            0x1122_3344_5566_7788,
+            0x99aa_bbcc,
+            0xddee,
+            0x0ff1,
+        );
+        let words: [u64; 2] = m.read_obj(GuestAddress(TABLE + 32)).unwrap();
+        assert_eq!(
+            TableEntry::from_words(words),
+            TableEntry {
+                addr: 0x1122_3344_5566_7788,
+                len: 0x99aa_bbcc,
+                flags: 0xddee,
+                next: 0x0ff1
+            }
+        );
+        assert_eq!(
+            read_entry(&m, GuestAddress(TABLE), 2),
+            Ok(TableEntry::from_words(words))
+        );
     }
 
     #[test]

@@ -454,7 +454,11 @@ impl<D: VhostUserDevice> VhostUserHandler<D> {
             kick,
             Arc::clone(&ring.call),
             indirect,
-        );
+        )
+        .map_err(|_| HandlerError::BadRing {
+            index: qindex,
+            reason: "a ring part does not lie inside one memory region".into(),
+        })?;
         if let Some((inflight, resubmit)) = vring_inflight {
             vring = vring.with_inflight(inflight, resubmit);
         }

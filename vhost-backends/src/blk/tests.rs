@@ -153,6 +153,7 @@ impl Rig {
             call,
             true,
         )
+        .expect("the rings lie inside guest memory")
     }
 
     fn vring(&self, event_idx: bool) -> Vring {

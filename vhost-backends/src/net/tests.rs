@@ -100,6 +100,7 @@ impl Ring {
             call,
             true,
         )
+        .expect("the rings lie inside guest memory")
     }
 
     /// Offers a chain of `(addr, len, writable)` buffers; returns its head.
