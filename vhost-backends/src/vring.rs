@@ -638,12 +638,18 @@ mod tests {
         mem.read_obj(GuestAddress(USED + 2)).unwrap()
     }
 
-    #[test]
-    fn the_ring_is_served_across_memory_table_changes() {
+    /// The frontend's shared memory (a file) and a table of one region over it.
+    fn shared_memory() -> (File, MemoryTable) {
         let file = tempfile::tempfile().unwrap();
         file.set_len(MEM).unwrap();
         let mut table = MemoryTable::new();
         table_over(&mut table, &file, 0x7f00_0000_0000);
+        (file, table)
+    }
+
+    #[test]
+    fn the_ring_is_served_across_memory_table_changes() {
+        let (file, mut table) = shared_memory();
         let old = table.memory().memory().into_inner();
         let mut ring = vring(table.memory(), false);
 
@@ -694,10 +700,7 @@ mod tests {
 
     #[test]
     fn notifications_follow_event_idx_and_used_flags() {
-        let file = tempfile::tempfile().unwrap();
-        file.set_len(MEM).unwrap();
-        let mut table = MemoryTable::new();
-        table_over(&mut table, &file, 0x7f00_0000_0000);
+        let (_file, table) = shared_memory();
         let mem = table.memory().memory().into_inner();
 
         let mut plain = vring(table.memory(), false);
