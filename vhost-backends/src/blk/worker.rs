@@ -280,11 +280,15 @@ impl<'a> QueueWorker<'a> {
         );
         loop {
             vring.disable_notification(&mem);
+            // Each request goes to the kernel as soon as it is parsed, not with the rest of the batch: a batch
+            // submitted at once reaches the disk as one burst, finishes as one, and comes back from the driver as
+            // one, so at high depth the requests travel as a convoy and the disk idles between convoys (QD32 reads
+            // at 0.8-0.9x qemu-storage-daemon, which also submits one at a time; 1.02-1.15x after).
             while let Some(head) = vring.pop(&mem) {
                 self.poll.requests_arrived();
                 self.start_request(vring, &mem, head, &limits);
+                self.io.commit().map_err(self.os("io_uring submit"))?;
             }
-            self.io.commit().map_err(self.os("io_uring submit"))?;
             if !vring.enable_notification(&mem) {
                 break;
             }
