@@ -278,11 +278,13 @@ impl Vring {
                 .is_some_and(|map| Arc::ptr_eq(&map.mem, &newest));
             if !on_newest {
                 self.map = RingMap::new(newest, &self.queue);
-                if self.map.is_none() && !self.unmapped_reported {
+                if self.map.is_some() {
+                    self.unmapped_reported = false;
+                } else if !self.unmapped_reported {
                     self.unmapped_reported = true;
                     tracing::warn!(
                         queue = self.index,
-                        "the ring no longer lies inside guest memory; it is not served until the driver sets it up again"
+                        "the ring no longer lies inside guest memory; it is not served until it is back"
                     );
                 }
             }
