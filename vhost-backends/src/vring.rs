@@ -207,7 +207,7 @@ impl RingMap {
 }
 
 /// A running split virtqueue: the `virtio_queue::Queue` state plus everything the vhost-user
-/// protocol attaches to it. The rings are read and written through a [`RingMap`] of the current
+/// protocol attaches to it. The rings are read and written through a `RingMap` of the current
 /// memory snapshot; `queue` keeps the ring's configuration and positions.
 #[derive(Debug)]
 pub struct Vring {
