@@ -620,7 +620,17 @@ fn child_spec(disk: &Path, socket: &Path, layout: &VolumeLayout) -> String {
 fn open_device(spec: &str) -> (Arc<LocalPool>, BlkDevice) {
     let parts: Vec<&str> = spec.split('|').collect();
     let pool = Arc::new(LocalPool::new(EXTENT));
-    pool.open_disk(Path::new(parts[0])).unwrap();
+    // A killed backend's disk stays locked until the kernel has drained its io_uring's writes
+    // (after the process is reaped); the daemon waits for that at start-up too.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        match pool.open_disk(Path::new(parts[0])) {
+            Err(vstore::StoreError::DiskLocked { .. }) if Instant::now() < deadline => {
+                std::thread::sleep(Duration::from_millis(20));
+            }
+            result => break result.map(drop).unwrap(),
+        }
+    }
     let layout = VolumeLayout {
         id: parts[2].parse().unwrap(),
         size: parts[3].parse().unwrap(),
