@@ -353,10 +353,10 @@ impl Vring {
             return Some(head);
         }
         let size = self.queue.size();
+        self.refresh_map(mem);
+        let map = self.map.as_ref()?;
         loop {
             let next = self.queue.next_avail();
-            self.refresh_map(mem);
-            let map = self.map.as_ref()?;
             if self.avail_seen == next {
                 let idx = map.avail_idx(Ordering::Acquire);
                 // More than a ring ahead is a driver bug: take nothing (see
@@ -435,7 +435,7 @@ impl Vring {
         mem: &GuestMemoryMmap,
         used: &[(u16, u32)],
     ) -> Result<(), virtio_queue::Error> {
-        let Some(&(last_head, _)) = used.last() else {
+        let Some((&(last_head, _), rest)) = used.split_last() else {
             return Ok(());
         };
         let size = self.queue.size();
@@ -462,7 +462,7 @@ impl Vring {
         self.queue.set_next_used(next_used);
         if let Some(inflight) = self.inflight.as_ref() {
             // The region's used idx moves last, so a crash before it is a batch to repair.
-            for &(head, _) in &used[..used.len() - 1] {
+            for &(head, _) in rest {
                 inflight.finish_complete(head, start);
             }
             inflight.finish_complete(last_head, next_used);
