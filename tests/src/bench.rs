@@ -200,3 +200,84 @@ pub fn median(values: &mut [f64]) -> f64 {
     values.sort_by(f64::total_cmp);
     values[values.len() / 2]
 }
+
+/// The disk alone: fio runs `job` on `file` (which must be fully written) with the same block size, one fio job
+/// per queue at the job's depth each, O_DIRECT through io_uring, for `duration`. What the hardware gives a process
+/// that does nothing else, the ceiling for any server on this disk. `cpu_us` is NaN (fio is not a server).
+pub fn fio_job(file: &Path, job: Job, size: u64, duration: Duration) -> anyhow::Result<Figures> {
+    let rw = match job.pattern {
+        Pattern::RandRead => "randread",
+        Pattern::RandWrite => "randwrite",
+    };
+    let output = std::process::Command::new("fio")
+        .arg("--name=disk")
+        .arg(format!("--filename={}", file.display()))
+        .arg(format!("--size={size}"))
+        .arg(format!("--rw={rw}"))
+        .arg(format!("--bs={BLOCK}"))
+        .arg(format!("--iodepth={}", job.depth))
+        .arg(format!("--numjobs={}", job.queues))
+        .arg(format!("--runtime={}ms", duration.as_millis()))
+        .args([
+            "--direct=1",
+            "--ioengine=io_uring",
+            "--time_based",
+            "--group_reporting",
+            "--randrepeat=0",
+            "--output-format=json",
+        ])
+        .output()
+        .context("running fio (scripts/setup-test-deps installs it)")?;
+    if !output.status.success() {
+        bail!(
+            "fio failed: {}",
+            String::from_utf8_lossy(&output.stderr).trim()
+        );
+    }
+    parse_fio(&output.stdout, job.pattern)
+}
+
+/// IOPS and mean and p99 completion latency from fio's JSON report (`--group_reporting`: one job entry).
+fn parse_fio(json: &[u8], pattern: Pattern) -> anyhow::Result<Figures> {
+    let report: serde_json::Value =
+        serde_json::from_slice(json).context("fio's report is not JSON")?;
+    let side = match pattern {
+        Pattern::RandRead => "read",
+        Pattern::RandWrite => "write",
+    };
+    let figures = &report["jobs"][0][side];
+    let number = |value: &serde_json::Value, what: &str| {
+        value
+            .as_f64()
+            .with_context(|| format!("fio's report has no {side} {what}"))
+    };
+    Ok(Figures {
+        iops: number(&figures["iops"], "iops")?,
+        mean_us: number(&figures["clat_ns"]["mean"], "mean latency")? / 1000.0,
+        p99_us: number(
+            &figures["clat_ns"]["percentile"]["99.000000"],
+            "p99 latency",
+        )? / 1000.0,
+        cpu_us: f64::NAN,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn fio_reports_give_the_side_of_the_pattern() {
+        let report = br#"{"jobs": [{"jobname": "disk",
+            "read": {"iops": 1000.5, "clat_ns": {"mean": 81000.0, "percentile": {"99.000000": 150000}}},
+            "write": {"iops": 0.0, "clat_ns": {"mean": 0.0, "percentile": {"99.000000": 0}}}}]}"#;
+        let read = parse_fio(report, Pattern::RandRead).unwrap();
+        assert_eq!(read.iops, 1000.5);
+        assert_eq!(read.mean_us, 81.0);
+        assert_eq!(read.p99_us, 150.0);
+        assert!(read.cpu_us.is_nan());
+        assert_eq!(parse_fio(report, Pattern::RandWrite).unwrap().iops, 0.0);
+        assert!(parse_fio(b"{\"jobs\": []}", Pattern::RandRead).is_err());
+        assert!(parse_fio(b"fio: bad option", Pattern::RandRead).is_err());
+    }
+}

@@ -6,6 +6,8 @@
 //! are fully written before measuring. The two systems alternate, several rounds each; the program prints IOPS, mean
 //! and p99 latency and the server's CPU time per request for each system (medians over the rounds), and the median
 //! over the rounds of the ratio Vessel / qemu-storage-daemon (each Vessel run against the reference run beside it).
+//! Each round also runs fio on the reference's backing file with the same depth and one fio job per queue: the
+//! disk alone, the ceiling for any server; a second table gives both systems' IOPS as a share of it.
 //!
 //! Run it with a release build, as root or not:
 //!     cargo run --release -p vessel-tests --bin bench-blk -- [--seconds 5] [--rounds 3] [--size 1G]
@@ -16,7 +18,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail};
 use clap::Parser;
-use vessel_tests::bench::{Figures, Job, Pattern, fill, median, run_job};
+use vessel_tests::bench::{Figures, Job, Pattern, fill, fio_job, median, run_job};
 use vessel_tests::daemon::{Daemon, DaemonOptions};
 
 #[derive(Debug, Parser)]
@@ -129,10 +131,10 @@ fn main() -> anyhow::Result<()> {
 
     // qemu-storage-daemon: a raw file of the same size, O_DIRECT, io_uring.
     let qsd_socket = base.join("qsd.sock");
+    let image = base.join("qsd.img");
     let qsd = if args.vessel_only {
         None
     } else {
-        let image = base.join("qsd.img");
         std::fs::File::create(&image)?.set_len(size)?;
         Some(StorageDaemon::start(&image, &qsd_socket, 2)?)
     };
@@ -220,6 +222,13 @@ fn main() -> anyhow::Result<()> {
             queues: 2,
         },
     ];
+    let absent = Figures {
+        iops: f64::NAN,
+        mean_us: f64::NAN,
+        p99_us: f64::NAN,
+        cpu_us: f64::NAN,
+    };
+    let mut ceilings = Vec::new();
     for job in jobs.into_iter().filter(|job| {
         args.only
             .as_ref()
@@ -227,17 +236,19 @@ fn main() -> anyhow::Result<()> {
     }) {
         let mut vessel = Vec::new();
         let mut reference = Vec::new();
+        let mut disk = Vec::new();
         for _ in 0..args.rounds {
             vessel.push(run_job(vessel_pid, &vessel_socket, job, size, duration)?);
-            reference.push(match &qsd {
-                Some(qsd) => run_job(qsd.pid(), &qsd_socket, job, size, duration)?,
-                None => Figures {
-                    iops: f64::NAN,
-                    mean_us: f64::NAN,
-                    p99_us: f64::NAN,
-                    cpu_us: f64::NAN,
-                },
-            });
+            match &qsd {
+                Some(qsd) => {
+                    reference.push(run_job(qsd.pid(), &qsd_socket, job, size, duration)?);
+                    disk.push(fio_job(&image, job, size, duration)?);
+                }
+                None => {
+                    reference.push(absent);
+                    disk.push(absent);
+                }
+            }
         }
         let pick = |runs: &[Figures], f: fn(&Figures) -> f64| {
             median(&mut runs.iter().map(f).collect::<Vec<_>>())
@@ -268,6 +279,45 @@ fn main() -> anyhow::Result<()> {
             ratio(|f| f.p99_us),
             ratio(|f| f.cpu_us),
         );
+        // Each system's run against the disk's run of the same round.
+        let share = |runs: &[Figures]| {
+            median(
+                &mut runs
+                    .iter()
+                    .zip(&disk)
+                    .map(|(s, d)| s.iops / d.iops)
+                    .collect::<Vec<_>>(),
+            )
+        };
+        ceilings.push((
+            job,
+            pick(&disk, |f| f.iops),
+            pick(&disk, |f| f.mean_us),
+            pick(&disk, |f| f.p99_us),
+            share(&vessel),
+            share(&reference),
+        ));
+    }
+    if qsd.is_some() {
+        println!();
+        println!(
+            "the disk alone: fio on the reference's backing file, O_DIRECT, io_uring, the same depth, one fio job per queue"
+        );
+        println!(
+            "{:<20} {:>9} {:>8} {:>7}   {:>10} {:>8}",
+            "job", "fio IOPS", "mean µs", "p99 µs", "vessel/fio", "qsd/fio"
+        );
+        for (job, iops, mean, p99, vessel, reference) in ceilings {
+            println!(
+                "{:<20} {:>9.0} {:>8.1} {:>7.0}   {:>10.2} {:>8.2}",
+                job.to_string(),
+                iops,
+                mean,
+                p99,
+                vessel,
+                reference
+            );
+        }
     }
     drop(qsd);
     drop(daemon);
