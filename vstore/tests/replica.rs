@@ -1,6 +1,7 @@
 //! The replica service over real TCP on loopback: pipelined writes and reads land on the pool's
-//! disks, epochs fence stale and early senders, ranges are checked, and a corrupt or foreign
-//! frame closes only its own connection.
+//! disks, epochs fence stale and early senders, ranges are checked, a frame that arrives in
+//! pieces is served whole, and a corrupt, foreign or truncated frame closes only its own
+//! connection.
 
 mod common;
 
@@ -243,6 +244,66 @@ fn a_corrupt_or_foreign_frame_closes_only_its_connection() {
         read == pattern(2, 4096),
         "the last good write is what reads back"
     );
+}
+
+#[test]
+fn a_frame_arriving_in_pieces_is_served_whole_and_one_cut_short_changes_nothing() {
+    let server = server();
+    let volume = server.volume(MIB, 1).id;
+    let write = request(volume, Opcode::Write, 0, 8192, 4096, 1);
+    let data = pattern(3, 4096);
+    let mut bytes = frame_for(&write, &data).to_vec();
+    bytes.extend_from_slice(&data);
+
+    // The header a few bytes at a time, then the payload in uneven pieces, with pauses between
+    // them: the server completes the frame on later wake-ups and answers it once.
+    let mut pieces = server.connect();
+    let stream = pieces.stream();
+    stream.set_nodelay(true).unwrap();
+    let mut at = 0;
+    for len in [1, 7, 30, 42, 1000, 3000, 16, 100].into_iter().cycle() {
+        let end = (at + len).min(bytes.len());
+        stream.write_all(&bytes[at..end]).unwrap();
+        at = end;
+        if at == bytes.len() {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(2));
+    }
+    let reply = pieces.receive().unwrap();
+    assert_eq!((reply.sequence, reply.status), (2, Status::Ok));
+    let (status, _, read) = ask(
+        &mut pieces,
+        request(volume, Opcode::Read, 0, 8192, 4096, 1),
+        &[],
+    );
+    assert_eq!(status, Status::Ok);
+    assert!(read == data, "the write in pieces landed whole");
+
+    // A sender that hangs up half way through a write's payload: nothing of it lands.
+    let mut cut = server.connect();
+    let other = pattern(4, 4096);
+    let header = frame_for(&write, &other);
+    let stream = cut.stream();
+    stream.write_all(&header).unwrap();
+    stream.write_all(&other[..1000]).unwrap();
+    stream.shutdown(std::net::Shutdown::Write).unwrap();
+    stream
+        .set_read_timeout(Some(Duration::from_secs(10)))
+        .unwrap();
+    let mut rest = Vec::new();
+    assert_eq!(
+        stream.read_to_end(&mut rest).unwrap(),
+        0,
+        "the server must close, not answer"
+    );
+    let (status, _, read) = ask(
+        &mut pieces,
+        request(volume, Opcode::Read, 0, 8192, 4096, 1),
+        &[],
+    );
+    assert_eq!(status, Status::Ok);
+    assert!(read == data, "the cut write left the block as it was");
 }
 
 /// The header bytes a sender puts on the wire for `request` and `payload`.
