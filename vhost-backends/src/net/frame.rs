@@ -19,6 +19,7 @@ use super::header::{HEADER_LEN, VirtioNetHeader};
 use super::port::MAX_FRAME_LEN;
 use super::stats::Counter;
 use crate::chain::{ChainError, Descriptor};
+use crate::memory::guest_slice;
 
 /// Shortest frame carried: an Ethernet header.
 pub const MIN_FRAME_LEN: usize = 14;
@@ -209,7 +210,7 @@ pub fn check_rx_chain(
             continue;
         }
         // One region holds a buffer as a rule; one that spans regions is checked piece by piece.
-        if mem.get_slice(d.addr, d.len as usize).is_err()
+        if guest_slice(mem, d.addr, d.len as usize).is_none()
             && !GuestMemoryBackend::check_range(mem, d.addr, d.len as usize)
         {
             return Err(RxChainError::OutsideMemory {
@@ -283,7 +284,7 @@ fn write_span(
     let header_part = &header[from.min(HEADER_LEN)..][..in_header];
     let frame_from = from.saturating_sub(HEADER_LEN);
     let frame_part = &frame[frame_from..frame_from + (n - in_header)];
-    if let Ok(span) = mem.get_slice(addr, n) {
+    if let Some(span) = guest_slice(mem, addr, n) {
         span.copy_from(header_part);
         if !frame_part.is_empty() {
             span.offset(in_header)?.copy_from(frame_part);
@@ -306,12 +307,12 @@ fn read_guest(
     addr: GuestAddress,
     buf: &mut [u8],
 ) -> Result<(), vm_memory::GuestMemoryError> {
-    match mem.get_slice(addr, buf.len()) {
-        Ok(span) => {
+    match guest_slice(mem, addr, buf.len()) {
+        Some(span) => {
             span.copy_to(buf);
             Ok(())
         }
-        Err(_) => mem.read_slice(buf, addr),
+        None => mem.read_slice(buf, addr),
     }
 }
 
