@@ -622,15 +622,8 @@ fn open_device(spec: &str) -> (Arc<LocalPool>, BlkDevice) {
     let pool = Arc::new(LocalPool::new(EXTENT));
     // A killed backend's disk stays locked until the kernel has drained its io_uring's writes
     // (after the process is reaped); the daemon waits for that at start-up too.
-    let deadline = Instant::now() + Duration::from_secs(30);
-    loop {
-        match pool.open_disk(Path::new(parts[0])) {
-            Err(vstore::StoreError::DiskLocked { .. }) if Instant::now() < deadline => {
-                std::thread::sleep(Duration::from_millis(20));
-            }
-            result => break result.map(drop).unwrap(),
-        }
-    }
+    pool.open_disk_waiting(Path::new(parts[0]), Duration::from_secs(30), || {})
+        .unwrap();
     let layout = VolumeLayout {
         id: parts[2].parse().unwrap(),
         size: parts[3].parse().unwrap(),

@@ -17,6 +17,7 @@ use std::path::Path;
 use std::sync::{
     Arc, Mutex, MutexGuard, PoisonError, RwLock, RwLockReadGuard, RwLockWriteGuard, Weak,
 };
+use std::time::{Duration, Instant};
 
 use uuid::Uuid;
 
@@ -25,6 +26,9 @@ use crate::error::StoreError;
 use crate::format::{DiskLayout, valid_extent_size};
 use crate::volume::{ExtentLease, LocalVolume, MAX_EXTENTS, check_size, extent_count};
 use crate::{DiskId, DiskInfo, VolumeId, VolumeLayout};
+
+/// How often [`LocalPool::open_disk_waiting`] tries a locked disk again.
+pub const DISK_LOCK_RETRY: Duration = Duration::from_millis(50);
 
 /// The local extent store of this node. `Send + Sync`; share it as `Arc<LocalPool>`.
 #[derive(Debug)]
@@ -106,6 +110,32 @@ impl LocalPool {
         let info = disk.info();
         disks.push(Arc::new(disk));
         Ok(info)
+    }
+
+    /// [`LocalPool::open_disk`], waiting up to `wait` while another process holds the disk's
+    /// lock, and trying again every [`DISK_LOCK_RETRY`]. The holder is as a rule this disk's
+    /// previous owner, killed with writes in the kernel: its io_uring keeps the file open, and so
+    /// the lock held, until they have drained, after the process itself is gone. `on_wait` runs
+    /// once, when the wait begins (to say why start-up pauses). Blocks the calling thread.
+    pub fn open_disk_waiting(
+        &self,
+        path: &Path,
+        wait: Duration,
+        on_wait: impl FnOnce(),
+    ) -> Result<DiskInfo, StoreError> {
+        let deadline = Instant::now() + wait;
+        let mut on_wait = Some(on_wait);
+        loop {
+            match self.open_disk(path) {
+                Err(StoreError::DiskLocked { .. }) if Instant::now() < deadline => {
+                    if let Some(say) = on_wait.take() {
+                        say();
+                    }
+                    std::thread::sleep(DISK_LOCK_RETRY);
+                }
+                result => return result,
+            }
+        }
     }
 
     /// Re-opens a disk formatted earlier (its path comes from the cluster metadata) and loads

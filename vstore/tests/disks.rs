@@ -119,6 +119,36 @@ fn same_disk_twice_is_refused() {
 }
 
 #[test]
+fn opening_a_locked_disk_waits_for_its_holder_to_let_go() {
+    let dir = test_dir();
+    let holder = pool();
+    let path = add_file_disk(&holder, dir.path(), "d0", 16 * MIB);
+    let other = LocalPool::new(EXTENT);
+    // A wait shorter than the hold ends in the lock error, after saying once that it waits.
+    let mut said = 0;
+    let started = std::time::Instant::now();
+    assert!(matches!(
+        other
+            .open_disk_waiting(&path, std::time::Duration::from_millis(200), || said += 1)
+            .unwrap_err(),
+        StoreError::DiskLocked { .. }
+    ));
+    assert!(started.elapsed() >= std::time::Duration::from_millis(200));
+    assert_eq!(said, 1);
+    // The holder lets go during a longer wait: the disk opens.
+    let release = std::thread::spawn(move || {
+        std::thread::sleep(std::time::Duration::from_millis(300));
+        drop(holder);
+    });
+    let info = other
+        .open_disk_waiting(&path, std::time::Duration::from_secs(30), || {})
+        .unwrap();
+    release.join().unwrap();
+    assert_eq!(other.disks().len(), 1);
+    assert_eq!(other.disks()[0].id, info.id);
+}
+
+#[test]
 fn remove_disk_refuses_while_extents_live_and_readd_keeps_id() {
     let dir = test_dir();
     let pool = pool();

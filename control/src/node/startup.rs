@@ -286,28 +286,6 @@ fn host_name() -> String {
 /// are torn down by the kernel after the process is gone, and the disk's lock goes with its last file reference.
 const DISK_LOCK_WAIT: std::time::Duration = std::time::Duration::from_secs(60);
 
-async fn open_disk_waiting_for_lock(
-    pool: &LocalPool,
-    path: &Path,
-) -> Result<(), vstore::StoreError> {
-    let deadline = tokio::time::Instant::now() + DISK_LOCK_WAIT;
-    let mut said = false;
-    loop {
-        match pool.open_disk(path) {
-            Err(vstore::StoreError::DiskLocked { .. })
-                if tokio::time::Instant::now() < deadline =>
-            {
-                if !said {
-                    tracing::info!(path = %path.display(), "disk still locked, probably by the previous vesseld's draining I/O; waiting");
-                    said = true;
-                }
-                tokio::time::sleep(std::time::Duration::from_millis(100)).await;
-            }
-            result => return result.map(drop),
-        }
-    }
-}
-
 impl LocalNode {
     /// Makes this node the first member of a new cluster; `Ok(false)` if it already is a member.
     pub(super) async fn initialize_cluster(&self) -> Result<bool, OpError> {
@@ -456,7 +434,21 @@ impl LocalNode {
                 .map_err(|error| OpError::new(ErrorKind::Internal, error.to_string()))?,
         );
         for disk in &disks {
-            if let Err(error) = open_disk_waiting_for_lock(&pool, Path::new(&disk.path)).await {
+            let opened = {
+                let (pool, path) = (Arc::clone(&pool), PathBuf::from(&disk.path));
+                tokio::task::spawn_blocking(move || {
+                    pool.open_disk_waiting(&path, DISK_LOCK_WAIT, || {
+                        tracing::info!(path = %path.display(), "disk still locked, probably by the previous vesseld's draining I/O; waiting");
+                    })
+                })
+                .await
+            };
+            let failed = match opened {
+                Ok(Ok(_)) => None,
+                Ok(Err(error)) => Some(error.to_string()),
+                Err(error) => Some(format!("opening it failed: {error}")),
+            };
+            if let Some(error) = failed {
                 self.warn(format!(
                     "disk {} ({}) cannot be opened: {error}; no volume is served on this node until it can \
                      (restart vesseld once the disk is back)",
