@@ -265,8 +265,9 @@ thread_local! {
 /// the region in which this thread's previous lookup found its span: a queue's buffers lie in one
 /// region as a rule, and the search of the table for each of a frame's buffers took 6 % of the
 /// switch's time at 64 B. The remembered index is only a hint, checked against `mem` every time,
-/// so a memory table change can make it miss but never point into another snapshot. `None` if
-/// the span is not inside one region (the caller falls back to the piecewise accessors).
+/// so a memory table change can make it miss but never point into another snapshot; a miss
+/// searches the table in order (a handful of regions as a rule). `None` if the span is not
+/// inside one region (the caller falls back to the piecewise accessors).
 pub(crate) fn guest_slice(
     mem: &GuestMemoryMmap,
     addr: GuestAddress,

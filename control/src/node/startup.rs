@@ -446,7 +446,7 @@ impl LocalNode {
             let failed = match opened {
                 Ok(Ok(_)) => None,
                 Ok(Err(error)) => Some(error.to_string()),
-                Err(error) => Some(format!("opening it failed: {error}")),
+                Err(error) => Some(format!("the thread opening it failed ({error})")),
             };
             if let Some(error) = failed {
                 self.warn(format!(
