@@ -28,7 +28,7 @@ use crate::volume::{ExtentLease, LocalVolume, MAX_EXTENTS, check_size, extent_co
 use crate::{DiskId, DiskInfo, VolumeId, VolumeLayout};
 
 /// How often [`LocalPool::open_disk_waiting`] tries a locked disk again.
-pub const DISK_LOCK_RETRY: Duration = Duration::from_millis(50);
+const DISK_LOCK_RETRY: Duration = Duration::from_millis(50);
 
 /// The local extent store of this node. `Send + Sync`; share it as `Arc<LocalPool>`.
 #[derive(Debug)]
@@ -113,7 +113,7 @@ impl LocalPool {
     }
 
     /// [`LocalPool::open_disk`], waiting up to `wait` while another process holds the disk's
-    /// lock, and trying again every [`DISK_LOCK_RETRY`]. The holder is as a rule this disk's
+    /// lock, and trying again every 50 ms. The holder is as a rule this disk's
     /// previous owner, killed with writes in the kernel: its io_uring keeps the file open, and so
     /// the lock held, until they have drained, after the process itself is gone. `on_wait` runs
     /// once, when the wait begins (to say why start-up pauses). Blocks the calling thread.
