@@ -42,12 +42,15 @@
 //!   datagrams. If the kernel or route refuses UDP GSO, the core says so once and sends one
 //!   datagram per call from then on. A frame with only a partial checksum has it completed and
 //!   goes as one datagram.
+//!   Datagrams whose inner checksums the core computed (cut segments, completed checksums) carry
+//!   Vessel's mark in a reserved byte of the VXLAN header ([`vxlan::MARK_CHECKSUMS_COMPUTED`]).
 //! - From the underlay, the socket has UDP GRO on: one read may return a run of datagrams of one
 //!   sender, which the core cuts up again ([`crate::underlay::datagrams`]). Every datagram gets
 //!   its own switch decision (learning, counters, isolation, drops). Those the switch sends to a
 //!   single port go through a [`Coalescer`]: consecutive TCP segments of a flow are merged into one
 //!   64 KiB frame, written to the tap once behind a GSO header, as the kernel's own GRO would
-//!   hand it up; everything else is written as it came behind an all-zero header. Nothing is held
+//!   hand it up (a marked datagram's checksums are taken as valid, the others' verified first);
+//!   everything else is written as it came behind an all-zero header. Nothing is held
 //!   past the end of a batch. A read that cannot be cut up (its segment size is zero or larger
 //!   than what was read, or it was truncated) is counted as one `vxlan_too_short` drop.
 //!
@@ -524,15 +527,21 @@ impl Forwarder<'_> {
         match egress {
             Egress::Port(port) => self.write_port(port, queue_hint, header, frame),
             Egress::Vtep { addr, vni } => {
-                let vxlan = vxlan::encode(vni);
+                // Segments cut here and checksums completed here are marked as computed by this
+                // node; a frame that goes as it came is not (its sender's checksum is unchecked).
                 if header.is_gso() {
-                    return self.send_segments(addr, &vxlan, header, frame);
+                    return self.send_segments(addr, &vxlan::encode_computed(vni), header, frame);
                 }
+                let completes = header.flags & offload::FLAG_NEEDS_CSUM != 0;
                 let outgoing = &mut self.scratch.outgoing;
                 outgoing.clear();
-                outgoing.extend_from_slice(&vxlan);
+                outgoing.extend_from_slice(&if completes {
+                    vxlan::encode_computed(vni)
+                } else {
+                    vxlan::encode(vni)
+                });
                 outgoing.extend_from_slice(frame);
-                if header.flags & offload::FLAG_NEEDS_CSUM != 0
+                if completes
                     && offload::complete_checksum(header, &mut outgoing[vxlan::HEADER_LEN..])
                         .is_err()
                 {
@@ -857,9 +866,14 @@ impl Core {
                     ) {
                         let inner = &datagram[vxlan::HEADER_LEN..];
                         if let [Egress::Port(port)] = out[..] {
-                            coalescer.push(port, inner, &mut |port, coalesced| {
+                            let emit = &mut |port: PortId, coalesced: Coalesced<'_>| {
                                 deliver(forwarder, port, coalesced)
-                            });
+                            };
+                            if vxlan::checksums_computed(datagram) {
+                                coalescer.push_computed(port, inner, emit);
+                            } else {
+                                coalescer.push(port, inner, emit);
+                            }
                             continue;
                         }
                         // A flooded frame may belong to a flow held for one of its ports: what is

@@ -109,7 +109,24 @@ impl<K: Copy + Eq> Coalescer<K> {
     /// Takes `frame`, bound for `key`: holds it, merges it into the frame held for its flow, or
     /// hands it on; what is held for its flow and cannot wait is handed on first.
     pub fn push(&mut self, key: K, frame: &[u8], emit: &mut impl FnMut(K, Coalesced<'_>)) {
-        let Some(segment) = mergeable(frame) else {
+        self.take(key, frame, Checksums::Verify, emit);
+    }
+
+    /// [`Coalescer::push`] of a frame whose IPv4 header and TCP checksums its sender computed
+    /// itself and whose bytes the transport protected on the way (a Vessel VTEP's mark, see
+    /// [`crate::vxlan::MARK_CHECKSUMS_COMPUTED`]): they are taken as valid, not summed again.
+    pub fn push_computed(&mut self, key: K, frame: &[u8], emit: &mut impl FnMut(K, Coalesced<'_>)) {
+        self.take(key, frame, Checksums::Computed, emit);
+    }
+
+    fn take(
+        &mut self,
+        key: K,
+        frame: &[u8],
+        checksums: Checksums,
+        emit: &mut impl FnMut(K, Coalesced<'_>),
+    ) {
+        let Some(segment) = mergeable(frame, checksums) else {
             // Not a data segment we merge; if it is TCP, its flow's held frame goes first.
             if let Some(index) = self.flows.iter().position(|flow| same_flow(flow, frame)) {
                 self.hand_on(index, emit);
@@ -319,8 +336,16 @@ fn same_flow<K>(flow: &Flow<K>, frame: &[u8]) -> bool {
         && held[l4..l4 + 4] == frame[l4..l4 + 4]
 }
 
+/// Whether a frame's checksums are to be verified before it is merged.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Checksums {
+    Verify,
+    /// Its sender computed them, and the transport protected the bytes since.
+    Computed,
+}
+
 /// The segment, if `frame` is a TCP data segment the coalescer may merge (see the module docs).
-fn mergeable(frame: &[u8]) -> Option<Segment> {
+fn mergeable(frame: &[u8], checksums: Checksums) -> Option<Segment> {
     if frame.get(12..14)? != ETHERTYPE_IPV4 && frame[12..14] != ETHERTYPE_IPV6 {
         return None;
     }
@@ -335,29 +360,37 @@ fn mergeable(frame: &[u8]) -> Option<Segment> {
     if flags & (TCP_FIN | TCP_SYN | TCP_RST | TCP_URG | TCP_CWR) != 0 || flags & TCP_ACK == 0 {
         return None;
     }
-    let tcp_len = frame.len() - l4;
-    let pseudo = if layout.v6 {
+    if layout.v6 {
         if usize::from(u16::from_be_bytes([frame[l3 + 4], frame[l3 + 5]])) != frame.len() - l3 - 40
         {
             return None;
         }
-        let sum = add_words(0, &frame[l3 + 8..l3 + 40]);
-        add_words(
-            sum,
-            &[0, 0, (tcp_len >> 8) as u8, tcp_len as u8, 0, 0, 0, 6],
-        )
     } else {
         let total = usize::from(u16::from_be_bytes([frame[l3 + 2], frame[l3 + 3]]));
         // More fragments, or a fragment offset: a fragment, not a segment.
         let fragment = u16::from_be_bytes([frame[l3 + 6], frame[l3 + 7]]) & 0x3fff != 0;
-        if total != frame.len() - l3 || fragment || fold(add_words(0, &frame[l3..l4])) != 0xffff {
+        if total != frame.len() - l3
+            || fragment
+            || checksums == Checksums::Verify && fold(add_words(0, &frame[l3..l4])) != 0xffff
+        {
             return None;
         }
-        let sum = add_words(0, &frame[l3 + 12..l3 + 20]);
-        add_words(sum, &[0, 6, (tcp_len >> 8) as u8, tcp_len as u8])
-    };
-    if fold(add_words(pseudo, &frame[l4..])) != 0xffff {
-        return None;
+    }
+    if checksums == Checksums::Verify {
+        let tcp_len = frame.len() - l4;
+        let pseudo = if layout.v6 {
+            let sum = add_words(0, &frame[l3 + 8..l3 + 40]);
+            add_words(
+                sum,
+                &[0, 0, (tcp_len >> 8) as u8, tcp_len as u8, 0, 0, 0, 6],
+            )
+        } else {
+            let sum = add_words(0, &frame[l3 + 12..l3 + 20]);
+            add_words(sum, &[0, 6, (tcp_len >> 8) as u8, tcp_len as u8])
+        };
+        if fold(add_words(pseudo, &frame[l4..])) != 0xffff {
+            return None;
+        }
     }
     let seq = u32::from_be_bytes([frame[l4 + 4], frame[l4 + 5], frame[l4 + 6], frame[l4 + 7]]);
     Some(Segment { layout, seq, flags })

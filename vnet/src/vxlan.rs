@@ -63,10 +63,32 @@ pub enum VxlanError {
     VniOutOfRange(u32),
 }
 
+/// Vessel's mark in the last reserved byte: the sending Vessel computed every checksum of the
+/// inner frame itself (it cut the frame into segments, or completed a partial checksum), so a
+/// receiving Vessel may take them as valid without summing the frame again. The bytes in transit
+/// are covered by the outer UDP checksum, which the kernel sends on every Vessel underlay socket
+/// and verifies before the datagram is read. Standard VTEPs send zero here and ignore the byte
+/// (RFC 7348 §5), so their frames are checked as before and ours reach them as plain VXLAN.
+pub const MARK_CHECKSUMS_COMPUTED: u8 = 0x01;
+
 /// The header that precedes a frame of network `vni`.
 pub const fn encode(vni: Vni) -> [u8; HEADER_LEN] {
     let [_, high, mid, low] = vni.0.to_be_bytes();
     [FLAG_VNI_VALID, 0, 0, 0, high, mid, low, 0]
+}
+
+/// [`encode`] with [`MARK_CHECKSUMS_COMPUTED`]: for a frame whose checksums this node computed.
+pub const fn encode_computed(vni: Vni) -> [u8; HEADER_LEN] {
+    let mut header = encode(vni);
+    header[HEADER_LEN - 1] = MARK_CHECKSUMS_COMPUTED;
+    header
+}
+
+/// Whether a received datagram (VXLAN header first) carries [`MARK_CHECKSUMS_COMPUTED`].
+pub fn checksums_computed(datagram: &[u8]) -> bool {
+    datagram
+        .get(HEADER_LEN - 1)
+        .is_some_and(|byte| byte & MARK_CHECKSUMS_COMPUTED != 0)
 }
 
 /// Checks the header of a received datagram; returns its VNI and the inner frame.
@@ -87,6 +109,19 @@ pub fn decode(datagram: &[u8]) -> Result<(Vni, &[u8]), VxlanError> {
 mod tests {
     use super::*;
     use proptest::prelude::*;
+
+    #[test]
+    fn the_checksum_mark_is_a_reserved_bit_and_changes_nothing_else() {
+        let vni = Vni::new(0x12_3456).unwrap();
+        let marked = encode_computed(vni);
+        assert_eq!(marked, [0x08, 0, 0, 0, 0x12, 0x34, 0x56, 0x01]);
+        let mut datagram = marked.to_vec();
+        datagram.extend_from_slice(b"inner frame");
+        assert!(checksums_computed(&datagram));
+        assert_eq!(decode(&datagram), Ok((vni, &b"inner frame"[..])));
+        assert!(!checksums_computed(&encode(vni)));
+        assert!(!checksums_computed(&marked[..HEADER_LEN - 1]));
+    }
 
     #[test]
     fn layout_is_the_rfc_one() {

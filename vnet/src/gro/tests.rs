@@ -521,3 +521,45 @@ proptest! {
         }
     }
 }
+
+#[test]
+fn segments_whose_checksums_the_sender_computed_merge_without_being_summed() {
+    for v6 in [false, true] {
+        let mss = 1398;
+        let original = gso_frame(v6, 40000, &[], &payload(8_000, 0));
+        let segments = segments_of(&original, mss);
+        // Zeroed checksum fields: verified, no segment merges; taken as computed, they merge
+        // into the same frame as correct ones would (its checksum is left partial anyway).
+        let zeroed: Vec<Vec<u8>> = segments
+            .iter()
+            .map(|segment| {
+                let mut segment = segment.clone();
+                let l4 = l4_of(&segment);
+                segment[l4 + 16..l4 + 18].fill(0);
+                if !v6 {
+                    segment[24..26].fill(0);
+                }
+                segment
+            })
+            .collect();
+        let verified = coalesce(&on_one_port(&zeroed));
+        assert_eq!(verified.len(), segments.len(), "v6 {v6}: none merged");
+        assert!(verified.iter().all(|out| out.1.gso_type == GSO_NONE));
+
+        let mut coalescer = Coalescer::new();
+        let mut out: Out = Vec::new();
+        let mut emit =
+            |key, c: Coalesced<'_>| out.push((key, c.header, c.frame.to_vec(), c.segments));
+        for segment in &zeroed {
+            coalescer.push_computed(1, segment, &mut emit);
+        }
+        coalescer.flush(&mut emit);
+        let correct = coalesce(&on_one_port(&segments));
+        assert_eq!(out.len(), 1, "v6 {v6}: one frame");
+        assert_eq!(out[0].3, segments.len());
+        assert_eq!(out[0].1, correct[0].1);
+        // The merged frame's checksums are set from its own bytes (the IPv4 header's in full, the
+        // TCP one partial), never from the segments' fields.
+        assert!(out[0].2 == correct[0].2, "v6 {v6}: the same merged frame");
+    }
+}
