@@ -17,7 +17,8 @@
 //! the original segments byte for byte:
 //! - same egress, untagged Ethernet, TCP over IPv4 (not a fragment) or IPv6 (no extension
 //!   headers), with IP lengths that match the frame (no padding) and valid IPv4 header and TCP
-//!   checksums (the merged frame's checksum is left partial, so nobody would check them later);
+//!   checksums (the merged frame's checksum is left partial, so nobody would check them later):
+//!   verified here, unless the caller vouches for them ([`Coalescer::push_computed`]);
 //! - all header bytes equal to the first segment's except the IPv4 length, id (which must be the
 //!   first's plus the segment's index) and header checksum, the IPv6 payload length, and the TCP
 //!   sequence number (which must continue exactly where the previous segment ended) and checksum;

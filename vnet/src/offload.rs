@@ -104,9 +104,10 @@ pub enum OffloadError {
 /// to 16 bits. `data` of odd length counts as if padded with a zero byte, so only the last slice
 /// of a chain of calls may be odd.
 ///
-/// Every payload byte the overlay carries is summed twice (segments leaving get their checksum,
-/// segments arriving are verified before they are merged), so this runs with AVX2 where the CPU
-/// has it: about twice the speed of the portable loop.
+/// Every payload byte the overlay carries is summed at least once (segments leaving get their
+/// checksum; segments arriving from a VTEP that did not mark its checksums as computed are
+/// verified before they are merged), so this runs with AVX2 where the CPU has it: about twice the
+/// speed of the portable loop.
 pub(crate) fn add_words(sum: u32, data: &[u8]) -> u32 {
     #[cfg(target_arch = "x86_64")]
     if std::arch::is_x86_feature_detected!("avx2") {
