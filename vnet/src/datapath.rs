@@ -42,8 +42,8 @@
 //!   datagrams. If the kernel or route refuses UDP GSO, the core says so once and sends one
 //!   datagram per call from then on. A frame with only a partial checksum has it completed and
 //!   goes as one datagram.
-//!   Datagrams whose inner checksums the core computed (cut segments, completed checksums) carry
-//!   Vessel's mark in a reserved byte of the VXLAN header ([`vxlan::MARK_CHECKSUMS_COMPUTED`]).
+//!   Segments the core cut (every checksum in them computed here) carry Vessel's mark in a
+//!   reserved byte of the VXLAN header ([`vxlan::MARK_CHECKSUMS_COMPUTED`]).
 //! - From the underlay, the socket has UDP GRO on: one read may return a run of datagrams of one
 //!   sender, which the core cuts up again ([`crate::underlay::datagrams`]). Every datagram gets
 //!   its own switch decision (learning, counters, isolation, drops). Those the switch sends to a
@@ -527,21 +527,17 @@ impl Forwarder<'_> {
         match egress {
             Egress::Port(port) => self.write_port(port, queue_hint, header, frame),
             Egress::Vtep { addr, vni } => {
-                // Segments cut here and checksums completed here are marked as computed by this
-                // node; a frame that goes as it came is not (its sender's checksum is unchecked).
+                // Segments cut here have every checksum computed here (IPv4 header and TCP): they
+                // are marked so. A single frame is not, even one whose partial checksum is completed
+                // here: its IPv4 header checksum is its sender's, unchecked.
                 if header.is_gso() {
                     return self.send_segments(addr, &vxlan::encode_computed(vni), header, frame);
                 }
-                let completes = header.flags & offload::FLAG_NEEDS_CSUM != 0;
                 let outgoing = &mut self.scratch.outgoing;
                 outgoing.clear();
-                outgoing.extend_from_slice(&if completes {
-                    vxlan::encode_computed(vni)
-                } else {
-                    vxlan::encode(vni)
-                });
+                outgoing.extend_from_slice(&vxlan::encode(vni));
                 outgoing.extend_from_slice(frame);
-                if completes
+                if header.flags & offload::FLAG_NEEDS_CSUM != 0
                     && offload::complete_checksum(header, &mut outgoing[vxlan::HEADER_LEN..])
                         .is_err()
                 {

@@ -64,7 +64,7 @@ pub enum VxlanError {
 }
 
 /// Vessel's mark in the last reserved byte: the sending Vessel computed every checksum of the
-/// inner frame itself (it cut the frame into segments, or completed a partial checksum), so a
+/// inner frame itself (it cut the frame from a larger one into segments), so a
 /// receiving Vessel may take them as valid without summing the frame again. The bytes in transit
 /// are covered by the outer UDP checksum, which the kernel sends on every Vessel underlay socket
 /// and verifies before the datagram is read. Standard VTEPs send zero here and ignore the byte
