@@ -347,6 +347,7 @@ enum Checksums {
 
 /// The segment, if `frame` is a TCP data segment the coalescer may merge (see the module docs).
 fn mergeable(frame: &[u8], checksums: Checksums) -> Option<Segment> {
+    let verify = checksums == Checksums::Verify;
     if frame.get(12..14)? != ETHERTYPE_IPV4 && frame[12..14] != ETHERTYPE_IPV6 {
         return None;
     }
@@ -372,12 +373,12 @@ fn mergeable(frame: &[u8], checksums: Checksums) -> Option<Segment> {
         let fragment = u16::from_be_bytes([frame[l3 + 6], frame[l3 + 7]]) & 0x3fff != 0;
         if total != frame.len() - l3
             || fragment
-            || checksums == Checksums::Verify && fold(add_words(0, &frame[l3..l4])) != 0xffff
+            || verify && fold(add_words(0, &frame[l3..l4])) != 0xffff
         {
             return None;
         }
     }
-    if checksums == Checksums::Verify {
+    if verify {
         let tcp_len = frame.len() - l4;
         let pseudo = if layout.v6 {
             let sum = add_words(0, &frame[l3 + 8..l3 + 40]);
