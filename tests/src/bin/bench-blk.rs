@@ -11,6 +11,10 @@
 //!
 //! Run it with a release build, as root or not:
 //!     cargo run --release -p vessel-tests --bin bench-blk -- [--seconds 5] [--rounds 3] [--size 1G]
+//!
+//! `--memory-disk` (as root) puts both backing files on an ext4 filesystem in memory (a loop device over a file in
+//! /dev/shm) instead of on the machine's disk: the device then costs a few microseconds per request rather than tens,
+//! and what the two servers spend per request on the CPUs decides the figures.
 
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
@@ -33,8 +37,12 @@ struct Args {
     #[arg(long, default_value = "1G", value_parser = size_arg)]
     size: u64,
     /// Where to put the backing files and the daemon's data (a real filesystem: O_DIRECT).
-    #[arg(long)]
+    #[arg(long, conflicts_with = "memory_disk")]
     dir: Option<PathBuf>,
+    /// Put them on an ext4 filesystem in memory instead, set up for the run and removed after it
+    /// (as root: a loop device over a file in /dev/shm).
+    #[arg(long)]
+    memory_disk: bool,
     /// Run only the jobs whose name contains this text (e.g. "randread qd32 x2q").
     #[arg(long)]
     only: Option<String>,
@@ -90,22 +98,107 @@ impl Drop for StorageDaemon {
     }
 }
 
+/// An ext4 filesystem in memory: a file in /dev/shm behind a loop device, mounted for the run. The loop device does
+/// buffered I/O on its file, so an O_DIRECT request above it costs a copy in memory, not a trip to a disk.
+struct MemoryDisk {
+    image: PathBuf,
+    device: Option<String>,
+    mount: PathBuf,
+    mounted: bool,
+}
+
+impl MemoryDisk {
+    fn create(bytes: u64, mount: &Path) -> anyhow::Result<MemoryDisk> {
+        let image = PathBuf::from(format!(
+            "/dev/shm/vessel-bench-blk-{}.img",
+            std::process::id()
+        ));
+        let mut disk = MemoryDisk {
+            image,
+            device: None,
+            mount: mount.to_owned(),
+            mounted: false,
+        };
+        std::fs::File::create(&disk.image)
+            .and_then(|file| file.set_len(bytes))
+            .with_context(|| format!("creating {}", disk.image.display()))?;
+        let device = run(Command::new("losetup")
+            .arg("--find")
+            .arg("--show")
+            .arg(&disk.image))
+        .context("attaching a loop device (--memory-disk needs root)")?;
+        let device = disk.device.insert(device.trim().to_owned());
+        run(Command::new("mkfs.ext4").args(["-q", "-F"]).arg(&*device))?;
+        std::fs::create_dir_all(mount)?;
+        run(Command::new("mount").arg(&*device).arg(mount))?;
+        disk.mounted = true;
+        Ok(disk)
+    }
+}
+
+impl Drop for MemoryDisk {
+    fn drop(&mut self) {
+        if self.mounted {
+            let _ = run(Command::new("umount").arg(&self.mount));
+            let _ = std::fs::remove_dir(&self.mount);
+        }
+        if let Some(device) = &self.device {
+            let _ = run(Command::new("losetup").arg("--detach").arg(device));
+        }
+        let _ = std::fs::remove_file(&self.image);
+    }
+}
+
+/// Runs a command to the end; its standard output, or an error with its standard error.
+fn run(command: &mut Command) -> anyhow::Result<String> {
+    let output = command
+        .output()
+        .with_context(|| format!("running {command:?}"))?;
+    if !output.status.success() {
+        bail!(
+            "{command:?} failed: {}",
+            String::from_utf8_lossy(&output.stderr).trim()
+        );
+    }
+    Ok(String::from_utf8_lossy(&output.stdout).into_owned())
+}
+
+/// A figure for the table, or "-" where the system was not measured.
+fn cell(value: f64, decimals: usize) -> String {
+    if value.is_nan() {
+        "-".to_owned()
+    } else {
+        format!("{value:.decimals$}")
+    }
+}
+
 fn main() -> anyhow::Result<()> {
     let args = Args::parse();
     if cfg!(debug_assertions) {
         eprintln!("warning: this is a debug build; run with --release for meaningful figures");
     }
+    let size = args.size;
+    // Vessel's pool holds its volume and some room; the daemon's metadata and the reference's file come beside it.
+    let pool = size + (size / 4).max(256 << 20);
+    let default_base = std::env::current_dir()?.join("target/bench-blk");
+    let memory_disk = if args.memory_disk {
+        Some(MemoryDisk::create(
+            pool + size + (512 << 20),
+            &default_base,
+        )?)
+    } else {
+        None
+    };
     let base = match &args.dir {
         Some(dir) => dir.clone(),
-        None => std::env::current_dir()?.join("target/bench-blk"),
+        None if memory_disk.is_some() => default_base.join("run"),
+        None => default_base,
     };
     let _ = std::fs::remove_dir_all(&base);
     std::fs::create_dir_all(&base)?;
     let duration = Duration::from_secs(args.seconds);
-    let size = args.size;
 
     // Vessel: a single-node daemon; the volume lives in its file-backed pool. Its extents are allocated by the fill.
-    let pool = size + (size / 4).max(256 << 20);
     let config = format!("default_disk_size = \"{pool}\"\n");
     let daemon = Daemon::start(
         &base.join("vessel"),
@@ -161,6 +254,9 @@ fn main() -> anyhow::Result<()> {
         args.seconds, args.rounds
     );
     println!("reference: {version}, raw file, cache.direct=on, aio=io_uring");
+    if memory_disk.is_some() {
+        println!("both backing files on ext4 in memory (a loop device over a file in /dev/shm)");
+    }
     println!(
         "cpu: the serving process's CPU time per request; x: median of the per-round ratios Vessel / QSD"
     );
@@ -264,20 +360,20 @@ fn main() -> anyhow::Result<()> {
             )
         };
         println!(
-            "{:<20} {:>11.0} {:>8.1} {:>7.0} {:>6.1}   {:>9.0} {:>8.1} {:>7.0} {:>6.1}   {:>6.2} {:>6.2} {:>6.2} {:>6.2}",
+            "{:<20} {:>11} {:>8} {:>7} {:>6}   {:>9} {:>8} {:>7} {:>6}   {:>6} {:>6} {:>6} {:>6}",
             job.to_string(),
-            pick(&vessel, |f| f.iops),
-            pick(&vessel, |f| f.mean_us),
-            pick(&vessel, |f| f.p99_us),
-            pick(&vessel, |f| f.cpu_us),
-            pick(&reference, |f| f.iops),
-            pick(&reference, |f| f.mean_us),
-            pick(&reference, |f| f.p99_us),
-            pick(&reference, |f| f.cpu_us),
-            ratio(|f| f.iops),
-            ratio(|f| f.mean_us),
-            ratio(|f| f.p99_us),
-            ratio(|f| f.cpu_us),
+            cell(pick(&vessel, |f| f.iops), 0),
+            cell(pick(&vessel, |f| f.mean_us), 1),
+            cell(pick(&vessel, |f| f.p99_us), 0),
+            cell(pick(&vessel, |f| f.cpu_us), 1),
+            cell(pick(&reference, |f| f.iops), 0),
+            cell(pick(&reference, |f| f.mean_us), 1),
+            cell(pick(&reference, |f| f.p99_us), 0),
+            cell(pick(&reference, |f| f.cpu_us), 1),
+            cell(ratio(|f| f.iops), 2),
+            cell(ratio(|f| f.mean_us), 2),
+            cell(ratio(|f| f.p99_us), 2),
+            cell(ratio(|f| f.cpu_us), 2),
         );
         // Each system's run against the disk's run of the same round.
         let share = |runs: &[Figures]| {
@@ -322,5 +418,6 @@ fn main() -> anyhow::Result<()> {
     drop(qsd);
     drop(daemon);
     let _ = std::fs::remove_dir_all(&base);
+    drop(memory_disk);
     Ok(())
 }

@@ -239,7 +239,8 @@ impl<'a> QueueWorker<'a> {
     /// Looks for more work for up to [`POLL_WINDOW`] before the worker goes to sleep in epoll: right after
     /// activity the next request (at low depth) or the next completions (at high depth) usually follow within
     /// microseconds, and finding them here saves a sleep, a wake-up and the eventfd traffic in both directions.
-    /// An idle queue spins once for the window and then sleeps; it never burns a core. True if it did work.
+    /// An idle queue looks once for the window and then sleeps; it never burns a core. Between looks it yields its
+    /// CPU, so the guest's vCPU thread or another queue's worker that shares it is not held up. True if it did work.
     fn poll(&mut self, vring: &mut Vring) -> Result<bool, WorkerError> {
         if self.io.in_flight() == 0 {
             self.poll.idle();
@@ -262,7 +263,9 @@ impl<'a> QueueWorker<'a> {
             if Instant::now() >= deadline {
                 return Ok(false);
             }
-            std::hint::spin_loop();
+            // Another thread on this CPU (the guest's vCPU, another queue's worker) runs first if
+            // it is ready: a worker spinning in its way delays the very request it waits for.
+            std::thread::yield_now();
         }
     }
 
