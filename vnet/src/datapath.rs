@@ -36,10 +36,11 @@
 //! kernel hands over frames of up to 64 KiB with partial checksums, described by their virtio-net
 //! header. Between taps the frame and its header pass as they are: nobody segments or checksums
 //! anything. The overlay carries MTU-sized frames, and moves them in bulk both ways:
-//! - To a VTEP, a GSO frame is cut into segments in software ([`offload::segment_tcp_into`]),
-//!   each laid behind its VXLAN header back to back in one buffer, and the run goes to the kernel
-//!   in one `sendmsg` with UDP GSO ([`crate::underlay::send_segments`]), which makes the
-//!   datagrams. If the kernel or route refuses UDP GSO, the core says so once and sends one
+//! - To a VTEP, a GSO frame is cut into segments in software ([`offload::segment_tcp_headers`]):
+//!   only each segment's headers, behind its VXLAN header, are written here; the run goes to the
+//!   kernel in one `sendmsg` with UDP GSO ([`crate::underlay::send_segments`]), gathering each
+//!   segment from its headers and its payload where it lies in the frame read from the port, and
+//!   the kernel makes the datagrams. If the kernel or route refuses UDP GSO, the core says so once and sends one
 //!   datagram per call from then on. A frame with only a partial checksum has it completed and
 //!   goes as one datagram.
 //!   Segments the core cut (every checksum in them computed here) carry Vessel's mark in a
@@ -61,6 +62,7 @@ use std::collections::HashMap;
 use std::fs::File;
 use std::io::{self, IoSlice, Read, Write};
 use std::net::{SocketAddr, UdpSocket};
+use std::ops::Range;
 use std::os::fd::AsRawFd;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, PoisonError, RwLock, RwLockReadGuard, RwLockWriteGuard};
@@ -408,8 +410,11 @@ impl PortSender {
 struct Scratch {
     /// Where the switch sends a frame.
     out: Vec<Egress>,
-    /// Datagrams being built for the underlay: one, or a run of segments sent at once.
+    /// A datagram being built for the underlay, or the headers of a GSO frame's segments.
     outgoing: Vec<u8>,
+    /// Where each segment of a GSO frame bound for the underlay lies: its headers in `outgoing`,
+    /// its payload in the frame.
+    cuts: Vec<(Range<usize>, Range<usize>)>,
     /// Segments of a GSO frame for a virtual port that takes none.
     segments: Vec<u8>,
     /// Virtual ports pushed to since the last flush.
@@ -423,6 +428,7 @@ impl Scratch {
             outgoing: Vec::with_capacity(
                 underlay::MAX_SEGMENTS_LEN + vxlan::HEADER_LEN + MAX_FRAME,
             ),
+            cuts: Vec::new(),
             segments: Vec::new(),
             touched: Vec::new(),
         }
@@ -548,8 +554,9 @@ impl Forwarder<'_> {
         }
     }
 
-    /// Cuts a GSO frame into segments and sends each, behind `vxlan`, to `addr`: laid back to
-    /// back in runs of at most [`underlay::MAX_SEGMENTS`] that go in one send each (UDP GSO).
+    /// Cuts a GSO frame into segments and sends each, behind `vxlan`, to `addr`: in runs of at
+    /// most [`underlay::MAX_SEGMENTS`] that go in one send each (UDP GSO). Only the segments'
+    /// headers are written here; their payloads go to the kernel straight from `frame`.
     fn send_segments(
         &mut self,
         addr: SocketAddr,
@@ -557,26 +564,38 @@ impl Forwarder<'_> {
         header: &VirtioNetHeader,
         frame: &[u8],
     ) -> bool {
-        let shared = self.shared;
-        let outgoing = &mut self.scratch.outgoing;
-        outgoing.clear();
-        let (mut size, mut count, mut sent) = (0, 0, true);
-        let cut = offload::segment_tcp_into(header, frame, vxlan, outgoing, |run| {
-            count += 1;
-            if count == 1 {
-                // The first datagram is full-sized, unless it is the only one.
-                size = run.len();
-            }
-            if count == underlay::MAX_SEGMENTS || run.len() + size > underlay::MAX_SEGMENTS_LEN {
-                sent &= send_run(shared, addr, run, size);
-                run.clear();
-                count = 0;
-            }
+        let Scratch {
+            outgoing: headers,
+            cuts,
+            ..
+        } = &mut self.scratch;
+        headers.clear();
+        cuts.clear();
+        let cut = offload::segment_tcp_headers(header, frame, vxlan, headers, |own, payload| {
+            cuts.push((own, payload));
         });
-        if !outgoing.is_empty() {
-            sent &= send_run(shared, addr, outgoing, size);
+        if cut.is_err() {
+            return false;
         }
-        cut.is_ok() && sent
+        // Every datagram but the last is as long as the first.
+        let Some(size) = cuts.first().map(|(own, payload)| own.len() + payload.len()) else {
+            return false;
+        };
+        let per_run = underlay::MAX_SEGMENTS
+            .min(underlay::MAX_SEGMENTS_LEN / size)
+            .max(1);
+        let mut datagrams = [[IoSlice::new(&[]); 2]; underlay::MAX_SEGMENTS];
+        let mut sent = true;
+        for run in cuts.chunks(per_run) {
+            for (datagram, (own, payload)) in datagrams.iter_mut().zip(run) {
+                *datagram = [
+                    IoSlice::new(&headers[own.clone()]),
+                    IoSlice::new(&frame[payload.clone()]),
+                ];
+            }
+            sent &= send_run(self.shared, addr, &datagrams[..run.len()], size);
+        }
+        sent
     }
 
     /// Hands a frame, behind its virtio-net header, to `port`: written to one of a tap's queues,
@@ -898,13 +917,19 @@ impl Core {
     }
 }
 
-/// Sends `run`, datagrams of `size` bytes back to back (the last may be shorter), to `addr`: in
-/// one send if UDP GSO is on, else one at a time. A kernel or route that refuses UDP GSO turns
-/// it off for good (the run then goes one datagram at a time).
-fn send_run(shared: &Shared, addr: SocketAddr, run: &[u8], size: usize) -> bool {
+/// Sends `datagrams`, each gathered from its pieces and `size` bytes long but the last (which may
+/// be shorter), to `addr`: in one send if UDP GSO is on, else one at a time. A kernel or route
+/// that refuses UDP GSO turns it off for good (the run then goes one datagram at a time).
+fn send_run(
+    shared: &Shared,
+    addr: SocketAddr,
+    datagrams: &[[IoSlice<'_>; 2]],
+    size: usize,
+) -> bool {
     let underlay = &shared.underlay;
-    if shared.gso.load(Ordering::Relaxed) && run.len() > size {
-        match underlay::send_segments(underlay, addr, run, size as u16) {
+    if shared.gso.load(Ordering::Relaxed) && datagrams.len() > 1 {
+        let pieces = datagrams.as_flattened();
+        match underlay::send_segments(underlay, addr, pieces, Some(size as u16)) {
             Ok(()) => return true,
             Err(error)
                 if matches!(
@@ -920,9 +945,9 @@ fn send_run(shared: &Shared, addr: SocketAddr, run: &[u8], size: usize) -> bool 
         }
     }
     // Every datagram is tried, whether or not an earlier one was refused.
-    let refused = run
-        .chunks(size.max(1))
-        .filter(|datagram| underlay.send_to(datagram, addr).is_err())
+    let refused = datagrams
+        .iter()
+        .filter(|pieces| underlay::send_segments(underlay, addr, &pieces[..], None).is_err())
         .count();
     refused == 0
 }

@@ -6,8 +6,8 @@
 //! TSO) hands the switch frames of up to 64 KiB whose virtio-net header says "cut me into
 //! `gso_size` segments" and/or "my checksum is partial". Between two such ports the header travels
 //! with the frame and nobody segments anything. The underlay cannot carry a header: a frame bound
-//! for a VTEP is cut into MTU-sized segments ([`segment_tcp`], or [`segment_tcp_into`] to lay
-//! them out behind a VXLAN header in one buffer for a UDP GSO send) or has its checksum completed
+//! for a VTEP is cut into MTU-sized segments ([`segment_tcp`]; [`segment_tcp_headers`] writes only
+//! their headers, behind a VXLAN header, for a gather send with UDP GSO) or has its checksum completed
 //! ([`complete_checksum`]) first, and goes out as ordinary frames. The way back, merging segments
 //! into one such frame for a tap, is [`crate::gro`]'s.
 //!
@@ -17,6 +17,7 @@
 //! full, so a segment is valid on its own whoever receives it.
 
 use std::net::{Ipv4Addr, Ipv6Addr};
+use std::ops::Range;
 
 /// Length of the virtio-net header on tap queues (`virtio_net_hdr_v1`, with `num_buffers`).
 pub const HEADER_LEN: usize = 12;
@@ -240,75 +241,116 @@ pub fn segment_tcp(
     scratch: &mut Vec<u8>,
     mut emit: impl FnMut(&[u8]),
 ) -> Result<(), OffloadError> {
-    scratch.clear();
-    segment_tcp_into(header, frame, &[], scratch, |segment| {
-        emit(segment);
-        segment.clear();
-    })
+    let cut = Cut::new(header, frame)?;
+    for (index, chunk) in cut.chunks().enumerate() {
+        scratch.clear();
+        scratch.extend_from_slice(cut.headers);
+        scratch.extend_from_slice(chunk);
+        let (headers, payload) = scratch.split_at_mut(cut.headers.len());
+        cut.finish(index, headers, payload);
+        emit(scratch);
+    }
+    Ok(())
 }
 
-/// [`segment_tcp`] for a caller that lays segments out itself: each segment is appended to
-/// `buffer` behind `prefix` (a VXLAN header, say), and `appended` is called with the buffer after
-/// each; it may take what the buffer holds and clear it. All segments but the last carry
-/// `gso_size` bytes of payload. Nothing is appended when the frame is refused.
-pub fn segment_tcp_into(
+/// [`segment_tcp`] without copying the payload, for a gather write: for each segment, `prefix`
+/// and the segment's own headers are appended to `headers`, and `segment` is called with where
+/// they lie in `headers` and where the segment's payload lies in `frame`. The segment is those
+/// two pieces back to back; all but the last carry `gso_size` bytes of payload. Nothing is
+/// appended when the frame is refused.
+pub fn segment_tcp_headers(
     header: &VirtioNetHeader,
     frame: &[u8],
     prefix: &[u8],
-    buffer: &mut Vec<u8>,
-    mut appended: impl FnMut(&mut Vec<u8>),
+    headers: &mut Vec<u8>,
+    mut segment: impl FnMut(Range<usize>, Range<usize>),
 ) -> Result<(), OffloadError> {
-    let kind = header.gso_type & !GSO_ECN;
-    if kind != GSO_TCPV4 && kind != GSO_TCPV6 {
-        return Err(OffloadError::UnsupportedGso(header.gso_type));
+    let cut = Cut::new(header, frame)?;
+    let mut payload_at = cut.headers.len();
+    for (index, chunk) in cut.chunks().enumerate() {
+        let start = headers.len();
+        headers.extend_from_slice(prefix);
+        headers.extend_from_slice(cut.headers);
+        let own = headers.len() - cut.headers.len();
+        cut.finish(index, &mut headers[own..], chunk);
+        segment(start..headers.len(), payload_at..payload_at + chunk.len());
+        payload_at += chunk.len();
     }
-    let layout = tcp_layout(frame).ok_or(OffloadError::Malformed)?;
-    if layout.v6 != (kind == GSO_TCPV6) {
-        return Err(OffloadError::Malformed);
+    Ok(())
+}
+
+/// A TCP GSO frame checked for cutting: what every segment shares, and what varies from one to
+/// the next.
+struct Cut<'f> {
+    layout: TcpLayout,
+    /// The frame's headers, Ethernet to TCP: each segment starts with a copy of them.
+    headers: &'f [u8],
+    payload: &'f [u8],
+    mss: usize,
+    count: usize,
+    seq: u32,
+    ip_id: u16,
+    flags: u8,
+}
+
+impl<'f> Cut<'f> {
+    fn new(header: &VirtioNetHeader, frame: &'f [u8]) -> Result<Self, OffloadError> {
+        let kind = header.gso_type & !GSO_ECN;
+        if kind != GSO_TCPV4 && kind != GSO_TCPV6 {
+            return Err(OffloadError::UnsupportedGso(header.gso_type));
+        }
+        let layout = tcp_layout(frame).ok_or(OffloadError::Malformed)?;
+        if layout.v6 != (kind == GSO_TCPV6) {
+            return Err(OffloadError::Malformed);
+        }
+        let mss = usize::from(header.gso_size);
+        if mss == 0 || mss > 65535 - layout.payload {
+            return Err(OffloadError::BadSegmentSize(header.gso_size));
+        }
+        let (headers, payload) = frame.split_at(layout.payload);
+        let l4 = layout.l4;
+        Ok(Cut {
+            layout,
+            headers,
+            payload,
+            mss,
+            count: payload.len().div_ceil(mss).max(1),
+            seq: u32::from_be_bytes([frame[l4 + 4], frame[l4 + 5], frame[l4 + 6], frame[l4 + 7]]),
+            ip_id: u16::from_be_bytes([frame[layout.l3 + 4], frame[layout.l3 + 5]]),
+            flags: frame[l4 + 13],
+        })
     }
-    let mss = usize::from(header.gso_size);
-    if mss == 0 || mss > 65535 - layout.payload {
-        return Err(OffloadError::BadSegmentSize(header.gso_size));
+
+    /// Each segment's payload, in order: one empty one for a frame without payload.
+    fn chunks(&self) -> impl Iterator<Item = &'f [u8]> + use<'f> {
+        let payload = self.payload;
+        payload
+            .chunks(self.mss)
+            .chain(payload.is_empty().then_some(&[][..]))
     }
-    let headers = &frame[..layout.payload];
-    let payload = &frame[layout.payload..];
-    let seq = u32::from_be_bytes(
-        frame[layout.l4 + 4..layout.l4 + 8]
-            .try_into()
-            .unwrap_or_default(),
-    );
-    let ip_id = u16::from_be_bytes([frame[layout.l3 + 4], frame[layout.l3 + 5]]);
-    let flags = frame[layout.l4 + 13];
-    let count = payload.len().div_ceil(mss).max(1);
-    for (index, chunk) in payload
-        .chunks(mss)
-        .chain(payload.is_empty().then_some(&[][..]))
-        .enumerate()
-    {
-        buffer.extend_from_slice(prefix);
-        let start = buffer.len();
-        buffer.extend_from_slice(headers);
-        buffer.extend_from_slice(chunk);
-        let segment = &mut buffer[start..];
-        let tcp_len = segment.len() - layout.l4;
-        let offset = u32::try_from(index * mss).unwrap_or(0);
-        // Sequence number, and the flags that belong to the first or the last segment only.
-        segment[layout.l4 + 4..layout.l4 + 8]
-            .copy_from_slice(&seq.wrapping_add(offset).to_be_bytes());
-        let mut segment_flags = flags;
-        if index + 1 < count {
-            segment_flags &= !(TCP_FIN | TCP_PSH);
+
+    /// Turns `headers`, a copy of the frame's, into those of segment `index`, which carries
+    /// `payload`: sequence number, flags, IP lengths (and, for IPv4, the id and header checksum),
+    /// then the TCP checksum. Every length fits in 16 bits: a segment is at most 65535 bytes, as
+    /// `mss` was bounded in [`Cut::new`].
+    fn finish(&self, index: usize, headers: &mut [u8], payload: &[u8]) {
+        let TcpLayout { l3, l4, v6, .. } = self.layout;
+        let tcp_len = headers.len() - l4 + payload.len();
+        let offset = u32::try_from(index * self.mss).unwrap_or(0);
+        headers[l4 + 4..l4 + 8].copy_from_slice(&self.seq.wrapping_add(offset).to_be_bytes());
+        // The flags that belong to the first or the last segment only.
+        let mut flags = self.flags;
+        if index + 1 < self.count {
+            flags &= !(TCP_FIN | TCP_PSH);
         }
         if index > 0 {
-            segment_flags &= !TCP_CWR;
+            flags &= !TCP_CWR;
         }
-        segment[layout.l4 + 13] = segment_flags;
-        // IP lengths (and, for IPv4, the id and header checksum); then the TCP checksum. Every
-        // length fits in 16 bits: a segment is at most 65535 bytes, as `mss` was bounded above.
-        let pseudo = if layout.v6 {
+        headers[l4 + 13] = flags;
+        let pseudo = if v6 {
             let payload_len = tcp_len as u16;
-            segment[layout.l3 + 4..layout.l3 + 6].copy_from_slice(&payload_len.to_be_bytes());
-            let addresses = &segment[layout.l3 + 8..layout.l3 + 40];
+            headers[l3 + 4..l3 + 6].copy_from_slice(&payload_len.to_be_bytes());
+            let addresses = &headers[l3 + 8..l3 + 40];
             add_words(
                 add_words(0, addresses),
                 &[
@@ -323,25 +365,24 @@ pub fn segment_tcp_into(
                 ],
             )
         } else {
-            let total = (segment.len() - layout.l3) as u16;
-            segment[layout.l3 + 2..layout.l3 + 4].copy_from_slice(&total.to_be_bytes());
-            let id = ip_id.wrapping_add(index as u16);
-            segment[layout.l3 + 4..layout.l3 + 6].copy_from_slice(&id.to_be_bytes());
-            segment[layout.l3 + 10..layout.l3 + 12].fill(0);
-            let ip_checksum = !fold(add_words(0, &segment[layout.l3..layout.l4]));
-            segment[layout.l3 + 10..layout.l3 + 12].copy_from_slice(&ip_checksum.to_be_bytes());
-            let addresses = &segment[layout.l3 + 12..layout.l3 + 20];
+            let total = (l4 - l3 + tcp_len) as u16;
+            headers[l3 + 2..l3 + 4].copy_from_slice(&total.to_be_bytes());
+            let id = self.ip_id.wrapping_add(index as u16);
+            headers[l3 + 4..l3 + 6].copy_from_slice(&id.to_be_bytes());
+            headers[l3 + 10..l3 + 12].fill(0);
+            let ip_checksum = !fold(add_words(0, &headers[l3..l4]));
+            headers[l3 + 10..l3 + 12].copy_from_slice(&ip_checksum.to_be_bytes());
+            let addresses = &headers[l3 + 12..l3 + 20];
             add_words(
                 add_words(0, addresses),
                 &[0, PROTO_TCP, (tcp_len >> 8) as u8, tcp_len as u8],
             )
         };
-        segment[layout.l4 + 16..layout.l4 + 18].fill(0);
-        let tcp_checksum = !fold(add_words(pseudo, &segment[layout.l4..]));
-        segment[layout.l4 + 16..layout.l4 + 18].copy_from_slice(&tcp_checksum.to_be_bytes());
-        appended(buffer);
+        headers[l4 + 16..l4 + 18].fill(0);
+        // The TCP header is whole 32-bit words long, so the payload's words continue its sum.
+        let sum = add_words(add_words(pseudo, &headers[l4..]), payload);
+        headers[l4 + 16..l4 + 18].copy_from_slice(&(!fold(sum)).to_be_bytes());
     }
-    Ok(())
 }
 
 /// The IPv4 pseudo-header sum Linux leaves in a partial TCP checksum (for tests and for building

@@ -1,9 +1,10 @@
 //! The underlay socket's segmentation offloads: UDP GSO to send many VXLAN datagrams in one
 //! system call, UDP GRO to receive many in one.
 //!
-//! Send: [`send_segments`] hands the kernel a buffer of datagrams laid back to back, all of one
-//! size but the last, with a `UDP_SEGMENT` control message giving that size; the kernel (or the
-//! NIC) cuts it into datagrams with their own UDP and IP headers. [`gso_supported`] says whether
+//! Send: [`send_segments`] hands the kernel datagrams laid back to back (gathered from pieces, so
+//! a datagram's payload need not be copied next to its headers), all of one size but the last,
+//! with a `UDP_SEGMENT` control message giving that size; the kernel (or the NIC) cuts them into
+//! datagrams with their own UDP and IP headers. [`gso_supported`] says whether
 //! the kernel knows the option at all (Linux 4.18); a route or device that refuses it is reported
 //! by the send itself (`EIO`, `EINVAL`), and the caller then falls back to one datagram per call.
 //!
@@ -12,7 +13,7 @@
 //! [`receive`] reads one such buffer (or a single datagram) with its source and that size, and
 //! [`datagrams`] cuts it up again, refusing a size that cannot describe the buffer.
 
-use std::io;
+use std::io::{self, IoSlice};
 use std::net::{Ipv4Addr, Ipv6Addr, SocketAddr, SocketAddrV4, SocketAddrV6, UdpSocket};
 use std::os::fd::AsRawFd;
 
@@ -112,38 +113,39 @@ fn get_int_option(socket: &UdpSocket, level: i32, name: i32) -> io::Result<libc:
     Ok(value)
 }
 
-/// Sends `datagrams`, laid back to back, each `size` bytes but the last (which may be shorter),
-/// to `to` in one call with `UDP_SEGMENT`.
+/// Sends the bytes of `pieces`, taken in order as one buffer of datagrams laid back to back,
+/// to `to` in one call: with `Some(size)`, as datagrams of `size` bytes each but the last (which
+/// may be shorter), with `UDP_SEGMENT`; with `None`, as a single datagram. The pieces need not
+/// line up with the datagrams (a datagram's headers and its payload may be two pieces, say).
 pub fn send_segments(
     socket: &UdpSocket,
     to: SocketAddr,
-    datagrams: &[u8],
-    size: u16,
+    pieces: &[IoSlice<'_>],
+    size: Option<u16>,
 ) -> io::Result<()> {
     let mut name = [0u8; SOCKADDR_LEN];
     let name_len = encode_sockaddr(to, &mut name);
     let mut control = Control([0; SEND_CONTROL_LEN]);
-    let data = encode_cmsg_header(
-        &mut control.0,
-        libc::SOL_UDP,
-        libc::UDP_SEGMENT,
-        size_of::<u16>(),
-    );
-    control.0[data..data + 2].copy_from_slice(&size.to_ne_bytes());
-    let mut iov = libc::iovec {
-        iov_base: datagrams.as_ptr().cast_mut().cast(),
-        iov_len: datagrams.len(),
-    };
     // SAFETY: msghdr is plain data (pointers and integers), for which all zeroes is valid.
     let mut message: libc::msghdr = unsafe { std::mem::zeroed() };
     message.msg_name = name.as_mut_ptr().cast();
     message.msg_namelen = name_len;
-    message.msg_iov = &raw mut iov;
-    message.msg_iovlen = 1;
-    message.msg_control = control.0.as_mut_ptr().cast();
-    message.msg_controllen = SEND_CONTROL_LEN as _;
-    // SAFETY: every pointer in the message refers to a live local or to `datagrams`, with the
-    // lengths given; the kernel only reads them.
+    // IoSlice is guaranteed ABI-compatible with the system's iovec.
+    message.msg_iov = pieces.as_ptr().cast_mut().cast();
+    message.msg_iovlen = pieces.len() as _;
+    if let Some(size) = size {
+        let data = encode_cmsg_header(
+            &mut control.0,
+            libc::SOL_UDP,
+            libc::UDP_SEGMENT,
+            size_of::<u16>(),
+        );
+        control.0[data..data + 2].copy_from_slice(&size.to_ne_bytes());
+        message.msg_control = control.0.as_mut_ptr().cast();
+        message.msg_controllen = SEND_CONTROL_LEN as _;
+    }
+    // SAFETY: every pointer in the message refers to a live local or to the pieces' memory, with
+    // the lengths given; the kernel only reads them.
     let sent = unsafe { libc::sendmsg(socket.as_raw_fd(), &raw const message, 0) };
     if sent < 0 {
         return Err(io::Error::last_os_error());

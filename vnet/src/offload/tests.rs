@@ -248,42 +248,48 @@ fn headers_are_written_as_they_are_read() {
 }
 
 #[test]
-fn segments_laid_out_behind_a_prefix_are_the_segments() {
-    let frame = gso_frame(false, &payload(10_000), true);
-    let mut scratch = Vec::new();
-    let mut expected = Vec::new();
-    segment_tcp(&header(false, 1400), &frame, &mut scratch, |s| {
-        expected.push(s.to_vec())
-    })
-    .unwrap();
-    // Two at a time, as a caller sending runs would take them.
-    let prefix = [0xaa; 8];
-    let mut buffer = Vec::new();
-    let mut runs: Vec<Vec<u8>> = Vec::new();
-    let mut laid = 0;
-    segment_tcp_into(&header(false, 1400), &frame, &prefix, &mut buffer, |run| {
-        laid += 1;
-        if laid % 2 == 0 {
-            runs.push(std::mem::take(run));
-        }
-    })
-    .unwrap();
-    runs.push(buffer);
-    let mut got = Vec::new();
-    for run in runs.iter().filter(|run| !run.is_empty()) {
-        let mut at = 0;
-        while at < run.len() {
-            assert_eq!(run[at..at + 8], prefix);
-            let len = (1400 + 54).min(run.len() - at - 8);
-            got.push(run[at + 8..at + 8 + len].to_vec());
-            at += 8 + len;
-        }
+fn segments_gathered_from_their_headers_and_the_frame_are_the_segments() {
+    for v6 in [false, true] {
+        let frame = gso_frame(v6, &payload(10_000), true);
+        let mut scratch = Vec::new();
+        let mut expected = Vec::new();
+        segment_tcp(&header(v6, 1400), &frame, &mut scratch, |s| {
+            expected.push(s.to_vec())
+        })
+        .unwrap();
+        let prefix = [0xaa; 8];
+        let mut headers = vec![7; 3];
+        let mut pieces = Vec::new();
+        segment_tcp_headers(
+            &header(v6, 1400),
+            &frame,
+            &prefix,
+            &mut headers,
+            |own, data| {
+                pieces.push((own, data));
+            },
+        )
+        .unwrap();
+        // The segments' headers follow whatever the buffer held, each behind the prefix.
+        assert_eq!(headers[..3], [7, 7, 7]);
+        assert_eq!(pieces[0].0.start, 3);
+        let got: Vec<Vec<u8>> = pieces
+            .iter()
+            .map(|(own, data)| {
+                assert_eq!(headers[own.start..own.start + 8], prefix);
+                [&headers[own.start + 8..own.end], &frame[data.clone()]].concat()
+            })
+            .collect();
+        assert_eq!(got, expected);
+        // Refused frames lay nothing out.
+        let mut headers = vec![1, 2, 3];
+        let refused =
+            segment_tcp_headers(&header(!v6, 1400), &frame, &prefix, &mut headers, |_, _| {
+                panic!("a refused frame has no segments")
+            });
+        assert!(refused.is_err());
+        assert_eq!(headers, vec![1, 2, 3]);
     }
-    assert_eq!(got, expected);
-    // Refused frames lay nothing out.
-    let mut buffer = vec![1, 2, 3];
-    assert!(segment_tcp_into(&header(true, 1400), &frame, &prefix, &mut buffer, |_| {}).is_err());
-    assert_eq!(buffer, vec![1, 2, 3]);
 }
 
 /// The one's complement sum of 16-bit big-endian words, one at a time, as RFC 1071 defines it.

@@ -134,7 +134,16 @@ fn segments_sent_in_one_call_arrive_as_the_datagrams_they_were() {
         .map(|index| vec![index; if index == 9 { 333 } else { 1000 }])
         .collect();
     if gso_supported(&sender) {
-        send_segments(&sender, to, &expected.concat(), 1000).unwrap();
+        // Pieces that do not line up with the datagrams.
+        let bytes = expected.concat();
+        let (first, rest) = bytes.split_at(1500);
+        let (second, third) = rest.split_at(7);
+        let pieces = [
+            IoSlice::new(first),
+            IoSlice::new(second),
+            IoSlice::new(third),
+        ];
+        send_segments(&sender, to, &pieces, Some(1000)).unwrap();
     } else {
         for datagram in &expected {
             sender.send_to(datagram, to).unwrap();
@@ -146,8 +155,14 @@ fn segments_sent_in_one_call_arrive_as_the_datagrams_they_were() {
         // Loopback hands the sender's run over whole to a socket that asked for GRO.
         assert_eq!(reads, 1);
     }
-    // Single datagrams come one at a time, coalesced or not.
-    sender.send_to(b"one", to).unwrap();
+    // Single datagrams come one at a time, coalesced or not; gathered from pieces or not.
+    send_segments(
+        &sender,
+        to,
+        &[IoSlice::new(b"o"), IoSlice::new(b"ne")],
+        None,
+    )
+    .unwrap();
     sender.send_to(&[], to).unwrap();
     let (got, _) = read_datagrams(&receiver, 2);
     assert_eq!(got, vec![b"one".to_vec(), Vec::new()]);
