@@ -40,9 +40,9 @@
 //!   only each segment's headers, behind its VXLAN header, are written here; the run goes to the
 //!   kernel in one `sendmsg` with UDP GSO ([`crate::underlay::send_segments`]), gathering each
 //!   segment from its headers and its payload where it lies in the frame read from the port, and
-//!   the kernel makes the datagrams. If the kernel or route refuses UDP GSO, the core says so once and sends one
-//!   datagram per call from then on. A frame with only a partial checksum has it completed and
-//!   goes as one datagram.
+//!   the kernel makes the datagrams. If the kernel or route refuses UDP GSO, the core says so
+//!   once and sends one datagram per call from then on. A frame with only a partial checksum has
+//!   it completed and goes as one datagram.
 //!   Segments the core cut (every checksum in them computed here) carry Vessel's mark in a
 //!   reserved byte of the VXLAN header ([`vxlan::MARK_CHECKSUMS_COMPUTED`]).
 //! - From the underlay, the socket has UDP GRO on: one read may return a run of datagrams of one

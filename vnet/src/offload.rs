@@ -6,9 +6,9 @@
 //! TSO) hands the switch frames of up to 64 KiB whose virtio-net header says "cut me into
 //! `gso_size` segments" and/or "my checksum is partial". Between two such ports the header travels
 //! with the frame and nobody segments anything. The underlay cannot carry a header: a frame bound
-//! for a VTEP is cut into MTU-sized segments ([`segment_tcp`]; [`segment_tcp_headers`] writes only
-//! their headers, behind a VXLAN header, for a gather send with UDP GSO) or has its checksum completed
-//! ([`complete_checksum`]) first, and goes out as ordinary frames. The way back, merging segments
+//! for a VTEP is cut into MTU-sized segments ([`segment_tcp`]; [`segment_tcp_headers`] writes
+//! only their headers, behind a VXLAN header, for a gather send with UDP GSO) or has its checksum
+//! completed ([`complete_checksum`]) first, and goes out as ordinary frames. The way back, merging segments
 //! into one such frame for a tap, is [`crate::gro`]'s.
 //!
 //! Only TCP over IPv4 and IPv6 (without extension headers) is segmented: those are the offloads
