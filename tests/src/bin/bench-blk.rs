@@ -107,12 +107,13 @@ struct MemoryDisk {
     mounted: bool,
 }
 
+const MEMORY_DISK_PREFIX: &str = "vessel-bench-blk-";
+
 impl MemoryDisk {
     fn create(bytes: u64, mount: &Path) -> anyhow::Result<MemoryDisk> {
-        let image = PathBuf::from(format!(
-            "/dev/shm/vessel-bench-blk-{}.img",
-            std::process::id()
-        ));
+        Self::remove_leftovers(mount);
+        let image =
+            Path::new("/dev/shm").join(format!("{MEMORY_DISK_PREFIX}{}.img", std::process::id()));
         let mut disk = MemoryDisk {
             image,
             device: None,
@@ -133,6 +134,42 @@ impl MemoryDisk {
         run(Command::new("mount").arg(&*device).arg(mount))?;
         disk.mounted = true;
         Ok(disk)
+    }
+}
+
+impl MemoryDisk {
+    /// Takes down what a run stopped by a signal (which skips `Drop`) left behind: its mount, its loop device and the
+    /// memory its file holds. (So two runs with `--memory-disk` on one machine at once would not do.)
+    fn remove_leftovers(mount: &Path) {
+        let mounts = std::fs::read_to_string("/proc/mounts").unwrap_or_default();
+        if mounts
+            .lines()
+            .any(|line| line.split(' ').nth(1) == mount.to_str())
+        {
+            eprintln!("unmounting {} left by an earlier run", mount.display());
+            let _ = run(Command::new("umount").arg(mount));
+        }
+        let Ok(entries) = std::fs::read_dir("/dev/shm") else {
+            return;
+        };
+        for entry in entries.flatten() {
+            let path = entry.path();
+            if !entry
+                .file_name()
+                .to_string_lossy()
+                .starts_with(MEMORY_DISK_PREFIX)
+            {
+                continue;
+            }
+            // `losetup --associated FILE` prints "/dev/loopN: ..." for each device over the file.
+            let devices =
+                run(Command::new("losetup").arg("--associated").arg(&path)).unwrap_or_default();
+            for device in devices.lines().filter_map(|line| line.split(':').next()) {
+                let _ = run(Command::new("losetup").arg("--detach").arg(device));
+            }
+            eprintln!("removing {} left by an earlier run", path.display());
+            let _ = std::fs::remove_file(&path);
+        }
     }
 }
 
