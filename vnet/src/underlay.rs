@@ -4,9 +4,9 @@
 //! Send: [`send_segments`] hands the kernel datagrams laid back to back (gathered from pieces, so
 //! a datagram's payload need not be copied next to its headers), all of one size but the last,
 //! with a `UDP_SEGMENT` control message giving that size; the kernel (or the NIC) cuts them into
-//! datagrams with their own UDP and IP headers. [`gso_supported`] says whether
-//! the kernel knows the option at all (Linux 4.18); a route or device that refuses it is reported
-//! by the send itself (`EIO`, `EINVAL`), and the caller then falls back to one datagram per call.
+//! datagrams with their own UDP and IP headers. [`gso_supported`] says whether the kernel knows
+//! the option at all (Linux 4.18); a route or device that refuses it is reported by the send
+//! itself (`EIO`, `EINVAL`), and the caller then falls back to one datagram per call.
 //!
 //! Receive: with [`enable_gro`] (Linux 5.0), the kernel may hand over consecutive datagrams of
 //! one sender at once, back to back, with a `UDP_GRO` control message giving their size.
@@ -116,7 +116,8 @@ fn get_int_option(socket: &UdpSocket, level: i32, name: i32) -> io::Result<libc:
 /// Sends the bytes of `pieces`, taken in order as one buffer of datagrams laid back to back,
 /// to `to` in one call: with `Some(size)`, as datagrams of `size` bytes each but the last (which
 /// may be shorter), with `UDP_SEGMENT`; with `None`, as a single datagram. The pieces need not
-/// line up with the datagrams (a datagram's headers and its payload may be two pieces, say).
+/// line up with the datagrams (a datagram's headers and its payload may be two pieces, say);
+/// there may be at most 1024 of them (`UIO_MAXIOV`), or the send fails with `EMSGSIZE`.
 pub fn send_segments(
     socket: &UdpSocket,
     to: SocketAddr,
