@@ -157,7 +157,7 @@ fn loop_device_with_4k_sectors() {
     let id = info.id;
     drop((volume, small_blocks, queue, pool));
     let pool = common::pool();
-    assert_eq!(pool.open_disk(&device.path).unwrap().id, id);
+    assert_eq!(reopen_disk(&pool, &device.path).id, id);
     let volume = pool.open_volume(volume_layout).unwrap();
     let mut queue = IoQueue::new(8).unwrap();
     assert!(read(&mut queue, &volume, 0, model.len()).unwrap() == model);

@@ -52,7 +52,7 @@ fn restart_keeps_every_allocation_and_byte() {
 
     let pool = pool();
     for path in paths.iter().rev() {
-        pool.open_disk(path).unwrap();
+        reopen_disk(&pool, path);
     }
     assert_eq!(pool.volumes_on_disk(), on_disk);
     let volume = pool.open_volume(volume_layout).unwrap();
@@ -278,7 +278,7 @@ fn discard_frees_whole_extents_and_zeroes_the_rest() {
     let volume_layout = volume.layout();
     drop((volume, queue, pool));
     let pool = common::pool();
-    pool.open_disk(&dir.path().join("d0")).unwrap();
+    reopen_disk(&pool, &dir.path().join("d0"));
     let volume = pool.open_volume(volume_layout).unwrap();
     let mut queue = IoQueue::new(8).unwrap();
     assert!(read(&mut queue, &volume, 0, model.len()).unwrap() == model);

@@ -135,8 +135,8 @@ proptest! {
         let volume_layout = volume.layout();
         drop((queue, volume, pool));
         let pool = common::pool();
-        pool.open_disk(&disk_a).unwrap();
-        pool.open_disk(&disk_b).unwrap();
+        reopen_disk(&pool, &disk_a);
+        reopen_disk(&pool, &disk_b);
         let volume = pool.open_volume(volume_layout).unwrap();
         let mut queue = IoQueue::new(16).unwrap();
         prop_assert!(read(&mut queue, &volume, 0, SIZE as usize).unwrap() == model, "data differs after re-opening the pool");

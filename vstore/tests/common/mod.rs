@@ -30,6 +30,14 @@ pub fn pool() -> Arc<LocalPool> {
     Arc::new(LocalPool::new(EXTENT))
 }
 
+/// Re-opens a disk after a "restart" within the test process: the queues just dropped may still
+/// hold the file, and so its lock, for a moment while the kernel tears their io_uring down, as a
+/// killed daemon's do (the daemon waits the same way).
+pub fn reopen_disk(pool: &LocalPool, path: &Path) -> vstore::DiskInfo {
+    pool.open_disk_waiting(path, Duration::from_secs(10), || {})
+        .expect("re-open disk")
+}
+
 /// Adds a new sparse disk file `name` of `size` bytes.
 pub fn add_file_disk(pool: &LocalPool, dir: &Path, name: &str, size: u64) -> PathBuf {
     let path = dir.join(name);
