@@ -270,41 +270,12 @@ impl<K> Flow<K> {
     /// Sets the merged frame's lengths and checksums; returns its virtio-net header.
     fn finish(&mut self) -> VirtioNetHeader {
         let TcpLayout {
-            l3,
-            l4,
-            payload,
-            v6,
+            l4, payload, v6, ..
         } = self.layout;
         let frame = &mut self.frame;
         let tcp_len = frame.len() - l4;
-        let pseudo = if v6 {
-            let payload_len = (frame.len() - l3 - 40) as u16;
-            frame[l3 + 4..l3 + 6].copy_from_slice(&payload_len.to_be_bytes());
-            let mut source = [0; 16];
-            source.copy_from_slice(&frame[l3 + 8..l3 + 24]);
-            let mut destination = [0; 16];
-            destination.copy_from_slice(&frame[l3 + 24..l3 + 40]);
-            offload::pseudo_header_sum_v6(source.into(), destination.into(), tcp_len as u32)
-        } else {
-            let total = (frame.len() - l3) as u16;
-            frame[l3 + 2..l3 + 4].copy_from_slice(&total.to_be_bytes());
-            frame[l3 + 10..l3 + 12].fill(0);
-            let checksum = !fold(add_words(0, &frame[l3..l4]));
-            frame[l3 + 10..l3 + 12].copy_from_slice(&checksum.to_be_bytes());
-            let source = [
-                frame[l3 + 12],
-                frame[l3 + 13],
-                frame[l3 + 14],
-                frame[l3 + 15],
-            ];
-            let destination = [
-                frame[l3 + 16],
-                frame[l3 + 17],
-                frame[l3 + 18],
-                frame[l3 + 19],
-            ];
-            offload::pseudo_header_sum_v4(source.into(), destination.into(), tcp_len as u16)
-        };
+        offload::set_ip_lengths(frame, &self.layout, tcp_len);
+        let pseudo = fold(offload::tcp_pseudo_sum(frame, &self.layout, tcp_len));
         frame[l4 + 16..l4 + 18].copy_from_slice(&pseudo.to_be_bytes());
         VirtioNetHeader {
             flags: FLAG_NEEDS_CSUM,
@@ -379,17 +350,7 @@ fn mergeable(frame: &[u8], checksums: Checksums) -> Option<Segment> {
         }
     }
     if verify {
-        let tcp_len = frame.len() - l4;
-        let pseudo = if layout.v6 {
-            let sum = add_words(0, &frame[l3 + 8..l3 + 40]);
-            add_words(
-                sum,
-                &[0, 0, (tcp_len >> 8) as u8, tcp_len as u8, 0, 0, 0, 6],
-            )
-        } else {
-            let sum = add_words(0, &frame[l3 + 12..l3 + 20]);
-            add_words(sum, &[0, 6, (tcp_len >> 8) as u8, tcp_len as u8])
-        };
+        let pseudo = offload::tcp_pseudo_sum(frame, &layout, frame.len() - l4);
         if fold(add_words(pseudo, &frame[l4..])) != 0xffff {
             return None;
         }

@@ -347,41 +347,50 @@ impl<'f> Cut<'f> {
             flags &= !TCP_CWR;
         }
         headers[l4 + 13] = flags;
-        let pseudo = if v6 {
-            let payload_len = tcp_len as u16;
-            headers[l3 + 4..l3 + 6].copy_from_slice(&payload_len.to_be_bytes());
-            let addresses = &headers[l3 + 8..l3 + 40];
-            add_words(
-                add_words(0, addresses),
-                &[
-                    0,
-                    0,
-                    (tcp_len >> 8) as u8,
-                    tcp_len as u8,
-                    0,
-                    0,
-                    0,
-                    PROTO_TCP,
-                ],
-            )
-        } else {
-            let total = (l4 - l3 + tcp_len) as u16;
-            headers[l3 + 2..l3 + 4].copy_from_slice(&total.to_be_bytes());
+        if !v6 {
             let id = self.ip_id.wrapping_add(index as u16);
             headers[l3 + 4..l3 + 6].copy_from_slice(&id.to_be_bytes());
-            headers[l3 + 10..l3 + 12].fill(0);
-            let ip_checksum = !fold(add_words(0, &headers[l3..l4]));
-            headers[l3 + 10..l3 + 12].copy_from_slice(&ip_checksum.to_be_bytes());
-            let addresses = &headers[l3 + 12..l3 + 20];
-            add_words(
-                add_words(0, addresses),
-                &[0, PROTO_TCP, (tcp_len >> 8) as u8, tcp_len as u8],
-            )
-        };
+        }
+        set_ip_lengths(headers, &self.layout, tcp_len);
+        let pseudo = tcp_pseudo_sum(headers, &self.layout, tcp_len);
         headers[l4 + 16..l4 + 18].fill(0);
         // The TCP header is whole 32-bit words long, so the payload's words continue its sum.
         let sum = add_words(add_words(pseudo, &headers[l4..]), payload);
         headers[l4 + 16..l4 + 18].copy_from_slice(&(!fold(sum)).to_be_bytes());
+    }
+}
+
+/// Sets the IP length of a TCP frame (`frame` holds its headers at least) that carries `tcp_len`
+/// bytes of TCP: the IPv6 payload length, or the IPv4 total length and then the header checksum,
+/// over the header as it stands (its id set).
+pub(crate) fn set_ip_lengths(frame: &mut [u8], layout: &TcpLayout, tcp_len: usize) {
+    let TcpLayout { l3, l4, .. } = *layout;
+    if layout.v6 {
+        frame[l3 + 4..l3 + 6].copy_from_slice(&(tcp_len as u16).to_be_bytes());
+    } else {
+        let total = (l4 - l3 + tcp_len) as u16;
+        frame[l3 + 2..l3 + 4].copy_from_slice(&total.to_be_bytes());
+        frame[l3 + 10..l3 + 12].fill(0);
+        let checksum = !fold(add_words(0, &frame[l3..l4]));
+        frame[l3 + 10..l3 + 12].copy_from_slice(&checksum.to_be_bytes());
+    }
+}
+
+/// The sum, not yet folded, of the TCP pseudo-header of a frame (`frame` holds its headers at
+/// least, the addresses read from them) that carries `tcp_len` bytes of TCP.
+pub(crate) fn tcp_pseudo_sum(frame: &[u8], layout: &TcpLayout, tcp_len: usize) -> u32 {
+    let l3 = layout.l3;
+    let [.., high, low] = (tcp_len as u32).to_be_bytes();
+    if layout.v6 {
+        add_words(
+            add_words(0, &frame[l3 + 8..l3 + 40]),
+            &[0, 0, high, low, 0, 0, 0, PROTO_TCP],
+        )
+    } else {
+        add_words(
+            add_words(0, &frame[l3 + 12..l3 + 20]),
+            &[0, PROTO_TCP, high, low],
+        )
     }
 }
 

@@ -24,6 +24,7 @@ use anyhow::{Context, bail};
 use clap::Parser;
 use vessel_tests::bench::{Figures, Job, Pattern, fill, fio_job, median, run_job};
 use vessel_tests::daemon::{Daemon, DaemonOptions};
+use vessel_tests::namespaces::run;
 
 #[derive(Debug, Parser)]
 struct Args {
@@ -101,9 +102,9 @@ impl Drop for StorageDaemon {
 /// An ext4 filesystem in memory: a file in /dev/shm behind a loop device, mounted for the run. The loop device does
 /// buffered I/O on its file, so an O_DIRECT request above it costs a copy in memory, not a trip to a disk.
 struct MemoryDisk {
-    image: PathBuf,
+    image: String,
     device: Option<String>,
-    mount: PathBuf,
+    mount: String,
     mounted: bool,
 }
 
@@ -111,49 +112,48 @@ const MEMORY_DISK_PREFIX: &str = "vessel-bench-blk-";
 
 impl MemoryDisk {
     fn create(bytes: u64, mount: &Path) -> anyhow::Result<MemoryDisk> {
+        let mount = mount
+            .to_str()
+            .context("the mount point's path is not UTF-8")?;
         Self::remove_leftovers(mount);
-        let image =
-            Path::new("/dev/shm").join(format!("{MEMORY_DISK_PREFIX}{}.img", std::process::id()));
         let mut disk = MemoryDisk {
-            image,
+            image: format!("/dev/shm/{MEMORY_DISK_PREFIX}{}.img", std::process::id()),
             device: None,
             mount: mount.to_owned(),
             mounted: false,
         };
         std::fs::File::create(&disk.image)
             .and_then(|file| file.set_len(bytes))
-            .with_context(|| format!("creating {}", disk.image.display()))?;
-        let device = run(Command::new("losetup")
-            .arg("--find")
-            .arg("--show")
-            .arg(&disk.image))
-        .context("attaching a loop device (--memory-disk needs root)")?;
+            .with_context(|| format!("creating {}", disk.image))?;
+        let device = run(&["losetup", "--find", "--show", &disk.image])
+            .context("attaching a loop device (--memory-disk needs root)")?;
         let device = disk.device.insert(device.trim().to_owned());
-        run(Command::new("mkfs.ext4").args(["-q", "-F"]).arg(&*device))?;
+        run(&["mkfs.ext4", "-q", "-F", device])?;
         std::fs::create_dir_all(mount)?;
-        run(Command::new("mount").arg(&*device).arg(mount))?;
+        run(&["mount", device, mount])?;
         disk.mounted = true;
         Ok(disk)
     }
-}
 
-impl MemoryDisk {
     /// Takes down what a run stopped by a signal (which skips `Drop`) left behind: its mount, its loop device and the
     /// memory its file holds. (So two runs with `--memory-disk` on one machine at once would not do.)
-    fn remove_leftovers(mount: &Path) {
+    fn remove_leftovers(mount: &str) {
         let mounts = std::fs::read_to_string("/proc/mounts").unwrap_or_default();
         if mounts
             .lines()
-            .any(|line| line.split(' ').nth(1) == mount.to_str())
+            .any(|line| line.split(' ').nth(1) == Some(mount))
         {
-            eprintln!("unmounting {} left by an earlier run", mount.display());
-            let _ = run(Command::new("umount").arg(mount));
+            eprintln!("unmounting {mount} left by an earlier run");
+            let _ = run(&["umount", mount]);
         }
         let Ok(entries) = std::fs::read_dir("/dev/shm") else {
             return;
         };
         for entry in entries.flatten() {
             let path = entry.path();
+            let Some(image) = path.to_str() else {
+                continue;
+            };
             if !entry
                 .file_name()
                 .to_string_lossy()
@@ -162,13 +162,12 @@ impl MemoryDisk {
                 continue;
             }
             // `losetup --associated FILE` prints "/dev/loopN: ..." for each device over the file.
-            let devices =
-                run(Command::new("losetup").arg("--associated").arg(&path)).unwrap_or_default();
+            let devices = run(&["losetup", "--associated", image]).unwrap_or_default();
             for device in devices.lines().filter_map(|line| line.split(':').next()) {
-                let _ = run(Command::new("losetup").arg("--detach").arg(device));
+                let _ = run(&["losetup", "--detach", device]);
             }
-            eprintln!("removing {} left by an earlier run", path.display());
-            let _ = std::fs::remove_file(&path);
+            eprintln!("removing {image} left by an earlier run");
+            let _ = std::fs::remove_file(image);
         }
     }
 }
@@ -176,28 +175,14 @@ impl MemoryDisk {
 impl Drop for MemoryDisk {
     fn drop(&mut self) {
         if self.mounted {
-            let _ = run(Command::new("umount").arg(&self.mount));
+            let _ = run(&["umount", &self.mount]);
             let _ = std::fs::remove_dir(&self.mount);
         }
         if let Some(device) = &self.device {
-            let _ = run(Command::new("losetup").arg("--detach").arg(device));
+            let _ = run(&["losetup", "--detach", device]);
         }
         let _ = std::fs::remove_file(&self.image);
     }
-}
-
-/// Runs a command to the end; its standard output, or an error with its standard error.
-fn run(command: &mut Command) -> anyhow::Result<String> {
-    let output = command
-        .output()
-        .with_context(|| format!("running {command:?}"))?;
-    if !output.status.success() {
-        bail!(
-            "{command:?} failed: {}",
-            String::from_utf8_lossy(&output.stderr).trim()
-        );
-    }
-    Ok(String::from_utf8_lossy(&output.stdout).into_owned())
 }
 
 /// A figure for the table, or "-" where the system was not measured.
