@@ -25,6 +25,9 @@ use crate::inflight::InflightQueue;
 /// `VRING_USED_F_NO_NOTIFY`: the device asks the driver not to kick (without EVENT_IDX).
 const USED_F_NO_NOTIFY: u16 = 1;
 
+/// `VRING_AVAIL_F_NO_INTERRUPT`: the driver asks the device not to interrupt (without EVENT_IDX).
+const AVAIL_F_NO_INTERRUPT: u16 = 1;
+
 /// An eventfd the frontend may replace while the ring runs (SET_VRING_CALL / SET_VRING_ERR).
 #[derive(Debug, Default)]
 pub struct EventSlot(Mutex<Option<EventFd>>);
@@ -155,6 +158,11 @@ impl RingMap {
             self.avail_word(2 + usize::from(position % self.size))
                 .load(Ordering::Relaxed),
         )
+    }
+
+    /// The driver's available-ring flags (`VRING_AVAIL_F_NO_INTERRUPT`).
+    fn avail_flags(&self) -> u16 {
+        u16::from_le(self.avail_word(0).load(Ordering::Relaxed))
     }
 
     /// The driver's `used_event` (after the available ring).
@@ -475,23 +483,22 @@ impl Vring {
     pub fn notify(&mut self, mem: &GuestMemoryMmap) -> bool {
         let now = self.queue.next_used();
         let since = std::mem::replace(&mut self.considered_used, now);
-        let wanted = if self.queue.event_idx_enabled() {
-            // Every used entry must be visible before used_event is read (virtio 1.2 2.7.10).
-            std::sync::atomic::fence(Ordering::SeqCst);
-            self.refresh_map(mem);
-            match self.map.as_ref() {
-                // Interrupt iff used_event is among the entries published since `since`.
-                Some(map) => {
-                    let event = map.used_event();
-                    now.wrapping_sub(event).wrapping_sub(1) < now.wrapping_sub(since)
-                }
-                // Without the ring, err on the side of waking the driver.
-                None => true,
+        // Every used entry must be visible before the driver's wishes are read (virtio 1.2
+        // 2.7.10): it re-checks the used ring after it changes them.
+        std::sync::atomic::fence(Ordering::SeqCst);
+        self.refresh_map(mem);
+        let wanted = match self.map.as_ref() {
+            // Interrupt iff used_event is among the entries published since `since`.
+            Some(map) if self.queue.event_idx_enabled() => {
+                let event = map.used_event();
+                now.wrapping_sub(event).wrapping_sub(1) < now.wrapping_sub(since)
             }
-        } else {
-            // Without EVENT_IDX every batch interrupts (VRING_AVAIL_F_NO_INTERRUPT is only a
-            // hint; virtio-queue ignores it too).
-            true
+            // Without EVENT_IDX, a driver that polls (DPDK's) sets VRING_AVAIL_F_NO_INTERRUPT, and
+            // then the device SHOULD NOT interrupt (virtio 1.2 2.7.7.2): an eventfd write per batch
+            // nobody reads.
+            Some(map) => map.avail_flags() & AVAIL_F_NO_INTERRUPT == 0,
+            // Without the ring, err on the side of waking the driver.
+            None => true,
         };
         if wanted {
             self.call.signal();
@@ -728,5 +735,27 @@ mod tests {
         assert_eq!(evented.pop(&mem), Some(2));
         evented.complete(&mem, 2, 0).unwrap();
         assert!(!evented.notify(&mem));
+    }
+
+    #[test]
+    fn without_event_idx_a_driver_that_polls_is_not_interrupted() {
+        let (_file, table) = shared_memory();
+        let mem = table.memory().memory().into_inner();
+        let mut ring = vring(table.memory(), false);
+        let mut used = 0;
+        let mut complete = |ring: &mut Vring| {
+            offer(&mem, used, used % SIZE);
+            assert_eq!(ring.pop(&mem), Some(used % SIZE));
+            ring.complete(&mem, used % SIZE, 0).unwrap();
+            used += 1;
+            ring.notify(&mem)
+        };
+        assert!(complete(&mut ring), "flags 0: every batch interrupts");
+        // VRING_AVAIL_F_NO_INTERRUPT, as DPDK's polling driver sets it.
+        mem.write_obj(1u16, GuestAddress(AVAIL)).unwrap();
+        assert!(!complete(&mut ring));
+        assert!(!complete(&mut ring));
+        mem.write_obj(0u16, GuestAddress(AVAIL)).unwrap();
+        assert!(complete(&mut ring), "the driver wants interrupts again");
     }
 }
