@@ -1,5 +1,6 @@
 //! Overlay networks through the daemon, on two nodes in network namespaces (`deploy/netns-cluster`): networks and
-//! tap ports made with the CLI, traffic between nodes over VXLAN, counters, a node's restart, a port's deletion.
+//! tap ports made with the CLI, traffic between nodes over VXLAN, counters, a node's restart (also with its taps moved
+//! into guest namespaces), a port's deletion.
 //! Needs root (CI runs it as root); without it, it says so and passes.
 
 use std::time::Duration;
@@ -187,9 +188,32 @@ fn guests_on_one_node_stay_in_their_network_and_a_mac_moves_between_nodes() {
         || pings(red_a, "10.0.0.2"),
     );
 
+    // Node 1's daemon restarts: it finds the taps in the guests' namespaces (by name and MAC) and adopts them
+    // there, rather than making new ones of those names in its own.
+    cluster.kill(1).unwrap();
+    cluster.start(1).unwrap();
+    for (guest, what) in [(blue_a, "blue"), (red_a, "red")] {
+        eventually_within(
+            &format!("{what}'s guests reach each other after node 1's restart"),
+            Duration::from_secs(30),
+            || pings(guest, "10.0.0.2"),
+        );
+    }
+    for tap in ["ba", "bb", "ra", "rb"] {
+        assert!(
+            ns1.ip(&["link", "show", tap]).is_err(),
+            "{tap} was made again in node 1's namespace"
+        );
+    }
+
     // Blue's 10.0.0.2 moves to node 2: the port is deleted on node 1 and made again, same MAC and IP, on node 2.
     // Blue's guest on node 1 keeps its ARP entry, so its frames go to the MAC, which node 1 now sends over VXLAN.
     cluster.vessel_ok(1, &["port", "delete", "bb"]).unwrap();
+    eventually_within(
+        "bb is gone from its guest's namespace",
+        Duration::from_secs(20),
+        || blue_b.ip(&["link", "show", "bb"]).is_err(),
+    );
     cluster
         .vessel_ok(
             2,

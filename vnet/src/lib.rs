@@ -10,8 +10,9 @@
 //! thread (the switching core) reads frames from every tap queue and VXLAN datagrams from the
 //! UDP underlay socket, calls [`Switch::port_ingress`] / [`Switch::underlay_ingress`], and writes
 //! each frame where the switch says — to tap queues, or behind [`vxlan::encode`] to other nodes'
-//! VTEPs (the kernel builds the outer IP and UDP headers). Still to come: the vhost-user-net
-//! device, whose workers will call the same two functions. The **control plane** adds and removes
+//! VTEPs (the kernel builds the outer IP and UDP headers). The vhost-user-net device's queue workers
+//! (in `vhost-backends`, wired up by the daemon) hand the frames their guests send to the same
+//! switch through [`PortSender`]s, and receive frames through a [`FrameSink`]. The **control plane** adds and removes
 //! networks and ports, sets each network's VTEP flood list, and pushes what it knows of ports on
 //! other nodes (MAC→VTEP entries, IP→MAC for the ARP responder); the metrics exporter reads the
 //! stats.
@@ -28,6 +29,7 @@
 //! - [`switch`]: networks, ports, VTEPs, and the forwarding decision.
 //! - [`stats`]: counters, and the reasons frames are dropped.
 //! - [`tap`]: creating or adopting a multiqueue tap device with a virtio-net header.
+//! - [`netns`]: the machine's other network namespaces, where an operator may have moved a tap.
 //! - [`offload`]: the virtio-net header; TCP segmentation and checksums in software.
 //! - [`gro`]: merging received TCP segments of a flow into one large frame for a tap.
 //! - [`underlay`]: UDP GSO and GRO on the underlay socket.
@@ -40,6 +42,7 @@ pub mod frame;
 pub mod gro;
 pub mod mac;
 pub mod mac_table;
+pub mod netns;
 pub mod offload;
 pub mod stats;
 pub mod switch;

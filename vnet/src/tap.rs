@@ -173,17 +173,24 @@ impl Tap {
 
     /// A socket for link ioctls, in this thread's network namespace (where the device must be).
     fn link_socket(&self) -> Result<OwnedFd, TapError> {
-        // SAFETY: socket() takes no pointers; a negative result is checked below.
-        let fd = unsafe { libc::socket(libc::AF_INET, libc::SOCK_DGRAM | libc::SOCK_CLOEXEC, 0) };
-        if fd < 0 {
-            return Err(TapError::Ioctl {
+        link_socket(&self.name)
+    }
+
+    /// A second handle on the device (its first queue, not a new one): whoever holds it can make the
+    /// device non-persistent later (to delete it) wherever the device has moved since, where opening
+    /// it by name would find nothing, or another device.
+    pub fn handle(&self) -> Result<Tap, TapError> {
+        let queue = self.queues[0]
+            .try_clone()
+            .map_err(|source| TapError::Ioctl {
                 name: self.name.clone(),
-                what: "opening a socket for link settings",
-                source: io::Error::last_os_error(),
-            });
-        }
-        // SAFETY: `fd` is a socket we just opened and nothing else owns.
-        Ok(unsafe { OwnedFd::from_raw_fd(fd) })
+                what: "duplicating a queue",
+                source,
+            })?;
+        Ok(Tap {
+            name: self.name.clone(),
+            queues: vec![queue],
+        })
     }
 
     /// Sets the device's MAC address: the source of every frame the kernel sends through it, so
@@ -272,6 +279,48 @@ impl Tap {
         }
         Ok(())
     }
+}
+
+/// A socket for link ioctls on `name`, in this thread's network namespace.
+fn link_socket(name: &str) -> Result<OwnedFd, TapError> {
+    // SAFETY: socket() takes no pointers; a negative result is checked below.
+    let fd = unsafe { libc::socket(libc::AF_INET, libc::SOCK_DGRAM | libc::SOCK_CLOEXEC, 0) };
+    if fd < 0 {
+        return Err(TapError::Ioctl {
+            name: name.to_owned(),
+            what: "opening a socket for link settings",
+            source: io::Error::last_os_error(),
+        });
+    }
+    // SAFETY: `fd` is a socket we just opened and nothing else owns.
+    Ok(unsafe { OwnedFd::from_raw_fd(fd) })
+}
+
+/// The MAC address of interface `name` in this thread's network namespace; `None` if there is no
+/// interface of that name here.
+pub fn interface_mac(name: &str) -> Result<Option<crate::Mac>, TapError> {
+    let mut request = ifreq(name)?;
+    let socket = link_socket(name)?;
+    // SAFETY: SIOCGIFHWADDR fills one `struct ifreq`, which `request` is.
+    let rc = unsafe { libc::ioctl(socket.as_raw_fd(), libc::SIOCGIFHWADDR, &mut request) };
+    if rc < 0 {
+        let source = io::Error::last_os_error();
+        if source.raw_os_error() == Some(libc::ENODEV) {
+            return Ok(None);
+        }
+        return Err(TapError::Ioctl {
+            name: name.to_owned(),
+            what: "reading the MAC address",
+            source,
+        });
+    }
+    // SAFETY: the kernel has just set `ifru_hwaddr`, a plain struct member of the union.
+    let address = unsafe { request.ifr_ifru.ifru_hwaddr };
+    let mut mac = [0u8; 6];
+    for (byte, slot) in mac.iter_mut().zip(address.sa_data) {
+        *byte = slot as u8;
+    }
+    Ok(Some(crate::Mac(mac)))
 }
 
 /// A zeroed `struct ifreq` naming the interface `name`.

@@ -7,7 +7,9 @@
 //!   state (`SetUnderlay`), which is how the other nodes learn this node's VTEP.
 //! - A tap port's device is created (or adopted, if it exists) and made persistent, so that it and whatever the
 //!   operator configured on it (a namespace, addresses) outlive a daemon restart; it gets the port's MAC, the
-//!   network's MTU and is brought up. Deleting the port removes the device.
+//!   network's MTU and is brought up. A device missing from the daemon's namespace but found in another one with
+//!   the port's MAC (the operator moved it into a guest's or container's namespace) is adopted where it is.
+//!   Deleting the port removes the device, through a handle kept since it was opened (wherever it is by then).
 //! - A vhost-user-net port is served by a device the daemon starts (`DeviceHost::start_net`) on the port's socket:
 //!   what its guest sends goes into the port's inbox in the switch, what the switch sends it goes to the device's
 //!   receive queues. Deleting the port stops the device.
@@ -62,8 +64,8 @@ impl std::fmt::Debug for NodeSwitch {
 
 /// How a plugged port is served.
 enum Plugged {
-    /// By the tap of this name.
-    Tap(String),
+    /// By a tap device, through a handle on it that can delete it wherever it has been moved.
+    Tap(Tap),
     /// By a vhost-user-net device.
     VhostUser,
 }
@@ -316,18 +318,12 @@ impl Running {
         };
         match &port.kind {
             PortKind::Tap { ifname, queues } => {
-                let tap =
-                    Tap::open(ifname, usize::from(*queues)).map_err(|error| error.to_string())?;
-                tap.set_persistent(true)
-                    .map_err(|error| error.to_string())?;
-                tap.set_mac(mac).map_err(|error| error.to_string())?;
-                tap.set_mtu(network.mtu)
-                    .map_err(|error| error.to_string())?;
-                tap.set_up(true).map_err(|error| error.to_string())?;
+                let tap = open_tap(port.id, ifname, usize::from(*queues), mac, network.mtu)?;
+                let handle = tap.handle().map_err(|error| error.to_string())?;
                 self.datapath
                     .add_tap(config, tap)
                     .map_err(|error| error.to_string())?;
-                Ok(Plugged::Tap(ifname.clone()))
+                Ok(Plugged::Tap(handle))
             }
             PortKind::VhostUser {
                 socket,
@@ -360,17 +356,11 @@ impl Running {
         let Some(plugged) = self.ports.remove(&id) else {
             return;
         };
-        if let Plugged::Tap(ifname) = &plugged {
-            // The device goes when its last queue closes, once it is no longer persistent.
-            match Tap::open(ifname, 1) {
-                Ok(tap) => {
-                    if let Err(error) = tap.set_persistent(false) {
-                        tracing::warn!(port = id, %error, "the tap device stays");
-                    }
-                }
-                Err(error) => {
-                    tracing::warn!(port = id, %error, "cannot reach the tap device to delete it")
-                }
+        if let Plugged::Tap(handle) = &plugged {
+            // The device goes when its last queue closes (the switch's, then the handle's), once it is
+            // no longer persistent.
+            if let Err(error) = handle.set_persistent(false) {
+                tracing::warn!(port = id, %error, "the tap device stays");
             }
         }
         if let Err(error) = self.datapath.remove_port(vnet::PortId(id)) {
@@ -449,4 +439,40 @@ pub(super) async fn follow_networks(node: Arc<LocalNode>) {
             return;
         }
     }
+}
+
+/// Opens tap port `port`'s device `ifname` with `queues` queues, persistent, with the port's MAC and
+/// the network's MTU, up: in this namespace, creating it if needed, unless it is missing here and
+/// a device of that name with the port's MAC is found in another namespace (the operator moved it
+/// there, as a container runtime does): then it is adopted there, where its addresses are.
+fn open_tap(port: u64, ifname: &str, queues: usize, mac: Mac, mtu: u16) -> Result<Tap, String> {
+    let open = || -> Result<Tap, vnet::TapError> {
+        let tap = Tap::open(ifname, queues)?;
+        tap.set_persistent(true)?;
+        tap.set_mac(mac)?;
+        tap.set_mtu(mtu)?;
+        tap.set_up(true)?;
+        Ok(tap)
+    };
+    let here = vnet::tap::interface_mac(ifname).map_err(|error| error.to_string())?;
+    if here.is_none()
+        && let Some(netns) = vnet::netns::find_interface(ifname, mac)
+    {
+        tracing::info!(
+            port,
+            tap = ifname,
+            netns = %netns.path().display(),
+            "the tap device was moved to another network namespace; adopting it there"
+        );
+        return match netns.run(open) {
+            Ok(opened) => {
+                opened.map_err(|error| format!("{error} (in {})", netns.path().display()))
+            }
+            Err(error) => Err(format!(
+                "cannot enter {} where tap '{ifname}' is: {error}",
+                netns.path().display()
+            )),
+        };
+    }
+    open().map_err(|error| error.to_string())
 }

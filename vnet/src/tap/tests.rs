@@ -200,3 +200,25 @@ fn will_not_adopt_an_interface_that_is_not_a_tap() {
         assert!(error.to_string().contains("'lo'"), "{error}");
     });
 }
+
+#[test]
+fn reads_a_taps_mac_and_deletes_it_through_a_handle() {
+    in_fresh_netns(|| {
+        assert_eq!(interface_mac("vnet-none").unwrap(), None);
+        let tap = Tap::open("vnet-h", 1).unwrap();
+        let mac = Mac([0x02, 0, 0, 0, 0, 0x09]);
+        tap.set_mac(mac).unwrap();
+        assert_eq!(interface_mac("vnet-h").unwrap(), Some(mac));
+        tap.set_persistent(true).unwrap();
+        let handle = tap.handle().unwrap();
+        drop(tap);
+        assert_eq!(interface_mac("vnet-h").unwrap(), Some(mac), "persistent");
+        handle.set_persistent(false).unwrap();
+        drop(handle);
+        assert_eq!(
+            interface_mac("vnet-h").unwrap(),
+            None,
+            "gone with the handle, its last queue"
+        );
+    });
+}
