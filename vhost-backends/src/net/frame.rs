@@ -234,6 +234,30 @@ pub fn check_rx_chain(
     })
 }
 
+/// Writes `header` then `frame` into the receive chain `descs` if it is the common kind: one
+/// device-writable buffer, in one memory region, with room for both. Returns the used length then;
+/// `None` (nothing written) for any other chain, which [`check_rx_chain`] and [`write_rx_frame`]
+/// handle. A frame the size of the guest's MTU goes this way with every driver we know.
+pub fn write_rx_frame_in_one(
+    mem: &GuestMemoryMmap,
+    descs: &[Descriptor],
+    header: &VirtioNetHeader,
+    frame: &[u8],
+) -> Option<u32> {
+    let [buffer] = descs else {
+        return None;
+    };
+    let needed = HEADER_LEN + frame.len();
+    if !buffer.writable || (buffer.len as usize) < needed {
+        return None;
+    }
+    let span = guest_slice(mem, buffer.addr, needed)?;
+    span.copy_from(&header.to_bytes());
+    span.offset(HEADER_LEN).ok()?.copy_from(frame);
+    // needed <= buffer.len, a u32.
+    Some(needed as u32)
+}
+
 /// Writes `header` then `frame` across `chains`, in order, and appends `(head, bytes written)`
 /// for each chain to `used`. The chains must hold `HEADER_LEN + frame.len()` bytes together;
 /// a chain left with nothing to take gets 0. Fails only if a buffer left guest memory since it
