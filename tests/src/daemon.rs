@@ -78,6 +78,9 @@ pub struct DaemonOptions {
     pub args: Vec<String>,
     /// A network namespace to run it in (`ip netns exec`), so that the taps it creates vanish with the namespace.
     pub netns: Option<String>,
+    /// A command that runs the daemon (given as its last arguments), such as valgrind; it must exec or be the
+    /// daemon's process, whose pid [`Daemon::pid`] gives.
+    pub wrapper: Vec<String>,
 }
 
 impl Default for DaemonOptions {
@@ -87,6 +90,7 @@ impl Default for DaemonOptions {
             config: Some("default_disk_size = \"4G\"\nextent_size = \"4M\"\n".to_owned()),
             args: Vec::new(),
             netns: None,
+            wrapper: Vec::new(),
         }
     }
 }
@@ -143,17 +147,15 @@ impl Daemon {
 
     fn spawn(&mut self) -> anyhow::Result<()> {
         std::fs::create_dir_all(&self.dir)?;
-        let mut command = match &self.options.netns {
-            Some(netns) => {
-                // `ip netns exec` execs vesseld: the child's pid is the daemon's.
-                let mut command = Command::new("ip");
-                command
-                    .args(["netns", "exec", netns])
-                    .arg(binary("vesseld")?);
-                command
-            }
-            None => Command::new(binary("vesseld")?),
-        };
+        let mut program: Vec<std::ffi::OsString> =
+            self.options.wrapper.iter().map(Into::into).collect();
+        program.push(binary("vesseld")?.into());
+        if let Some(netns) = &self.options.netns {
+            // `ip netns exec` execs what follows: the child's pid is the daemon's.
+            program.splice(0..0, ["ip", "netns", "exec", netns].map(Into::into));
+        }
+        let mut command = Command::new(&program[0]);
+        command.args(&program[1..]);
         command
             .arg("--data-dir")
             .arg(self.data_dir())

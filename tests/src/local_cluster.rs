@@ -27,6 +27,7 @@ pub fn listening_with(dir: &Path, name: &str, rack: &str, config: &str) -> (Daem
             "name = \"{name}\"\nrebuild_rate = \"48M\"\n{config}\n[labels]\nrack = \"{rack}\"\n"
         )),
         args: vec!["--listen".to_owned(), addr.clone()],
+        wrapper: Vec::new(),
     };
     (Daemon::start(&dir.join(name), options).unwrap(), addr)
 }

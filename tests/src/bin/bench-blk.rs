@@ -228,6 +228,7 @@ fn main() -> anyhow::Result<()> {
             netns: None,
             config: Some(config),
             args: Vec::new(),
+            wrapper: Vec::new(),
         },
     )?;
     let vessel_socket = base.join("vessel.sock");

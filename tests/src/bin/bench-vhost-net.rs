@@ -11,8 +11,13 @@
 //! Needs root, DPDK's testpmd and 2 MiB hugepages, which it sets up itself (the Debian packages dpdk-dev,
 //! librte-net-vhost23 and librte-net-virtio23; 512 hugepages, hugetlbfs on /dev/hugepages). Run it with a release build:
 //!     cargo run --release -p vessel-tests --bin bench-vhost-net -- [--seconds 5] [--rounds 3]
+//!
+//! With `--instructions` it times nothing: Vessel's daemon runs under valgrind's callgrind (installed if missing), and
+//! the instructions it executes per frame over a window are counted and printed, with the costliest functions. The
+//! rates move with this VM's neighbours by a third from run to run; the count does not, so two builds compare on it.
 
-use std::path::Path;
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
@@ -33,6 +38,11 @@ struct Args {
     /// (testpmd's default is 32).
     #[arg(long, default_value_t = 32)]
     burst: u16,
+    /// Instead of timing both switches: run Vessel's daemon under valgrind's callgrind and count the instructions
+    /// it executes per 64-byte frame over a window of --seconds (its 10 costliest functions too). A figure that,
+    /// unlike the rates, does not move with this VM's neighbours: for comparing two builds.
+    #[arg(long)]
+    instructions: bool,
 }
 
 const MAC_A: &str = "02:00:00:00:00:0a";
@@ -227,8 +237,20 @@ fn main() -> anyhow::Result<()> {
     testpmd()?;
     hugepages()?;
     let dir = test_dir("bench-vhost-net")?;
+    let profile = dir.join("callgrind.out");
     let options = DaemonOptions {
         config: Some("default_disk_size = \"0\"\n".to_owned()),
+        wrapper: if args.instructions {
+            valgrind()?;
+            vec![
+                "valgrind".to_owned(),
+                "--tool=callgrind".to_owned(),
+                "--instr-atstart=no".to_owned(),
+                format!("--callgrind-out-file={}", profile.display()),
+            ]
+        } else {
+            Vec::new()
+        },
         ..DaemonOptions::default()
     };
     let daemon = Daemon::start(&dir.join("vessel"), options)?;
@@ -255,16 +277,14 @@ fn main() -> anyhow::Result<()> {
             mac,
         ])?;
     }
+    if args.instructions {
+        wait_for_sockets(&ours)?;
+        return instructions(&daemon, [&ours[0], &ours[1]], &args, &profile);
+    }
     let theirs = [dir.join("wire-a.sock"), dir.join("wire-b.sock")];
     let wire = wire([&theirs[0], &theirs[1]])?;
     wire.pause(true)?;
-    let started = std::time::Instant::now();
-    while !ours.iter().all(|socket| socket.exists()) {
-        if started.elapsed() > Duration::from_secs(20) {
-            bail!("Vessel's port sockets did not appear");
-        }
-        std::thread::sleep(Duration::from_millis(100));
-    }
+    wait_for_sockets(&ours)?;
 
     println!(
         "frames between two vhost-user-net ports, one testpmd driver on CPU 1, the switch on CPU 0; {} s runs, {} \
@@ -309,4 +329,184 @@ fn main() -> anyhow::Result<()> {
         }
     }
     Ok(())
+}
+
+fn wait_for_sockets(sockets: &[PathBuf]) -> anyhow::Result<()> {
+    let started = std::time::Instant::now();
+    while !sockets.iter().all(|socket| socket.exists()) {
+        if started.elapsed() > Duration::from_secs(60) {
+            bail!("Vessel's port sockets did not appear");
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    Ok(())
+}
+
+/// valgrind, installed from Debian's package if missing.
+fn valgrind() -> anyhow::Result<()> {
+    if Command::new("valgrind")
+        .arg("--version")
+        .output()
+        .is_ok_and(|out| out.status.success())
+    {
+        return Ok(());
+    }
+    let status = Command::new("apt-get")
+        .args(["install", "-y", "-q", "valgrind"])
+        .env("DEBIAN_FRONTEND", "noninteractive")
+        .status()
+        .context("running apt-get")?;
+    if !status.success() {
+        bail!("apt-get install valgrind failed");
+    }
+    Ok(())
+}
+
+/// Frames the two ports took from their guests so far.
+fn frames_sent(daemon: &Daemon) -> anyhow::Result<u64> {
+    let list = daemon.vessel_json(&["port", "list"])?;
+    let ports = list["ports"]
+        .as_array()
+        .context("no ports in the port list")?;
+    Ok(ports
+        .iter()
+        .filter_map(|port| port["counters"]["rx_packets"].as_u64())
+        .sum())
+}
+
+/// Drives 64-byte frames through the daemon running under callgrind (started with instrumentation off), turns
+/// instrumentation on for a window of `--seconds` once frames flow, and prints the instructions per frame forwarded
+/// in it, and the costliest functions.
+fn instructions(
+    daemon: &Daemon,
+    sockets: [&Path; 2],
+    args: &Args,
+    profile: &Path,
+) -> anyhow::Result<()> {
+    let pid = daemon.pid().context("no daemon pid")?.to_string();
+    let control = |what: &[&str]| -> anyhow::Result<()> {
+        let status = Command::new("callgrind_control")
+            .args(what)
+            .arg(&pid)
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .status()
+            .context("running callgrind_control")?;
+        if !status.success() {
+            bail!("callgrind_control {what:?} failed");
+        }
+        Ok(())
+    };
+    let window = args.seconds.max(3);
+    let frames = std::thread::scope(|scope| -> anyhow::Result<u64> {
+        let driver = scope.spawn(|| drive(sockets, 64, args.burst, window + 6));
+        std::thread::sleep(Duration::from_secs(4));
+        control(&["--instr=on"])?;
+        control(&["--zero"])?;
+        let before = frames_sent(daemon)?;
+        std::thread::sleep(Duration::from_secs(window));
+        let after = frames_sent(daemon)?;
+        control(&["--dump"])?;
+        control(&["--instr=off"])?;
+        driver
+            .join()
+            .map_err(|_| anyhow::anyhow!("the driver thread panicked"))??;
+        Ok(after.saturating_sub(before))
+    })?;
+    if frames == 0 {
+        bail!("no frames were forwarded in the window");
+    }
+    let cost = profile_cost(profile)?;
+    println!(
+        "Vessel under callgrind, {window} s window: {frames} frames of 64 B, {:.0} instructions per frame",
+        cost.total as f64 / frames as f64
+    );
+    println!("costliest functions (their own instructions per frame):");
+    for (name, own) in cost.functions.iter().take(10) {
+        println!("  {:>7.1}  {name}", *own as f64 / frames as f64);
+    }
+    Ok(())
+}
+
+/// What a callgrind dump says: all instructions, and each function's own, costliest first.
+struct Cost {
+    total: u64,
+    functions: Vec<(String, u64)>,
+}
+
+/// Reads the dump callgrind wrote for `profile` (`PROFILE.N` for the Nth dump; the last one is taken). Its format
+/// (valgrind's callgrind format spec): `fn=(id) name` starts a function's cost lines (names are given once, then
+/// only their id); a cost line is a position and the instruction count; the line after `calls=` is the inclusive
+/// cost of a call, not the caller's own.
+fn profile_cost(profile: &Path) -> anyhow::Result<Cost> {
+    let dir = profile.parent().context("profile path")?;
+    let stem = profile
+        .file_name()
+        .context("profile path")?
+        .to_string_lossy()
+        .into_owned();
+    let dump = std::fs::read_dir(dir)?
+        .flatten()
+        .map(|entry| entry.path())
+        .filter(|path| {
+            path.file_name()
+                .is_some_and(|name| name.to_string_lossy().starts_with(&format!("{stem}.")))
+        })
+        .max()
+        .context("callgrind wrote no dump")?;
+    let text = std::fs::read_to_string(&dump)?;
+    let mut names: HashMap<String, String> = HashMap::new();
+    let mut own: HashMap<String, u64> = HashMap::new();
+    let mut current: Option<String> = None;
+    let mut inclusive_next = false;
+    for line in text.lines() {
+        if let Some(rest) = line
+            .strip_prefix("fn=")
+            .or_else(|| line.strip_prefix("cfn="))
+        {
+            let (id, name) = match rest.split_once(' ') {
+                Some((id, name)) => (id.to_owned(), Some(name.to_owned())),
+                None => (rest.to_owned(), None),
+            };
+            if let Some(name) = name {
+                names.insert(id.clone(), name);
+            }
+            if line.starts_with("fn=") {
+                current = Some(id);
+                inclusive_next = false;
+            }
+            continue;
+        }
+        if line.starts_with("calls=") {
+            inclusive_next = true;
+            continue;
+        }
+        let mut fields = line.split_whitespace();
+        let position = fields.next().unwrap_or("");
+        let is_cost = position == "*"
+            || position
+                .trim_start_matches(['+', '-'])
+                .bytes()
+                .all(|b| b.is_ascii_digit())
+                && !position.is_empty();
+        if !is_cost {
+            continue;
+        }
+        let Some(count) = fields.next().and_then(|c| c.parse::<u64>().ok()) else {
+            continue;
+        };
+        if std::mem::take(&mut inclusive_next) {
+            continue;
+        }
+        if let Some(id) = &current {
+            *own.entry(id.clone()).or_default() += count;
+        }
+    }
+    let total = own.values().sum();
+    let mut functions: Vec<(String, u64)> = own
+        .into_iter()
+        .map(|(id, count)| (names.get(&id).cloned().unwrap_or(id), count))
+        .collect();
+    functions.sort_by_key(|&(_, count)| std::cmp::Reverse(count));
+    Ok(Cost { total, functions })
 }
