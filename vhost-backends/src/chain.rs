@@ -100,6 +100,20 @@ pub(crate) struct TableEntry {
 impl TableEntry {
     /// Decodes an entry from its 16 bytes read as two native words (the layout is little-endian:
     /// `addr`, then `len`, `flags` and `next` packed in the second word).
+    /// The buffer it describes (what a chain is made of, once walked).
+    pub(crate) fn descriptor(&self) -> Descriptor {
+        Descriptor {
+            addr: GuestAddress(self.addr),
+            len: self.len,
+            writable: self.flags & VIRTQ_DESC_F_WRITE != 0,
+        }
+    }
+
+    /// Whether it is a whole chain by itself: no next descriptor, no indirect table.
+    pub(crate) fn is_alone(&self) -> bool {
+        self.flags & (VIRTQ_DESC_F_NEXT | VIRTQ_DESC_F_INDIRECT) == 0
+    }
+
     pub(crate) fn from_words(words: [u64; 2]) -> Self {
         let second = u64::from_le(words[1]);
         TableEntry {
@@ -196,11 +210,7 @@ pub(crate) fn walk_chain<M: GuestMemoryBackend + ?Sized>(
         if total > u64::from(u32::MAX) {
             return Err(ChainError::TooManyBytes);
         }
-        out.push(Descriptor {
-            addr: GuestAddress(desc.addr),
-            len: desc.len,
-            writable: desc.flags & VIRTQ_DESC_F_WRITE != 0,
-        });
+        out.push(desc.descriptor());
         if desc.flags & VIRTQ_DESC_F_NEXT == 0 {
             return Ok(());
         }

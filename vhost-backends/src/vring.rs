@@ -273,28 +273,31 @@ impl Vring {
     /// snapshot: when the caller's differs from the map's, the memory table changed (the caller
     /// may hold either the older or the newer one), and the map is rebuilt only if it is not
     /// already on the newest.
+    #[inline]
     fn refresh_map(&mut self, mem: &GuestMemoryMmap) {
-        let current = self
+        if self.map_on(mem).is_none() {
+            self.remap();
+        }
+    }
+
+    /// [`Vring::refresh_map`] after a memory table change (rare: not inlined into every ring access).
+    #[cold]
+    fn remap(&mut self) {
+        let newest = self.memory.memory().into_inner();
+        let on_newest = self
             .map
             .as_ref()
-            .is_some_and(|map| std::ptr::eq(Arc::as_ptr(&map.mem), mem));
-        if !current {
-            let newest = self.memory.memory().into_inner();
-            let on_newest = self
-                .map
-                .as_ref()
-                .is_some_and(|map| Arc::ptr_eq(&map.mem, &newest));
-            if !on_newest {
-                self.map = RingMap::new(newest, &self.queue);
-                if self.map.is_some() {
-                    self.unmapped_reported = false;
-                } else if !self.unmapped_reported {
-                    self.unmapped_reported = true;
-                    tracing::warn!(
-                        queue = self.index,
-                        "the ring no longer lies inside guest memory; it is not served until it is back"
-                    );
-                }
+            .is_some_and(|map| Arc::ptr_eq(&map.mem, &newest));
+        if !on_newest {
+            self.map = RingMap::new(newest, &self.queue);
+            if self.map.is_some() {
+                self.unmapped_reported = false;
+            } else if !self.unmapped_reported {
+                self.unmapped_reported = true;
+                tracing::warn!(
+                    queue = self.index,
+                    "the ring no longer lies inside guest memory; it is not served until it is back"
+                );
             }
         }
     }
@@ -402,14 +405,25 @@ impl Vring {
     ) -> Result<(), ChainError> {
         let size = self.queue.size();
         match self.map_on(mem) {
-            Some(map) => walk_chain(
-                mem,
-                |index| Ok(map.descriptor(index)),
-                size,
-                head,
-                self.indirect,
-                out,
-            ),
+            Some(map) => {
+                // Most chains of a net device are one descriptor: no walk for those.
+                if head < size {
+                    let entry = map.descriptor(u32::from(head));
+                    if entry.is_alone() {
+                        out.clear();
+                        out.push(entry.descriptor());
+                        return Ok(());
+                    }
+                }
+                walk_chain(
+                    mem,
+                    |index| Ok(map.descriptor(index)),
+                    size,
+                    head,
+                    self.indirect,
+                    out,
+                )
+            }
             None => read_chain(
                 mem,
                 GuestAddress(self.queue.desc_table()),
