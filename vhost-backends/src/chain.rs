@@ -98,8 +98,6 @@ pub(crate) struct TableEntry {
 }
 
 impl TableEntry {
-    /// Decodes an entry from its 16 bytes read as two native words (the layout is little-endian:
-    /// `addr`, then `len`, `flags` and `next` packed in the second word).
     /// The buffer it describes (what a chain is made of, once walked).
     pub(crate) fn descriptor(&self) -> Descriptor {
         Descriptor {
@@ -114,6 +112,8 @@ impl TableEntry {
         self.flags & (VIRTQ_DESC_F_NEXT | VIRTQ_DESC_F_INDIRECT) == 0
     }
 
+    /// Decodes an entry from its 16 bytes read as two native words (the layout is little-endian:
+    /// `addr`, then `len`, `flags` and `next` packed in the second word).
     pub(crate) fn from_words(words: [u64; 2]) -> Self {
         let second = u64::from_le(words[1]);
         TableEntry {

@@ -237,7 +237,7 @@ pub fn check_rx_chain(
 /// Writes `header` then `frame` into the receive chain `descs` if it is the common kind: one
 /// device-writable buffer, in one memory region, with room for both. Returns the used length then;
 /// `None` (nothing written) for any other chain, which [`check_rx_chain`] and [`write_rx_frame`]
-/// handle. A frame the size of the guest's MTU goes this way with every driver we know.
+/// handle. Linux's driver with MRG_RXBUF and DPDK's post buffers of this kind.
 pub fn write_rx_frame_in_one(
     mem: &GuestMemoryMmap,
     descs: &[Descriptor],

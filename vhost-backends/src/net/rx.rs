@@ -528,7 +528,7 @@ impl RxRing {
 
     /// The common case first (no chain held): the next chain is one buffer with room for the frame
     /// (with its `header`, whose `num_buffers` this sets), written at once, with none of the held
-    /// chains' bookkeeping: that took half of what the switch spends on a small frame. `None` if the
+    /// chains' bookkeeping, which took a third of the instructions the switch spends on a small frame. `None` if the
     /// chain is of another kind; it is then held (or returned, if malformed) as [`RxRing::take_chain`]
     /// would, and the general way goes on from there.
     fn place_in_one(
