@@ -48,10 +48,9 @@ struct Args {
 const MAC_A: &str = "02:00:00:00:00:0a";
 const MAC_B: &str = "02:00:00:00:00:0b";
 
-/// DPDK's testpmd with the vhost and virtio-user drivers, installed from Debian's packages if missing.
-fn testpmd() -> anyhow::Result<()> {
-    const PACKAGES: [&str; 3] = ["dpdk-dev", "librte-net-vhost23", "librte-net-virtio23"];
-    let present = PACKAGES.iter().all(|package| {
+/// Debian's `packages` (for `what`), installed if any is missing.
+fn debian_packages(what: &str, packages: &[&str]) -> anyhow::Result<()> {
+    let present = packages.iter().all(|package| {
         Command::new("dpkg-query")
             .args(["-W", "-f=${Status}", package])
             .output()
@@ -60,17 +59,25 @@ fn testpmd() -> anyhow::Result<()> {
     if present {
         return Ok(());
     }
-    eprintln!("installing DPDK's testpmd ({})...", PACKAGES.join(" "));
+    eprintln!("installing {what} ({})...", packages.join(" "));
     let status = Command::new("apt-get")
         .args(["install", "-y", "-q", "--no-install-recommends"])
-        .args(PACKAGES)
+        .args(packages)
         .env("DEBIAN_FRONTEND", "noninteractive")
         .status()
         .context("running apt-get")?;
     if !status.success() {
-        bail!("apt-get install {} failed", PACKAGES.join(" "));
+        bail!("apt-get install {} failed", packages.join(" "));
     }
     Ok(())
+}
+
+/// DPDK's testpmd with the vhost and virtio-user drivers, installed from Debian's packages if missing.
+fn testpmd() -> anyhow::Result<()> {
+    debian_packages(
+        "DPDK's testpmd",
+        &["dpdk-dev", "librte-net-vhost23", "librte-net-virtio23"],
+    )
 }
 
 /// 2 MiB hugepages for the testpmd processes.
@@ -241,7 +248,7 @@ fn main() -> anyhow::Result<()> {
     let options = DaemonOptions {
         config: Some("default_disk_size = \"0\"\n".to_owned()),
         wrapper: if args.instructions {
-            valgrind()?;
+            debian_packages("valgrind", &["valgrind"])?;
             vec![
                 "valgrind".to_owned(),
                 "--tool=callgrind".to_owned(),
@@ -338,26 +345,6 @@ fn wait_for_sockets(sockets: &[PathBuf]) -> anyhow::Result<()> {
             bail!("Vessel's port sockets did not appear");
         }
         std::thread::sleep(Duration::from_millis(100));
-    }
-    Ok(())
-}
-
-/// valgrind, installed from Debian's package if missing.
-fn valgrind() -> anyhow::Result<()> {
-    if Command::new("valgrind")
-        .arg("--version")
-        .output()
-        .is_ok_and(|out| out.status.success())
-    {
-        return Ok(());
-    }
-    let status = Command::new("apt-get")
-        .args(["install", "-y", "-q", "valgrind"])
-        .env("DEBIAN_FRONTEND", "noninteractive")
-        .status()
-        .context("running apt-get")?;
-    if !status.success() {
-        bail!("apt-get install valgrind failed");
     }
     Ok(())
 }

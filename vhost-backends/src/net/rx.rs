@@ -499,9 +499,7 @@ impl RxRing {
             }
             1
         };
-        if self.used.len() + chains > USED_BATCH.min(ring_size) {
-            self.publish(mem);
-        }
+        self.make_room(mem, chains);
         // `chains` is at most the ring size, a u16.
         header.num_buffers = chains as u16;
         let frame = if completed { &self.scratch[..] } else { frame };
@@ -543,9 +541,7 @@ impl RxRing {
         };
         let read = self.vring.read_chain(mem, head, &mut self.descs);
         if read.is_ok() {
-            if self.used.len() >= USED_BATCH.min(usize::from(self.vring.size())) {
-                self.publish(mem);
-            }
+            self.make_room(mem, 1);
             let header = VirtioNetHeader {
                 num_buffers: 1,
                 ..*header
@@ -559,6 +555,13 @@ impl RxRing {
         }
         self.keep_chain(mem, counters, head, read);
         None
+    }
+
+    /// Publishes the gathered used entries first if `chains` more would take them past a batch.
+    fn make_room(&mut self, mem: &GuestMemoryMmap, chains: usize) {
+        if self.used.len() + chains > USED_BATCH.min(usize::from(self.vring.size())) {
+            self.publish(mem);
+        }
     }
 
     /// Takes the next usable receive chain from the ring into `held` and returns its capacity;
