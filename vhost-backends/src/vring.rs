@@ -342,6 +342,15 @@ impl Vring {
         self.memory.memory().into_inner()
     }
 
+    /// The newest snapshot if the frontend changed the memory table since `mem` was taken, else `None`. A chain
+    /// popped after `mem` was taken may point into a region only a newer snapshot holds: the frontend adds a region
+    /// (ADD_MEM_REG, which the handler publishes before it acknowledges), then makes a chain in it available, while
+    /// the worker still holds the snapshot it took for the pass.
+    pub fn newer_memory(&self, mem: &GuestMemoryMmap) -> Option<Arc<GuestMemoryMmap>> {
+        let newest = self.memory.memory();
+        (!std::ptr::eq(&*newest, mem)).then(|| newest.into_inner())
+    }
+
     /// Next available-ring position (what GET_VRING_BASE reports).
     pub fn next_avail(&self) -> u16 {
         self.queue.next_avail()

@@ -18,7 +18,9 @@ use virtio_queue::desc::RawDescriptor;
 use virtio_queue::desc::split::Descriptor as SplitDescriptor;
 use virtio_queue::mock::{DescriptorTable, MockSplitQueue};
 use virtio_queue::{Queue, QueueT};
-use vm_memory::{Bytes, GuestAddress, GuestAddressSpace, GuestMemoryAtomic, GuestMemoryMmap};
+use vm_memory::{
+    Bytes, GuestAddress, GuestAddressSpace, GuestMemoryAtomic, GuestMemoryMmap, GuestRegionMmap,
+};
 use vmm_sys_util::eventfd::EventFd;
 use vstore::{LocalPool, LocalVolume, VolumeLayout};
 
@@ -354,6 +356,32 @@ fn write_then_read_back_across_an_extent_border() {
     let stats = rig.backend.volume().stats().snapshot();
     assert_eq!((stats.reads, stats.writes), (2, 1));
     assert_eq!((stats.read_bytes, stats.write_bytes), (16384 + 8192, 16384));
+}
+
+#[test]
+fn a_request_in_memory_added_after_the_workers_snapshot_is_served() {
+    let mut rig = Rig::new(false);
+    let mut vring = rig.vring(false);
+    let backend = Arc::clone(&rig.backend);
+    let mut worker = QueueWorker::new(&backend, &vring).unwrap();
+    // The worker takes its snapshot for the pass; then the driver adds a region (ADD_MEM_REG, acknowledged once
+    // published) and makes a write from it available before the worker pops it.
+    let stale = vring.memory();
+    const ADDED: u64 = 0x100_0000;
+    let region = GuestRegionMmap::from_range(GuestAddress(ADDED), 0x10000, None).unwrap();
+    let grown = rig.mem.insert_region(Arc::new(region)).unwrap();
+    grown
+        .write_slice(&[0x5a; 4096], GuestAddress(ADDED))
+        .unwrap();
+    rig.atomic.lock().unwrap().replace(grown);
+    let written = rig.write(0, ADDED, 4096);
+    worker.process_available_in(&mut vring, stale).unwrap();
+    worker.drain(&mut vring).unwrap();
+    assert_eq!(rig.status(written), ok());
+    let read = rig.read_req(0, DATA, 4096);
+    rig.serve(&mut worker, &mut vring);
+    assert_eq!(rig.status(read), ok());
+    assert_eq!(rig.read(DATA, 4096), vec![0x5a; 4096]);
 }
 
 #[test]

@@ -272,6 +272,15 @@ impl<'a> QueueWorker<'a> {
     /// Takes every available chain, submits what needs the block store, completes the rest.
     pub(crate) fn process_available(&mut self, vring: &mut Vring) -> Result<(), WorkerError> {
         let mem = vring.memory();
+        self.process_available_in(vring, mem)
+    }
+
+    /// [`QueueWorker::process_available`] from snapshot `mem`, which may have been taken before the newest.
+    pub(crate) fn process_available_in(
+        &mut self,
+        vring: &mut Vring,
+        mut mem: Arc<GuestMemoryMmap>,
+    ) -> Result<(), WorkerError> {
         let b = self.backend;
         // What the config space advertises (for the largest ring), not this ring's size: with
         // indirect descriptors a request's segment count does not depend on the ring.
@@ -288,6 +297,11 @@ impl<'a> QueueWorker<'a> {
             // one, so at high depth the requests travel as a convoy and the disk idles between convoys (QD32 reads
             // at 0.8-0.9x qemu-storage-daemon, which also submits one at a time; 1.02-1.15x after).
             while let Some(head) = vring.pop(&mem) {
+                // Its buffers may lie in a region the driver added after `mem` was taken: look again now that
+                // the request is seen (the region was published before the driver could make it available).
+                if let Some(newer) = vring.newer_memory(&mem) {
+                    mem = newer;
+                }
                 self.poll.requests_arrived();
                 self.start_request(vring, &mem, head, &limits);
                 self.io.commit().map_err(self.os("io_uring submit"))?;

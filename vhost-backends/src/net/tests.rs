@@ -15,7 +15,9 @@ use virtio_queue::desc::RawDescriptor;
 use virtio_queue::desc::split::Descriptor as SplitDescriptor;
 use virtio_queue::mock::{DescriptorTable, MockSplitQueue};
 use virtio_queue::{Queue, QueueT};
-use vm_memory::{Bytes, GuestAddress, GuestAddressSpace, GuestMemoryAtomic, GuestMemoryMmap};
+use vm_memory::{
+    Bytes, GuestAddress, GuestAddressSpace, GuestMemoryAtomic, GuestMemoryMmap, GuestRegionMmap,
+};
 use vmm_sys_util::eventfd::EventFd;
 
 use super::header::{FLAG_NEEDS_CSUM, GSO_TCPV4, HEADER_LEN};
@@ -303,6 +305,31 @@ fn transmitted_frames_reach_the_port_in_order() {
     let s = rig.stats();
     assert_eq!((s.tx_frames, s.tx_bytes), (2, 60 + 1514));
     assert_eq!(s.dropped(), 0);
+}
+
+#[test]
+fn a_frame_in_memory_added_after_the_workers_snapshot_is_transmitted() {
+    let mut rig = Rig::new(0);
+    let (_rx, mut tx) = rig.vrings(false);
+    let backend = Arc::clone(&rig.backend);
+    let mut worker = QueuePairWorker::new(&backend, 0);
+    // The worker takes its snapshot for the pass; then the driver adds a region and makes a frame from it available.
+    let stale = tx.memory();
+    let added = GuestAddress(0x100_0000);
+    let region = GuestRegionMmap::from_range(added, 0x10000, None).unwrap();
+    let grown = rig.mem.insert_region(Arc::new(region)).unwrap();
+    let a = frame(60, 3);
+    let mut stream = VirtioNetHeader::PLAIN.to_bytes().to_vec();
+    stream.extend_from_slice(&a);
+    grown.write_slice(&stream, added).unwrap();
+    rig.atomic.lock().unwrap().replace(grown);
+    let head = rig
+        .tx
+        .chain(&rig.mem, &[(added.0, stream.len() as u32, false)]);
+    assert!(!worker.process_tx_in(&mut tx, stale));
+    assert_eq!(rig.transmitted(), vec![(0, VirtioNetHeader::PLAIN, a)]);
+    assert_eq!(rig.tx.used(&rig.mem, 0), (head, 0));
+    assert_eq!(rig.stats().dropped(), 0);
 }
 
 #[test]

@@ -20,6 +20,7 @@
 
 use std::io;
 use std::os::fd::AsRawFd;
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use tracing::{debug, warn};
@@ -28,7 +29,8 @@ use vmm_sys_util::epoll::{ControlOperation, Epoll, EpollEvent, EventSet};
 use vmm_sys_util::eventfd::EventFd;
 
 use super::NetBackend;
-use super::frame::append_tx_frame;
+use super::frame::{TxDrop, append_tx_frame};
+use super::header::VirtioNetHeader;
 use super::port::{NetPort, TxBatch};
 use super::rx::RxQueue;
 use super::stats::{Counter, Counters};
@@ -231,6 +233,11 @@ impl<'a> QueuePairWorker<'a> {
     /// One transmit pass; returns whether the budget ran out with chains possibly left.
     pub(crate) fn process_tx(&mut self, tx: &mut Vring) -> bool {
         let mem = tx.memory();
+        self.process_tx_in(tx, mem)
+    }
+
+    /// [`QueuePairWorker::process_tx`] from snapshot `mem`, which may have been taken before the newest.
+    pub(crate) fn process_tx_in(&mut self, tx: &mut Vring, mut mem: Arc<GuestMemoryMmap>) -> bool {
         let offloads = self.backend.settings.host_offloads();
         let mut budget = TX_BUDGET;
         let mut more = false;
@@ -241,7 +248,7 @@ impl<'a> QueuePairWorker<'a> {
                     break;
                 };
                 budget -= 1;
-                self.transmit(tx, &mem, head, offloads);
+                self.transmit(tx, &mut mem, head, offloads);
                 if self.tx_used.len() >= USED_BATCH.min(usize::from(tx.size())) {
                     self.publish(tx, &mem);
                 }
@@ -265,16 +272,20 @@ impl<'a> QueuePairWorker<'a> {
     fn transmit(
         &mut self,
         tx: &Vring,
-        mem: &GuestMemoryMmap,
+        mem: &mut Arc<GuestMemoryMmap>,
         head: u16,
         offloads: super::HostOffloads,
     ) {
-        let buffer = self.batch.buffer();
-        let before = buffer.len();
-        let parsed = match tx.read_chain(mem, head, &mut self.descs) {
-            Ok(()) => append_tx_frame(mem, &self.descs, offloads, buffer),
-            Err(e) => Err(super::frame::TxDrop::Chain(e)),
-        };
+        let before = self.batch.buffer().len();
+        let mut parsed = self.read_tx_frame(tx, mem, head, offloads);
+        if parsed.is_err()
+            && let Some(newer) = tx.newer_memory(mem)
+        {
+            // The frame may lie in a region the driver added since `mem` was taken (a failed read appends
+            // nothing): read it again in the newest snapshot, which the rest of the pass then uses.
+            *mem = newer;
+            parsed = self.read_tx_frame(tx, mem, head, offloads);
+        }
         match parsed {
             Ok(header) => {
                 let len = self.batch.buffer().len() - before;
@@ -292,6 +303,20 @@ impl<'a> QueuePairWorker<'a> {
         self.tx_used.push((head, 0));
         if self.batch.len() >= TX_BATCH || self.batch.buffer().len() >= TX_BATCH_BYTES {
             self.send_batch();
+        }
+    }
+
+    /// Reads chain `head` and appends its frame to the batch; on error nothing is appended.
+    fn read_tx_frame(
+        &mut self,
+        tx: &Vring,
+        mem: &GuestMemoryMmap,
+        head: u16,
+        offloads: super::HostOffloads,
+    ) -> Result<VirtioNetHeader, TxDrop> {
+        match tx.read_chain(mem, head, &mut self.descs) {
+            Ok(()) => append_tx_frame(mem, &self.descs, offloads, self.batch.buffer()),
+            Err(e) => Err(TxDrop::Chain(e)),
         }
     }
 
