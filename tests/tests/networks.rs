@@ -223,7 +223,7 @@ fn network_lifecycle_errors_and_json() {
 #[test]
 fn port_lifecycle_errors_and_json() {
     let dir = test_dir("net_ports").unwrap();
-    let (_netns, options) = isolated("netports");
+    let (netns, options) = isolated("netports");
     let daemon = Daemon::start(&dir, options).unwrap();
     let vm1 = dir.join("vm1.sock");
     let vm1 = vm1.to_str().unwrap();
@@ -315,6 +315,10 @@ fn port_lifecycle_errors_and_json() {
         .unwrap();
     assert_eq!(red["id"], 3);
     assert_eq!(red["allow_any_mac"], true);
+    // The node's switch follows before the command returns: the device is there now.
+    if let Some(netns) = &netns {
+        assert!(netns.ip(&["link", "show", "vtap2"]).is_ok());
+    }
 
     fails(
         &daemon,
@@ -587,6 +591,10 @@ fn port_lifecycle_errors_and_json() {
         deleted.starts_with("port 3 deleted: tap vtap2 in network red"),
         "{deleted}"
     );
+    // And gone now.
+    if let Some(netns) = &netns {
+        assert!(netns.ip(&["link", "show", "vtap2"]).is_err());
+    }
     assert_eq!(
         daemon.vessel_ok(&["net", "delete", "red"]).unwrap().trim(),
         "network red deleted"

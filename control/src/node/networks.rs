@@ -139,6 +139,7 @@ impl LocalNode {
             .into_iter()
             .filter(|view| ports.iter().any(|port| port.id == view.id))
             .collect();
+        self.switch_follows_now();
         tracing::info!(network = %network.name, id = network.id, ports = deleted_ports.len(), "network deleted");
         Ok(admin::NetworkDeleteReply {
             id: network.id,
@@ -224,6 +225,7 @@ impl LocalNode {
         let CommandOutcome::PortCreated { id } = outcome else {
             return Err(unexpected(&outcome));
         };
+        self.switch_follows_now();
         tracing::info!(port = id, network = %network.name, %mac, "port created");
         self.port_view(id)
     }
@@ -283,8 +285,17 @@ impl LocalNode {
         let port = self.resolve_port(&request.port)?;
         let view = self.port_view(port.id)?;
         self.commit(Command::DeletePort { id: port.id }).await?;
+        self.switch_follows_now();
         tracing::info!(port = port.id, network = %view.network, "port deleted");
         Ok(view)
+    }
+
+    /// Brings this node's switch in line with the state just committed before the caller hears back, as
+    /// `ovs-vsctl` waits for the switch: a port created here is plugged, and one deleted here is gone (its socket
+    /// free for another device, its tap removed). `follow_networks` does the same after every change, only
+    /// later; it also records the underlay address, which this leaves to it.
+    fn switch_follows_now(&self) {
+        let _ = self.reconcile_switch();
     }
 
     fn network_view(&self, id: NetworkId, with_ports: bool) -> Result<admin::Network, OpError> {
