@@ -447,10 +447,11 @@ impl RxRing {
         let chains = if self.mrg {
             let mut have: usize = self.held.iter().map(RxChain::capacity).sum();
             while have < needed && self.held.len() < ring_size {
-                match self.take_chain(mem, counters) {
-                    Some(capacity) => have += capacity,
-                    None => break,
+                if self.take_chain(mem, counters).is_none() {
+                    break;
                 }
+                // A malformed chain on the way sends the held ones back before it: count again.
+                have = self.held.iter().map(RxChain::capacity).sum();
             }
             if have < needed {
                 if self.held.len() < ring_size {
@@ -602,8 +603,11 @@ impl RxRing {
                 } else {
                     debug!(pair = self.pair, head, "receive chain returned unused: {e}");
                 }
-                if self.used.len() >= usize::from(self.vring.size()) {
-                    self.publish(mem);
+                // Chains go back in the order they came (VIRTIO_F_IN_ORDER): the ones held for a frame first, empty
+                // (nothing is written into a held chain before the frame has all the room it needs). Chains taken
+                // and not yet published never outnumber the ring, so `used` stays within a ring's worth.
+                while let Some(held) = self.held.pop_front() {
+                    self.used.push((held.head, 0));
                 }
                 self.used.push((head, 0));
                 None

@@ -577,6 +577,29 @@ fn malformed_receive_chains_are_returned_unused() {
 }
 
 #[test]
+fn receive_chains_go_back_in_the_order_they_came_even_around_a_malformed_one() {
+    let mut rig = Rig::new(bit(VIRTIO_NET_F_MRG_RXBUF));
+    let (rx, _tx) = rig.vrings(false);
+    let mut rx = Some(rx);
+    let mem = Arc::clone(&rig.mem);
+    // The frame takes `small` and, finding it too small, looks further: `read_only` is malformed and goes back, but
+    // only after `small`, which came before it (VIRTIO_F_IN_ORDER); the frame then goes into `large`.
+    let small = rig.post_rx(RX_DATA, &[512]);
+    let read_only = rig.rx.chain(&mem, &[(RX_DATA + 0x1000, 2048, false)]);
+    let large = rig.post_rx(RX_DATA + 0x2000, &[2048]);
+    let f = frame(1400, 9);
+    assert!(rig.push(&VirtioNetHeader::PLAIN, &f));
+    rig.deliver(&mut rx);
+    assert_eq!(rig.rx.used_idx(&rig.mem), 3);
+    assert_eq!(rig.rx.used(&rig.mem, 0), (small, 0));
+    assert_eq!(rig.rx.used(&rig.mem, 1), (read_only, 0));
+    assert_eq!(rig.rx.used(&rig.mem, 2), (large, 12 + 1400));
+    assert_eq!(rig.read(RX_DATA + 0x2000 + 12, 1400), f);
+    let s = rig.stats();
+    assert_eq!((s.rx_bad_chains, s.rx_frames), (1, 1));
+}
+
+#[test]
 fn event_idx_suppresses_interrupts_on_both_rings() {
     let mut rig = Rig::new(bit(VIRTIO_NET_F_MRG_RXBUF) | bit(VIRTIO_RING_F_EVENT_IDX));
     let (rx, mut tx) = rig.vrings(true);
