@@ -151,6 +151,12 @@ struct GuestRun<'g> {
 
 impl vnet::SinkRun for GuestRun<'_> {
     fn push(&mut self, header: &vnet::offload::VirtioNetHeader, frame: &[u8]) -> bool {
+        // A guest with one queue pair takes every frame on the pair held (a closed queue refuses it there).
+        if let Some((_, batch)) = &mut self.held
+            && self.guest.0.queue_pairs() == 1
+        {
+            return batch.push(&to_guest(header), frame);
+        }
         let Some((pair, queue)) = self.guest.queue_for(frame) else {
             return false;
         };

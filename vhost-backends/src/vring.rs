@@ -98,6 +98,11 @@ impl RingMap {
     /// misaligned.
     fn new(mem: Arc<GuestMemoryMmap>, queue: &Queue) -> Option<RingMap> {
         let size = queue.size();
+        // A split ring's size is a power of two (virtio 1.2 §2.7; the handler and `Queue` refuse others), so a
+        // position wraps by a mask rather than a division.
+        if !size.is_power_of_two() {
+            return None;
+        }
         let host = |gpa: u64, len: usize, align: usize| -> Option<*mut u8> {
             let slice = mem.get_slice(GuestAddress(gpa), len).ok()?;
             let ptr = slice.ptr_guard_mut().as_ptr();
@@ -155,7 +160,7 @@ impl RingMap {
     fn avail_entry(&self, position: u16) -> u16 {
         // The Acquire load of the index that showed this entry ordered it.
         u16::from_le(
-            self.avail_word(2 + usize::from(position % self.size))
+            self.avail_word(2 + usize::from(position & (self.size - 1)))
                 .load(Ordering::Relaxed),
         )
     }
@@ -176,7 +181,7 @@ impl RingMap {
     /// Writes the used element at ring position `position`; the driver sees it once
     /// [`RingMap::publish_used`] moves the index past it.
     fn write_used(&self, position: u16, head: u16, len: u32) {
-        let slot = usize::from(position % self.size);
+        let slot = usize::from(position & (self.size - 1));
         self.used_elem(slot, 0)
             .store(u32::from(head).to_le(), Ordering::Relaxed);
         self.used_elem(slot, 1)
