@@ -373,7 +373,29 @@ impl Vring {
 
     /// Takes the next descriptor head: first those recovered from the inflight region, then
     /// the available ring. The head is marked inflight before it is returned.
+    #[inline]
     pub fn pop(&mut self, mem: &GuestMemoryMmap) -> Option<u16> {
+        // The common case, small enough to inline: an entry the last read of the available index already showed,
+        // on a ring with no inflight region, nothing to resubmit and the map on `mem`.
+        if self.resubmit.is_empty() && self.inflight.is_none() {
+            let next = self.queue.next_avail();
+            let size = self.queue.size();
+            let head = self
+                .map_on(mem)
+                .filter(|_| self.avail_seen != next)
+                .map(|map| map.avail_entry(next))
+                .filter(|&head| head < size);
+            if let Some(head) = head {
+                self.queue.set_next_avail(next.wrapping_add(1));
+                return Some(head);
+            }
+        }
+        self.pop_slow(mem)
+    }
+
+    /// [`Vring::pop`] in every case.
+    #[inline(never)]
+    fn pop_slow(&mut self, mem: &GuestMemoryMmap) -> Option<u16> {
         if let Some(head) = self.resubmit.pop_front() {
             return Some(head);
         }
@@ -411,7 +433,30 @@ impl Vring {
     }
 
     /// Reads the descriptor chain of `head` into `out`.
+    #[inline]
     pub fn read_chain(
+        &self,
+        mem: &GuestMemoryMmap,
+        head: u16,
+        out: &mut Vec<Descriptor>,
+    ) -> Result<(), ChainError> {
+        // Most chains of a net device are one descriptor: no walk for those, and small enough to inline.
+        if let Some(map) = self.map_on(mem)
+            && head < self.queue.size()
+        {
+            let entry = map.descriptor(u32::from(head));
+            if entry.is_alone() {
+                out.clear();
+                out.push(entry.descriptor());
+                return Ok(());
+            }
+        }
+        self.read_chain_slow(mem, head, out)
+    }
+
+    /// [`Vring::read_chain`] in every case.
+    #[inline(never)]
+    fn read_chain_slow(
         &self,
         mem: &GuestMemoryMmap,
         head: u16,
@@ -419,25 +464,14 @@ impl Vring {
     ) -> Result<(), ChainError> {
         let size = self.queue.size();
         match self.map_on(mem) {
-            Some(map) => {
-                // Most chains of a net device are one descriptor: no walk for those.
-                if head < size {
-                    let entry = map.descriptor(u32::from(head));
-                    if entry.is_alone() {
-                        out.clear();
-                        out.push(entry.descriptor());
-                        return Ok(());
-                    }
-                }
-                walk_chain(
-                    mem,
-                    |index| Ok(map.descriptor(index)),
-                    size,
-                    head,
-                    self.indirect,
-                    out,
-                )
-            }
+            Some(map) => walk_chain(
+                mem,
+                |index| Ok(map.descriptor(index)),
+                size,
+                head,
+                self.indirect,
+                out,
+            ),
             None => read_chain(
                 mem,
                 GuestAddress(self.queue.desc_table()),
