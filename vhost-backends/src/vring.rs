@@ -377,15 +377,14 @@ impl Vring {
     pub fn pop(&mut self, mem: &GuestMemoryMmap) -> Option<u16> {
         // The common case, small enough to inline: an entry the last read of the available index already showed,
         // on a ring with no inflight region, nothing to resubmit and the map on `mem`.
-        if self.resubmit.is_empty() && self.inflight.is_none() {
-            let next = self.queue.next_avail();
-            let size = self.queue.size();
-            let head = self
-                .map_on(mem)
-                .filter(|_| self.avail_seen != next)
-                .map(|map| map.avail_entry(next))
-                .filter(|&head| head < size);
-            if let Some(head) = head {
+        let next = self.queue.next_avail();
+        if self.resubmit.is_empty()
+            && self.inflight.is_none()
+            && self.avail_seen != next
+            && let Some(map) = self.map_on(mem)
+        {
+            let head = map.avail_entry(next);
+            if head < self.queue.size() {
                 self.queue.set_next_avail(next.wrapping_add(1));
                 return Some(head);
             }
