@@ -6,8 +6,12 @@
 //! resubmits them from the inflight region.
 
 mod common;
+// The library is linked without its `test-frontend` feature here, so the test compiles the
+// module itself; it names nothing of the crate.
+#[path = "../src/test_frontend.rs"]
+#[allow(dead_code)] // this test uses part of it
+mod test_frontend;
 
-use std::fs::File;
 use std::os::fd::AsRawFd;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command};
@@ -16,21 +20,17 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
 use common::*;
+use test_frontend::{Buffer, DriverRing, Guest};
+use vhost::VhostBackend;
 use vhost::vhost_user::message::{
     VhostUserConfigFlags, VhostUserHeaderFlag, VhostUserInflight, VhostUserProtocolFeatures,
-    VhostUserVirtioFeatures,
 };
 use vhost::vhost_user::{
     Frontend, FrontendReqHandler, HandlerResult, VhostUserFrontend, VhostUserFrontendReqHandler,
 };
-use vhost::{VhostBackend, VhostUserMemoryRegionInfo, VringConfigData};
 use vhost_backends::vring::Vring;
 use vhost_backends::{BlkConfig, BlkDevice, SocketOptions, VhostUserDevice, VhostUserServer};
-use virtio_queue::desc::split::Descriptor;
-use vm_memory::{
-    Bytes, FileOffset, GuestAddress, GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion,
-    GuestRegionMmap,
-};
+use vm_memory::{Bytes, FileOffset, GuestAddress, GuestMemoryMmap, GuestRegionMmap};
 use vmm_sys_util::epoll::{ControlOperation, Epoll, EpollEvent, EventSet};
 use vmm_sys_util::eventfd::EventFd;
 use vstore::{LocalPool, VolumeLayout};
@@ -41,210 +41,77 @@ const VIRTIO_BLK_F_CONFIG_WCE: u64 = 1 << 11;
 const VIRTIO_RING_F_INDIRECT_DESC: u64 = 1 << 28;
 const T_IN: u32 = 0;
 const T_OUT: u32 = 1;
-const DESC_F_NEXT: u16 = 1;
-const DESC_F_WRITE: u16 = 2;
 
 const GUEST_SIZE: u64 = 32 * MIB;
-const DESC: u64 = 0x0;
-const AVAIL: u64 = 0x4000;
-const USED: u64 = 0x8000;
 const HEADERS: u64 = 0x10000;
 const STATUS: u64 = 0x20000;
 const DATA: u64 = MIB;
 
-/// Guest RAM shared with the backend: a file mapped here and sent as a memory region.
-struct Guest {
-    file: File,
-    mem: GuestMemoryMmap,
-    host_base: u64,
+/// Guest RAM in a file under the cargo target directory, shared with the backend.
+fn new_guest() -> Guest {
+    let file = tempfile::tempfile_in(env!("CARGO_TARGET_TMPDIR")).unwrap();
+    Guest::new(file, GUEST_SIZE).unwrap()
 }
 
-impl Guest {
-    fn new() -> Guest {
-        let file = tempfile::tempfile_in(env!("CARGO_TARGET_TMPDIR")).unwrap();
-        file.set_len(GUEST_SIZE).unwrap();
-        let region = GuestRegionMmap::from_range(
-            GuestAddress(0),
-            GUEST_SIZE as usize,
-            Some(FileOffset::new(file.try_clone().unwrap(), 0)),
-        )
-        .unwrap();
-        let mem = GuestMemoryMmap::from_regions(vec![region]).unwrap();
-        let host_base = mem
-            .find_region(GuestAddress(0))
-            .unwrap()
-            .get_host_address(vm_memory::MemoryRegionAddress(0))
-            .unwrap() as u64;
-        Guest {
-            file,
-            mem,
-            host_base,
-        }
-    }
-
-    fn region(&self) -> VhostUserMemoryRegionInfo {
-        VhostUserMemoryRegionInfo {
-            guest_phys_addr: 0,
-            memory_size: GUEST_SIZE,
-            userspace_addr: self.host_base,
-            mmap_offset: 0,
-            mmap_handle: self.file.as_raw_fd(),
-        }
-    }
+/// Queues a request of `t` at `sector` with one data buffer; returns (head, status addr).
+/// Request n (the ring's avail index) takes descriptors 3n to 3n + 2, wrapping at the end of
+/// the table, and its own slots for the header and the status byte.
+fn request(
+    ring: &mut DriverRing,
+    guest: &Guest,
+    t: u32,
+    sector: u64,
+    data: u64,
+    len: u32,
+) -> (u16, u64) {
+    let n = ring.avail_idx();
+    let hdr = HEADERS + 16 * (u64::from(n) % 1024);
+    let status = STATUS + (u64::from(n) % 4096);
+    let mut h = [0u8; 16];
+    h[0..4].copy_from_slice(&t.to_le_bytes());
+    h[8..16].copy_from_slice(&sector.to_le_bytes());
+    guest.write(hdr, &h);
+    guest.write(status, &[0xee]);
+    let data = if t == T_IN {
+        Buffer::writable(data, len)
+    } else {
+        Buffer::readable(data, len)
+    };
+    let head = n.wrapping_mul(3) % ring.size();
+    let chain = [Buffer::readable(hdr, 16), data, Buffer::writable(status, 1)];
+    ring.add_chain(guest, head, &chain);
+    (head, status)
 }
 
-/// The driver side of one split ring in guest memory.
-struct Ring {
-    /// Offset of this ring's tables in guest memory (a second ring sits elsewhere).
-    base: u64,
-    size: u16,
-    next_desc: u16,
-    avail_idx: u16,
-    requests: u64,
-    kick: EventFd,
-    call: EventFd,
-}
-
-impl Ring {
-    fn new(size: u16) -> Ring {
-        Ring {
-            base: 0,
-            size,
-            next_desc: 0,
-            avail_idx: 0,
-            requests: 0,
-            kick: EventFd::new(libc::EFD_NONBLOCK).unwrap(),
-            call: EventFd::new(libc::EFD_NONBLOCK).unwrap(),
-        }
-    }
-
-    fn config(&self, guest: &Guest) -> VringConfigData {
-        VringConfigData {
-            queue_max_size: self.size,
-            queue_size: self.size,
-            flags: 0,
-            desc_table_addr: guest.host_base + self.base + DESC,
-            used_ring_addr: guest.host_base + self.base + USED,
-            avail_ring_addr: guest.host_base + self.base + AVAIL,
-            log_addr: None,
-        }
-    }
-
-    /// Queues a request of `t` at `sector` with one data buffer; returns (head, status addr).
-    fn request(&mut self, guest: &Guest, t: u32, sector: u64, data: u64, len: u32) -> (u16, u64) {
-        let n = self.requests;
-        self.requests += 1;
-        let hdr = HEADERS + 16 * (n % 1024);
-        let status = STATUS + (n % 4096);
-        let mut h = [0u8; 16];
-        h[0..4].copy_from_slice(&t.to_le_bytes());
-        h[8..16].copy_from_slice(&sector.to_le_bytes());
-        guest.mem.write_slice(&h, GuestAddress(hdr)).unwrap();
-        guest.mem.write_obj(0xeeu8, GuestAddress(status)).unwrap();
-        let data_flags = if t == T_IN { DESC_F_WRITE } else { 0 };
-        let bufs = [
-            (hdr, 16, 0),
-            (data, len, data_flags),
-            (status, 1, DESC_F_WRITE),
-        ];
-        let head = self.next_desc % self.size;
-        for (i, &(addr, len, flags)) in bufs.iter().enumerate() {
-            let index = (self.next_desc + i as u16) % self.size;
-            let (flags, next) = if i + 1 < bufs.len() {
-                (flags | DESC_F_NEXT, (index + 1) % self.size)
-            } else {
-                (flags, 0)
-            };
-            let d = Descriptor::new(addr, len, flags, next);
-            guest
-                .mem
-                .write_obj(d, GuestAddress(self.base + DESC + 16 * u64::from(index)))
-                .unwrap();
-        }
-        self.next_desc = self.next_desc.wrapping_add(3);
-        let slot = self.base + AVAIL + 4 + 2 * u64::from(self.avail_idx % self.size);
-        guest.mem.write_obj(head, GuestAddress(slot)).unwrap();
-        self.avail_idx = self.avail_idx.wrapping_add(1);
-        guest
-            .mem
-            .write_obj(self.avail_idx, GuestAddress(self.base + AVAIL + 2))
-            .unwrap();
-        (head, status)
-    }
-
-    fn kick(&self) {
-        self.kick.write(1).unwrap();
-    }
-
-    fn used_idx(&self, guest: &Guest) -> u16 {
-        guest
-            .mem
-            .read_obj(GuestAddress(self.base + USED + 2))
-            .unwrap()
-    }
-
-    fn used(&self, guest: &Guest, i: u16) -> (u32, u32) {
-        let at = self.base + USED + 4 + 8 * u64::from(i % self.size);
-        (
-            guest.mem.read_obj(GuestAddress(at)).unwrap(),
-            guest.mem.read_obj(GuestAddress(at + 4)).unwrap(),
-        )
-    }
-
-    fn wait_used(&self, guest: &Guest, n: u16) {
-        assert!(
-            wait_until(Duration::from_secs(30), || self.used_idx(guest) == n),
-            "used idx stuck at {} waiting for {n}",
-            self.used_idx(guest)
-        );
-    }
+fn wait_used(ring: &DriverRing, guest: &Guest, n: u16) {
+    assert!(
+        wait_until(Duration::from_secs(30), || ring.used_idx(guest) == n),
+        "used idx stuck at {} waiting for {n}",
+        ring.used_idx(guest)
+    );
 }
 
 fn status(guest: &Guest, addr: u64) -> u8 {
-    guest.mem.read_obj(GuestAddress(addr)).unwrap()
+    guest.read(addr, 1)[0]
 }
 
 /// What the frontend negotiates: what QEMU's vhost-user-blk acks.
 fn features() -> u64 {
-    VIRTIO_F_VERSION_1
-        | VIRTIO_BLK_F_FLUSH
-        | VIRTIO_BLK_F_CONFIG_WCE
-        | VIRTIO_RING_F_INDIRECT_DESC
-        | VhostUserVirtioFeatures::PROTOCOL_FEATURES.bits()
+    VIRTIO_F_VERSION_1 | VIRTIO_BLK_F_FLUSH | VIRTIO_BLK_F_CONFIG_WCE | VIRTIO_RING_F_INDIRECT_DESC
 }
 
 /// Connects and negotiates features, with REPLY_ACK on every request so refusals surface.
 fn connect(socket: &Path) -> Frontend {
     let mut fe = Frontend::connect(socket, 1).unwrap();
-    fe.set_owner().unwrap();
-    let offered = fe.get_features().unwrap();
-    assert_eq!(
-        offered & features(),
-        features(),
-        "device offers what QEMU needs"
-    );
-    fe.set_features(features()).unwrap();
-    let pf = fe.get_protocol_features().unwrap();
-    let needed = VhostUserProtocolFeatures::MQ
+    let protocol = VhostUserProtocolFeatures::MQ
         | VhostUserProtocolFeatures::REPLY_ACK
         | VhostUserProtocolFeatures::CONFIG
         | VhostUserProtocolFeatures::CONFIGURE_MEM_SLOTS
         | VhostUserProtocolFeatures::INFLIGHT_SHMFD
         | VhostUserProtocolFeatures::BACKEND_REQ;
-    assert!(pf.contains(needed), "protocol features {pf:?}");
-    fe.set_protocol_features(needed).unwrap();
+    test_frontend::negotiate(&mut fe, features(), protocol).unwrap();
     fe.set_hdr_flags(VhostUserHeaderFlag::NEED_REPLY);
     fe
-}
-
-/// Configures and starts queue 0 the way QEMU does.
-fn start_ring(fe: &mut Frontend, guest: &Guest, ring: &Ring, base: u16) {
-    fe.set_vring_num(0, ring.size).unwrap();
-    fe.set_vring_addr(0, &ring.config(guest)).unwrap();
-    fe.set_vring_base(0, base).unwrap();
-    fe.set_vring_call(0, &ring.call).unwrap();
-    fe.set_vring_kick(0, &ring.kick).unwrap();
-    fe.set_vring_enable(0, true).unwrap();
 }
 
 fn device(vol: &TestVolume) -> BlkDevice {
@@ -259,8 +126,8 @@ fn device(vol: &TestVolume) -> BlkDevice {
 fn memory_slots_config_space_and_ring_restart() {
     let vol = volume(16 * MIB);
     let dev = device(&vol);
-    let guest = Guest::new();
-    let mut ring = Ring::new(64);
+    let guest = new_guest();
+    let mut ring = DriverRing::new(&guest, 0, 0, 64).unwrap();
     let mut fe = connect(&vol.socket("fe.sock"));
     assert_eq!(fe.get_queue_num().unwrap(), 1);
     assert!(fe.get_max_mem_slots().unwrap() >= 8);
@@ -289,22 +156,27 @@ fn memory_slots_config_space_and_ring_restart() {
         "capacity is read-only"
     );
 
-    start_ring(&mut fe, &guest, &ring, 0);
+    ring.start(&mut fe, &guest, 0).unwrap();
     let mut expected = Vec::new();
     for i in 0..4u64 {
         let mut buf = vec![0u8; 64 * 1024];
         pattern(&mut buf, i, 1);
-        guest
-            .mem
-            .write_slice(&buf, GuestAddress(DATA + i * 0x10000))
-            .unwrap();
+        guest.write(DATA + i * 0x10000, &buf);
         expected.push(buf);
-        ring.request(&guest, T_OUT, i * 128, DATA + i * 0x10000, 64 * 1024);
+        request(
+            &mut ring,
+            &guest,
+            T_OUT,
+            i * 128,
+            DATA + i * 0x10000,
+            64 * 1024,
+        );
     }
     ring.kick();
-    ring.wait_used(&guest, 4);
+    wait_used(&ring, &guest, 4);
     for i in 0..4u64 {
-        ring.request(
+        request(
+            &mut ring,
             &guest,
             T_IN,
             i * 128,
@@ -313,26 +185,22 @@ fn memory_slots_config_space_and_ring_restart() {
         );
     }
     ring.kick();
-    ring.wait_used(&guest, 8);
+    wait_used(&ring, &guest, 8);
     for (i, e) in expected.iter().enumerate() {
-        let mut got = vec![0u8; 64 * 1024];
-        guest
-            .mem
-            .read_slice(&mut got, GuestAddress(DATA + 0x100000 + i as u64 * 0x10000))
-            .unwrap();
+        let got = guest.read(DATA + 0x100000 + i as u64 * 0x10000, 64 * 1024);
         assert!(&got == e, "read {i}");
     }
-    assert!(ring.call.read().is_ok(), "the driver was interrupted");
+    assert!(ring.call_fd().read().is_ok(), "the driver was interrupted");
 
     // GET_VRING_BASE stops the ring at the exact position; a restart carries on.
     assert_eq!(fe.get_vring_base(0).unwrap(), 8);
-    let (_, s) = ring.request(&guest, T_IN, 0, DATA + 0x200000, 4096);
+    let (_, s) = request(&mut ring, &guest, T_IN, 0, DATA + 0x200000, 4096);
     ring.kick();
     std::thread::sleep(Duration::from_millis(100));
     assert_eq!(ring.used_idx(&guest), 8, "a stopped ring is not processed");
     fe.set_vring_base(0, 8).unwrap();
-    fe.set_vring_kick(0, &ring.kick).unwrap();
-    ring.wait_used(&guest, 9);
+    fe.set_vring_kick(0, ring.kick_fd()).unwrap();
+    wait_used(&ring, &guest, 9);
     assert_eq!(status(&guest, s), 0);
 
     // A refused request is NACKed and the connection stays usable.
@@ -341,9 +209,9 @@ fn memory_slots_config_space_and_ring_restart() {
         "ring size 100 is not a power of two"
     );
     assert!(fe.set_vring_num(1, 64).is_err(), "there is no queue 1");
-    let (_, s) = ring.request(&guest, T_IN, 8, DATA + 0x200000, 4096);
+    let (_, s) = request(&mut ring, &guest, T_IN, 8, DATA + 0x200000, 4096);
     ring.kick();
-    ring.wait_used(&guest, 10);
+    wait_used(&ring, &guest, 10);
     assert_eq!(status(&guest, s), 0);
     assert!(dev.connected());
     drop(fe);
@@ -369,7 +237,7 @@ impl VhostUserFrontendReqHandler for ConfigWatcher {
 fn growing_the_volume_notifies_the_frontend() {
     let vol = volume(16 * MIB);
     let dev = device(&vol);
-    let guest = Guest::new();
+    let guest = new_guest();
     let mut fe = connect(&vol.socket("fe.sock"));
     fe.set_mem_table(&[guest.region()]).unwrap();
     let watcher = Arc::new(ConfigWatcher::default());
@@ -408,13 +276,20 @@ fn growing_the_volume_notifies_the_frontend() {
 fn frontend_vanishing_mid_request_leaves_the_device_serving() {
     let vol = volume(64 * MIB);
     let dev = device(&vol);
-    let guest = Guest::new();
-    let mut ring = Ring::new(128);
+    let guest = new_guest();
+    let mut ring = DriverRing::new(&guest, 0, 0, 128).unwrap();
     let mut fe = connect(&vol.socket("fe.sock"));
     fe.set_mem_table(&[guest.region()]).unwrap();
-    start_ring(&mut fe, &guest, &ring, 0);
+    ring.start(&mut fe, &guest, 0).unwrap();
     for i in 0..32u64 {
-        ring.request(&guest, T_OUT, i * 2048, DATA + (i % 16) * MIB, MIB as u32);
+        request(
+            &mut ring,
+            &guest,
+            T_OUT,
+            i * 2048,
+            DATA + (i % 16) * MIB,
+            MIB as u32,
+        );
     }
     ring.kick();
     drop(fe); // gone, with up to 32 MiB of writes in flight
@@ -427,22 +302,14 @@ fn frontend_vanishing_mid_request_leaves_the_device_serving() {
     }
 
     // The next frontend is served normally.
-    let mut ring = Ring::new(64);
-    // A fresh driver starts from zeroed rings.
-    guest
-        .mem
-        .write_slice(&[0u8; 0x8000], GuestAddress(AVAIL))
-        .unwrap();
-    guest
-        .mem
-        .write_slice(&[0u8; 0x8000], GuestAddress(USED))
-        .unwrap();
+    // A fresh driver, whose rings start zeroed.
+    let mut ring = DriverRing::new(&guest, 0, 0, 64).unwrap();
     let mut fe = connect(&vol.socket("fe.sock"));
     fe.set_mem_table(&[guest.region()]).unwrap();
-    start_ring(&mut fe, &guest, &ring, 0);
-    let (_, s) = ring.request(&guest, T_IN, 0, DATA, 4096);
+    ring.start(&mut fe, &guest, 0).unwrap();
+    let (_, s) = request(&mut ring, &guest, T_IN, 0, DATA, 4096);
     ring.kick();
-    ring.wait_used(&guest, 1);
+    wait_used(&ring, &guest, 1);
     assert_eq!(status(&guest, s), 0);
     drop(fe);
     dev.stop();
@@ -541,33 +408,19 @@ fn a_worker_serves_its_whole_ring_group() {
         owner: None,
     };
     let server = VhostUserServer::start(Arc::clone(&device), &options).unwrap();
-    let guest = Guest::new();
-    let mut rx = Ring::new(64);
-    let mut tx = Ring::new(64);
-    tx.base = 0x40000;
+    let guest = new_guest();
+    let mut rx = DriverRing::new(&guest, 0, 0, 64).unwrap();
+    let mut tx = DriverRing::new(&guest, 1, 0x40000, 64).unwrap();
     let mut fe = Frontend::connect(&socket, 2).unwrap();
-    fe.set_owner().unwrap();
-    fe.get_features().unwrap();
-    fe.set_features(VIRTIO_F_VERSION_1 | VhostUserVirtioFeatures::PROTOCOL_FEATURES.bits())
-        .unwrap();
-    fe.get_protocol_features().unwrap();
-    fe.set_protocol_features(VhostUserProtocolFeatures::REPLY_ACK | VhostUserProtocolFeatures::MQ)
-        .unwrap();
+    let protocol = VhostUserProtocolFeatures::REPLY_ACK | VhostUserProtocolFeatures::MQ;
+    test_frontend::negotiate(&mut fe, VIRTIO_F_VERSION_1, protocol).unwrap();
     fe.set_hdr_flags(VhostUserHeaderFlag::NEED_REPLY);
     fe.set_mem_table(&[guest.region()]).unwrap();
-    let start = |fe: &mut Frontend, q: usize, ring: &Ring, base: u16| {
-        fe.set_vring_num(q, ring.size).unwrap();
-        fe.set_vring_addr(q, &ring.config(&guest)).unwrap();
-        fe.set_vring_base(q, base).unwrap();
-        fe.set_vring_call(q, &ring.call).unwrap();
-        fe.set_vring_kick(q, &ring.kick).unwrap();
-        fe.set_vring_enable(q, true).unwrap();
-    };
     let settle = || std::thread::sleep(Duration::from_millis(150));
 
     // One ring of the pair ready is not enough.
-    start(&mut fe, 0, &rx, 0);
-    rx.request(&guest, T_IN, 0, DATA, 512);
+    rx.start(&mut fe, &guest, 0).unwrap();
+    request(&mut rx, &guest, T_IN, 0, DATA, 512);
     rx.kick();
     settle();
     assert_eq!(
@@ -576,16 +429,16 @@ fn a_worker_serves_its_whole_ring_group() {
         "no worker before the whole pair is ready"
     );
     // Both ready: one worker for both rings.
-    start(&mut fe, 1, &tx, 0);
-    rx.wait_used(&guest, 1);
-    tx.request(&guest, T_IN, 0, DATA, 512);
+    tx.start(&mut fe, &guest, 0).unwrap();
+    wait_used(&rx, &guest, 1);
+    request(&mut tx, &guest, T_IN, 0, DATA, 512);
     tx.kick();
-    tx.wait_used(&guest, 1);
+    wait_used(&tx, &guest, 1);
     assert_eq!(*device.groups_seen.lock().unwrap(), vec![vec![0, 1]]);
 
     // Stopping one ring stops its partner's worker too; each keeps its own position.
     assert_eq!(fe.get_vring_base(0).unwrap(), 1);
-    tx.request(&guest, T_IN, 0, DATA, 512);
+    request(&mut tx, &guest, T_IN, 0, DATA, 512);
     tx.kick();
     settle();
     assert_eq!(tx.used_idx(&guest), 1, "the pair's worker is stopped");
@@ -594,9 +447,9 @@ fn a_worker_serves_its_whole_ring_group() {
         1,
         "the unserved request was not consumed"
     );
-    start(&mut fe, 0, &rx, 1);
-    start(&mut fe, 1, &tx, 1);
-    tx.wait_used(&guest, 2);
+    rx.start(&mut fe, &guest, 1).unwrap();
+    tx.start(&mut fe, &guest, 1).unwrap();
+    wait_used(&tx, &guest, 2);
     assert_eq!(device.groups_seen.lock().unwrap().len(), 2);
     drop(fe);
     server.stop();
@@ -700,8 +553,8 @@ fn backend_killed_with_requests_in_flight() {
         "child backend up"
     );
 
-    let guest = Guest::new();
-    let mut ring = Ring::new(QS);
+    let guest = new_guest();
+    let mut ring = DriverRing::new(&guest, 0, 0, QS).unwrap();
     let mut fe = connect(&socket);
     fe.set_mem_table(&[guest.region()]).unwrap();
     // QEMU asks the backend for the inflight region before starting the rings.
@@ -727,7 +580,7 @@ fn backend_killed_with_requests_in_flight() {
         .unwrap(),
     ])
     .unwrap();
-    start_ring(&mut fe, &guest, &ring, 0);
+    ring.start(&mut fe, &guest, 0).unwrap();
 
     // Every request writes its own range with its own pattern, so the checker can tell them
     // apart; the backend is killed as soon as it has taken some of them.
@@ -735,11 +588,15 @@ fn backend_killed_with_requests_in_flight() {
     for i in 0..u64::from(REQUESTS) {
         let mut buf = vec![0u8; LEN as usize];
         pattern(&mut buf, i * LEN, 3);
-        guest
-            .mem
-            .write_slice(&buf, GuestAddress(DATA + i * LEN))
-            .unwrap();
-        let (_, st) = ring.request(&guest, T_OUT, i * LEN / 512, DATA + i * LEN, LEN as u32);
+        guest.write(DATA + i * LEN, &buf);
+        let (_, st) = request(
+            &mut ring,
+            &guest,
+            T_OUT,
+            i * LEN / 512,
+            DATA + i * LEN,
+            LEN as u32,
+        );
         expected.push((buf, st));
     }
     ring.kick();
@@ -771,8 +628,8 @@ fn backend_killed_with_requests_in_flight() {
     fe.set_mem_table(&[guest.region()]).unwrap();
     fe.set_inflight_fd(&inflight, inflight_file.as_raw_fd())
         .unwrap();
-    start_ring(&mut fe, &guest, &ring, ring.used_idx(&guest));
-    ring.wait_used(&guest, REQUESTS);
+    ring.start(&mut fe, &guest, ring.used_idx(&guest)).unwrap();
+    wait_used(&ring, &guest, REQUESTS);
 
     // Each head came back exactly once, every write succeeded and its data is on the volume.
     let mut heads: Vec<u32> = (0..REQUESTS).map(|i| ring.used(&guest, i).0).collect();
@@ -788,14 +645,10 @@ fn backend_killed_with_requests_in_flight() {
     );
     for (i, (buf, _)) in expected.iter().enumerate() {
         let i = i as u64;
-        ring.request(&guest, T_IN, i * LEN / 512, 28 * MIB, LEN as u32);
+        request(&mut ring, &guest, T_IN, i * LEN / 512, 28 * MIB, LEN as u32);
         ring.kick();
-        ring.wait_used(&guest, REQUESTS + i as u16 + 1);
-        let mut got = vec![0u8; LEN as usize];
-        guest
-            .mem
-            .read_slice(&mut got, GuestAddress(28 * MIB))
-            .unwrap();
+        wait_used(&ring, &guest, REQUESTS + i as u16 + 1);
+        let got = guest.read(28 * MIB, LEN as usize);
         assert!(&got == buf, "data of request {i} after the crash");
     }
     eprintln!(
@@ -812,11 +665,11 @@ fn a_new_call_fd_is_signalled_once_so_no_completion_goes_unannounced() {
     // the interrupt for them would be lost, and a guest with a full queue would wait forever.
     let vol = volume(16 * MIB);
     let _dev = device(&vol);
-    let guest = Guest::new();
-    let ring = Ring::new(64);
+    let guest = new_guest();
+    let ring = DriverRing::new(&guest, 0, 0, 64).unwrap();
     let fe = connect(&vol.socket("fe.sock"));
     fe.set_mem_table(&[guest.region()]).unwrap();
-    assert!(ring.call.read().is_err(), "nothing signalled yet");
-    fe.set_vring_call(0, &ring.call).unwrap();
-    assert_eq!(ring.call.read().unwrap(), 1);
+    assert!(ring.call_fd().read().is_err(), "nothing signalled yet");
+    fe.set_vring_call(0, ring.call_fd()).unwrap();
+    assert_eq!(ring.call_fd().read().unwrap(), 1);
 }

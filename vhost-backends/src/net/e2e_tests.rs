@@ -1,37 +1,30 @@
 //! A [`NetDevice`] behind its real socket, driven by a raw vhost-user frontend (the `vhost`
-//! crate's `Frontend`) that also plays the guest driver with split rings in a shared file. The
-//! device's port loops every frame the guest transmits back into the same queue pair's
-//! receive queue, so what the driver sends must come back intact and in order: with and
-//! without MRG_RXBUF, small and jumbo frames, across a reconnect, on two queue pairs.
+//! crate's `Frontend`) that also plays the guest driver with split rings in a shared file
+//! ([`crate::test_frontend`]). The device's port loops every frame the guest transmits back
+//! into the same queue pair's receive queue, so what the driver sends must come back intact
+//! and in order: with and without MRG_RXBUF, small and jumbo frames, across a reconnect, on two
+//! queue pairs.
 
-use std::fs::File;
 use std::io::{Read, Write};
-use std::os::fd::AsRawFd;
 use std::os::unix::net::UnixStream;
 use std::sync::{Arc, OnceLock};
 use std::time::{Duration, Instant};
 
+use vhost::VhostBackend;
 use vhost::vhost_user::message::{
-    VhostUserConfigFlags, VhostUserHeaderFlag, VhostUserProtocolFeatures, VhostUserVirtioFeatures,
+    VhostUserConfigFlags, VhostUserHeaderFlag, VhostUserProtocolFeatures,
 };
 use vhost::vhost_user::{Frontend, VhostUserFrontend};
-use vhost::{VhostBackend, VhostUserMemoryRegionInfo, VringConfigData};
 use virtio_bindings::virtio_config::VIRTIO_F_VERSION_1;
 use virtio_bindings::virtio_net::{
     VIRTIO_NET_F_CSUM, VIRTIO_NET_F_GUEST_CSUM, VIRTIO_NET_F_MAC, VIRTIO_NET_F_MQ,
     VIRTIO_NET_F_MRG_RXBUF, VIRTIO_NET_F_MTU, VIRTIO_NET_F_STATUS,
 };
 use virtio_bindings::virtio_ring::VIRTIO_RING_F_EVENT_IDX;
-use virtio_queue::desc::split::Descriptor;
-use vm_memory::{
-    Bytes, FileOffset, GuestAddress, GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion,
-    GuestRegionMmap,
-};
-use vmm_sys_util::eventfd::EventFd;
 
 use super::header::HEADER_LEN;
 use super::{NetConfig, NetDevice, NetPort, RxQueue, VirtioNetHeader};
-use crate::chain::VIRTQ_DESC_F_WRITE;
+use crate::test_frontend::{self, Buffer, DriverRing, Guest};
 
 const GUEST_SIZE: u64 = 16 << 20;
 const RING_SIZE: u16 = 256;
@@ -68,184 +61,63 @@ impl NetPort for Loopback {
     }
 }
 
-/// Guest RAM shared with the backend.
-struct Guest {
-    file: File,
-    mem: GuestMemoryMmap,
-    host_base: u64,
-}
-
-impl Guest {
-    fn new() -> Guest {
-        let file = tempfile::tempfile().unwrap();
-        file.set_len(GUEST_SIZE).unwrap();
-        let region = GuestRegionMmap::from_range(
-            GuestAddress(0),
-            GUEST_SIZE as usize,
-            Some(FileOffset::new(file.try_clone().unwrap(), 0)),
-        )
-        .unwrap();
-        let mem = GuestMemoryMmap::from_regions(vec![region]).unwrap();
-        let host_base = mem
-            .find_region(GuestAddress(0))
-            .unwrap()
-            .get_host_address(vm_memory::MemoryRegionAddress(0))
-            .unwrap() as u64;
-        Guest {
-            file,
-            mem,
-            host_base,
-        }
-    }
-
-    fn region(&self) -> VhostUserMemoryRegionInfo {
-        VhostUserMemoryRegionInfo {
-            guest_phys_addr: 0,
-            memory_size: GUEST_SIZE,
-            userspace_addr: self.host_base,
-            mmap_offset: 0,
-            mmap_handle: self.file.as_raw_fd(),
-        }
-    }
-
-    fn read(&self, addr: u64, len: usize) -> Vec<u8> {
-        let mut v = vec![0u8; len];
-        self.mem.read_slice(&mut v, GuestAddress(addr)).unwrap();
-        v
-    }
-}
-
-/// The driver side of one split ring: every chain is a single descriptor whose index is its
-/// head, with a buffer of its own at `data + head * SLOT`.
-struct DriverRing {
-    index: usize,
-    base: u64,
-    data: u64,
-    avail_idx: u16,
-    last_used: u16,
-    kick: EventFd,
-    call: EventFd,
-}
-
-impl DriverRing {
-    fn new(index: usize, base: u64, data: u64) -> DriverRing {
-        DriverRing {
-            index,
-            base,
-            data,
-            avail_idx: 0,
-            last_used: 0,
-            kick: EventFd::new(libc::EFD_NONBLOCK).unwrap(),
-            call: EventFd::new(libc::EFD_NONBLOCK).unwrap(),
-        }
-    }
-
-    fn config(&self, guest: &Guest) -> VringConfigData {
-        VringConfigData {
-            queue_max_size: RING_SIZE,
-            queue_size: RING_SIZE,
-            flags: 0,
-            desc_table_addr: guest.host_base + self.base,
-            used_ring_addr: guest.host_base + self.base + 0x2000,
-            avail_ring_addr: guest.host_base + self.base + 0x1000,
-            log_addr: None,
-        }
-    }
-
-    fn start(&self, fe: &mut Frontend, guest: &Guest, base: u16) {
-        fe.set_vring_num(self.index, RING_SIZE).unwrap();
-        fe.set_vring_addr(self.index, &self.config(guest)).unwrap();
-        fe.set_vring_base(self.index, base).unwrap();
-        fe.set_vring_call(self.index, &self.call).unwrap();
-        fe.set_vring_kick(self.index, &self.kick).unwrap();
-        fe.set_vring_enable(self.index, true).unwrap();
-    }
-
-    fn buffer(&self, head: u16) -> u64 {
-        self.data + u64::from(head) * SLOT
-    }
-
-    /// Offers chain `head` (one buffer of `len` bytes).
-    fn offer(&mut self, guest: &Guest, head: u16, len: u32, writable: bool) {
-        let flags = if writable { VIRTQ_DESC_F_WRITE } else { 0 };
-        let d = Descriptor::new(self.buffer(head), len, flags, 0);
-        guest
-            .mem
-            .write_obj(d, GuestAddress(self.base + 16 * u64::from(head)))
-            .unwrap();
-        let slot = self.base + 0x1000 + 4 + 2 * u64::from(self.avail_idx % RING_SIZE);
-        guest.mem.write_obj(head, GuestAddress(slot)).unwrap();
-        self.avail_idx = self.avail_idx.wrapping_add(1);
-        guest
-            .mem
-            .store(
-                self.avail_idx,
-                GuestAddress(self.base + 0x1000 + 2),
-                std::sync::atomic::Ordering::Release,
-            )
-            .unwrap();
-    }
-
-    fn used_idx(&self, guest: &Guest) -> u16 {
-        guest
-            .mem
-            .load(
-                GuestAddress(self.base + 0x2000 + 2),
-                std::sync::atomic::Ordering::Acquire,
-            )
-            .unwrap()
-    }
-
-    /// Takes the next used entry, if any, as (head, len).
-    fn next_used(&mut self, guest: &Guest) -> Option<(u16, u32)> {
-        if self.used_idx(guest) == self.last_used {
-            return None;
-        }
-        let at = self.base + 0x2000 + 4 + 8 * u64::from(self.last_used % RING_SIZE);
-        self.last_used = self.last_used.wrapping_add(1);
-        let id: u32 = guest.mem.read_obj(GuestAddress(at)).unwrap();
-        Some((id as u16, guest.mem.read_obj(GuestAddress(at + 4)).unwrap()))
-    }
-}
-
-/// One queue pair as the guest driver sees it.
+/// One queue pair as the guest driver sees it. Chain `head` of either ring is one descriptor
+/// whose buffer is the ring's own, at `data + head * SLOT`.
 struct Pair {
     rx: DriverRing,
     tx: DriverRing,
+    rx_data: u64,
+    tx_data: u64,
     rx_buf_len: u32,
 }
 
+fn buffer(data: u64, head: u16) -> u64 {
+    data + u64::from(head) * SLOT
+}
+
 impl Pair {
-    fn new(pair: usize) -> Pair {
+    fn new(guest: &Guest, pair: usize) -> Pair {
         let base = 0x10000 * pair as u64;
         let data = (1 << 20) + (6 << 20) * pair as u64;
         Pair {
-            rx: DriverRing::new(2 * pair, base, data),
-            tx: DriverRing::new(2 * pair + 1, base + 0x4000, data + (3 << 20)),
+            rx: DriverRing::new(guest, 2 * pair, base, RING_SIZE).unwrap(),
+            tx: DriverRing::new(guest, 2 * pair + 1, base + 0x4000, RING_SIZE).unwrap(),
+            rx_data: data,
+            tx_data: data + (3 << 20),
             rx_buf_len: 1526,
         }
     }
 
+    /// Offers receive chain `head` (again).
+    fn offer_rx(&mut self, guest: &Guest, head: u16) {
+        let buffer = Buffer::writable(buffer(self.rx_data, head), self.rx_buf_len);
+        self.rx.add_chain(guest, head, &[buffer]);
+    }
+
     fn fill_rx(&mut self, guest: &Guest) {
         for head in 0..RING_SIZE {
-            self.rx.offer(guest, head, self.rx_buf_len, true);
+            self.offer_rx(guest, head);
         }
+    }
+
+    fn start(&self, fe: &mut Frontend, guest: &Guest, rx_base: u16, tx_base: u16) {
+        self.rx.start(fe, guest, rx_base).unwrap();
+        self.tx.start(fe, guest, tx_base).unwrap();
     }
 
     /// Transmits `frames` in batches and checks each comes back intact and in order.
     fn exchange(&mut self, guest: &Guest, frames: &[Vec<u8>], mrg: bool) {
         for batch in frames.chunks(16) {
             for f in batch {
-                let head = self.tx.avail_idx % RING_SIZE;
+                let head = self.tx.avail_idx() % RING_SIZE;
                 let mut bytes = VirtioNetHeader::PLAIN.to_bytes().to_vec();
                 bytes.extend_from_slice(f);
-                guest
-                    .mem
-                    .write_slice(&bytes, GuestAddress(self.tx.buffer(head)))
-                    .unwrap();
-                self.tx.offer(guest, head, bytes.len() as u32, false);
+                let addr = buffer(self.tx_data, head);
+                guest.write(addr, &bytes);
+                let chain = [Buffer::readable(addr, bytes.len() as u32)];
+                self.tx.add_chain(guest, head, &chain);
             }
-            self.tx.kick.write(1).unwrap();
+            self.tx.kick();
             let mut got = 0;
             let deadline = Instant::now() + Duration::from_secs(20);
             while got < batch.len() {
@@ -263,7 +135,7 @@ impl Pair {
                 }
             }
             let deadline = Instant::now() + Duration::from_secs(20);
-            while self.tx.used_idx(guest) != self.tx.avail_idx {
+            while self.tx.used_idx(guest) != self.tx.avail_idx() {
                 assert!(Instant::now() < deadline, "transmit chains not returned");
                 std::thread::sleep(Duration::from_micros(200));
             }
@@ -280,9 +152,9 @@ impl Pair {
                 break (head, len);
             }
             // Returned unused (e.g. held when a worker stopped).
-            self.rx.offer(guest, head, self.rx_buf_len, true);
+            self.offer_rx(guest, head);
         };
-        let addr = self.rx.buffer(head);
+        let addr = buffer(self.rx_data, head);
         let header: [u8; HEADER_LEN] = guest.read(addr, HEADER_LEN).try_into().unwrap();
         let header = VirtioNetHeader::from_bytes(&header);
         if !mrg {
@@ -292,14 +164,14 @@ impl Pair {
             );
         }
         let mut frame = guest.read(addr + HEADER_LEN as u64, len as usize - HEADER_LEN);
-        self.rx.offer(guest, head, self.rx_buf_len, true);
+        self.offer_rx(guest, head);
         for _ in 1..header.num_buffers {
             // All buffers of a frame are published together.
             let (head, len) = self.rx.next_used(guest).expect("rest of a merged frame");
-            frame.extend(guest.read(self.rx.buffer(head), len as usize));
-            self.rx.offer(guest, head, self.rx_buf_len, true);
+            frame.extend(guest.read(buffer(self.rx_data, head), len as usize));
+            self.offer_rx(guest, head);
         }
-        self.rx.kick.write(1).unwrap();
+        self.rx.kick();
         Some(frame)
     }
 }
@@ -312,8 +184,7 @@ fn features(mrg: bool) -> u64 {
         | bit(VIRTIO_NET_F_MTU)
         | bit(VIRTIO_NET_F_MAC)
         | bit(VIRTIO_NET_F_STATUS)
-        | bit(VIRTIO_NET_F_MQ)
-        | VhostUserVirtioFeatures::PROTOCOL_FEATURES.bits();
+        | bit(VIRTIO_NET_F_MQ);
     if mrg {
         f |= bit(VIRTIO_NET_F_MRG_RXBUF);
     }
@@ -326,17 +197,11 @@ fn connect(socket: &std::path::Path, guest: &Guest, mrg: bool) -> (Frontend, Uni
     let stream = UnixStream::connect(socket).unwrap();
     let raw = stream.try_clone().unwrap();
     let mut fe = Frontend::from_stream(stream, 4);
-    fe.set_owner().unwrap();
-    let offered = fe.get_features().unwrap();
-    assert_eq!(offered & features(mrg), features(mrg), "{offered:#x}");
-    fe.set_features(features(mrg)).unwrap();
-    let pf = fe.get_protocol_features().unwrap();
-    let wanted = VhostUserProtocolFeatures::MQ
+    let protocol = VhostUserProtocolFeatures::MQ
         | VhostUserProtocolFeatures::REPLY_ACK
         | VhostUserProtocolFeatures::CONFIG
         | VhostUserProtocolFeatures::MTU;
-    assert!(pf.contains(wanted), "{pf:?}");
-    fe.set_protocol_features(wanted).unwrap();
+    test_frontend::negotiate(&mut fe, features(mrg), protocol).unwrap();
     fe.set_hdr_flags(VhostUserHeaderFlag::NEED_REPLY);
     assert_eq!(fe.get_queue_num().unwrap(), 4);
     fe.set_mem_table(&[guest.region()]).unwrap();
@@ -412,7 +277,7 @@ fn frames_loop_back_through_the_socket_across_a_reconnect() {
         .map(|p| Arc::clone(device.rx_queue(p).unwrap()))
         .collect();
     assert!(port.queues.set(queues).is_ok());
-    let guest = Guest::new();
+    let guest = Guest::new(tempfile::tempfile().unwrap(), GUEST_SIZE).unwrap();
 
     // First connection: no MRG_RXBUF, one 1526-byte buffer per frame, MTU 1500.
     let (mut fe, mut raw) = connect(&socket, &guest, false);
@@ -425,10 +290,9 @@ fn frames_loop_back_through_the_socket_across_a_reconnect() {
     assert!(set_mtu(&mut raw, 1500));
     assert_eq!(mtu_in_config(&mut fe), 1500);
     assert_eq!(device.mtu(), 1500);
-    let mut p0 = Pair::new(0);
+    let mut p0 = Pair::new(&guest, 0);
     p0.fill_rx(&guest);
-    p0.rx.start(&mut fe, &guest, 0);
-    p0.tx.start(&mut fe, &guest, 0);
+    p0.start(&mut fe, &guest, 0, 0);
     assert!(wait_until(|| device.rx_queue(0).unwrap().is_open()));
     assert!(device.guest_offloads().csum);
     let first = frames(1000, 7, 0);
@@ -442,7 +306,7 @@ fn frames_loop_back_through_the_socket_across_a_reconnect() {
     // QEMU stops the rings before it goes: positions are exact.
     let rx_base = fe.get_vring_base(0).unwrap();
     let tx_base = fe.get_vring_base(1).unwrap();
-    assert_eq!(tx_base, u32::from(p0.tx.avail_idx));
+    assert_eq!(tx_base, u32::from(p0.tx.avail_idx()));
     assert_eq!(rx_base, u32::from(p0.rx.used_idx(&guest)));
     drop(fe);
     drop(raw);
@@ -459,13 +323,11 @@ fn frames_loop_back_through_the_socket_across_a_reconnect() {
     let (mut fe, mut raw) = connect(&socket, &guest, true);
     assert!(set_mtu(&mut raw, 9000));
     p0.rx_buf_len = 1024;
-    p0.rx.start(&mut fe, &guest, rx_base as u16);
-    p0.tx.start(&mut fe, &guest, tx_base as u16);
-    let mut p1 = Pair::new(1);
+    p0.start(&mut fe, &guest, rx_base as u16, tx_base as u16);
+    let mut p1 = Pair::new(&guest, 1);
     p1.rx_buf_len = 1024;
     p1.fill_rx(&guest);
-    p1.rx.start(&mut fe, &guest, 0);
-    p1.tx.start(&mut fe, &guest, 0);
+    p1.start(&mut fe, &guest, 0, 0);
     let second = frames(1000, 11, 10);
     p0.exchange(&guest, &second, true);
     let third = frames(50, 13, 5);
