@@ -275,16 +275,39 @@ pub(crate) fn guest_slice(
 ) -> Option<VolatileSlice<'_, ()>> {
     let hint = LAST_REGION.get();
     if let Some(region) = mem.iter().nth(hint)
-        && let Some(offset) = region.to_region_addr(addr)
+        && let Some(offset) = offset_in(region, addr)
     {
-        return region.get_slice(offset, count).ok();
+        return slice_at(region, offset, count);
     }
     let (index, region, offset) = mem
         .iter()
         .enumerate()
-        .find_map(|(index, region)| Some((index, region, region.to_region_addr(addr)?)))?;
+        .find_map(|(index, region)| Some((index, region, offset_in(region, addr)?)))?;
     LAST_REGION.set(index);
-    region.get_slice(offset, count).ok()
+    slice_at(region, offset, count)
+}
+
+/// `addr`'s offset in `region`, if the region holds it: `to_region_addr` in one subtraction and one
+/// comparison.
+#[inline]
+fn offset_in(region: &GuestRegionMmap, addr: GuestAddress) -> Option<u64> {
+    let offset = addr.0.wrapping_sub(region.start_addr().0);
+    (offset < region.len()).then_some(offset)
+}
+
+/// `count` bytes of `region` from `offset` (which is inside it), if they fit: `get_slice` without
+/// its overflow-checked arithmetic and the error it builds, a third of a lookup's cost.
+#[inline]
+fn slice_at(region: &GuestRegionMmap, offset: u64, count: usize) -> Option<VolatileSlice<'_, ()>> {
+    // offset < len: the room left is not negative.
+    if count as u64 > region.len() - offset {
+        return None;
+    }
+    // SAFETY: `offset` is inside the region's mapping (so it fits a usize, as the mapping's size does).
+    let start = unsafe { region.as_ptr().add(offset as usize) };
+    // SAFETY: `count` bytes from `start` lie inside the mapping (checked above), which lives as long as the
+    // borrow of `region`.
+    Some(unsafe { VolatileSlice::new(start, count) })
 }
 
 #[cfg(test)]

@@ -77,6 +77,7 @@ use crate::offload::{self, VirtioNetHeader};
 use crate::stats::{DropReason, TrafficStats};
 use crate::switch::{Egress, IngressMemo, PortConfig, Switch, SwitchConfig, SwitchError, Verdict};
 use crate::tap::{Offloads, Tap, TapError, VNET_HDR_LEN};
+use crate::vxlan::Vni;
 use crate::{PortId, underlay, vxlan};
 
 /// Frames (or, from the underlay, runs of coalesced datagrams) the core takes from one queue
@@ -495,8 +496,19 @@ impl Forwarder<'_> {
         frame: &[u8],
     ) -> bool {
         let (now, switch) = (self.now, self.switch);
-        let mut out = std::mem::take(&mut self.scratch.out);
         let gso_size = header.is_gso().then_some(header.gso_size);
+        // Most frames of a batch are of the flow the switch last decided for: one destination, no list.
+        match switch.port_ingress_remembered(&mut self.memo, port, frame, gso_size) {
+            Some(Ok(egress)) => {
+                if !self.send(egress, header, frame, queue) {
+                    switch.delivery_failed(egress);
+                }
+                return true;
+            }
+            Some(Err(_)) => return true,
+            None => {}
+        }
+        let mut out = std::mem::take(&mut self.scratch.out);
         let verdict =
             switch.port_ingress_in_run(&mut self.memo, port, frame, gso_size, now, &mut out);
         match verdict {
@@ -523,6 +535,7 @@ impl Forwarder<'_> {
 
     /// Sends `frame` with `header` to `egress`; `queue_hint` picks the tap queue (the ingress
     /// queue's index, so a flow stays on one).
+    #[inline]
     fn send(
         &mut self,
         egress: Egress,
@@ -532,26 +545,34 @@ impl Forwarder<'_> {
     ) -> bool {
         match egress {
             Egress::Port(port) => self.write_port(port, queue_hint, header, frame),
-            Egress::Vtep { addr, vni } => {
-                // Segments cut here have every checksum computed here (IPv4 header and TCP): they
-                // are marked so. A single frame is not, even one whose partial checksum is completed
-                // here: its IPv4 header checksum is its sender's, unchecked.
-                if header.is_gso() {
-                    return self.send_segments(addr, &vxlan::encode_computed(vni), header, frame);
-                }
-                let outgoing = &mut self.scratch.outgoing;
-                outgoing.clear();
-                outgoing.extend_from_slice(&vxlan::encode(vni));
-                outgoing.extend_from_slice(frame);
-                if header.flags & offload::FLAG_NEEDS_CSUM != 0
-                    && offload::complete_checksum(header, &mut outgoing[vxlan::HEADER_LEN..])
-                        .is_err()
-                {
-                    return false;
-                }
-                self.shared.underlay.send_to(outgoing, addr).is_ok()
-            }
+            Egress::Vtep { addr, vni } => self.send_to_vtep(addr, vni, header, frame),
         }
+    }
+
+    /// Sends `frame` with `header` behind a VXLAN header with `vni` to the VTEP at `addr`.
+    fn send_to_vtep(
+        &mut self,
+        addr: SocketAddr,
+        vni: Vni,
+        header: &VirtioNetHeader,
+        frame: &[u8],
+    ) -> bool {
+        // Segments cut here have every checksum computed here (IPv4 header and TCP): they
+        // are marked so. A single frame is not, even one whose partial checksum is completed
+        // here: its IPv4 header checksum is its sender's, unchecked.
+        if header.is_gso() {
+            return self.send_segments(addr, &vxlan::encode_computed(vni), header, frame);
+        }
+        let outgoing = &mut self.scratch.outgoing;
+        outgoing.clear();
+        outgoing.extend_from_slice(&vxlan::encode(vni));
+        outgoing.extend_from_slice(frame);
+        if header.flags & offload::FLAG_NEEDS_CSUM != 0
+            && offload::complete_checksum(header, &mut outgoing[vxlan::HEADER_LEN..]).is_err()
+        {
+            return false;
+        }
+        self.shared.underlay.send_to(outgoing, addr).is_ok()
     }
 
     /// Cuts a GSO frame into segments and sends each, behind `vxlan`, to `addr`: in runs of at
@@ -601,6 +622,7 @@ impl Forwarder<'_> {
     /// Hands a frame, behind its virtio-net header, to `port`: written to one of a tap's queues,
     /// or pushed to a virtual port's sink (cut into segments first if it is a GSO frame the sink
     /// cannot take). False if the port would not take it (full, or gone).
+    #[inline]
     fn write_port(
         &mut self,
         port: PortId,
@@ -616,6 +638,17 @@ impl Forwarder<'_> {
         {
             return run.push(header, frame);
         }
+        self.write_port_looked_up(port, queue_hint, header, frame)
+    }
+
+    /// [`Forwarder::write_port`] past the run held: the port looked up in the egress table.
+    fn write_port_looked_up(
+        &mut self,
+        port: PortId,
+        queue_hint: usize,
+        header: &VirtioNetHeader,
+        frame: &[u8],
+    ) -> bool {
         match self.egress.get(&port) {
             Some(PortOut::Tap(queues)) if !queues.is_empty() => {
                 let queue = &queues[queue_hint % queues.len()];

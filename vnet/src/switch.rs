@@ -527,6 +527,35 @@ impl Switch {
         )
     }
 
+    /// The memo's part of [`Switch::port_ingress_in_run`], for a caller that wants the common case without an
+    /// egress list: the single destination of a frame of the flow `memo` remembers (counted there), the reason
+    /// such a frame is dropped (counted), or `None` if the switch must decide (another flow, or an ARP frame).
+    pub fn port_ingress_remembered(
+        &self,
+        memo: &mut IngressMemo<'_>,
+        port: PortId,
+        frame: &[u8],
+        gso_size: Option<u16>,
+    ) -> Option<Result<Egress, DropReason>> {
+        let last = memo.last.as_mut()?;
+        if !last.matches_port_frame(MemoFrom::Port(port, gso_size), frame) {
+            return None;
+        }
+        match frame::parse(frame, last.mtu) {
+            Err(error) => {
+                last.ingress.received(frame.len());
+                last.ingress.dropped(error.into());
+                Some(Err(error.into()))
+            }
+            Ok(header) if header.ethertype != ETHERTYPE_ARP => {
+                Uncounted::add(&mut last.uncounted.received, frame.len());
+                Uncounted::add(&mut last.uncounted.sent, last.sent_extra + frame.len());
+                Some(Ok(last.egress))
+            }
+            Ok(_) => None,
+        }
+    }
+
     /// [`Switch::port_ingress`] (or, with `gso_size`, [`Switch::port_ingress_gso`]) for one of a
     /// batch of frames a port sent: a frame with the same MAC addresses (and GSO size) as the last
     /// one `memo` saw forwarded to a single destination goes there too, without the network, port
@@ -542,26 +571,16 @@ impl Switch {
         out: &mut Vec<Egress>,
     ) -> Verdict {
         out.clear();
-        let from = MemoFrom::Port(port, gso_size);
-        if let Some(last) = &mut memo.last
-            && last.matches_port_frame(from, frame)
-        {
-            match frame::parse(frame, last.mtu) {
-                Err(error) => {
-                    last.ingress.received(frame.len());
-                    last.ingress.dropped(error.into());
-                    return Verdict::Drop(error.into());
-                }
-                Ok(header) if header.ethertype != ETHERTYPE_ARP => {
-                    Uncounted::add(&mut last.uncounted.received, frame.len());
-                    Uncounted::add(&mut last.uncounted.sent, last.sent_extra + frame.len());
-                    out.push(last.egress);
-                    return Verdict::Forward;
-                }
-                Ok(_) => {}
+        match self.port_ingress_remembered(memo, port, frame, gso_size) {
+            Some(Ok(egress)) => {
+                out.push(egress);
+                return Verdict::Forward;
             }
+            Some(Err(reason)) => return Verdict::Drop(reason),
+            None => {}
         }
         memo.forget();
+        let from = MemoFrom::Port(port, gso_size);
         let key = port_memo_key(frame);
         // A worker may still hold a frame of a port the control plane has just removed.
         let Some((ingress, network)) = self

@@ -99,11 +99,14 @@ fn read_tx_chain(
     buf: &mut Vec<u8>,
     start: usize,
 ) -> Result<VirtioNetHeader, TxDrop> {
-    if descs.iter().any(|d| d.writable) {
-        return Err(TxDrop::Writable);
+    // One walk for both. chain.rs caps a chain at 4 GiB, so the sum cannot overflow.
+    let mut total = 0u64;
+    for d in descs {
+        if d.writable {
+            return Err(TxDrop::Writable);
+        }
+        total += u64::from(d.len);
     }
-    // chain.rs caps a chain at 4 GiB, so this sum cannot overflow.
-    let total: u64 = descs.iter().map(|d| u64::from(d.len)).sum();
     if total < HEADER_LEN as u64 {
         return Err(TxDrop::NoHeader { len: total });
     }
@@ -114,32 +117,30 @@ fn read_tx_chain(
     // total <= HEADER_LEN + MAX_FRAME_LEN, far below usize::MAX.
     let total = total as usize;
     buf.reserve(total);
+    // SAFETY: `reserve` made room for `total` bytes after the first `start` (= len) in the allocation.
+    let into = unsafe { buf.as_mut_ptr().add(start) };
     let mut at = 0;
     for d in descs {
         let len = d.len as usize;
-        let outside = || TxDrop::OutsideMemory {
-            addr: d.addr.0,
-            len: d.len,
-        };
-        let into = &mut buf.spare_capacity_mut()[at..at + len];
+        // at + len <= total: the descriptors' lengths sum to it.
+        let to = into.wrapping_add(at);
         match guest_slice(mem, d.addr, len) {
             // SAFETY: `span` is `len` bytes of guest memory, mapped while `mem` lives, with no Rust reference into
-            // it, and `into` is as long; a plain memcpy, as `VolatileSlice::copy_to` makes for more than 8 bytes,
-            // without its checks and calls, which cost as much as the copy for a small frame.
+            // it, and `to` has room for as many; a plain memcpy, as `VolatileSlice::copy_to` makes for more than 8
+            // bytes, without its checks and calls, which cost as much as the copy for a small frame.
             Some(span) => unsafe {
-                std::ptr::copy_nonoverlapping(
-                    span.ptr_guard().as_ptr(),
-                    into.as_mut_ptr().cast::<u8>(),
-                    len,
-                );
+                std::ptr::copy_nonoverlapping(span.ptr_guard().as_ptr(), to, len)
             },
             // Across a region border: through the memory table.
             None => {
                 let mut bytes = vec![0; len];
-                mem.read_slice(&mut bytes, d.addr).map_err(|_| outside())?;
-                for (slot, byte) in into.iter_mut().zip(bytes) {
-                    slot.write(byte);
-                }
+                mem.read_slice(&mut bytes, d.addr)
+                    .map_err(|_| TxDrop::OutsideMemory {
+                        addr: d.addr.0,
+                        len: d.len,
+                    })?;
+                // SAFETY: `to` has room for `len` bytes, as above, and `bytes` is a buffer of ours.
+                unsafe { std::ptr::copy_nonoverlapping(bytes.as_ptr(), to, len) };
             }
         }
         at += len;

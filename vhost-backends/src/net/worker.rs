@@ -45,7 +45,7 @@ const TOKEN_STOP: u64 = 2;
 pub const TX_BUDGET: usize = 256;
 
 /// Frames handed to the port at once (it takes its locks once per batch).
-const TX_BATCH: usize = 32;
+const TX_BATCH: usize = 128;
 
 /// Bytes of frames after which a batch goes to the port even if shorter (TSO frames are large).
 const TX_BATCH_BYTES: usize = 256 << 10;
