@@ -6,10 +6,13 @@
 //! - [`size`]: the byte sizes users type (`10G`, `512M`), shared by the CLI and the daemon's config.
 //! - [`net`]: the subnets and MACs users type (`10.0.0.0/24`, `52:54:00:12:34:56`), shared by the CLI and the
 //!   control plane.
+//! - [`virtio_net`]: the virtio-net header before every frame on a guest's rings and a tap's queues, shared by the
+//!   vhost-user-net device and the switch.
 
 pub mod frame;
 pub mod net;
 pub mod size;
+pub mod virtio_net;
 
 /// The admin API, generated from `admin.proto`.
 pub mod admin {

@@ -1,12 +1,14 @@
 //! The node's running vhost-user devices behind the control plane's `DeviceHost`: a vhost-user-blk device per
 //! attached volume, a vhost-user-net device per vhost-user port, the latter joined to the switch by two adapters
 //! ([`ToSwitch`], [`ToGuest`]) — the wiring between `vhost-backends` and `vnet`, which know nothing of each other.
+//! Both take a frame's offloads in `vessel_proto`'s virtio-net header, which passes through here as it is.
 
 use std::collections::HashMap;
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex, PoisonError};
 
 use vessel_control::node::{AttachSpec, DeviceHost, NetSpec};
+use vessel_proto::virtio_net::VirtioNetHeader;
 use vhost_backends::blk::{BlkConfig, BlkDevice};
 use vhost_backends::net::{
     NetBackend, NetConfig, NetDevice, NetPort, RxBatch, RxQueue, Taken, TxBatch,
@@ -17,30 +19,6 @@ use vstore::{LocalVolume, VolumeId};
 pub struct Devices {
     running: Mutex<HashMap<VolumeId, BlkDevice>>,
     nets: Mutex<HashMap<u64, NetDevice>>,
-}
-
-/// The two crates' virtio-net headers are the same 12 bytes (`virtio_net_hdr_v1`).
-fn to_vnet(header: &vhost_backends::net::VirtioNetHeader) -> vnet::offload::VirtioNetHeader {
-    vnet::offload::VirtioNetHeader {
-        flags: header.flags,
-        gso_type: header.gso_type,
-        hdr_len: header.hdr_len,
-        gso_size: header.gso_size,
-        csum_start: header.csum_start,
-        csum_offset: header.csum_offset,
-    }
-}
-
-fn to_guest(header: &vnet::offload::VirtioNetHeader) -> vhost_backends::net::VirtioNetHeader {
-    vhost_backends::net::VirtioNetHeader {
-        flags: header.flags,
-        gso_type: header.gso_type,
-        hdr_len: header.hdr_len,
-        gso_size: header.gso_size,
-        csum_start: header.csum_start,
-        csum_offset: header.csum_offset,
-        num_buffers: 0,
-    }
 }
 
 /// What a guest transmits is switched on the queue pair's worker thread, by that pair's sender (each is locked
@@ -55,21 +33,16 @@ impl ToSwitch {
 }
 
 impl NetPort for ToSwitch {
-    fn transmit(
-        &self,
-        queue_pair: u16,
-        header: &vhost_backends::net::VirtioNetHeader,
-        frame: &[u8],
-    ) -> bool {
+    fn transmit(&self, queue_pair: u16, header: &VirtioNetHeader, frame: &[u8]) -> bool {
         self.sender(queue_pair)
-            .is_some_and(|mut sender| sender.send(&to_vnet(header), frame))
+            .is_some_and(|mut sender| sender.send(header, frame))
     }
 
     fn transmit_batch(&self, queue_pair: u16, batch: &TxBatch) -> Taken {
         let Some(mut sender) = self.sender(queue_pair) else {
             return Taken::default();
         };
-        if sender.send_batch(batch.iter().map(|(header, frame)| (to_vnet(header), frame))) == 0 {
+        if sender.send_batch(batch.iter().map(|(header, frame)| (*header, frame))) == 0 {
             return Taken::default();
         }
         let mut taken = Taken::default();
@@ -118,13 +91,13 @@ impl ToGuest {
 }
 
 impl vnet::FrameSink for ToGuest {
-    fn push(&self, header: &vnet::offload::VirtioNetHeader, frame: &[u8]) -> bool {
+    fn push(&self, header: &VirtioNetHeader, frame: &[u8]) -> bool {
         self.queue_for(frame)
-            .is_some_and(|(_, queue)| queue.push(&to_guest(header), frame))
+            .is_some_and(|(_, queue)| queue.push(header, frame))
     }
 
-    fn accepts_gso(&self, header: &vnet::offload::VirtioNetHeader) -> bool {
-        self.0.guest_offloads().accepts_gso(&to_guest(header))
+    fn accepts_gso(&self, header: &VirtioNetHeader) -> bool {
+        self.0.guest_offloads().accepts_gso(header)
     }
 
     fn flush(&self) {
@@ -150,12 +123,12 @@ struct GuestRun<'g> {
 }
 
 impl vnet::SinkRun for GuestRun<'_> {
-    fn push(&mut self, header: &vnet::offload::VirtioNetHeader, frame: &[u8]) -> bool {
+    fn push(&mut self, header: &VirtioNetHeader, frame: &[u8]) -> bool {
         // A guest with one queue pair takes every frame on the pair held (a closed queue refuses it there).
         if let Some((_, batch)) = &mut self.held
             && self.guest.0.queue_pairs() == 1
         {
-            return batch.push(&to_guest(header), frame);
+            return batch.push(header, frame);
         }
         let Some((pair, queue)) = self.guest.queue_for(frame) else {
             return false;
@@ -167,7 +140,7 @@ impl vnet::SinkRun for GuestRun<'_> {
                 &mut held.insert((pair, queue.batch())).1
             }
         };
-        batch.push(&to_guest(header), frame)
+        batch.push(header, frame)
     }
 }
 

@@ -652,7 +652,7 @@ impl Forwarder<'_> {
         match self.egress.get(&port) {
             Some(PortOut::Tap(queues)) if !queues.is_empty() => {
                 let queue = &queues[queue_hint % queues.len()];
-                let header = header.to_bytes();
+                let header = header.to_tap_bytes();
                 let written =
                     (&**queue).write_vectored(&[IoSlice::new(&header), IoSlice::new(frame)]);
                 // A tap takes a frame whole or not at all.
@@ -848,7 +848,7 @@ impl Core {
                     }
                 };
                 moved += len;
-                let Some(header) = VirtioNetHeader::parse(&buffer[..len]) else {
+                let Some(header) = VirtioNetHeader::from_tap(&buffer[..len]) else {
                     continue;
                 };
                 forwarder.forward(port, index, &header, &buffer[VNET_HDR_LEN..len]);

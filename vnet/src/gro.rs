@@ -284,6 +284,7 @@ impl<K> Flow<K> {
             gso_size: self.mss as u16,
             csum_start: l4 as u16,
             csum_offset: TCP_CHECKSUM_OFFSET,
+            num_buffers: 0,
         }
     }
 }

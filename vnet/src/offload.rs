@@ -1,6 +1,6 @@
-//! Offloads done in software where a path cannot carry them: the virtio-net header, TCP
-//! segmentation of a GSO frame, completing a checksum the sender left partial, and the Internet
-//! checksum itself.
+//! Offloads done in software where a path cannot carry them: TCP segmentation of a GSO frame,
+//! completing a checksum the sender left partial, and the Internet checksum itself. The
+//! virtio-net header that describes them is [`vessel_proto::virtio_net`]'s, re-exported here.
 //!
 //! A port that negotiated offloads (a tap with `TUNSETOFFLOAD`, later a vhost-user-net guest with
 //! TSO) hands the switch frames of up to 64 KiB whose virtio-net header says "cut me into
@@ -19,17 +19,9 @@
 use std::net::{Ipv4Addr, Ipv6Addr};
 use std::ops::Range;
 
-/// Length of the virtio-net header on tap queues (`virtio_net_hdr_v1`, with `num_buffers`).
-pub const HEADER_LEN: usize = 12;
-
-/// `flags`: the checksum from `csum_start` to the end is partial.
-pub const FLAG_NEEDS_CSUM: u8 = 1;
-/// `gso_type` values.
-pub const GSO_NONE: u8 = 0;
-pub const GSO_TCPV4: u8 = 1;
-pub const GSO_TCPV6: u8 = 4;
-/// `gso_type` bit: the segments carry ECN (CWR only on the first).
-pub const GSO_ECN: u8 = 0x80;
+pub use vessel_proto::virtio_net::{
+    FLAG_NEEDS_CSUM, GSO_ECN, GSO_NONE, GSO_TCPV4, GSO_TCPV6, HEADER_LEN, VirtioNetHeader,
+};
 
 const ETHERTYPE_IPV4: u16 = 0x0800;
 const ETHERTYPE_IPV6: u16 = 0x86dd;
@@ -38,55 +30,6 @@ const PROTO_TCP: u8 = 6;
 const TCP_FIN: u8 = 0x01;
 const TCP_PSH: u8 = 0x08;
 const TCP_CWR: u8 = 0x80;
-
-/// A virtio-net header (little-endian on the wire, as taps use it by default on x86 and arm64).
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
-pub struct VirtioNetHeader {
-    pub flags: u8,
-    pub gso_type: u8,
-    pub hdr_len: u16,
-    pub gso_size: u16,
-    pub csum_start: u16,
-    pub csum_offset: u16,
-}
-
-impl VirtioNetHeader {
-    /// Reads a header; `None` if `bytes` is shorter than [`HEADER_LEN`].
-    pub fn parse(bytes: &[u8]) -> Option<Self> {
-        let bytes: &[u8; HEADER_LEN] = bytes.get(..HEADER_LEN)?.try_into().ok()?;
-        let word = |at: usize| u16::from_le_bytes([bytes[at], bytes[at + 1]]);
-        Some(VirtioNetHeader {
-            flags: bytes[0],
-            gso_type: bytes[1],
-            hdr_len: word(2),
-            gso_size: word(4),
-            csum_start: word(6),
-            csum_offset: word(8),
-        })
-    }
-
-    /// Whether the frame is plain: nothing for a receiver to finish.
-    pub fn is_plain(&self) -> bool {
-        self.flags & FLAG_NEEDS_CSUM == 0 && self.gso_type == GSO_NONE
-    }
-
-    /// Whether the frame is to be cut into segments.
-    pub fn is_gso(&self) -> bool {
-        self.gso_type & !GSO_ECN != GSO_NONE
-    }
-
-    /// The header's bytes, as written before a frame on a tap queue (`num_buffers` zero).
-    pub fn to_bytes(&self) -> [u8; HEADER_LEN] {
-        let mut bytes = [0; HEADER_LEN];
-        bytes[0] = self.flags;
-        bytes[1] = self.gso_type;
-        bytes[2..4].copy_from_slice(&self.hdr_len.to_le_bytes());
-        bytes[4..6].copy_from_slice(&self.gso_size.to_le_bytes());
-        bytes[6..8].copy_from_slice(&self.csum_start.to_le_bytes());
-        bytes[8..10].copy_from_slice(&self.csum_offset.to_le_bytes());
-        bytes
-    }
-}
 
 /// Why a frame could not be turned into plain frames.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, thiserror::Error)]

@@ -19,7 +19,7 @@ use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 use std::os::unix::fs::OpenOptionsExt;
 
 /// Bytes of the virtio-net header before each frame (`virtio_net_hdr_v1`, with `num_buffers`).
-pub const VNET_HDR_LEN: usize = 12;
+pub const VNET_HDR_LEN: usize = vessel_proto::virtio_net::HEADER_LEN;
 /// The queues a tap may have (the kernel's `MAX_TAP_QUEUES`).
 pub const MAX_QUEUES: usize = 256;
 const TUN_PATH: &str = "/dev/net/tun";

@@ -1,103 +1,15 @@
 //! The virtio-net header (`struct virtio_net_hdr_v1`, virtio 1.2 §5.1.6) that precedes every
-//! frame on both rings.
+//! frame on both rings, and completing a partial checksum in software for a guest that cannot.
 //!
-//! With VIRTIO_F_VERSION_1 it is always 12 bytes, `num_buffers` included, whatever MRG_RXBUF
-//! says. It carries the checksum and segmentation offloads of one frame; the switch side gets
-//! it unchanged with every transmitted frame and hands one in with every received frame.
+//! The header is [`vessel_proto::virtio_net`]'s, the one the switch side uses too, so it passes
+//! between them as it is: the switch side gets it unchanged with every transmitted frame
+//! (`num_buffers` zero) and hands one in with every received frame, whose `num_buffers` the
+//! receive side sets.
 
-/// Size of the header on the rings.
-pub const HEADER_LEN: usize = 12;
-
-/// `flags`: the checksum from `csum_start` to the end must still be computed and stored at
-/// `csum_start + csum_offset` (the pseudo-header sum is already there).
-pub const FLAG_NEEDS_CSUM: u8 = 1;
-/// `flags`: the checksum has been validated (only towards a guest that negotiated GUEST_CSUM).
-pub const FLAG_DATA_VALID: u8 = 2;
-
-/// `gso_type`: not a GSO frame.
-pub const GSO_NONE: u8 = 0;
-/// `gso_type`: TCP over IPv4 segmentation.
-pub const GSO_TCPV4: u8 = 1;
-/// `gso_type`: UDP fragmentation (UFO; not offered by this device).
-pub const GSO_UDP: u8 = 3;
-/// `gso_type`: TCP over IPv6 segmentation.
-pub const GSO_TCPV6: u8 = 4;
-/// `gso_type` bit: the TCP stream uses ECN; segments after the first must clear CWR.
-pub const GSO_ECN: u8 = 0x80;
-
-/// One `virtio_net_hdr_v1`, fields in host order.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
-pub struct VirtioNetHeader {
-    /// `FLAG_NEEDS_CSUM` / `FLAG_DATA_VALID`.
-    pub flags: u8,
-    /// `GSO_*`, possibly with `GSO_ECN`.
-    pub gso_type: u8,
-    /// Length of the headers to replicate in every segment (a hint).
-    pub hdr_len: u16,
-    /// Payload bytes per segment.
-    pub gso_size: u16,
-    /// Where checksumming starts (with `FLAG_NEEDS_CSUM`).
-    pub csum_start: u16,
-    /// Where the checksum goes, relative to `csum_start`.
-    pub csum_offset: u16,
-    /// Receive buffers the frame occupies (MRG_RXBUF); set by the device on receive.
-    pub num_buffers: u16,
-}
-
-impl VirtioNetHeader {
-    /// A header with no offload: a complete frame with a valid checksum (or none needed).
-    pub const PLAIN: VirtioNetHeader = VirtioNetHeader {
-        flags: 0,
-        gso_type: GSO_NONE,
-        hdr_len: 0,
-        gso_size: 0,
-        csum_start: 0,
-        csum_offset: 0,
-        num_buffers: 0,
-    };
-
-    /// Decodes the little-endian wire layout.
-    pub fn from_bytes(b: &[u8; HEADER_LEN]) -> Self {
-        let le = |i: usize| u16::from_le_bytes([b[i], b[i + 1]]);
-        VirtioNetHeader {
-            flags: b[0],
-            gso_type: b[1],
-            hdr_len: le(2),
-            gso_size: le(4),
-            csum_start: le(6),
-            csum_offset: le(8),
-            num_buffers: le(10),
-        }
-    }
-
-    /// Encodes the little-endian wire layout.
-    pub fn to_bytes(&self) -> [u8; HEADER_LEN] {
-        let mut b = [0u8; HEADER_LEN];
-        b[0] = self.flags;
-        b[1] = self.gso_type;
-        b[2..4].copy_from_slice(&self.hdr_len.to_le_bytes());
-        b[4..6].copy_from_slice(&self.gso_size.to_le_bytes());
-        b[6..8].copy_from_slice(&self.csum_start.to_le_bytes());
-        b[8..10].copy_from_slice(&self.csum_offset.to_le_bytes());
-        b[10..12].copy_from_slice(&self.num_buffers.to_le_bytes());
-        b
-    }
-
-    /// The segmentation type without the ECN bit.
-    pub fn gso_kind(&self) -> u8 {
-        self.gso_type & !GSO_ECN
-    }
-
-    /// Whether this is a GSO frame (to be segmented by whoever cannot take it whole).
-    pub fn is_gso(&self) -> bool {
-        self.gso_kind() != GSO_NONE
-    }
-
-    /// Whether the L4 checksum is left to the receiver (`FLAG_NEEDS_CSUM`).
-    pub fn needs_csum(&self) -> bool {
-        self.flags & FLAG_NEEDS_CSUM != 0
-    }
-}
+pub use vessel_proto::virtio_net::{
+    FLAG_DATA_VALID, FLAG_NEEDS_CSUM, GSO_ECN, GSO_NONE, GSO_TCPV4, GSO_TCPV6, GSO_UDP, HEADER_LEN,
+    VirtioNetHeader,
+};
 
 /// Completes a partial checksum in place: the ones' complement sum of `frame[csum_start..]`
 /// (which already holds the pseudo-header sum in the checksum field) is stored at
@@ -134,28 +46,6 @@ pub fn finish_checksum(frame: &mut [u8], csum_start: u16, csum_offset: u16) -> b
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn header_round_trips_in_little_endian() {
-        let h = VirtioNetHeader {
-            flags: FLAG_NEEDS_CSUM,
-            gso_type: GSO_TCPV6 | GSO_ECN,
-            hdr_len: 0x0142,
-            gso_size: 1448,
-            csum_start: 54,
-            csum_offset: 16,
-            num_buffers: 3,
-        };
-        let b = h.to_bytes();
-        assert_eq!(b[0], 1);
-        assert_eq!(b[1], 0x84);
-        assert_eq!(&b[2..4], &[0x42, 0x01]);
-        assert_eq!(&b[10..12], &[3, 0]);
-        assert_eq!(VirtioNetHeader::from_bytes(&b), h);
-        assert_eq!(h.gso_kind(), GSO_TCPV6);
-        assert!(h.is_gso() && h.needs_csum());
-        assert!(!VirtioNetHeader::PLAIN.is_gso());
-    }
 
     /// An IPv4/TCP frame whose checksum field holds the pseudo-header sum, as a sender using
     /// checksum offload leaves it; finishing it must give the checksum a full computation gives.

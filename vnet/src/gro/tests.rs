@@ -61,6 +61,7 @@ fn as_tso_sender_leaves_it(frame: &[u8], mss: u16) -> (VirtioNetHeader, Vec<u8>)
         gso_size: mss,
         csum_start: layout.l4 as u16,
         csum_offset: 16,
+        num_buffers: 0,
     };
     (header, frame)
 }
