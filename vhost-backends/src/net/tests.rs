@@ -10,7 +10,7 @@ use virtio_bindings::virtio_config::VIRTIO_F_VERSION_1;
 use virtio_bindings::virtio_net::{
     VIRTIO_NET_F_CSUM, VIRTIO_NET_F_GUEST_CSUM, VIRTIO_NET_F_HOST_TSO4, VIRTIO_NET_F_MRG_RXBUF,
 };
-use virtio_bindings::virtio_ring::VIRTIO_RING_F_EVENT_IDX;
+use virtio_bindings::virtio_ring::{VIRTIO_RING_F_EVENT_IDX, VRING_USED_F_NO_NOTIFY};
 use virtio_queue::desc::RawDescriptor;
 use virtio_queue::desc::split::Descriptor as SplitDescriptor;
 use virtio_queue::mock::{DescriptorTable, MockSplitQueue};
@@ -650,6 +650,40 @@ fn event_idx_suppresses_interrupts_on_both_rings() {
     assert!(rig.push(&VirtioNetHeader::PLAIN, &frame(100, 3)));
     rig.deliver(&mut rx);
     assert!(!rig.rx.signalled());
+}
+
+#[test]
+fn a_stream_keeps_the_drivers_kicks_off_while_the_worker_watches_the_ring() {
+    // Without EVENT_IDX the device asks for no kicks through the used ring's flags.
+    let mut rig = Rig::new(0);
+    let (_rx, mut tx) = rig.vrings(false);
+    let backend = Arc::clone(&rig.backend);
+    let mut worker = QueuePairWorker::new(&backend, 0);
+    let used_flags = |rig: &Rig| -> u16 { rig.mem.read_obj(GuestAddress(TX_USED)).unwrap() };
+
+    // A lone frame: kicks back on at the end of the pass (the worker sleeps next).
+    rig.send(&VirtioNetHeader::PLAIN, &frame(60, 0), &[]);
+    assert!(!worker.process_tx(&mut tx));
+    assert_eq!(used_flags(&rig), 0);
+
+    // A stream: kicks stay off, the worker watches the ring next.
+    for i in 0..8 {
+        rig.send(&VirtioNetHeader::PLAIN, &frame(60, i), &[]);
+    }
+    assert!(!worker.process_tx(&mut tx));
+    assert_eq!(used_flags(&rig), VRING_USED_F_NO_NOTIFY as u16);
+    // A frame that comes while it watches is found without a kick, and kicks stay off.
+    rig.send(&VirtioNetHeader::PLAIN, &frame(60, 9), &[]);
+    assert!(worker.poll_tx(&mut tx));
+    assert_eq!(used_flags(&rig), VRING_USED_F_NO_NOTIFY as u16);
+    for i in 0..8 {
+        rig.send(&VirtioNetHeader::PLAIN, &frame(60, i), &[]);
+    }
+    assert!(!worker.process_tx(&mut tx));
+    // Nothing more: the window closes and kicks go back on before the worker sleeps.
+    assert!(!worker.poll_tx(&mut tx));
+    assert_eq!(used_flags(&rig), 0);
+    assert_eq!(rig.transmitted().len(), 18);
 }
 
 #[test]

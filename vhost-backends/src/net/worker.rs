@@ -173,7 +173,7 @@ impl<'a> QueuePairWorker<'a> {
         // Whatever was kicked before this worker started.
         let mut tx_more = self.process_tx(tx);
         let mut events = [EpollEvent::default(); 3];
-        let mut streaming = tx_more;
+        let mut streaming = self.streaming();
         loop {
             // With transmit work left over from a full pass, or found by polling, only look for events.
             tx_more = tx_more || (streaming && self.poll_tx(tx));
@@ -201,7 +201,7 @@ impl<'a> QueuePairWorker<'a> {
             streaming = false;
             if tx_work {
                 tx_more = self.process_tx(tx);
-                streaming = self.last_pass >= POLL_AFTER_FRAMES;
+                streaming = self.streaming();
             }
             if rx_work {
                 self.rx_queue.drain();
@@ -216,7 +216,11 @@ impl<'a> QueuePairWorker<'a> {
     /// so a worker on the same CPU with frames to move (the other port's, say) runs meanwhile rather
     /// than wait for the window to close. An idle queue costs one window after its last stream, then
     /// sleeps. True if frames arrived.
-    fn poll_tx(&self, tx: &Vring) -> bool {
+    ///
+    /// The pass before left the driver's kicks off (see [`QueuePairWorker::streaming`]): a driver
+    /// that kicks for every burst while the worker watches anyway pays a syscall (a VM exit, for a
+    /// guest) each time for nothing. They go back on when the window closes, before the worker sleeps.
+    pub(crate) fn poll_tx(&self, tx: &mut Vring) -> bool {
         let mem = tx.memory();
         let deadline = Instant::now() + POLL_WINDOW;
         loop {
@@ -224,10 +228,18 @@ impl<'a> QueuePairWorker<'a> {
                 return true;
             }
             if Instant::now() >= deadline {
-                return false;
+                // Frames that came while kicks were off are taken now rather than left for a kick.
+                return tx.enable_notification(&mem);
             }
             std::thread::yield_now();
         }
+    }
+
+    /// Whether the last transmit pass moved a stream (at least [`POLL_AFTER_FRAMES`]): it then left
+    /// the driver's kicks off, and the worker must watch the ring next ([`QueuePairWorker::poll_tx`]),
+    /// which turns them back on.
+    fn streaming(&self) -> bool {
+        self.last_pass >= POLL_AFTER_FRAMES
     }
 
     /// One transmit pass; returns whether the budget ran out with chains possibly left.
@@ -257,7 +269,8 @@ impl<'a> QueuePairWorker<'a> {
                 more = true;
                 break;
             }
-            if !tx.enable_notification(&mem) {
+            // A stream leaves kicks off: the worker watches the ring next (`streaming`).
+            if TX_BUDGET - budget >= POLL_AFTER_FRAMES || !tx.enable_notification(&mem) {
                 break;
             }
         }
