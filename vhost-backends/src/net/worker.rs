@@ -4,11 +4,12 @@
 //! It waits on three eventfds: the two kicks and the stop fd.
 //!
 //! - Transmit: on a kick, it takes chains with kicks disabled, hands the frames to the
-//!   [`NetPort`] in ring order, in batches of up to 32 ([`NetPort::transmit_batch`]), and
+//!   [`NetPort`] in ring order, in batches of up to 128 ([`NetPort::transmit_batch`]), and
 //!   returns the chains (used length 0) in batches, then calls [`NetPort::flush`]. A pass
 //!   takes at most [`TX_BUDGET`] chains, then lets the receive side run before it goes on
-//!   (without sleeping). Kicks are re-enabled only when the
-//!   ring is empty (EVENT_IDX-safe: it drains again if entries arrived meanwhile).
+//!   (without sleeping). Kicks are re-enabled only when the ring is empty (EVENT_IDX-safe: it
+//!   drains again if entries arrived meanwhile), and after a stream only once the worker has
+//!   stopped watching the ring for more (`QueuePairWorker::poll_tx`).
 //! - Receive: frames for the guest are written into its receiveq by whoever pushes them (see
 //!   [`super::rx`]); the worker hands the ring to the pair's [`RxQueue`] when
 //!   it starts, takes it back when it stops, and on a receive kick (the guest added buffers
