@@ -134,12 +134,6 @@ impl VirtioNetHeader {
     pub fn needs_csum(&self) -> bool {
         self.flags & FLAG_NEEDS_CSUM != 0
     }
-
-    /// Whether the frame is plain: nothing for a receiver to finish (no partial checksum, no
-    /// segmentation, not even of an unknown kind).
-    pub fn is_plain(&self) -> bool {
-        !self.needs_csum() && self.gso_type == GSO_NONE
-    }
 }
 
 #[cfg(test)]
@@ -176,27 +170,27 @@ mod tests {
             ..VirtioNetHeader::PLAIN
         };
         assert_eq!(ecn6.gso_kind(), GSO_TCPV6);
-        assert!(ecn6.is_gso() && ecn6.needs_csum() && !ecn6.is_plain());
+        assert!(ecn6.is_gso() && ecn6.needs_csum());
 
         let partial = VirtioNetHeader {
             flags: FLAG_NEEDS_CSUM,
             ..VirtioNetHeader::PLAIN
         };
-        assert!(!partial.is_gso() && !partial.is_plain());
+        assert!(!partial.is_gso());
 
         let validated = VirtioNetHeader {
             flags: FLAG_DATA_VALID,
             ..VirtioNetHeader::PLAIN
         };
-        assert!(!validated.needs_csum() && validated.is_plain());
+        assert!(!validated.needs_csum());
 
-        // An ECN bit alone segments nothing, but is not plain either.
+        // An ECN bit alone segments nothing.
         let ecn_only = VirtioNetHeader {
             gso_type: GSO_ECN,
             ..VirtioNetHeader::PLAIN
         };
-        assert!(!ecn_only.is_gso() && !ecn_only.is_plain());
-        assert!(VirtioNetHeader::PLAIN.is_plain() && !VirtioNetHeader::PLAIN.is_gso());
+        assert!(!ecn_only.is_gso());
+        assert!(!VirtioNetHeader::PLAIN.is_gso() && !VirtioNetHeader::PLAIN.needs_csum());
     }
 
     /// What a tap read left in bytes 10..12 is not the kernel's: it never reaches the header, and

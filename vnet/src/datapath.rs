@@ -509,8 +509,9 @@ impl Forwarder<'_> {
             None => {}
         }
         let mut out = std::mem::take(&mut self.scratch.out);
+        out.clear();
         let verdict =
-            switch.port_ingress_in_run(&mut self.memo, port, frame, gso_size, now, &mut out);
+            switch.port_ingress_deciding(&mut self.memo, port, frame, gso_size, now, &mut out);
         match verdict {
             Verdict::Forward => {
                 for &egress in &out {

@@ -529,7 +529,8 @@ impl Switch {
 
     /// The memo's part of [`Switch::port_ingress_in_run`], for a caller that wants the common case without an
     /// egress list: the single destination of a frame of the flow `memo` remembers (counted there), the reason
-    /// such a frame is dropped (counted), or `None` if the switch must decide (another flow, or an ARP frame).
+    /// such a frame is dropped (counted), or `None` if the switch must decide
+    /// ([`Switch::port_ingress_deciding`]: another flow, or an ARP frame).
     pub fn port_ingress_remembered(
         &self,
         memo: &mut IngressMemo<'_>,
@@ -574,11 +575,24 @@ impl Switch {
         match self.port_ingress_remembered(memo, port, frame, gso_size) {
             Some(Ok(egress)) => {
                 out.push(egress);
-                return Verdict::Forward;
+                Verdict::Forward
             }
-            Some(Err(reason)) => return Verdict::Drop(reason),
-            None => {}
+            Some(Err(reason)) => Verdict::Drop(reason),
+            None => self.port_ingress_deciding(memo, port, frame, gso_size, now, out),
         }
+    }
+
+    /// [`Switch::port_ingress_in_run`] for a frame [`Switch::port_ingress_remembered`] left to the switch: decided
+    /// the whole way, and remembered in `memo` if it goes to a single destination. `out` must be empty.
+    pub fn port_ingress_deciding<'s>(
+        &'s self,
+        memo: &mut IngressMemo<'s>,
+        port: PortId,
+        frame: &[u8],
+        gso_size: Option<u16>,
+        now: Instant,
+        out: &mut Vec<Egress>,
+    ) -> Verdict {
         memo.forget();
         let from = MemoFrom::Port(port, gso_size);
         let key = port_memo_key(frame);

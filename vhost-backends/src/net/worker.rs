@@ -65,6 +65,11 @@ const POLL_WINDOW: Duration = Duration::from_micros(50);
 /// frame (a ping's round trip would rather have the CPU free for whoever answers it).
 const POLL_AFTER_FRAMES: usize = 8;
 
+/// Whether a transmit pass that took `frames` chains moved a stream (see [`POLL_AFTER_FRAMES`]).
+fn is_stream(frames: usize) -> bool {
+    frames >= POLL_AFTER_FRAMES
+}
+
 /// A worker could not go on.
 #[derive(Debug, thiserror::Error)]
 pub enum WorkerError {
@@ -240,7 +245,7 @@ impl<'a> QueuePairWorker<'a> {
     /// the driver's kicks off, and the worker must watch the ring next ([`QueuePairWorker::poll_tx`]),
     /// which turns them back on.
     fn streaming(&self) -> bool {
-        self.last_pass >= POLL_AFTER_FRAMES
+        is_stream(self.last_pass)
     }
 
     /// One transmit pass; returns whether the budget ran out with chains possibly left.
@@ -271,7 +276,7 @@ impl<'a> QueuePairWorker<'a> {
                 break;
             }
             // A stream leaves kicks off: the worker watches the ring next (`streaming`).
-            if TX_BUDGET - budget >= POLL_AFTER_FRAMES || !tx.enable_notification(&mem) {
+            if is_stream(TX_BUDGET - budget) || !tx.enable_notification(&mem) {
                 break;
             }
         }
