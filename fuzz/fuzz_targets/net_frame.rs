@@ -6,9 +6,10 @@
 #![no_main]
 
 use libfuzzer_sys::fuzz_target;
+use vessel_proto::checksum::complete_partial;
 use vhost_backends::chain::read_chain;
 use vhost_backends::net::frame::{check_rx_chain, read_tx_frame, write_rx_frame};
-use vhost_backends::net::header::{HEADER_LEN, VirtioNetHeader, finish_checksum};
+use vhost_backends::net::header::{HEADER_LEN, VirtioNetHeader};
 use vhost_backends::net::HostOffloads;
 use vm_memory::{Address, Bytes, GuestAddress, GuestMemoryMmap};
 
@@ -73,11 +74,11 @@ fuzz_target!(|data: &[u8]| {
         assert!(!header.is_gso() || offloads.accepts_gso(&header));
         let mut frame = buf[HEADER_LEN..].to_vec();
         if header.needs_csum() {
-            assert!(finish_checksum(&mut frame, header.csum_start, header.csum_offset));
+            assert!(complete_partial(&mut frame, header.csum_start, header.csum_offset));
         }
     }
     let mut frame = contents.to_vec();
-    let _ = finish_checksum(
+    let _ = complete_partial(
         &mut frame,
         u16::from_le_bytes([control[6], control[7]]),
         u16::from_le_bytes([control[8], control[9]]),

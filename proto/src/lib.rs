@@ -8,7 +8,10 @@
 //!   control plane.
 //! - [`virtio_net`]: the virtio-net header before every frame on a guest's rings and a tap's queues, shared by the
 //!   vhost-user-net device and the switch.
+//! - [`checksum`]: the Internet checksum, and completing one a virtio-net header marks partial
+//!   (`FLAG_NEEDS_CSUM`), shared by the same two.
 
+pub mod checksum;
 pub mod frame;
 pub mod net;
 pub mod size;

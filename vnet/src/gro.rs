@@ -32,9 +32,9 @@
 //! A frame that cannot join is handed on after whatever is held for its flow, so a flow's frames
 //! keep their order; frames of different flows may pass each other, as under the kernel's GRO.
 
-use crate::offload::{
-    self, FLAG_NEEDS_CSUM, GSO_TCPV4, GSO_TCPV6, TcpLayout, VirtioNetHeader, add_words, fold,
-};
+use vessel_proto::checksum::{add_words, fold};
+
+use crate::offload::{self, FLAG_NEEDS_CSUM, GSO_TCPV4, GSO_TCPV6, TcpLayout, VirtioNetHeader};
 
 /// Flows held at once; the oldest is handed on when a new one needs room.
 pub const MAX_FLOWS: usize = 8;

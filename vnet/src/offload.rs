@@ -1,6 +1,7 @@
-//! Offloads done in software where a path cannot carry them: TCP segmentation of a GSO frame,
-//! completing a checksum the sender left partial, and the Internet checksum itself. The
-//! virtio-net header that describes them is [`vessel_proto::virtio_net`]'s, re-exported here.
+//! Offloads done in software where a path cannot carry them: TCP segmentation of a GSO frame, and
+//! completing a checksum the sender left partial. The virtio-net header that describes them is
+//! [`vessel_proto::virtio_net`]'s, re-exported here; the Internet checksum itself is
+//! [`vessel_proto::checksum`]'s, shared with the vhost-user-net device.
 //!
 //! A port that negotiated offloads (a tap with `TUNSETOFFLOAD`, later a vhost-user-net guest with
 //! TSO) hands the switch frames of up to 64 KiB whose virtio-net header says "cut me into
@@ -13,12 +14,13 @@
 //!
 //! Only TCP over IPv4 and IPv6 (without extension headers) is segmented: those are the offloads
 //! Vessel enables on its ports. Anything else marked for segmentation is refused (the caller drops
-//! and counts it). Checksums are summed eight bytes at a time; every segment's are computed in
-//! full, so a segment is valid on its own whoever receives it.
+//! and counts it). Every segment's checksums are computed in full, so a segment is valid on its
+//! own whoever receives it.
 
 use std::net::{Ipv4Addr, Ipv6Addr};
 use std::ops::Range;
 
+use vessel_proto::checksum::{self, add_words, fold};
 pub use vessel_proto::virtio_net::{
     FLAG_NEEDS_CSUM, GSO_ECN, GSO_NONE, GSO_TCPV4, GSO_TCPV6, HEADER_LEN, VirtioNetHeader,
 };
@@ -44,85 +46,15 @@ pub enum OffloadError {
     BadChecksumRange,
 }
 
-/// One's complement sum of `data` (as 16-bit big-endian words) added to `sum`, not yet folded
-/// to 16 bits. `data` of odd length counts as if padded with a zero byte, so only the last slice
-/// of a chain of calls may be odd.
-///
-/// Every payload byte the overlay carries is summed at least once (segments leaving get their
-/// checksum; segments arriving from a VTEP that did not mark its checksums as computed are
-/// verified before they are merged), so this runs with AVX2 where the CPU has it: about twice the
-/// speed of the portable loop.
-pub(crate) fn add_words(sum: u32, data: &[u8]) -> u32 {
-    #[cfg(target_arch = "x86_64")]
-    if std::arch::is_x86_feature_detected!("avx2") {
-        // SAFETY: the CPU has AVX2, the only requirement of the function.
-        return unsafe { add_words_avx2(sum, data) };
-    }
-    add_words_portable(sum, data)
-}
-
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx2")]
-fn add_words_avx2(sum: u32, data: &[u8]) -> u32 {
-    add_words_portable(sum, data)
-}
-
-/// See [`add_words`]. Native-endian 32-bit words are added into eight 64-bit lanes, which cannot
-/// overflow (that would take 2^32 words per lane) and which the compiler turns into vector adds;
-/// the one's complement sum does not depend on word width or byte order, up to one byte swap at
-/// the end (RFC 1071, 2.B).
-#[inline(always)]
-fn add_words_portable(sum: u32, data: &[u8]) -> u32 {
-    let word = |bytes: &[u8]| u32::from_ne_bytes([bytes[0], bytes[1], bytes[2], bytes[3]]);
-    let mut lanes = [0u64; 8];
-    let mut blocks = data.chunks_exact(32);
-    for block in &mut blocks {
-        for (lane, bytes) in lanes.iter_mut().zip(block.chunks_exact(4)) {
-            *lane += u64::from(word(bytes));
-        }
-    }
-    let mut native: u128 = lanes.iter().map(|lane| u128::from(*lane)).sum();
-    let mut words = blocks.remainder().chunks_exact(4);
-    for bytes in &mut words {
-        native += u128::from(word(bytes));
-    }
-    while native > 0xffff {
-        native = (native & 0xffff) + (native >> 16);
-    }
-    let native = native as u16;
-    let mut wide = u64::from(sum) + u64::from(u16::from_be_bytes(native.to_ne_bytes()));
-    match *words.remainder() {
-        [a, b, c] => wide += u64::from(u16::from_be_bytes([a, b])) + (u64::from(c) << 8),
-        [a, b] => wide += u64::from(u16::from_be_bytes([a, b])),
-        [a] => wide += u64::from(a) << 8,
-        _ => {}
-    }
-    while wide > u64::from(u32::MAX) {
-        wide = (wide & u64::from(u32::MAX)) + (wide >> 32);
-    }
-    wide as u32
-}
-
-/// `sum` folded to 16 bits (not complemented).
-pub(crate) fn fold(mut sum: u32) -> u16 {
-    while sum > 0xffff {
-        sum = (sum & 0xffff) + (sum >> 16);
-    }
-    sum as u16
-}
-
-/// Completes a partial checksum in place: the one's complement of the sum from `csum_start` to
-/// the end (the field at `csum_start + csum_offset` holds the pseudo-header's sum already, as
-/// Linux and virtio leave it).
+/// Completes in place the partial checksum `header` describes ([`checksum::complete_partial`]: a
+/// UDP checksum that comes out zero is sent as all ones); [`OffloadError::BadChecksumRange`] if
+/// its field lies outside `frame`.
 pub fn complete_checksum(header: &VirtioNetHeader, frame: &mut [u8]) -> Result<(), OffloadError> {
-    let start = usize::from(header.csum_start);
-    let field = start + usize::from(header.csum_offset);
-    if field + 2 > frame.len() {
-        return Err(OffloadError::BadChecksumRange);
+    if checksum::complete_partial(frame, header.csum_start, header.csum_offset) {
+        Ok(())
+    } else {
+        Err(OffloadError::BadChecksumRange)
     }
-    let sum = !fold(add_words(0, &frame[start..]));
-    frame[field..field + 2].copy_from_slice(&sum.to_be_bytes());
-    Ok(())
 }
 
 /// Where the headers of a TCP frame are.

@@ -32,13 +32,12 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 
 use tracing::{debug, warn};
+use vessel_proto::checksum;
 use vm_memory::GuestMemoryMmap;
 
 use super::config::GuestOffloads;
 use super::frame::{RxChain, check_rx_chain, write_rx_frame, write_rx_frame_in_one};
-use super::header::{
-    FLAG_DATA_VALID, FLAG_NEEDS_CSUM, HEADER_LEN, VirtioNetHeader, finish_checksum,
-};
+use super::header::{FLAG_DATA_VALID, FLAG_NEEDS_CSUM, HEADER_LEN, VirtioNetHeader};
 use super::port::MAX_FRAME_LEN;
 use super::stats::{Counter, Counters};
 use crate::chain::Descriptor;
@@ -424,7 +423,11 @@ impl RxRing {
             if header.needs_csum() {
                 self.scratch.clear();
                 self.scratch.extend_from_slice(frame);
-                if !finish_checksum(&mut self.scratch, header.csum_start, header.csum_offset) {
+                if !checksum::complete_partial(
+                    &mut self.scratch,
+                    header.csum_start,
+                    header.csum_offset,
+                ) {
                     counters.add(Counter::RxOffload, 1);
                     return Placed::Dropped;
                 }
