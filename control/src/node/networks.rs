@@ -6,6 +6,7 @@
 //! the API's strings into typed values and say what was wrong with them.
 
 use std::net::Ipv4Addr;
+use std::sync::Arc;
 
 use uuid::Uuid;
 use vessel_proto::admin;
@@ -114,7 +115,7 @@ impl LocalNode {
     }
 
     pub async fn network_delete(
-        &self,
+        self: &Arc<Self>,
         request: &admin::NetworkDeleteRequest,
     ) -> Result<admin::NetworkDeleteReply, OpError> {
         let _guard = self.writes.lock().await;
@@ -139,7 +140,7 @@ impl LocalNode {
             .into_iter()
             .filter(|view| ports.iter().any(|port| port.id == view.id))
             .collect();
-        self.switch_follows_now();
+        self.switch_follows_now().await;
         tracing::info!(network = %network.name, id = network.id, ports = deleted_ports.len(), "network deleted");
         Ok(admin::NetworkDeleteReply {
             id: network.id,
@@ -149,7 +150,7 @@ impl LocalNode {
     }
 
     pub async fn port_create(
-        &self,
+        self: &Arc<Self>,
         request: admin::PortCreateRequest,
     ) -> Result<admin::Port, OpError> {
         let _guard = self.writes.lock().await;
@@ -225,7 +226,7 @@ impl LocalNode {
         let CommandOutcome::PortCreated { id } = outcome else {
             return Err(unexpected(&outcome));
         };
-        self.switch_follows_now();
+        self.switch_follows_now().await;
         tracing::info!(port = id, network = %network.name, %mac, "port created");
         self.port_view(id)
     }
@@ -280,12 +281,15 @@ impl LocalNode {
         ports
     }
 
-    pub async fn port_delete(&self, request: &admin::PortRef) -> Result<admin::Port, OpError> {
+    pub async fn port_delete(
+        self: &Arc<Self>,
+        request: &admin::PortRef,
+    ) -> Result<admin::Port, OpError> {
         let _guard = self.writes.lock().await;
         let port = self.resolve_port(&request.port)?;
         let view = self.port_view(port.id)?;
         self.commit(Command::DeletePort { id: port.id }).await?;
-        self.switch_follows_now();
+        self.switch_follows_now().await;
         tracing::info!(port = port.id, network = %view.network, "port deleted");
         Ok(view)
     }
@@ -293,9 +297,11 @@ impl LocalNode {
     /// Brings this node's switch in line with the state just committed before the caller hears back, as
     /// `ovs-vsctl` waits for the switch: a port created here is plugged, and one deleted here is gone (its socket
     /// free for another device, its tap removed). `follow_networks` does the same after every change, only
-    /// later; it also records the underlay address, which this leaves to it.
-    fn switch_follows_now(&self) {
-        let _ = self.reconcile_switch();
+    /// later; it also records the underlay address, which this leaves to it. Reconciling makes system calls
+    /// (devices, sockets, threads joined), so it runs on a blocking thread, not on the runtime's.
+    async fn switch_follows_now(self: &Arc<Self>) {
+        let node = Arc::clone(self);
+        let _ = tokio::task::spawn_blocking(move || node.reconcile_switch()).await;
     }
 
     fn network_view(&self, id: NetworkId, with_ports: bool) -> Result<admin::Network, OpError> {
