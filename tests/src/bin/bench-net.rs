@@ -1,20 +1,28 @@
 //! Benchmark: Vessel's switch against the kernel's, with guests in network namespaces.
 //!
 //! 1. One node: two guests joined by Vessel's switch (taps) beside two guests joined by a Linux
-//!    bridge (veths).
+//!    bridge (veths), and beside two guests on taps joined by a bare relay (a thread per
+//!    direction that reads a frame from one tap and writes it to the other: the floor of any
+//!    user-space switch between taps, whose two copies per frame the bridge does not make).
 //! 2. Two nodes: a guest on each, joined by Vessel's switches over its VXLAN underlay, beside the
 //!    same joined by Linux bridges and kernel VXLAN devices. Each node is a namespace; the
 //!    underlay is a veth between them.
 //!
 //! For each: TCP throughput (iperf3, one stream) and ICMP round trip (busybox ping, back to back),
 //! Vessel and the reference alternating, several rounds; the program prints the medians and the
-//! ratio Vessel / reference. Then the CPU time the switch used while idle.
+//! ratio Vessel / reference (and, for the relay, relay / reference and Vessel / relay). Then the
+//! CPU time the switch used while idle.
 //!
 //! The switch runs in this process (vnet's `Datapath`, as the daemon runs it). Run it as root with
 //! a release build:
 //!     cargo run --release -p vessel-tests --bin bench-net -- [--seconds 5] [--rounds 3]
 
+use std::fs::File;
+use std::io::{Read, Write};
 use std::net::UdpSocket;
+use std::os::fd::AsRawFd;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
 use anyhow::Context;
@@ -22,6 +30,7 @@ use clap::Parser;
 use vessel_tests::bench::median;
 use vessel_tests::namespaces::{Netns, Spawned, is_root, veth};
 use vnet::switch::{NetworkConfig, PortConfig, SwitchConfig};
+use vnet::tap::Offloads;
 use vnet::{Datapath, Mac, NetworkId, PortId, Tap, Vni};
 
 #[derive(Debug, Parser)]
@@ -149,6 +158,91 @@ fn vessel_local() -> anyhow::Result<Pair> {
     Pair::new(a, b, vec![Box::new(datapath), Box::new(node)])
 }
 
+/// The floor of a user-space switch between taps: one thread per direction that reads a frame
+/// from one tap and writes it to the other, nothing else (no switch decision, no epoll, no
+/// counters). Its threads stop when it is dropped.
+struct TapRelay {
+    stop: Arc<AtomicBool>,
+    threads: Vec<std::thread::JoinHandle<()>>,
+}
+
+impl TapRelay {
+    /// How long a relay thread waits for a frame before it looks at `stop` again.
+    const STOP_CHECK_MS: i32 = 100;
+
+    fn start(a: File, b: File) -> anyhow::Result<Self> {
+        let stop = Arc::new(AtomicBool::new(false));
+        let mut threads = Vec::new();
+        for (from, to) in [(a.try_clone()?, b.try_clone()?), (b, a)] {
+            let stop = Arc::clone(&stop);
+            threads.push(std::thread::spawn(move || relay(&from, &to, &stop)));
+        }
+        Ok(TapRelay { stop, threads })
+    }
+}
+
+impl Drop for TapRelay {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+        for thread in self.threads.drain(..) {
+            let _ = thread.join();
+        }
+    }
+}
+
+/// Frames from `from` to `to` until `stop` (or until a tap fails: it was deleted).
+fn relay(from: &File, to: &File, stop: &AtomicBool) {
+    // A 64 KiB GSO frame behind its virtio-net header, with room to spare.
+    let mut buffer = vec![0u8; 65_536 + 128];
+    let mut poll = libc::pollfd {
+        fd: from.as_raw_fd(),
+        events: libc::POLLIN,
+        revents: 0,
+    };
+    while !stop.load(Ordering::Relaxed) {
+        // SAFETY: `poll` is one valid pollfd for the call; the fd stays open (we hold `from`).
+        let ready = unsafe { libc::poll(&mut poll, 1, TapRelay::STOP_CHECK_MS) };
+        if ready <= 0 {
+            continue;
+        }
+        let Ok(len) = (&*from).read(&mut buffer) else {
+            return;
+        };
+        // A tap takes a frame whole or refuses it (then it is lost, as on a full queue).
+        let _ = (&*to).write(&buffer[..len]);
+    }
+}
+
+/// A tap made in `node` for `guest`, with the guest's address and the offloads the switch sets
+/// on its taps, handed over unplugged.
+fn bare_tap(node: &Netns, guest: &Netns, ifname: &str, host: u8) -> anyhow::Result<File> {
+    let tap = node.enter(|| Tap::open(ifname, 1))??;
+    tap.set_offloads(Offloads {
+        csum: true,
+        tso4: true,
+        tso6: true,
+        tso_ecn: true,
+    })?;
+    node.give(ifname, guest)?;
+    guest.configure(
+        ifname,
+        &format!("10.9.0.{host}/24"),
+        1500,
+        Some(&mac(host).to_string()),
+    )?;
+    Ok(tap.into_queues().remove(0))
+}
+
+/// One node, the floor: two guests on taps joined by a [`TapRelay`].
+fn relay_local() -> anyhow::Result<Pair> {
+    let node = Netns::new("vbn-rl-node")?;
+    let (a, b) = (Netns::new("vbn-rl-a")?, Netns::new("vbn-rl-b")?);
+    let tap_a = bare_tap(&node, &a, "vbnrla", 1)?;
+    let tap_b = bare_tap(&node, &b, "vbnrlb", 2)?;
+    let relay = TapRelay::start(tap_a, tap_b)?;
+    Pair::new(a, b, vec![Box::new(relay), Box::new(node)])
+}
+
 /// One node, reference: two guests on veths of a Linux bridge.
 fn bridge_local() -> anyhow::Result<Pair> {
     let hub = Netns::new("vbn-bl-hub")?;
@@ -216,38 +310,71 @@ fn kernel_overlay() -> anyhow::Result<Pair> {
     Pair::new(a, b, vec![Box::new(n1), Box::new(n2)])
 }
 
-/// Runs both pairs alternately; prints medians and ratios.
+/// Medians of TCP throughput (Gbit/s) and ping (µs) for each of `pairs`, measured in turns
+/// (round by round, each pair in order) so that drift in the machine touches all alike.
+fn measure(pairs: &[&Pair], args: &Args) -> anyhow::Result<Vec<(f64, f64)>> {
+    let mut tcp = vec![Vec::new(); pairs.len()];
+    let mut ping = vec![Vec::new(); pairs.len()];
+    for _ in 0..args.rounds {
+        for (pair, tcp) in pairs.iter().zip(&mut tcp) {
+            tcp.push(pair.throughput(args.seconds)?);
+        }
+        for (pair, ping) in pairs.iter().zip(&mut ping) {
+            ping.push(pair.ping(args.pings)?);
+        }
+    }
+    Ok(tcp
+        .iter_mut()
+        .zip(&mut ping)
+        .map(|(tcp, ping)| (median(tcp), median(ping)))
+        .collect())
+}
+
+/// Prints one setup's medians beside the reference's, with the ratios.
+fn print_rows(
+    title: &str,
+    ours: &str,
+    reference: &str,
+    (tcp, ping): (f64, f64),
+    (their_tcp, their_ping): (f64, f64),
+) {
+    println!("{title:<36} {ours:>10} {reference:>14} {:>7}", "ratio");
+    println!(
+        "{:<36} {tcp:>10.2} {their_tcp:>14.2} {:>7.2}",
+        "  TCP, one stream (Gbit/s)",
+        tcp / their_tcp
+    );
+    println!(
+        "{:<36} {ping:>10.1} {their_ping:>14.1} {:>7.2}",
+        "  ping round trip (µs)",
+        ping / their_ping
+    );
+}
+
+/// Runs Vessel's pair, the reference's and, if given, the floor's in turns; prints the medians
+/// and ratios (the floor's against the reference, then Vessel's against the floor). The floor is
+/// the least any user-space switch on the same devices must do: a [`TapRelay`] for taps.
 fn compare(
     title: &str,
     reference: &str,
     vessel: &Pair,
     other: &Pair,
+    floor: Option<(&str, &Pair)>,
     args: &Args,
 ) -> anyhow::Result<()> {
-    let (mut ours, mut theirs) = (Vec::new(), Vec::new());
-    let (mut our_ping, mut their_ping) = (Vec::new(), Vec::new());
-    for _ in 0..args.rounds {
-        ours.push(vessel.throughput(args.seconds)?);
-        theirs.push(other.throughput(args.seconds)?);
-        our_ping.push(vessel.ping(args.pings)?);
-        their_ping.push(other.ping(args.pings)?);
+    let mut pairs = vec![vessel, other];
+    pairs.extend(floor.map(|(_, pair)| pair));
+    let medians = measure(&pairs, args)?;
+    print_rows(title, "Vessel", reference, medians[0], medians[1]);
+    if let (Some((what, _)), Some(&floor)) = (floor, medians.get(2)) {
+        print_rows(what, "relay", reference, floor, medians[1]);
+        println!(
+            "{:<36} {:>10.2} {:>14.2}",
+            "  Vessel / relay (TCP, ping)",
+            medians[0].0 / floor.0,
+            medians[0].1 / floor.1
+        );
     }
-    let (ours, theirs) = (median(&mut ours), median(&mut theirs));
-    let (our_ping, their_ping) = (median(&mut our_ping), median(&mut their_ping));
-    println!(
-        "{title:<36} {:>10} {reference:>14} {:>7}",
-        "Vessel", "ratio"
-    );
-    println!(
-        "{:<36} {ours:>10.2} {theirs:>14.2} {:>7.2}",
-        "  TCP, one stream (Gbit/s)",
-        ours / theirs
-    );
-    println!(
-        "{:<36} {our_ping:>10.1} {their_ping:>14.1} {:>7.2}",
-        "  ping round trip (µs)",
-        our_ping / their_ping
-    );
     Ok(())
 }
 
@@ -275,11 +402,13 @@ fn main() -> anyhow::Result<()> {
     if runs("local") {
         let vessel = vessel_local()?;
         let bridge = bridge_local()?;
+        let relay = relay_local()?;
         compare(
             "two guests on one node",
             "Linux bridge",
             &vessel,
             &bridge,
+            Some(("a bare tap relay (no switch)", &relay)),
             &args,
         )?;
     }
@@ -291,6 +420,7 @@ fn main() -> anyhow::Result<()> {
             "kernel VXLAN",
             &vessel,
             &kernel,
+            None,
             &args,
         )?;
         let idle = idle_cpu(Duration::from_secs(5))?;
