@@ -5,8 +5,10 @@
 //!    direction that reads a frame from one tap and writes it to the other: the floor of any
 //!    user-space switch between taps, whose two copies per frame the bridge does not make).
 //! 2. Two nodes: a guest on each, joined by Vessel's switches over its VXLAN underlay, beside the
-//!    same joined by Linux bridges and kernel VXLAN devices. Each node is a namespace; the
-//!    underlay is a veth between them.
+//!    same joined by Linux bridges and kernel VXLAN devices, and beside a bare UDP tunnel between
+//!    the nodes' taps (each frame cut into pieces sent with UDP GSO, received with UDP GRO and put
+//!    back together: the floor of any user-space switch joining taps over a UDP underlay). Each
+//!    node is a namespace; the underlay is a veth between them.
 //!
 //! For each: TCP throughput (iperf3, one stream) and ICMP round trip (busybox ping, back to back),
 //! Vessel and the reference alternating, several rounds; the program prints the medians and the
@@ -18,8 +20,8 @@
 //!     cargo run --release -p vessel-tests --bin bench-net -- [--seconds 5] [--rounds 3]
 
 use std::fs::File;
-use std::io::{Read, Write};
-use std::net::UdpSocket;
+use std::io::{IoSlice, Read, Write};
+use std::net::{SocketAddr, UdpSocket};
 use std::os::fd::AsRawFd;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -31,7 +33,7 @@ use vessel_tests::bench::median;
 use vessel_tests::namespaces::{Netns, Spawned, is_root, veth};
 use vnet::switch::{NetworkConfig, PortConfig, SwitchConfig};
 use vnet::tap::Offloads;
-use vnet::{Datapath, Mac, NetworkId, PortId, Tap, Vni};
+use vnet::{Datapath, Mac, NetworkId, PortId, Tap, Vni, underlay};
 
 #[derive(Debug, Parser)]
 struct Args {
@@ -158,30 +160,26 @@ fn vessel_local() -> anyhow::Result<Pair> {
     Pair::new(a, b, vec![Box::new(datapath), Box::new(node)])
 }
 
-/// The floor of a user-space switch between taps: one thread per direction that reads a frame
-/// from one tap and writes it to the other, nothing else (no switch decision, no epoll, no
-/// counters). Its threads stop when it is dropped.
-struct TapRelay {
+/// Threads that move frames for a floor setup (see [`relay_local`], [`relay_overlay`]); they
+/// stop when it is dropped.
+#[derive(Default)]
+struct Relay {
     stop: Arc<AtomicBool>,
     threads: Vec<std::thread::JoinHandle<()>>,
 }
 
-impl TapRelay {
-    /// How long a relay thread waits for a frame before it looks at `stop` again.
+impl Relay {
+    /// How long a relay thread waits for input before it looks at `stop` again.
     const STOP_CHECK_MS: i32 = 100;
 
-    fn start(a: File, b: File) -> anyhow::Result<Self> {
-        let stop = Arc::new(AtomicBool::new(false));
-        let mut threads = Vec::new();
-        for (from, to) in [(a.try_clone()?, b.try_clone()?), (b, a)] {
-            let stop = Arc::clone(&stop);
-            threads.push(std::thread::spawn(move || relay(&from, &to, &stop)));
-        }
-        Ok(TapRelay { stop, threads })
+    /// Runs `work` on a thread of its own, with the flag that says when to stop.
+    fn spawn(&mut self, work: impl FnOnce(&AtomicBool) + Send + 'static) {
+        let stop = Arc::clone(&self.stop);
+        self.threads.push(std::thread::spawn(move || work(&stop)));
     }
 }
 
-impl Drop for TapRelay {
+impl Drop for Relay {
     fn drop(&mut self) {
         self.stop.store(true, Ordering::Relaxed);
         for thread in self.threads.drain(..) {
@@ -190,32 +188,117 @@ impl Drop for TapRelay {
     }
 }
 
-/// Frames from `from` to `to` until `stop` (or until a tap fails: it was deleted).
-fn relay(from: &File, to: &File, stop: &AtomicBool) {
-    // A 64 KiB GSO frame behind its virtio-net header, with room to spare.
-    let mut buffer = vec![0u8; 65_536 + 128];
+/// Waits until `fd` has input: true, or false once `stop` is set.
+fn readable(fd: &impl AsRawFd, stop: &AtomicBool) -> bool {
     let mut poll = libc::pollfd {
-        fd: from.as_raw_fd(),
+        fd: fd.as_raw_fd(),
         events: libc::POLLIN,
         revents: 0,
     };
     while !stop.load(Ordering::Relaxed) {
-        // SAFETY: `poll` is one valid pollfd for the call; the fd stays open (we hold `from`).
-        let ready = unsafe { libc::poll(&mut poll, 1, TapRelay::STOP_CHECK_MS) };
-        if ready <= 0 {
-            continue;
+        // SAFETY: `poll` is one valid pollfd for the call; the caller keeps the fd open.
+        if unsafe { libc::poll(&mut poll, 1, Relay::STOP_CHECK_MS) } > 0 {
+            return true;
         }
-        let Ok(len) = (&*from).read(&mut buffer) else {
+    }
+    false
+}
+
+/// A 64 KiB GSO frame behind its virtio-net header, with room to spare.
+const TAP_READ_LEN: usize = 65_536 + 128;
+
+/// Frames from tap `from` to tap `to` until `stop` (or until a tap fails: it was deleted).
+fn tap_to_tap(from: &File, to: &File, stop: &AtomicBool) {
+    let mut frame = vec![0u8; TAP_READ_LEN];
+    while readable(from, stop) {
+        let Ok(len) = (&*from).read(&mut frame) else {
             return;
         };
         // A tap takes a frame whole or refuses it (then it is lost, as on a full queue).
-        let _ = (&*to).write(&buffer[..len]);
+        let _ = (&*to).write(&frame[..len]);
+    }
+}
+
+/// The floor tunnel's datagram header: the frame's number, where the piece lies in it, and the
+/// frame's length (each a big-endian u32).
+const PIECE_HEADER_LEN: usize = 12;
+/// Payload bytes per datagram: what a 1500-byte underlay IPv4 packet holds past the IP and UDP
+/// headers and the piece's own.
+const PIECE_LEN: usize = 1500 - 20 - 8 - PIECE_HEADER_LEN;
+
+/// Frames from tap `from` to the floor tunnel's peer `to` until `stop`: each frame, virtio-net
+/// header and all, cut into pieces sent in runs of one `UDP_SEGMENT` send each.
+fn tap_to_tunnel(from: &File, socket: &UdpSocket, to: SocketAddr, stop: &AtomicBool) {
+    let mut frame = vec![0u8; TAP_READ_LEN];
+    let mut headers = Vec::new();
+    let per_run =
+        underlay::MAX_SEGMENTS.min(underlay::MAX_SEGMENTS_LEN / (PIECE_HEADER_LEN + PIECE_LEN));
+    for number in 0u32.. {
+        if !readable(from, stop) {
+            return;
+        }
+        let Ok(len) = (&*from).read(&mut frame) else {
+            return;
+        };
+        let frame = &frame[..len];
+        headers.clear();
+        for (index, _) in frame.chunks(PIECE_LEN).enumerate() {
+            headers.extend_from_slice(&number.to_be_bytes());
+            headers.extend_from_slice(&((index * PIECE_LEN) as u32).to_be_bytes());
+            headers.extend_from_slice(&(len as u32).to_be_bytes());
+        }
+        let pieces: Vec<IoSlice<'_>> = headers
+            .chunks(PIECE_HEADER_LEN)
+            .zip(frame.chunks(PIECE_LEN))
+            .flat_map(|(header, piece)| [IoSlice::new(header), IoSlice::new(piece)])
+            .collect();
+        for run in pieces.chunks(2 * per_run) {
+            let size = (run.len() > 2).then_some((PIECE_HEADER_LEN + PIECE_LEN) as u16);
+            let _ = underlay::send_segments(socket, to, run, size);
+        }
+    }
+}
+
+/// Frames from the floor tunnel to tap `to` until `stop`: pieces put back together in order (a
+/// frame missing a piece is dropped when the next one starts) and written whole.
+fn tunnel_to_tap(socket: &UdpSocket, to: &File, stop: &AtomicBool) {
+    let mut received = vec![0u8; underlay::RECEIVE_BUFFER_LEN];
+    let mut frame = vec![0u8; TAP_READ_LEN];
+    let (mut current, mut filled) = (u32::MAX, 0usize);
+    while readable(socket, stop) {
+        let Ok(read) = underlay::receive(socket, &mut received) else {
+            continue;
+        };
+        let Ok(datagrams) = underlay::datagrams(&received[..read.len], read.segment_size) else {
+            continue;
+        };
+        for datagram in datagrams {
+            let Some((header, piece)) = datagram.split_first_chunk::<PIECE_HEADER_LEN>() else {
+                continue;
+            };
+            let field = |at: usize| {
+                u32::from_be_bytes([header[at], header[at + 1], header[at + 2], header[at + 3]])
+                    as usize
+            };
+            let (number, offset, len) = (field(0) as u32, field(4), field(8));
+            if number != current {
+                (current, filled) = (number, 0);
+            }
+            if offset != filled || offset + piece.len() > len.min(frame.len()) {
+                continue;
+            }
+            frame[offset..offset + piece.len()].copy_from_slice(piece);
+            filled += piece.len();
+            if filled == len {
+                let _ = (&*to).write(&frame[..len]);
+            }
+        }
     }
 }
 
 /// A tap made in `node` for `guest`, with the guest's address and the offloads the switch sets
 /// on its taps, handed over unplugged.
-fn bare_tap(node: &Netns, guest: &Netns, ifname: &str, host: u8) -> anyhow::Result<File> {
+fn bare_tap(node: &Netns, guest: &Netns, ifname: &str, host: u8, mtu: u16) -> anyhow::Result<File> {
     let tap = node.enter(|| Tap::open(ifname, 1))??;
     tap.set_offloads(Offloads {
         csum: true,
@@ -227,20 +310,51 @@ fn bare_tap(node: &Netns, guest: &Netns, ifname: &str, host: u8) -> anyhow::Resu
     guest.configure(
         ifname,
         &format!("10.9.0.{host}/24"),
-        1500,
+        mtu,
         Some(&mac(host).to_string()),
     )?;
     Ok(tap.into_queues().remove(0))
 }
 
-/// One node, the floor: two guests on taps joined by a [`TapRelay`].
+/// One node, the floor of any user-space switch between taps: two guests on taps joined by one
+/// thread per direction that reads a frame from one tap and writes it to the other, nothing else
+/// (no switch decision, no counters, no epoll).
 fn relay_local() -> anyhow::Result<Pair> {
     let node = Netns::new("vbn-rl-node")?;
     let (a, b) = (Netns::new("vbn-rl-a")?, Netns::new("vbn-rl-b")?);
-    let tap_a = bare_tap(&node, &a, "vbnrla", 1)?;
-    let tap_b = bare_tap(&node, &b, "vbnrlb", 2)?;
-    let relay = TapRelay::start(tap_a, tap_b)?;
+    let tap_a = bare_tap(&node, &a, "vbnrla", 1, 1500)?;
+    let tap_b = bare_tap(&node, &b, "vbnrlb", 2, 1500)?;
+    let mut relay = Relay::default();
+    for (from, to) in [(tap_a.try_clone()?, tap_b.try_clone()?), (tap_b, tap_a)] {
+        relay.spawn(move |stop| tap_to_tap(&from, &to, stop));
+    }
     Pair::new(a, b, vec![Box::new(relay), Box::new(node)])
+}
+
+/// Two nodes, the floor of any user-space switch that joins taps over a UDP underlay: on each
+/// node one thread reads the guest's tap and sends each frame, cut into pieces, to the other node
+/// with UDP GSO, and one reads pieces (UDP GRO), puts each frame back together and writes it to
+/// the tap: the four copies of every byte a VXLAN switch in user space makes, without its work
+/// (no VXLAN, no segmenting into TCP segments and merging them again, no checksums, no switch
+/// decision).
+fn relay_overlay() -> anyhow::Result<Pair> {
+    let (n1, n2) = two_nodes("vbn-ro")?;
+    let (a, b) = (Netns::new("vbn-ro-a")?, Netns::new("vbn-ro-b")?);
+    let mut relay = Relay::default();
+    for (node, guest, ifname, host, local, remote) in [
+        (&n1, &a, "vbnroa", 1, "10.8.0.1:4789", "10.8.0.2:4789"),
+        (&n2, &b, "vbnrob", 2, "10.8.0.2:4789", "10.8.0.1:4789"),
+    ] {
+        let tap = bare_tap(node, guest, ifname, host, 1450)?;
+        let socket = node.enter(|| UdpSocket::bind(local))??;
+        underlay::enlarge_buffers(&socket)?;
+        underlay::enable_gro(&socket)?;
+        let remote: SocketAddr = remote.parse()?;
+        let (tap_in, socket_out) = (tap.try_clone()?, socket.try_clone()?);
+        relay.spawn(move |stop| tap_to_tunnel(&tap_in, &socket_out, remote, stop));
+        relay.spawn(move |stop| tunnel_to_tap(&socket, &tap, stop));
+    }
+    Pair::new(a, b, vec![Box::new(relay), Box::new(n1), Box::new(n2)])
 }
 
 /// One node, reference: two guests on veths of a Linux bridge.
@@ -353,7 +467,7 @@ fn print_rows(
 
 /// Runs Vessel's pair, the reference's and, if given, the floor's in turns; prints the medians
 /// and ratios (the floor's against the reference, then Vessel's against the floor). The floor is
-/// the least any user-space switch on the same devices must do: a [`TapRelay`] for taps.
+/// the least any user-space switch on the same devices must do ([`relay_local`], [`relay_overlay`]).
 fn compare(
     title: &str,
     reference: &str,
@@ -415,14 +529,17 @@ fn main() -> anyhow::Result<()> {
     if runs("overlay") {
         let vessel = vessel_overlay()?;
         let kernel = kernel_overlay()?;
+        let relay = relay_overlay()?;
         compare(
             "two guests on two nodes (VXLAN)",
             "kernel VXLAN",
             &vessel,
             &kernel,
-            None,
+            Some(("a bare UDP tunnel relay (no switch)", &relay)),
             &args,
         )?;
+        // The relay's threads wake to look for their stop flag: gone before the switches' idle CPU is read.
+        drop(relay);
         let idle = idle_cpu(Duration::from_secs(5))?;
         println!(
             "idle: the two switches used {} ms of CPU in 5 s",
