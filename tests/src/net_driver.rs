@@ -1,7 +1,7 @@
 //! A minimal virtio-net driver over vhost-user, playing a guest for tests: it connects to a vhost-user-net socket
 //! the way QEMU does, shares "guest memory" (a temporary file) with the device, and sends and receives frames
 //! through one queue pair of split rings. No offloads, no MRG_RXBUF: every received frame fits one 2 KiB buffer.
-//! Guest memory and the rings are `vhost_backends::test_frontend`'s; this driver owns what is net's: the buffers
+//! Guest memory and the rings are `vessel_test_frontend`'s; this driver owns what is net's: the buffers
 //! and the header in front of every frame.
 
 use std::os::unix::net::UnixStream;
@@ -9,10 +9,10 @@ use std::path::Path;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail};
+use vessel_test_frontend::{Buffer, DriverRing, Guest};
 use vhost::VhostBackend;
 use vhost::vhost_user::Frontend;
 use vhost::vhost_user::message::VhostUserProtocolFeatures;
-use vhost_backends::test_frontend::{self, Buffer, DriverRing, Guest};
 use virtio_bindings::virtio_config::VIRTIO_F_VERSION_1;
 use virtio_bindings::virtio_net::{VIRTIO_NET_F_MAC, VIRTIO_NET_F_STATUS};
 
@@ -63,7 +63,7 @@ impl NetDriver {
         };
         let guest = Guest::new(tempfile::tempfile()?, GUEST_SIZE)?;
         let mut frontend = Frontend::from_stream(stream, 2);
-        test_frontend::negotiate(
+        vessel_test_frontend::negotiate(
             &mut frontend,
             (1u64 << VIRTIO_F_VERSION_1) | (1 << VIRTIO_NET_F_MAC) | (1 << VIRTIO_NET_F_STATUS),
             VhostUserProtocolFeatures::REPLY_ACK | VhostUserProtocolFeatures::CONFIG,

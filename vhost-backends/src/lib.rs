@@ -23,8 +23,6 @@ pub mod inflight;
 pub mod memory;
 pub mod net;
 pub mod server;
-#[cfg(any(test, feature = "test-frontend"))]
-pub mod test_frontend;
 pub mod vring;
 
 pub use blk::{BlkConfig, BlkDevice, DeviceError};

@@ -6,11 +6,6 @@
 //! resubmits them from the inflight region.
 
 mod common;
-// The library is linked without its `test-frontend` feature here, so the test compiles the
-// module itself; it names nothing of the crate.
-#[path = "../src/test_frontend.rs"]
-#[allow(dead_code)] // this test uses part of it
-mod test_frontend;
 
 use std::os::fd::AsRawFd;
 use std::path::{Path, PathBuf};
@@ -20,7 +15,7 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
 use common::*;
-use test_frontend::{Buffer, DriverRing, Guest};
+use vessel_test_frontend::{Buffer, DriverRing, Guest};
 use vhost::VhostBackend;
 use vhost::vhost_user::message::{
     VhostUserConfigFlags, VhostUserHeaderFlag, VhostUserInflight, VhostUserProtocolFeatures,
@@ -109,7 +104,7 @@ fn connect(socket: &Path) -> Frontend {
         | VhostUserProtocolFeatures::CONFIGURE_MEM_SLOTS
         | VhostUserProtocolFeatures::INFLIGHT_SHMFD
         | VhostUserProtocolFeatures::BACKEND_REQ;
-    test_frontend::negotiate(&mut fe, features(), protocol).unwrap();
+    vessel_test_frontend::negotiate(&mut fe, features(), protocol).unwrap();
     fe.set_hdr_flags(VhostUserHeaderFlag::NEED_REPLY);
     fe
 }
@@ -413,7 +408,7 @@ fn a_worker_serves_its_whole_ring_group() {
     let mut tx = DriverRing::new(&guest, 1, 0x40000, 64).unwrap();
     let mut fe = Frontend::connect(&socket, 2).unwrap();
     let protocol = VhostUserProtocolFeatures::REPLY_ACK | VhostUserProtocolFeatures::MQ;
-    test_frontend::negotiate(&mut fe, VIRTIO_F_VERSION_1, protocol).unwrap();
+    vessel_test_frontend::negotiate(&mut fe, VIRTIO_F_VERSION_1, protocol).unwrap();
     fe.set_hdr_flags(VhostUserHeaderFlag::NEED_REPLY);
     fe.set_mem_table(&[guest.region()]).unwrap();
     let settle = || std::thread::sleep(Duration::from_millis(150));

@@ -1,6 +1,6 @@
 //! A [`NetDevice`] behind its real socket, driven by a raw vhost-user frontend (the `vhost`
 //! crate's `Frontend`) that also plays the guest driver with split rings in a shared file
-//! ([`crate::test_frontend`]). The device's port loops every frame the guest transmits back
+//! ([`vessel_test_frontend`]). The device's port loops every frame the guest transmits back
 //! into the same queue pair's receive queue, so what the driver sends must come back intact
 //! and in order: with and without MRG_RXBUF, small and jumbo frames, across a reconnect, on two
 //! queue pairs.
@@ -10,6 +10,7 @@ use std::os::unix::net::UnixStream;
 use std::sync::{Arc, OnceLock};
 use std::time::{Duration, Instant};
 
+use vessel_test_frontend::{Buffer, DriverRing, Guest};
 use vhost::VhostBackend;
 use vhost::vhost_user::message::{
     VhostUserConfigFlags, VhostUserHeaderFlag, VhostUserProtocolFeatures,
@@ -24,7 +25,6 @@ use virtio_bindings::virtio_ring::VIRTIO_RING_F_EVENT_IDX;
 
 use super::header::HEADER_LEN;
 use super::{NetConfig, NetDevice, NetPort, RxQueue, VirtioNetHeader};
-use crate::test_frontend::{self, Buffer, DriverRing, Guest};
 
 const GUEST_SIZE: u64 = 16 << 20;
 const RING_SIZE: u16 = 256;
@@ -201,7 +201,7 @@ fn connect(socket: &std::path::Path, guest: &Guest, mrg: bool) -> (Frontend, Uni
         | VhostUserProtocolFeatures::REPLY_ACK
         | VhostUserProtocolFeatures::CONFIG
         | VhostUserProtocolFeatures::MTU;
-    test_frontend::negotiate(&mut fe, features(mrg), protocol).unwrap();
+    vessel_test_frontend::negotiate(&mut fe, features(mrg), protocol).unwrap();
     fe.set_hdr_flags(VhostUserHeaderFlag::NEED_REPLY);
     assert_eq!(fe.get_queue_num().unwrap(), 4);
     fe.set_mem_table(&[guest.region()]).unwrap();

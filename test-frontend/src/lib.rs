@@ -9,12 +9,13 @@
 //! table. What goes in the buffers (a virtio-net header, a virtio-blk request), which chain
 //! uses which descriptors, and the rest of the connection are the test's business.
 //!
-//! This crate's unit tests get the module under `cfg(test)`; other crates' tests turn on the
-//! `test-frontend` feature, as virtio-queue's `test-utils` feature hands out its
-//! `MockSplitQueue`. This crate's integration tests link the library without the feature, so
-//! they compile this file themselves: it names nothing of the crate.
+//! For tests only: vhost-backends takes it as a dev-dependency (its unit and integration
+//! tests), vessel-tests as a dependency. It is a crate of its own, not a feature of
+//! vhost-backends, so that no build links it into the daemon: cargo unifies a crate's features
+//! across a workspace build, and a feature would have put this code in `vesseld` too. It
+//! names nothing of vhost-backends, only the rust-vmm crates.
 //!
-//! The rings and buffers lie where the test put them, in memory this module mapped, so a failed
+//! The rings and buffers lie where the test put them, in memory this crate mapped, so a failed
 //! access to guest memory is a bug in the test and panics; so does a failed kick. What can fail
 //! for reasons outside the test (mapping the file, creating an eventfd, a request the device
 //! refuses) returns an error.
