@@ -267,12 +267,7 @@ impl Datapath {
 
     /// Plugs a tap device into the switch as port `config`; its queues are served from now on.
     pub fn add_tap(&self, config: PortConfig, tap: Tap) -> Result<(), AddPortError> {
-        tap.set_offloads(Offloads {
-            csum: true,
-            tso4: true,
-            tso6: true,
-            tso_ecn: true,
-        })?;
+        tap.set_offloads(Offloads::ALL)?;
         let queues: Vec<Arc<File>> = tap.into_queues().into_iter().map(Arc::new).collect();
         for queue in &queues {
             set_nonblocking(queue).map_err(AddPortError::Io)?;

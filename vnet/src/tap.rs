@@ -67,6 +67,15 @@ pub struct Offloads {
 }
 
 impl Offloads {
+    /// Every offload a tap can take: what the switch sets on its taps, whose frames may go to
+    /// any port (the switch segments or completes for a port that cannot take one).
+    pub const ALL: Offloads = Offloads {
+        csum: true,
+        tso4: true,
+        tso6: true,
+        tso_ecn: true,
+    };
+
     fn flags(self) -> c_uint {
         [
             (self.csum, libc::TUN_F_CSUM),

@@ -108,7 +108,21 @@ fn mac(last: u8) -> Mac {
     Mac([0x02, 0, 0, 0, 0x09, last])
 }
 
-/// A tap made in `node` for `guest`, with the guest's address, plugged into `datapath`.
+/// A tap made in `node` and moved into `guest`, with the guest's address (10.9.0.`host`), MAC
+/// and MTU.
+fn guest_tap(node: &Netns, guest: &Netns, ifname: &str, host: u8, mtu: u16) -> anyhow::Result<Tap> {
+    let tap = node.enter(|| Tap::open(ifname, 1))??;
+    node.give(ifname, guest)?;
+    guest.configure(
+        ifname,
+        &format!("10.9.0.{host}/24"),
+        mtu,
+        Some(&mac(host).to_string()),
+    )?;
+    Ok(tap)
+}
+
+/// A [`guest_tap`] plugged into `datapath` as port `id`.
 fn plug(
     datapath: &Datapath,
     node: &Netns,
@@ -118,14 +132,7 @@ fn plug(
     host: u8,
     mtu: u16,
 ) -> anyhow::Result<()> {
-    let tap = node.enter(|| Tap::open(ifname, 1))??;
-    node.give(ifname, guest)?;
-    guest.configure(
-        ifname,
-        &format!("10.9.0.{host}/24"),
-        mtu,
-        Some(&mac(host).to_string()),
-    )?;
+    let tap = guest_tap(node, guest, ifname, host, mtu)?;
     datapath.add_tap(
         PortConfig {
             id: PortId(id),
@@ -296,23 +303,10 @@ fn tunnel_to_tap(socket: &UdpSocket, to: &File, stop: &AtomicBool) {
     }
 }
 
-/// A tap made in `node` for `guest`, with the guest's address and the offloads the switch sets
-/// on its taps, handed over unplugged.
+/// A [`guest_tap`] with the offloads the switch sets on its taps, unplugged: its queue.
 fn bare_tap(node: &Netns, guest: &Netns, ifname: &str, host: u8, mtu: u16) -> anyhow::Result<File> {
-    let tap = node.enter(|| Tap::open(ifname, 1))??;
-    tap.set_offloads(Offloads {
-        csum: true,
-        tso4: true,
-        tso6: true,
-        tso_ecn: true,
-    })?;
-    node.give(ifname, guest)?;
-    guest.configure(
-        ifname,
-        &format!("10.9.0.{host}/24"),
-        mtu,
-        Some(&mac(host).to_string()),
-    )?;
+    let tap = guest_tap(node, guest, ifname, host, mtu)?;
+    tap.set_offloads(Offloads::ALL)?;
     Ok(tap.into_queues().remove(0))
 }
 

@@ -24,13 +24,7 @@ fn refuses_bad_names_and_queue_counts_before_touching_the_kernel() {
 #[test]
 fn offload_flags_are_the_kernels() {
     assert_eq!(Offloads::default().flags(), 0);
-    let all = Offloads {
-        csum: true,
-        tso4: true,
-        tso6: true,
-        tso_ecn: true,
-    };
-    assert_eq!(all.flags(), 0x0f);
+    assert_eq!(Offloads::ALL.flags(), 0x0f);
     assert_eq!(
         Offloads {
             csum: true,
