@@ -285,9 +285,8 @@ fn tunnel_to_tap(socket: &UdpSocket, to: &File, stop: &AtomicBool) {
             };
             let field = |at: usize| {
                 u32::from_be_bytes([header[at], header[at + 1], header[at + 2], header[at + 3]])
-                    as usize
             };
-            let (number, offset, len) = (field(0) as u32, field(4), field(8));
+            let (number, offset, len) = (field(0), field(4) as usize, field(8) as usize);
             if number != current {
                 (current, filled) = (number, 0);
             }
